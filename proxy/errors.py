@@ -1,0 +1,130 @@
+"""Detour's exception tree.
+
+Every error a request can meet is one of these; ``proxy.app``'s error middleware is the one
+place that turns them into the OCI error body ``{"errors": [{"code", "message", "detail"}]}``::
+
+    DetourError                      status  code
+    ├── ClientError                  4xx     (the client asked for something wrong or absent)
+    │   ├── NameInvalid              400     NAME_INVALID      also a ValueError
+    │   ├── TagInvalid               400     TAG_INVALID       also a ValueError
+    │   ├── DigestInvalid            400     DIGEST_INVALID    also a ValueError
+    │   ├── NameUnknown              404     NAME_UNKNOWN
+    │   ├── ManifestUnknown          404     MANIFEST_UNKNOWN
+    │   ├── BlobUnknown              404     BLOB_UNKNOWN
+    │   ├── Unsupported              405     UNSUPPORTED       (push and delete methods)
+    │   ├── NotFound                 404     UNSUPPORTED       (no such endpoint)
+    │   └── UpstreamDenied           401/403/429 as the upstream said, challenge relayed
+    └── UpstreamError                5xx     (the upstream failed us; never the client's fault)
+        ├── UpstreamUnreachable      502     UNAVAILABLE
+        ├── UpstreamTimeout          504     UNAVAILABLE
+        └── UpstreamInvalid          502     UNAVAILABLE       (wrong digest, oversize, bad reply)
+
+Reference parsing raises the three ``*Invalid`` errors, which are ``ValueError`` too, so that
+code outside the proxy (the webhook, the CLI) can treat them as plain bad values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+class DetourError(Exception):
+    status: int = 500
+    code: str = "UNKNOWN"
+
+    def __init__(
+        self,
+        message: str,
+        detail: Any = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+        self.headers: dict[str, str] = dict(headers or {})
+
+
+class ClientError(DetourError):
+    status = 400
+
+
+class NameInvalid(ClientError, ValueError):
+    code = "NAME_INVALID"
+
+
+class TagInvalid(ClientError, ValueError):
+    code = "TAG_INVALID"
+
+
+class DigestInvalid(ClientError, ValueError):
+    code = "DIGEST_INVALID"
+
+
+class NameUnknown(ClientError):
+    status = 404
+    code = "NAME_UNKNOWN"
+
+
+class ManifestUnknown(ClientError):
+    status = 404
+    code = "MANIFEST_UNKNOWN"
+
+
+class BlobUnknown(ClientError):
+    status = 404
+    code = "BLOB_UNKNOWN"
+
+
+class Unsupported(ClientError):
+    status = 405
+    code = "UNSUPPORTED"
+
+
+class NotFound(ClientError):
+    status = 404
+    code = "UNSUPPORTED"
+
+
+class UpstreamDenied(ClientError):
+    """The upstream refused us (401, 403, 429); its status and challenge go to the client."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        detail: Any = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, detail, headers=headers)
+        self.status = status
+        self.code = {401: "UNAUTHORIZED", 403: "DENIED", 429: "TOOMANYREQUESTS"}.get(
+            status, "DENIED"
+        )
+
+
+class UpstreamError(DetourError):
+    status = 502
+    code = "UNAVAILABLE"
+
+
+class UpstreamUnreachable(UpstreamError):
+    status = 502
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+
+
+class UpstreamInvalid(UpstreamError):
+    status = 502
+
+
+def oci_error_body(error: DetourError) -> dict[str, Any]:
+    """The OCI distribution error body for ``error``."""
+    entry: dict[str, Any] = {"code": error.code, "message": error.message}
+    if error.detail is not None:
+        entry["detail"] = error.detail
+    return {"errors": [entry]}

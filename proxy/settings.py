@@ -1,0 +1,254 @@
+"""Settings: a YAML file, overridden by ``DETOUR_*`` environment variables.
+
+Nested keys use ``__`` in the environment: ``DETOUR_CACHE__DIR=/data`` overrides ``cache.dir``;
+lists and maps take JSON: ``DETOUR_REDIRECTS='[{"src": "docker.io/", "to": "mirror.local/hub/"}]'``.
+A bad file is refused by :func:`load_settings` with :class:`ConfigError`, whose message names
+every offending key.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from proxy.reference import ImageName, canonical_registry
+
+_DURATION = re.compile(r"^\s*(?P<n>[0-9]+(?:\.[0-9]+)?)\s*(?P<unit>ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE = re.compile(r"^\s*(?P<n>[0-9]+(?:\.[0-9]+)?)\s*(?P<unit>[KMGTP]i?B?|B)?\s*$", re.IGNORECASE)
+
+
+def _parse_duration(value: Any) -> Any:
+    """``30``, ``"30s"``, ``"5m"``, ``"1.5h"`` → seconds."""
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if not match:
+            raise ValueError("expected a duration such as 30s, 5m or 1h")
+        return float(match["n"]) * _DURATION_UNITS[match["unit"] or "s"]
+    return value
+
+
+def _parse_size(value: Any) -> Any:
+    """``20GiB``, ``500MB``, ``1048576`` → bytes (K/M/G are powers of 1000, Ki/Mi/Gi of 1024)."""
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if not match:
+            raise ValueError("expected a size such as 20GiB or 500MB")
+        unit = (match["unit"] or "B").upper().rstrip("B") or "B"
+        powers = "KMGTP"
+        if unit == "B":
+            factor = 1
+        elif unit.endswith("I"):
+            factor = 1024 ** (powers.index(unit[0]) + 1)
+        else:
+            factor = 1000 ** (powers.index(unit[0]) + 1)
+        return int(float(match["n"]) * factor)
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0)]
+ByteSize = Annotated[int, BeforeValidator(_parse_size), Field(gt=0)]
+
+
+def split_host_port(value: str, default_port: int) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        return value, default_port
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"invalid port in {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _check_listen(value: str) -> str:
+    split_host_port(value, 0)
+    return value
+
+
+Listen = Annotated[str, BeforeValidator(lambda v: _check_listen(str(v)))]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RegistrySettings(_Section):
+    """How to reach one registry."""
+
+    insecure: bool = False  # plain http
+    username: str | None = None
+    password: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> RegistrySettings:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password go together")
+        return self
+
+
+class RedirectRule(_Section):
+    """Send names under ``src`` to the mirrors in ``to``, in order."""
+
+    src: str
+    to: list[str] = Field(min_length=1)
+    fallback_to_origin: bool = False
+
+    @field_validator("to", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("src")
+    @classmethod
+    def _normalize_src(cls, value: str) -> str:
+        return normalize_prefix(value, registry_first=False)
+
+    @field_validator("to")
+    @classmethod
+    def _normalize_to(cls, value: list[str]) -> list[str]:
+        return [normalize_prefix(v, registry_first=True) for v in value]
+
+
+def normalize_prefix(value: str, *, registry_first: bool) -> str:
+    """Normalize a reference prefix: ``docker.io/`` → ``docker.io``, ``nats`` →
+    ``docker.io/library/nats``. ``to`` prefixes always start with a registry host.
+
+    Trailing slashes carry no meaning: prefixes match whole path components.
+    """
+    text = value.strip().rstrip("/")
+    if not text:
+        raise ValueError("empty reference prefix")
+    first, slash, rest = text.partition("/")
+    if not slash:
+        looks_like_host = "." in first or ":" in first or first == "localhost"
+        if registry_first or looks_like_host:
+            return canonical_registry(first)
+    if registry_first:
+        return str(ImageName(canonical_registry(first), rest)) if rest else first
+    try:
+        return str(ImageName.parse(text))
+    except ValueError as exc:
+        raise ValueError(f"invalid reference prefix {value!r}: {exc}") from None
+
+
+class CacheSettings(_Section):
+    dir: Path = Path("/var/cache/detour")
+    tag_ttl: Duration = 300.0
+    # Content fetched with a client's own credentials is streamed but not cached unless this
+    # is set: a private image must never reach a client that could not pull it.
+    cache_private: bool = False
+
+
+class UpstreamSettings(_Section):
+    connect_timeout: Duration = 5.0
+    read_timeout: Duration = 30.0
+    max_redirects: int = Field(default=5, ge=0, le=20)
+
+
+class WebhookSettings(_Section):
+    listen: Listen = "0.0.0.0:8443"
+    tls_cert: Path = Path("/tls/tls.crt")
+    tls_key: Path = Path("/tls/tls.key")
+    prefix: str = "localhost:7439"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="DETOUR_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    listen: Listen = "0.0.0.0:7439"
+    log_level: str = "info"
+    cache: CacheSettings = CacheSettings()
+    upstream: UpstreamSettings = UpstreamSettings()
+    redirects: list[RedirectRule] = []
+    registries: dict[str, RegistrySettings] = {}
+    # A docker config.json (a Kubernetes pull secret's .dockerconfigjson) with credentials.
+    docker_config: Path | None = None
+    webhook: WebhookSettings = WebhookSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_kuik_name(cls, data: Any) -> Any:
+        """``imageRedirMapping`` is accepted for ``redirects``, the name the kuik proposal used."""
+        if isinstance(data, dict) and "imageRedirMapping" in data:
+            data = dict(data)
+            if "redirects" in data:
+                raise ValueError("give redirects or imageRedirMapping, not both")
+            data["redirects"] = data.pop("imageRedirMapping")
+        return data
+
+    @field_validator("registries")
+    @classmethod
+    def _canonical_hosts(cls, value: dict[str, RegistrySettings]) -> dict[str, RegistrySettings]:
+        return {canonical_registry(host): conf for host, conf in value.items()}
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.lower()
+        if level not in {"debug", "info", "warning", "error"}:
+            raise ValueError("expected one of debug, info, warning, error")
+        return level
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Later sources lose: init arguments, then DETOUR_* variables, then the YAML file.
+        return init_settings, env_settings, YamlConfigSettingsSource(settings_cls)
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names each bad key."""
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
+    """Load settings from ``path`` (YAML) and the environment."""
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+
+    class _FromFile(Settings):
+        model_config = SettingsConfigDict(yaml_file=path)
+
+    try:
+        return _FromFile(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from None
+    except (ValueError, OSError) as exc:  # unreadable YAML
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _describe(exc: ValidationError, path: Path | None) -> str:
+    where = f" in {path}" if path else ""
+    lines = [f"invalid configuration{where}:"]
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)
