@@ -46,7 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.add_argument(
-            "--config", "-c", type=Path, default=None, help="YAML settings file (DETOUR_* overrides)"
+            "--config",
+            "-c",
+            type=Path,
+            default=None,
+            help="YAML settings file (DETOUR_* overrides)",
         )
         return sub
 

@@ -30,7 +30,9 @@ NAME_TOTAL_MAX = 255  # distribution's limit on "registry/repository"
 
 _COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
 _DOMAIN_LABEL = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
-_HOST = re.compile(rf"(?:{_DOMAIN_LABEL}(?:\.{_DOMAIN_LABEL})*|\[[a-fA-F0-9:]+\])(?::[0-9]{{1,5}})?")
+_HOST = re.compile(
+    rf"(?:{_DOMAIN_LABEL}(?:\.{_DOMAIN_LABEL})*|\[[a-fA-F0-9:]+\])(?::[0-9]{{1,5}})?"
+)
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _DIGEST_HEX = {"sha256": re.compile(r"[a-f0-9]{64}"), "sha512": re.compile(r"[a-f0-9]{128}")}
 _PORT_SUFFIX = re.compile(r"^(?P<host>.+)-(?P<port>[0-9]{1,5})$")
@@ -51,7 +53,8 @@ class Digest:
         pattern = _DIGEST_HEX.get(algorithm)
         if pattern is None:
             raise DigestInvalid(
-                "unsupported digest algorithm", {"digest": text[:200], "supported": sorted(_DIGEST_HEX)}
+                "unsupported digest algorithm",
+                {"digest": text[:200], "supported": sorted(_DIGEST_HEX)},
             )
         if not pattern.fullmatch(hexpart):
             raise DigestInvalid("invalid digest", {"digest": text[:200]})
