@@ -99,7 +99,7 @@ def _looks_like_registry(component: str) -> bool:
     return "." in component or ":" in component or component == "localhost"
 
 
-def _validate_repository(repository: str) -> str:
+def validate_repository(repository: str) -> str:
     if not repository:
         raise NameInvalid("missing repository name")
     for component in repository.split("/"):
@@ -128,7 +128,7 @@ class ImageName:
     def of(cls, registry: str, repository: str) -> ImageName:
         """Validate and normalize, adding ``library/`` to single-component Docker Hub names."""
         registry = canonical_registry(registry)
-        _validate_repository(repository)
+        validate_repository(repository)
         if registry == DOCKER_HUB and "/" not in repository:
             repository = f"library/{repository}"
         return cls(registry, repository)

@@ -163,10 +163,35 @@ class UpstreamSettings(_Section):
 
 
 class WebhookSettings(_Section):
+    """``detour webhook``: the mutating admission webhook (see :mod:`proxy.webhook`)."""
+
     listen: Listen = "0.0.0.0:8443"
     tls_cert: Path = Path("/tls/tls.crt")
     tls_key: Path = Path("/tls/tls.key")
+    # How often the certificate files are checked for a rotation.
+    tls_reload_interval: Duration = 5.0
+    # The proxy as the nodes' container runtime reaches it: host[:port], no scheme, no path.
     prefix: str = "localhost:7439"
+    # Pods here are left alone; so are pods in the webhook's own namespace (below).
+    ignore_namespaces: list[str] = ["kube-system"]
+    # The webhook's own namespace; unset means the POD_NAMESPACE environment variable.
+    namespace: str | None = None
+    # Images matching any of these (re.search, as written or normalized) are left alone.
+    ignore_images: list[re.Pattern[str]] = []
+    # When set, only images matching one of these are rewritten.
+    accept_images: list[re.Pattern[str]] = []
+
+    @field_validator("prefix")
+    @classmethod
+    def _registry_host(cls, value: str) -> str:
+        text = value.strip().rstrip("/")
+        if "://" in text or "/" in text:
+            raise ValueError("expected host[:port] such as localhost:7439, without scheme or path")
+        host = canonical_registry(text)
+        if "." not in host and ":" not in host and host != "localhost":
+            # containerd would read "detour/docker.io/..." as a Docker Hub repository.
+            raise ValueError("a registry host needs a '.' or a ':port' (or be localhost)")
+        return host
 
 
 class Settings(BaseSettings):

@@ -1,0 +1,118 @@
+"""``create_app(settings)`` builds the proxy; ``run(settings)`` serves it.
+
+The error middleware here is the one place where :class:`~proxy.errors.DetourError` (and
+aiohttp's own HTTP errors) become OCI error JSON; :class:`AccessLog` writes one JSON line per
+request once its response is finished, with the fields the handlers put in ``request["log"]``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from proxy import handlers
+from proxy.errors import DetourError, NotFound, Unsupported, oci_error_body
+from proxy.logs import configure_logging, get_logger
+from proxy.metrics import Metrics
+from proxy.services import METRICS, SETTINGS, services_ctx
+from proxy.settings import Settings, split_host_port
+
+log = get_logger("detour")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+API_VERSION = "registry/2.0"
+
+
+def error_response(error: DetourError) -> web.Response:
+    response = web.json_response(oci_error_body(error), status=error.status)
+    response.headers.update(error.headers)
+    return response
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request["log"] = {}
+    try:
+        return await handler(request)
+    except DetourError as exc:
+        request["log"]["error"] = exc.code
+        return error_response(exc)
+    except web.HTTPException as exc:  # the router's own 404 and 405
+        if exc.status == 405:
+            return error_response(Unsupported("method not allowed", {"method": request.method}))
+        if exc.status == 404:
+            return error_response(NotFound("no such endpoint", {"path": request.path[:300]}))
+        raise
+    except Exception:
+        log.exception("unhandled_error", path=request.path[:300], method=request.method)
+        return error_response(DetourError("internal error"))
+
+
+async def _api_version_header(_: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Docker-Distribution-Api-Version"] = API_VERSION
+
+
+class AccessLog(AbstractAccessLogger):
+    """One structlog line per request: name, reference, cache result, upstream, status, bytes,
+    duration. Header values are never logged, so neither are credentials."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time_: float) -> None:
+        fields: dict[str, Any] = dict(request.get("log", {}))
+        if request.path in ("/healthz", "/readyz", "/metrics"):
+            return
+        # Body bytes: streamed responses count their own (sendfile bypasses aiohttp's count);
+        # for the rest, what the response declared.
+        sent = fields.pop("bytes", None)
+        if sent is None:
+            sent = 0 if request.method == "HEAD" else response.content_length or 0
+        source = fields.get("source")
+        if source is not None and isinstance(request, web.Request):
+            request.app[METRICS].bytes_served.labels(source).inc(sent)
+        log.info(
+            "request",
+            method=request.method,
+            path=request.path[:300],
+            status=response.status,
+            bytes=sent,
+            duration_ms=round(time_ * 1000, 2),
+            **fields,
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return True
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=64 * 1024)
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    app.cleanup_ctx.append(services_ctx)
+    app.on_response_prepare.append(_api_version_header)
+    app.router.add_route("*", "/v2", handlers.api_root)
+    app.router.add_route("*", "/v2/", handlers.api_root)
+    app.router.add_route("*", "/v2/{tail:.+}", handlers.api)
+    app.router.add_get("/metrics", handlers.metrics)
+    app.router.add_get("/healthz", handlers.healthz)
+    app.router.add_get("/readyz", handlers.readyz)
+    return app
+
+
+def run(settings: Settings) -> None:
+    configure_logging(settings.log_level)
+    host, port = split_host_port(settings.listen, 7439)
+    log.info("starting", listen=settings.listen, cache_dir=str(settings.cache.dir))
+    started = time.monotonic()
+    web.run_app(
+        create_app(settings),
+        host=host,
+        port=port,
+        access_log_class=AccessLog,
+        print=None,
+        handle_signals=True,
+    )
+    log.info("stopped", uptime_s=round(time.monotonic() - started, 1))

@@ -1,0 +1,404 @@
+"""Blobs: served from disk on a hit, fetched once from upstream on a miss.
+
+A miss starts a :class:`BlobFetch`, a background task that streams the upstream body into a
+temp file, hashing as it writes. Every client of that blob (the first and any that arrive
+while it runs) tails the growing file and sends bytes as they land, so:
+
+* concurrent requests for a missing blob share one upstream GET;
+* a client that disconnects does not cancel the fetch others, or the cache, still want;
+* the final byte of a response is held back until the digest and size are verified; on a
+  mismatch the file is discarded and every client's connection is aborted, so no client ever
+  receives a complete 200 with wrong bytes;
+* when the upstream drops mid-blob, the fetch resumes with a ``Range`` request from the byte
+  reached, a bounded number of times, and clients see one unbroken stream.
+
+Content fetched with a client's own credentials (passthrough) is streamed the same way to that
+client alone and then deleted, never moved into the cache (unless ``cache.cache_private``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import os
+from typing import IO
+
+from aiohttp import web
+
+from proxy.cache import BlobWriter, CacheStore
+from proxy.errors import (
+    BlobUnknown,
+    DetourError,
+    UpstreamDenied,
+    UpstreamError,
+    UpstreamInvalid,
+)
+from proxy.logs import get_logger
+from proxy.metrics import Metrics
+from proxy.reference import Digest
+from proxy.rules import Route
+from proxy.upstream import UpstreamClient, UpstreamResponse
+
+CHUNK_BYTES = 1 << 20
+MAX_RESUMES = 3
+BLOB_CONTENT_TYPE = "application/octet-stream"
+
+log = get_logger("detour.blobs")
+
+
+class _State(enum.Enum):
+    OPENING = "opening"  # waiting for the upstream's response headers
+    RUNNING = "running"
+    VERIFIED = "verified"
+    FAILED = "failed"
+
+
+def blob_headers(digest: Digest, size: int | None) -> dict[str, str]:
+    headers = {"Docker-Content-Digest": str(digest), "Content-Type": BLOB_CONTENT_TYPE}
+    if size is not None:
+        headers["Content-Length"] = str(size)
+    return headers
+
+
+def denied_or_unknown(response: UpstreamResponse, digest: Digest) -> DetourError:
+    """The error for a non-200 upstream answer to a blob request."""
+    if response.status == 404:
+        return BlobUnknown("blob unknown to upstream", {"digest": str(digest)})
+    if response.status in (401, 403):
+        challenge = response.headers.get("WWW-Authenticate")
+        return UpstreamDenied(
+            response.status,
+            "upstream refused access",
+            {"upstream": response.where},
+            headers={"WWW-Authenticate": challenge} if challenge else None,
+        )
+    return UpstreamInvalid(f"upstream answered {response.status}", {"upstream": response.where})
+
+
+class BlobFetch:
+    """One upstream fetch of one blob, into a temp file that its clients tail."""
+
+    def __init__(
+        self,
+        digest: Digest,
+        route: Route,
+        client_auth: str | None,
+        *,
+        store: CacheStore,
+        upstream: UpstreamClient,
+        metrics: Metrics,
+        cache_private: bool,
+    ) -> None:
+        self.digest = digest
+        self.route = route
+        self._client_auth = client_auth
+        self._store = store
+        self._upstream = upstream
+        self._metrics = metrics
+        self._cache_private = cache_private
+        self.state = _State.OPENING
+        self.error: DetourError | None = None
+        self.size: int | None = None
+        self.written = 0
+        self.source = ""
+        self.committed = False
+        self._writer: BlobWriter | None = None
+        self._readers = 0
+        self._changed = asyncio.Event()
+
+    # --------------------------------------------------------------------- the fetch
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def run(self) -> None:
+        self._metrics.inflight_fetches.inc()
+        try:
+            await self._fetch()
+            self.state = _State.VERIFIED
+        except Exception as exc:  # every failure is reported to this fetch's clients
+            self.error = (
+                exc if isinstance(exc, DetourError) else UpstreamInvalid("blob fetch failed")
+            )
+            if not isinstance(exc, DetourError):
+                log.exception("blob_fetch_crashed", digest=str(self.digest))
+            self.state = _State.FAILED
+        finally:
+            self._metrics.inflight_fetches.dec()
+            self._release_file()
+            self._notify()
+
+    async def _open(self, offset: int) -> UpstreamResponse:
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        response = await self._upstream.open(
+            self.route,
+            "GET",
+            f"blobs/{self.digest}",
+            headers=headers,
+            client_auth=self._client_auth,
+        )
+        expected = 206 if offset else 200
+        if response.status != expected:
+            response.close()
+            raise denied_or_unknown(response, self.digest)
+        if offset and not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
+            response.close()
+            raise UpstreamInvalid("upstream cannot resume", {"upstream": response.where})
+        return response
+
+    async def _fetch(self) -> None:
+        loop = asyncio.get_running_loop()
+        response = await self._open(0)
+        self.size = response.response.content_length
+        self.source = response.where
+        private = response.private and not self._cache_private
+        self._writer = writer = self._store.begin_blob(self.digest)
+        self.state = _State.RUNNING
+        self._notify()
+        resumes = 0
+        while True:
+            try:
+                async with response:
+                    async for chunk in response.chunks(CHUNK_BYTES):
+                        await loop.run_in_executor(None, writer.write, chunk)
+                        self.written = writer.size
+                        if self.size is not None and self.written > self.size:
+                            raise UpstreamInvalid(
+                                "upstream sent more bytes than announced",
+                                {"upstream": self.source},
+                            )
+                        self._notify()
+            except UpstreamError as exc:
+                # Dropped mid-blob: resume from the byte reached, a bounded number of times.
+                if isinstance(exc, UpstreamInvalid) or resumes >= MAX_RESUMES:
+                    raise
+                resumes += 1
+                log.warning(
+                    "blob_resume",
+                    digest=str(self.digest),
+                    offset=self.written,
+                    attempt=resumes,
+                    error=exc.message,
+                )
+                response = await self._open(self.written)
+                continue
+            if self.size is not None and self.written < self.size and resumes < MAX_RESUMES:
+                resumes += 1
+                response = await self._open(self.written)
+                continue
+            break
+        if not writer.matches(self.size):
+            self._metrics.verify_failures.labels("blob", self.route.upstreams[0].registry).inc()
+            log.error(
+                "blob_digest_mismatch",
+                digest=str(self.digest),
+                upstream=self.source,
+                size=self.written,
+                expected_size=self.size,
+            )
+            raise UpstreamInvalid(
+                "upstream blob does not match its digest",
+                {"digest": str(self.digest), "upstream": self.source},
+            )
+        if private:
+            return
+        await loop.run_in_executor(None, writer.sync)
+        writer.commit()
+        self.committed = True
+
+    def _release_file(self) -> None:
+        """Delete the temp file once nobody needs it (a committed one has moved away)."""
+        finished = self.state in (_State.VERIFIED, _State.FAILED)
+        if finished and self._writer is not None and not self.committed and self._readers == 0:
+            self._writer.discard()
+
+    # --------------------------------------------------------------------- the clients
+
+    async def headers_ready(self) -> None:
+        """Wait for the upstream's answer; raise its error if it failed before any bytes."""
+        while self.state is _State.OPENING:
+            await self._changed.wait()
+        if self.state is _State.FAILED and self.written == 0:
+            assert self.error is not None
+            raise self.error
+
+    async def serve(self, request: web.Request) -> web.StreamResponse:
+        await self.headers_ready()
+        assert self._writer is not None
+        self._readers += 1
+        try:
+            with open(self._writer.path, "rb", buffering=0) as source:  # noqa: ASYNC230
+                return await self._stream(request, source)
+        finally:
+            self._readers -= 1
+            self._release_file()
+
+    async def _stream(self, request: web.Request, source: IO[bytes]) -> web.StreamResponse:
+        response = web.StreamResponse(headers=blob_headers(self.digest, self.size))
+        await response.prepare(request)
+        fields = request["log"]
+        fields["bytes"] = sent = 0
+        try:
+            while True:
+                changed = self._changed
+                if self.state is _State.FAILED:
+                    raise self.error or UpstreamInvalid("blob fetch failed")
+                limit = self.written
+                if self.state is not _State.VERIFIED and self.size is not None:
+                    limit = min(limit, self.size - 1)  # the last byte waits for verification
+                if sent < limit:
+                    await self._send(request, response, source, sent, limit - sent)
+                    fields["bytes"] = sent = limit
+                elif self.state is _State.VERIFIED:
+                    break
+                else:
+                    await changed.wait()
+        except DetourError as exc:
+            # Bytes already went out under a 200: abort, so the client can't take them as whole.
+            fields["aborted"] = exc.message
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        except (ConnectionError, asyncio.CancelledError):
+            fields["aborted"] = "client went away"
+            raise
+        await response.write_eof()
+        return response
+
+    @staticmethod
+    async def _send(
+        request: web.Request,
+        response: web.StreamResponse,
+        source: IO[bytes],
+        offset: int,
+        count: int,
+    ) -> None:
+        transport = request.transport
+        if transport is None:
+            raise ConnectionResetError("client went away")
+        if response.chunked:
+            while count > 0:
+                data = os.pread(source.fileno(), min(count, CHUNK_BYTES), offset)
+                if not data:
+                    raise UpstreamInvalid("cached bytes vanished")
+                await response.write(data)
+                offset += len(data)
+                count -= len(data)
+            return
+        # Headers went out in prepare(); the body goes file → socket in the kernel.
+        await asyncio.get_running_loop().sendfile(transport, source, offset, count)
+
+
+class Blobs:
+    """The blob side of the proxy: disk hits, shared fetches, upstream HEADs."""
+
+    def __init__(
+        self,
+        store: CacheStore,
+        upstream: UpstreamClient,
+        metrics: Metrics,
+        *,
+        cache_private: bool,
+    ) -> None:
+        self._store = store
+        self._upstream = upstream
+        self._metrics = metrics
+        self._cache_private = cache_private
+        self._inflight: dict[Digest, BlobFetch] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _count(self, request: web.Request, result: str) -> None:
+        request["log"]["cache"] = result
+        self._metrics.cache_requests.labels("blob", result).inc()
+
+    async def get(
+        self,
+        request: web.Request,
+        route: Route,
+        digest: Digest,
+        client_auth: str | None,
+    ) -> web.StreamResponse:
+        path = self._store.blob_path(digest)
+        if path.is_file():
+            self._count(request, "hit")
+            request["log"]["source"] = "cache"
+            return web.FileResponse(path, headers=blob_headers(digest, None))
+        shared = client_auth is None or self._cache_private
+        fetch = self._inflight.get(digest) if shared else None
+        if fetch is None:
+            fetch = self._start(route, digest, client_auth, shared=shared)
+            self._count(request, "miss" if shared else "bypass")
+        else:
+            self._count(request, "joined")
+        if request.method == "HEAD":
+            return await self._head_while_fetching(request, fetch)
+        response = await fetch.serve(request)
+        request["log"].update(upstream=fetch.source, source="upstream")
+        return response
+
+    async def _head_while_fetching(
+        self, request: web.Request, fetch: BlobFetch
+    ) -> web.StreamResponse:
+        await fetch.headers_ready()
+        request["log"]["upstream"] = fetch.source
+        return web.Response(headers=blob_headers(fetch.digest, fetch.size))
+
+    def _start(
+        self, route: Route, digest: Digest, client_auth: str | None, *, shared: bool
+    ) -> BlobFetch:
+        fetch = BlobFetch(
+            digest,
+            route,
+            client_auth,
+            store=self._store,
+            upstream=self._upstream,
+            metrics=self._metrics,
+            cache_private=self._cache_private,
+        )
+        task = asyncio.create_task(fetch.run(), name=f"fetch {digest}")
+        self._tasks.add(task)
+        if shared:
+            self._inflight[digest] = fetch
+
+        def done(_: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            if self._inflight.get(digest) is fetch:
+                del self._inflight[digest]
+
+        task.add_done_callback(done)
+        return fetch
+
+    async def head(
+        self,
+        request: web.Request,
+        route: Route,
+        digest: Digest,
+        client_auth: str | None,
+    ) -> web.StreamResponse:
+        """HEAD never downloads a body: disk, an in-flight fetch, or an upstream HEAD."""
+        size = self._store.blob_size(digest)
+        if size is not None:
+            self._count(request, "hit")
+            return web.Response(headers=blob_headers(digest, size))
+        fetch = self._inflight.get(digest)
+        if fetch is not None and (client_auth is None or self._cache_private):
+            self._count(request, "joined")
+            return await self._head_while_fetching(request, fetch)
+        self._count(request, "miss")
+        async with await self._upstream.open(
+            route, "HEAD", f"blobs/{digest}", client_auth=client_auth
+        ) as answer:
+            request["log"]["upstream"] = answer.where
+            if answer.status != 200:
+                raise denied_or_unknown(answer, digest)
+            length = answer.response.content_length
+            return web.Response(headers=blob_headers(digest, length))

@@ -1,0 +1,164 @@
+"""The HTTP face of the proxy: the read side of the OCI distribution API.
+
+``/v2/<name>/manifests/<reference>``, ``/v2/<name>/blobs/<digest>`` and
+``/v2/<name>/tags/list``, for ``GET`` and ``HEAD``; every other method is refused with
+UNSUPPORTED. ``<name>`` is read in path mode (``/v2/docker.io/library/nats/...``) or, with
+``?ns=<registry>``, in containerd's mirror mode (``/v2/library/nats/...?ns=docker.io``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import urlencode
+
+from aiohttp import web
+from yarl import URL
+
+from proxy.errors import NameUnknown, NotFound, Unsupported, UpstreamDenied, UpstreamInvalid
+from proxy.reference import (
+    Digest,
+    ImageName,
+    is_digest,
+    parse_manifest_reference,
+    validate_tag,
+)
+from proxy.services import SERVICES
+
+TAGS_LIST_MAX_BYTES = 8 * 1024 * 1024
+READ_METHODS = ("GET", "HEAD")
+
+
+@dataclass(frozen=True, slots=True)
+class ApiPath:
+    name: ImageName
+    path_name: str  # the name as the client wrote it
+    kind: Literal["manifests", "blobs", "tags"]
+    reference: str | Digest | None
+
+
+def parse_api_path(tail: str, ns: str | None) -> ApiPath:
+    """Split ``<name>/<kind>/<reference>`` and validate every part."""
+    parts = tail.split("/")
+    if (len(parts) >= 3 and parts[-3:-1] == ["blobs", "uploads"]) or parts[-2:] == [
+        "blobs",
+        "uploads",
+    ]:
+        raise Unsupported("Detour is a read-only pull-through cache: no pushes")
+    if len(parts) < 3 or parts[-2] not in ("manifests", "blobs", "tags"):
+        raise NotFound("no such endpoint", {"path": f"/v2/{tail}"[:300]})
+    path_name = "/".join(parts[:-2])
+    name = ImageName.from_path(path_name, ns)
+    kind = parts[-2]
+    if kind == "tags":
+        if parts[-1] != "list":
+            raise NotFound("no such endpoint", {"path": f"/v2/{tail}"[:300]})
+        return ApiPath(name, path_name, "tags", None)
+    if kind == "blobs":
+        return ApiPath(name, path_name, "blobs", Digest.parse(parts[-1]))
+    return ApiPath(name, path_name, "manifests", parse_manifest_reference(parts[-1]))
+
+
+async def api_root(request: web.Request) -> web.Response:
+    if request.method not in READ_METHODS:
+        raise Unsupported("Detour is a read-only pull-through cache", {"method": request.method})
+    return web.json_response({})
+
+
+async def api(request: web.Request) -> web.StreamResponse:
+    if request.method not in READ_METHODS:
+        raise Unsupported(
+            "Detour is a read-only pull-through cache",
+            {"method": request.method},
+            headers={"Allow": "GET, HEAD"},
+        )
+    services = request.app[SERVICES]
+    ns = request.query.get("ns")
+    path = parse_api_path(request.match_info["tail"], ns)
+    fields = request["log"]
+    fields["name"] = str(path.name)
+    if path.reference is not None:
+        fields["reference"] = str(path.reference)
+    route = services.rules.route(path.name)
+    client_auth = request.headers.get("Authorization")
+    if path.kind == "blobs":
+        assert isinstance(path.reference, Digest)
+        if request.method == "HEAD":
+            return await services.blobs.head(request, route, path.reference, client_auth)
+        return await services.blobs.get(request, route, path.reference, client_auth)
+    if path.kind == "manifests":
+        assert path.reference is not None
+        return await services.manifests.get(request, route, path.reference, client_auth)
+    return await _tags_list(request, path, ns, client_auth)
+
+
+async def _tags_list(
+    request: web.Request, path: ApiPath, ns: str | None, client_auth: str | None
+) -> web.Response:
+    """Passed through (tags move; this is never cached), with names rewritten to the client's."""
+    services = request.app[SERVICES]
+    query: dict[str, str] = {}
+    if "n" in request.query:
+        if not request.query["n"].isdigit():
+            raise NotFound("n must be a number", {"n": request.query["n"][:50]})
+        query["n"] = request.query["n"]
+    if "last" in request.query:
+        last = request.query["last"]
+        query["last"] = last if is_digest(last) else validate_tag(last)
+    suffix = "tags/list" + (f"?{urlencode(query)}" if query else "")
+    route = services.rules.route(path.name)
+    async with await services.upstream.open(
+        route, "GET", suffix, client_auth=client_auth
+    ) as answer:
+        request["log"]["upstream"] = answer.where
+        if answer.status == 404:
+            raise NameUnknown("repository unknown to upstream", {"name": str(path.name)})
+        if answer.status in (401, 403):
+            challenge = answer.headers.get("WWW-Authenticate")
+            raise UpstreamDenied(
+                answer.status,
+                "upstream refused access",
+                {"upstream": answer.where},
+                headers={"WWW-Authenticate": challenge} if challenge else None,
+            )
+        if answer.status != 200:
+            raise UpstreamInvalid(f"upstream answered {answer.status}", {"upstream": answer.where})
+        body = await answer.read(TAGS_LIST_MAX_BYTES)
+        link = answer.headers.get("Link")
+    try:
+        listing = json.loads(body)
+        tags = listing.get("tags") or []
+    except (ValueError, AttributeError):
+        raise UpstreamInvalid("upstream sent an invalid tag list") from None
+    headers: dict[str, str] = {}
+    if link is not None:
+        headers["Link"] = _rewrite_link(link, path.path_name, ns)
+    return web.json_response({"name": path.path_name, "tags": tags}, headers=headers)
+
+
+def _rewrite_link(link: str, path_name: str, ns: str | None) -> str:
+    """Point a pagination ``Link`` at this proxy's path for the same listing."""
+    target = link.split(";", 1)[0].strip().strip("<>")
+    query = dict(URL(target).query)
+    if ns is not None:
+        query["ns"] = ns
+    rest = link.split(";", 1)[1] if ";" in link else ' rel="next"'
+    return f"</v2/{path_name}/tags/list?{urlencode(query)}>;{rest}"
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[SERVICES].metrics.exposition()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
+
+
+async def healthz(_: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    writable = request.app[SERVICES].store.writable()
+    return web.json_response(
+        {"status": "ready" if writable else "cache directory not writable"},
+        status=200 if writable else 503,
+    )

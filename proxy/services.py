@@ -1,0 +1,67 @@
+"""The proxy's long-lived parts, built when the app starts and closed when it stops."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from proxy.auth import CredentialStore
+from proxy.blobs import Blobs
+from proxy.cache import CacheStore
+from proxy.manifests import Manifests
+from proxy.metrics import Metrics
+from proxy.rules import Rules
+from proxy.settings import Settings
+from proxy.upstream import UpstreamClient
+
+# The client's read buffer: big reads keep the per-chunk overhead of hashing off the hot path.
+READ_BUFFER_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Services:
+    settings: Settings
+    metrics: Metrics
+    store: CacheStore
+    rules: Rules
+    upstream: UpstreamClient
+    blobs: Blobs
+    manifests: Manifests
+
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+SERVICES = web.AppKey("services", Services)
+
+
+async def services_ctx(app: web.Application) -> AsyncIterator[None]:
+    """``cleanup_ctx`` entry: open the cache and the client session; close them at the end."""
+    settings = app[SETTINGS]
+    metrics = app[METRICS]
+    store = CacheStore(settings.cache.dir)
+    await asyncio.to_thread(store.open)
+    credentials = CredentialStore(settings.registries, settings.docker_config)
+    session = aiohttp.ClientSession(
+        timeout=UpstreamClient.timeout(settings.upstream),
+        auto_decompress=False,
+        read_bufsize=READ_BUFFER_BYTES,
+        connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=300),
+    )
+    upstream = UpstreamClient(session, settings.upstream, credentials, metrics)
+    cache_private = settings.cache.cache_private
+    blobs = Blobs(store, upstream, metrics, cache_private=cache_private)
+    manifests = Manifests(
+        store, upstream, metrics, tag_ttl=settings.cache.tag_ttl, cache_private=cache_private
+    )
+    app[SERVICES] = Services(
+        settings, metrics, store, Rules.from_settings(settings), upstream, blobs, manifests
+    )
+    try:
+        yield
+    finally:
+        await blobs.close()
+        await session.close()

@@ -1,0 +1,328 @@
+"""The upstream client: one request, tried against a route's mirrors in order, with auth.
+
+For each upstream of a :class:`~proxy.rules.Route`:
+
+1. Send the request, with a cached bearer token, Basic credentials already known to be
+   wanted, or (passthrough) the client's own ``Authorization`` when no credentials are
+   configured for that registry.
+2. On a 401 from the registry: parse ``WWW-Authenticate``; for ``Bearer`` get a token from the
+   realm (anonymously or with the registry's credentials; one refresh per key however many
+   requests met the 401), for ``Basic`` use the credentials; retry once. A 401 that remains is
+   relayed to the client with its challenge, so a client holding credentials can do the dance.
+3. Follow redirects (blob GETs often go to object storage) by hand, dropping
+   ``Authorization`` whenever the next hop is another origin.
+4. A connection error, a timeout, a 5xx or a 429 moves on to the next upstream.
+
+Transport exceptions are translated here into :mod:`proxy.errors` types, at this boundary:
+nothing from aiohttp's client reaches the handlers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import aiohttp
+from yarl import URL
+
+from proxy import __version__
+from proxy.auth import (
+    Challenge,
+    Credentials,
+    CredentialStore,
+    Token,
+    TokenCache,
+    TokenResponse,
+    parse_challenges,
+    token_from_response,
+)
+from proxy.errors import (
+    UpstreamDenied,
+    UpstreamError,
+    UpstreamInvalid,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from proxy.metrics import Metrics
+from proxy.rules import Route, Upstream
+from proxy.settings import UpstreamSettings
+
+USER_AGENT = f"detour/{__version__}"
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+MAX_TOKEN_RESPONSE = 1 << 20
+
+
+@contextmanager
+def transport_errors(what: str) -> Iterator[None]:
+    """Turn aiohttp client and timeout exceptions into :class:`UpstreamError` types."""
+    try:
+        yield
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        raise UpstreamTimeout(f"timed out talking to {what}", {"upstream": what}) from exc
+    except aiohttp.ClientError as exc:
+        raise UpstreamUnreachable(
+            f"cannot reach {what}", {"upstream": what, "error": type(exc).__name__}
+        ) from exc
+
+
+@dataclass
+class UpstreamResponse:
+    """An open response from one upstream. Close it (``async with``) when done."""
+
+    upstream: Upstream
+    response: aiohttp.ClientResponse
+    private: bool  # fetched with the client's own credentials: never cache
+    attempts: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def status(self) -> int:
+        return self.response.status
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self.response.headers
+
+    @property
+    def where(self) -> str:
+        return f"{self.upstream.registry}/{self.upstream.repository}"
+
+    async def read(self, limit: int) -> bytes:
+        """The whole body, refusing one longer than ``limit``."""
+        length = self.response.content_length
+        if length is not None and length > limit:
+            raise UpstreamInvalid(
+                "upstream response too large", {"upstream": self.where, "limit": limit}
+            )
+        with transport_errors(self.where):
+            body = await self.response.content.read(limit + 1)
+        if len(body) > limit:
+            raise UpstreamInvalid(
+                "upstream response too large", {"upstream": self.where, "limit": limit}
+            )
+        return body
+
+    async def chunks(self, size: int) -> AsyncIterator[bytes]:
+        with transport_errors(self.where):
+            async for chunk in self.response.content.iter_chunked(size):
+                yield chunk
+
+    def close(self) -> None:
+        self.response.release()
+
+    async def __aenter__(self) -> UpstreamResponse:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        self.close()
+
+
+def _origin(url: URL) -> tuple[str | None, str | None, int | None]:
+    return url.scheme, url.host, url.port
+
+
+def _retryable(status: int) -> bool:
+    return status >= 500 or status == 429
+
+
+class UpstreamClient:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        settings: UpstreamSettings,
+        credentials: CredentialStore,
+        metrics: Metrics,
+    ) -> None:
+        self._session = session
+        self._settings = settings
+        self._credentials = credentials
+        self._metrics = metrics
+        self._tokens = TokenCache()
+        self._basic_registries: set[str] = set()
+
+    @staticmethod
+    def timeout(settings: UpstreamSettings) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(
+            total=None,
+            connect=settings.connect_timeout,
+            sock_connect=settings.connect_timeout,
+            sock_read=settings.read_timeout,
+        )
+
+    async def open(
+        self,
+        route: Route,
+        method: str,
+        suffix: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        client_auth: str | None = None,
+    ) -> UpstreamResponse:
+        """Send ``method`` for ``<repository>/<suffix>`` to the first upstream that answers.
+
+        Returns the first response that is neither a 5xx nor a 429 (the caller judges 2xx,
+        3xx and 4xx); raises when every upstream failed.
+        """
+        attempts: list[dict[str, str]] = []
+        timed_out = False
+        last_status: int | None = None
+        for upstream in route.upstreams:
+            try:
+                response, private = await self._exchange(
+                    upstream, method, suffix, dict(headers or {}), client_auth
+                )
+            except UpstreamTimeout:
+                timed_out = True
+                attempts.append({"upstream": upstream.registry, "error": "timeout"})
+                continue
+            except UpstreamUnreachable:
+                attempts.append({"upstream": upstream.registry, "error": "unreachable"})
+                continue
+            if _retryable(response.status):
+                last_status = response.status
+                attempts.append({"upstream": upstream.registry, "error": str(response.status)})
+                response.release()
+                continue
+            return UpstreamResponse(upstream, response, private, attempts)
+        detail = {"name": str(route.name), "attempts": attempts}
+        if last_status == 429 and len(attempts) == 1:
+            raise UpstreamDenied(429, "upstream rate limit reached", detail)
+        if timed_out and last_status is None:
+            raise UpstreamTimeout("every upstream timed out", detail)
+        raise UpstreamUnreachable("no upstream could serve the request", detail)
+
+    async def _exchange(
+        self,
+        upstream: Upstream,
+        method: str,
+        suffix: str,
+        headers: dict[str, str],
+        client_auth: str | None,
+    ) -> tuple[aiohttp.ClientResponse, bool]:
+        url = URL(f"{upstream.base_url}/{suffix}", encoded=True)
+        scope = f"repository:{upstream.repository}:pull"
+        creds = self._credentials.lookup(upstream.registry)
+        if creds is None and client_auth is not None:
+            # Passthrough: the client's credentials, and the upstream's 401 goes back to it.
+            response = await self._send(upstream.registry, method, url, headers, client_auth)
+            return response, True
+
+        used = self._tokens.get(upstream.registry, scope)
+        auth: str | None = None
+        if used is not None:
+            auth = f"Bearer {used.value}"
+        elif creds is not None and upstream.registry in self._basic_registries:
+            auth = creds.basic()
+        response = await self._send(upstream.registry, method, url, headers, auth)
+        if response.status != 401 or _origin(response.url) != _origin(url):
+            return response, False
+
+        challenges = parse_challenges(",".join(response.headers.getall("WWW-Authenticate", [])))
+        bearer = next((c for c in challenges if c.scheme == "bearer"), None)
+        basic = next((c for c in challenges if c.scheme == "basic"), None)
+        if bearer is not None:
+            token = await self._token(upstream.registry, scope, bearer, creds, used)
+            if token is None:
+                return response, False  # relay the challenge
+            auth = f"Bearer {token.value}"
+        elif basic is not None and creds is not None:
+            self._basic_registries.add(upstream.registry)
+            auth = creds.basic()
+        else:
+            return response, False
+        response.release()
+        return await self._send(upstream.registry, method, url, headers, auth), False
+
+    async def _token(
+        self,
+        registry: str,
+        scope: str,
+        challenge: Challenge,
+        creds: Credentials | None,
+        used: Token | None,
+    ) -> Token | None:
+        """A fresh token for (registry, scope), fetching one unless another request just did."""
+        async with self._tokens.lock(registry, scope):
+            replaced = self._tokens.replaced(registry, scope, used)
+            if replaced is not None:
+                return replaced
+            realm = URL(challenge.params.get("realm", ""))
+            if realm.scheme not in ("http", "https") or not realm.host:
+                raise UpstreamInvalid(
+                    "upstream sent a bearer challenge without a usable realm",
+                    {"registry": registry},
+                )
+            query = {"scope": challenge.params.get("scope") or scope}
+            if "service" in challenge.params:
+                query["service"] = challenge.params["service"]
+            auth = creds.basic() if creds is not None else None
+            response = await self._send(registry, "GET", realm.update_query(query), {}, auth)
+            async with UpstreamResponse(Upstream(registry, ""), response, False) as answer:
+                if response.status in (401, 403):
+                    outcome = "refused"
+                    self._metrics.token_requests.labels(registry, outcome).inc()
+                    if creds is None:
+                        return None  # anonymous pulls refused: the client may hold credentials
+                    raise UpstreamDenied(
+                        response.status,
+                        "the registry's token service refused the configured credentials",
+                        {"registry": registry},
+                    )
+                if response.status != 200:
+                    self._metrics.token_requests.labels(registry, "error").inc()
+                    raise UpstreamInvalid(
+                        f"token service answered {response.status}", {"registry": registry}
+                    )
+                body = await answer.read(MAX_TOKEN_RESPONSE)
+            try:
+                token = token_from_response(cast(TokenResponse, json.loads(body)))
+            except (ValueError, TypeError, AttributeError):
+                token = None
+            if token is None:
+                self._metrics.token_requests.labels(registry, "error").inc()
+                raise UpstreamInvalid("token service sent no token", {"registry": registry})
+            self._metrics.token_requests.labels(registry, "issued").inc()
+            self._tokens.put(registry, scope, token)
+            return token
+
+    async def _send(
+        self,
+        registry: str,
+        method: str,
+        url: URL,
+        headers: Mapping[str, str],
+        auth: str | None,
+    ) -> aiohttp.ClientResponse:
+        """One request, following redirects; ``auth`` never leaves the first origin."""
+        first_origin = _origin(url)
+        for _ in range(self._settings.max_redirects + 1):
+            sent: dict[str, Any] = {
+                "User-Agent": USER_AGENT,
+                "Accept-Encoding": "identity",
+                **headers,
+            }
+            if auth is not None and _origin(url) == first_origin:
+                sent["Authorization"] = auth
+            started = time.monotonic()
+            try:
+                with transport_errors(registry):
+                    response = await self._session.request(
+                        method, url, headers=sent, allow_redirects=False
+                    )
+            except UpstreamError as exc:
+                status = "timeout" if isinstance(exc, UpstreamTimeout) else "error"
+                self._metrics.upstream_requests.labels(registry, status).inc()
+                raise
+            self._metrics.upstream_latency.labels(registry).observe(time.monotonic() - started)
+            self._metrics.upstream_requests.labels(registry, str(response.status)).inc()
+            location = response.headers.get("Location")
+            if response.status not in REDIRECT_STATUSES or not location:
+                return response
+            response.release()
+            url = url.join(URL(location))
+            if response.status == 303:
+                method = "GET"
+        raise UpstreamInvalid("too many redirects", {"registry": registry})
