@@ -152,7 +152,7 @@ class ImageName:
         if ns is not None:
             return cls.of(ns, path_name)
         first, slash, rest = path_name.partition("/")
-        if slash and _looks_like_registry(first):
+        if slash and _looks_like_registry(decode_port(first)):
             return cls.of(decode_port(first), rest)
         return cls.of(DOCKER_HUB, path_name)
 

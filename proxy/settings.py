@@ -29,7 +29,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from proxy.reference import ImageName, canonical_registry
+from proxy.reference import ImageName, canonical_registry, validate_repository
 
 _DURATION = re.compile(r"^\s*(?P<n>[0-9]+(?:\.[0-9]+)?)\s*(?P<unit>ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -118,34 +118,32 @@ class RedirectRule(_Section):
     @field_validator("src")
     @classmethod
     def _normalize_src(cls, value: str) -> str:
-        return normalize_prefix(value, registry_first=False)
+        return normalize_prefix(value, target=False)
 
     @field_validator("to")
     @classmethod
     def _normalize_to(cls, value: list[str]) -> list[str]:
-        return [normalize_prefix(v, registry_first=True) for v in value]
+        return [normalize_prefix(v, target=True) for v in value]
 
 
-def normalize_prefix(value: str, *, registry_first: bool) -> str:
-    """Normalize a reference prefix: ``docker.io/`` → ``docker.io``, ``nats`` →
-    ``docker.io/library/nats``. ``to`` prefixes always start with a registry host.
+def normalize_prefix(value: str, *, target: bool) -> str:
+    """Normalize a rule's reference prefix: ``Docker.io/library/`` → ``docker.io/library``.
 
-    Trailing slashes carry no meaning: prefixes match whole path components.
+    A prefix starts with a registry host. In a ``src`` it must look like one (a ``.`` or ``:``,
+    or ``localhost``), as in the normalized names it is matched against; in a ``to`` the first
+    component is the host whatever it looks like (``mirror/docker-mirror/``). Trailing slashes
+    carry no meaning, since prefixes match whole path components.
     """
     text = value.strip().rstrip("/")
-    if not text:
+    host, _, repository = text.partition("/")
+    if not host:
         raise ValueError("empty reference prefix")
-    first, slash, rest = text.partition("/")
-    if not slash:
-        looks_like_host = "." in first or ":" in first or first == "localhost"
-        if registry_first or looks_like_host:
-            return canonical_registry(first)
-    if registry_first:
-        return str(ImageName(canonical_registry(first), rest)) if rest else first
-    try:
-        return str(ImageName.parse(text))
-    except ValueError as exc:
-        raise ValueError(f"invalid reference prefix {value!r}: {exc}") from None
+    if not target and "." not in host and ":" not in host and host != "localhost":
+        raise ValueError(
+            f"{value!r} must start with a registry host, e.g. docker.io/library/{host}"
+        )
+    registry = canonical_registry(host)
+    return str(ImageName(registry, validate_repository(repository))) if repository else registry
 
 
 class CacheSettings(_Section):

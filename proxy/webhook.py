@@ -25,11 +25,12 @@ Names on the pod:
 Skipped, with the pod or image left unchanged and ``detour_webhook_skips_total{reason}``
 counted: pods in ``webhook.ignore_namespaces`` (``kube-system`` by default) or in the webhook's
 own namespace (``webhook.namespace``, else ``$POD_NAMESPACE``) — reason ``namespace``; opted-out
-pods — ``opt_out_label`` / ``opt_out_annotation``; and, one image at a time, images matching a
-``webhook.ignore_images`` regex — ``ignored_image``, images matching no ``webhook.accept_images``
-regex when that list is set — ``not_accepted``, images that do not parse — ``invalid_image``,
-and images already behind the prefix — ``already_prefixed``. A regex matches when
-``re.search`` finds it in the image as written or in its normalized form.
+pods — ``opt_out_label`` / ``opt_out_annotation``; mirror pods of static pods, which run from
+the node's own manifest whatever the API says — ``mirror_pod``; and, one image at a time,
+images matching a ``webhook.ignore_images`` regex — ``ignored_image``, images matching no
+``webhook.accept_images`` regex when that list is set — ``not_accepted``, images that do not
+parse — ``invalid_image``, and images already behind the prefix — ``already_prefixed``. A regex
+matches when ``re.search`` finds it in the image as written or in its normalized form.
 
 Failure modes: a body that is not JSON, or not an AdmissionReview with a ``request`` and a
 ``request.uid``, gets HTTP 400 with a message. Anything that is not a pod (``request.kind.kind``
@@ -82,17 +83,20 @@ from proxy.settings import ConfigError, Settings, WebhookSettings, split_host_po
 ORIGINAL_IMAGES_ANNOTATION: Final = "detour.io/original-images"
 SKIP_LABEL: Final = "detour.io/skip"
 SKIP_ANNOTATION: Final = "detour.io/skip"
+# Set by kubelet on the API's copy of a static pod; that pod runs from the node's manifest.
+MIRROR_POD_ANNOTATION: Final = "kubernetes.io/config.mirror"
 SUPPORTED_API_VERSIONS: Final = frozenset({"admission.k8s.io/v1", "admission.k8s.io/v1beta1"})
 CONTAINER_FIELDS: Final = ("initContainers", "containers", "ephemeralContainers")
 # Two copies of a large pod (object and oldObject) must fit; aiohttp's default is 1 MiB.
 MAX_BODY: Final = 16 * 1024 * 1024
 
-PodSkipReason = Literal["namespace", "opt_out_label", "opt_out_annotation"]
+PodSkipReason = Literal["namespace", "opt_out_label", "opt_out_annotation", "mirror_pod"]
 ImageSkipReason = Literal["already_prefixed", "invalid_image", "ignored_image", "not_accepted"]
 SKIP_REASONS: Final[tuple[str, ...]] = (
     "namespace",
     "opt_out_label",
     "opt_out_annotation",
+    "mirror_pod",
     "already_prefixed",
     "invalid_image",
     "ignored_image",
@@ -328,6 +332,8 @@ def plan_pod(
     annotations = _mapping(metadata.get("annotations"), "metadata.annotations")
     if _is_true(annotations.get(SKIP_ANNOTATION)):
         return PodPlan(skip="opt_out_annotation")
+    if MIRROR_POD_ANNOTATION in annotations:
+        return PodPlan(skip="mirror_pod")
 
     spec = _mapping(pod.get("spec"), "spec")
     old_images = _images_by_key(old_pod)
