@@ -47,7 +47,10 @@ HUB = (
                 Challenge("basic", {"realm": "y"}),
             ],
         ),
-        ("Bearer realm=unquoted,service=svc", [Challenge("bearer", {"realm": "unquoted", "service": "svc"})]),
+        (
+            "Bearer realm=unquoted,service=svc",
+            [Challenge("bearer", {"realm": "unquoted", "service": "svc"})],
+        ),
         ("Negotiate abc==", [Challenge("negotiate", {"token68": "abc=="})]),
         ("Bearer", [Challenge("bearer", {})]),
         # Garbage never raises: the header comes from a remote server.

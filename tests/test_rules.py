@@ -24,7 +24,9 @@ SCENARIO: list[dict[str, Any]] = [
 
 
 def upstreams(name: str, rules: list[dict[str, Any]] = SCENARIO) -> list[str]:
-    settings = Settings(redirects=rules, registries={"mirror-a.local:5000": {"insecure": True}})
+    settings = Settings.model_validate(
+        {"redirects": rules, "registries": {"mirror-a.local:5000": {"insecure": True}}}
+    )
     route = Rules.from_settings(settings).route(ImageName.parse(name))
     return [f"{u.base_url}{' (origin)' if u.origin else ''}" for u in route.upstreams]
 
@@ -70,7 +72,7 @@ def test_no_rules_means_the_origin_and_docker_hubs_api_host() -> None:
 
 
 def test_resolve_explains_the_route() -> None:
-    settings = Settings(redirects=SCENARIO)
+    settings = Settings.model_validate({"redirects": SCENARIO})
     text = describe_resolution(settings, "quay.io/prometheus/node-exporter:v1")
     assert "name:   quay.io/prometheus/node-exporter" in text
     lines = [line.strip() for line in text.splitlines() if line.strip()[:2] in ("1.", "2.", "3.")]
