@@ -2,7 +2,7 @@
 
 The error middleware here is the one place where :class:`~proxy.errors.DetourError` (and
 aiohttp's own HTTP errors) become OCI error JSON; :class:`AccessLog` writes one JSON line per
-request once its response is finished, with the fields the handlers put in ``request["log"]``.
+request once its response is finished, with the fields the handlers put in ``request[LOG]``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from proxy import handlers
 from proxy.errors import DetourError, NotFound, Unsupported, oci_error_body
-from proxy.logs import configure_logging, get_logger
+from proxy.logs import LOG, configure_logging, get_logger
 from proxy.metrics import Metrics
 from proxy.services import METRICS, SETTINGS, services_ctx
 from proxy.settings import Settings, split_host_port
@@ -35,11 +35,11 @@ def error_response(error: DetourError) -> web.Response:
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    request["log"] = {}
+    request[LOG] = {}
     try:
         return await handler(request)
     except DetourError as exc:
-        request["log"]["error"] = exc.code
+        request[LOG]["error"] = exc.code
         return error_response(exc)
     except web.HTTPException as exc:  # the router's own 404 and 405
         if exc.status == 405:
@@ -61,7 +61,7 @@ class AccessLog(AbstractAccessLogger):
     duration. Header values are never logged, so neither are credentials."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time_: float) -> None:
-        fields: dict[str, Any] = dict(request.get("log", {}))
+        fields: dict[str, Any] = dict(request.get(LOG, {}))
         if request.path in ("/healthz", "/readyz", "/metrics"):
             return
         # Body bytes: streamed responses count their own (sendfile bypasses aiohttp's count);

@@ -34,7 +34,7 @@ from proxy.errors import (
     UpstreamError,
     UpstreamInvalid,
 )
-from proxy.logs import get_logger
+from proxy.logs import LOG, get_logger
 from proxy.metrics import Metrics
 from proxy.reference import Digest
 from proxy.rules import Route
@@ -238,7 +238,7 @@ class BlobFetch:
     async def _stream(self, request: web.Request, source: IO[bytes]) -> web.StreamResponse:
         response = web.StreamResponse(headers=blob_headers(self.digest, self.size))
         await response.prepare(request)
-        fields = request["log"]
+        fields = request[LOG]
         fields["bytes"] = sent = 0
         try:
             while True:
@@ -317,7 +317,7 @@ class Blobs:
                 await task
 
     def _count(self, request: web.Request, result: str) -> None:
-        request["log"]["cache"] = result
+        request[LOG]["cache"] = result
         self._metrics.cache_requests.labels("blob", result).inc()
 
     async def get(
@@ -330,7 +330,7 @@ class Blobs:
         path = self._store.blob_path(digest)
         if path.is_file():
             self._count(request, "hit")
-            request["log"]["source"] = "cache"
+            request[LOG]["source"] = "cache"
             return web.FileResponse(path, headers=blob_headers(digest, None))
         shared = client_auth is None or self._cache_private
         fetch = self._inflight.get(digest) if shared else None
@@ -342,14 +342,14 @@ class Blobs:
         if request.method == "HEAD":
             return await self._head_while_fetching(request, fetch)
         response = await fetch.serve(request)
-        request["log"].update(upstream=fetch.source, source="upstream")
+        request[LOG].update(upstream=fetch.source, source="upstream")
         return response
 
     async def _head_while_fetching(
         self, request: web.Request, fetch: BlobFetch
     ) -> web.StreamResponse:
         await fetch.headers_ready()
-        request["log"]["upstream"] = fetch.source
+        request[LOG]["upstream"] = fetch.source
         return web.Response(headers=blob_headers(fetch.digest, fetch.size))
 
     def _start(
@@ -397,7 +397,7 @@ class Blobs:
         async with await self._upstream.open(
             route, "HEAD", f"blobs/{digest}", client_auth=client_auth
         ) as answer:
-            request["log"]["upstream"] = answer.where
+            request[LOG]["upstream"] = answer.where
             if answer.status != 200:
                 raise denied_or_unknown(answer, digest)
             length = answer.response.content_length

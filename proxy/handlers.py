@@ -17,6 +17,7 @@ from aiohttp import web
 from yarl import URL
 
 from proxy.errors import NameUnknown, NotFound, Unsupported, UpstreamDenied, UpstreamInvalid
+from proxy.logs import LOG
 from proxy.reference import (
     Digest,
     ImageName,
@@ -76,7 +77,7 @@ async def api(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
     ns = request.query.get("ns")
     path = parse_api_path(request.match_info["tail"], ns)
-    fields = request["log"]
+    fields = request[LOG]
     fields["name"] = str(path.name)
     if path.reference is not None:
         fields["reference"] = str(path.reference)
@@ -111,7 +112,7 @@ async def _tags_list(
     async with await services.upstream.open(
         route, "GET", suffix, client_auth=client_auth
     ) as answer:
-        request["log"]["upstream"] = answer.where
+        request[LOG]["upstream"] = answer.where
         if answer.status == 404:
             raise NameUnknown("repository unknown to upstream", {"name": str(path.name)})
         if answer.status in (401, 403):
@@ -133,11 +134,11 @@ async def _tags_list(
         raise UpstreamInvalid("upstream sent an invalid tag list") from None
     headers: dict[str, str] = {}
     if link is not None:
-        headers["Link"] = _rewrite_link(link, path.path_name, ns)
+        headers["Link"] = rewrite_link(link, path.path_name, ns)
     return web.json_response({"name": path.path_name, "tags": tags}, headers=headers)
 
 
-def _rewrite_link(link: str, path_name: str, ns: str | None) -> str:
+def rewrite_link(link: str, path_name: str, ns: str | None) -> str:
     """Point a pagination ``Link`` at this proxy's path for the same listing."""
     target = link.split(";", 1)[0].strip().strip("<>")
     query = dict(URL(target).query)

@@ -12,6 +12,10 @@ from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
+from aiohttp import web
+
+# Per-request fields for the access log line: name, reference, cache result, upstream, ...
+LOG = web.RequestKey("log", dict[str, Any])
 
 _SECRET_WORDS = ("authorization", "password", "token", "secret", "credential", "cookie")
 

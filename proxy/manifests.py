@@ -32,7 +32,7 @@ from proxy.errors import (
     UpstreamError,
     UpstreamInvalid,
 )
-from proxy.logs import get_logger
+from proxy.logs import LOG, get_logger
 from proxy.metrics import Metrics
 from proxy.reference import Digest
 from proxy.rules import Route
@@ -130,11 +130,11 @@ class Manifests:
         self._cache_private = cache_private
 
     def _count(self, request: web.Request, result: str) -> None:
-        request["log"]["cache"] = result
+        request[LOG]["cache"] = result
         self._metrics.cache_requests.labels("manifest", result).inc()
 
     def _serve(self, request: web.Request, manifest: StoredManifest, source: str) -> web.Response:
-        request["log"]["source"] = source
+        request[LOG]["source"] = source
         return manifest_response(manifest)
 
     async def get(
@@ -184,7 +184,7 @@ class Manifests:
             log.warning("tag_served_stale", name=str(route.name), tag=tag, reason=exc.message)
             return self._serve(request, cached, "cache")
         async with answer:
-            request["log"]["upstream"] = answer.where
+            request[LOG]["upstream"] = answer.where
             if answer.status == 404:
                 self._store.drop_tag(route.name, tag)
             if answer.status != 200:
@@ -217,7 +217,7 @@ class Manifests:
             client_auth=client_auth,
         )
         async with answer:
-            request["log"]["upstream"] = answer.where
+            request[LOG]["upstream"] = answer.where
             private = answer.private and not self._cache_private
             self._count(request, "bypass" if private else "miss")
             if answer.status != 200:

@@ -1,0 +1,117 @@
+"""Running Detour under test: in-process (``aiohttp_server``) or as ``detour serve``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.registry import Registry
+
+
+def scenario(mirror: Registry, cache_dir: Path, **extra: Any) -> dict[str, Any]:
+    """The issue's edge-site config, with ``mirror`` playing project-a.azurecr.io."""
+    config: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "cache": {"dir": str(cache_dir)},
+        "redirects": [
+            {"src": "docker.io/", "to": f"{mirror.host}/docker-mirror/"},
+            {"src": "ghcr.io/", "to": f"{mirror.host}/ghcr-mirror/"},
+        ],
+        "registries": {mirror.host: {"insecure": True}},
+    }
+    config.update(extra)
+    return config
+
+
+def parse_metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+@dataclass
+class Proxy:
+    url: str
+    cache_dir: Path
+    session: aiohttp.ClientSession
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+    _closed: bool = field(default=False, repr=False)
+
+    @property
+    def host(self) -> str:
+        return self.url.removeprefix("http://")
+
+    async def metric(self, name: str, **labels: str) -> float:
+        async with self.session.get(f"{self.url}/metrics") as response:
+            text = await response.text()
+        wanted = tuple(sorted(labels.items()))
+        return parse_metrics(text).get((name, wanted), 0.0)
+
+    def log_lines(self) -> list[str]:
+        assert self.log_path is not None
+        return self.log_path.read_text().splitlines()
+
+
+def free_port() -> int:
+    from tests.registry import free_port as _free_port
+
+    return _free_port()
+
+
+async def start_process(config: dict[str, Any], workdir: Path) -> Proxy:
+    """``python -m proxy serve --config FILE`` on a free port, ready when /healthz answers."""
+    port = free_port()
+    config = {**config, "listen": f"127.0.0.1:{port}"}
+    path = workdir / "detour.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log_path = workdir / "detour.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(  # noqa: ASYNC220 (starts it; never waits)
+            [sys.executable, "-m", "proxy", "serve", "--config", str(path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    session = aiohttp.ClientSession()
+    proxy = Proxy(
+        f"http://127.0.0.1:{port}", Path(config["cache"]["dir"]), session, process, log_path
+    )
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            async with session.get(f"{proxy.url}/healthz") as response:
+                if response.status == 200:
+                    return proxy
+        except aiohttp.ClientError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            await session.close()
+            raise RuntimeError(f"detour did not start:\n{log_path.read_text()}")
+        await asyncio.sleep(0.05)
+
+
+async def stop_process(proxy: Proxy, sig: int = signal.SIGTERM) -> int:
+    assert proxy.process is not None
+    if proxy.process.poll() is None:
+        proxy.process.send_signal(sig)
+    try:
+        code = await asyncio.to_thread(proxy.process.wait, 15)
+    except subprocess.TimeoutExpired:
+        proxy.process.kill()
+        code = proxy.process.wait()
+    await proxy.session.close()
+    return code
