@@ -1,0 +1,164 @@
+"""Hostile and broken requests get a clean 4xx OCI error, or a prompt 502/504 for a broken
+upstream; never a 500, nothing outside the cache is touched, and the proxy keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.images import ACCEPT_ALL, push_image, unique_repo
+from tests.proxy import Proxy, scenario
+from tests.registry import Registry
+
+MakeProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
+HEX = "ab" * 32
+
+
+@pytest.fixture
+async def proxy(make_proxy: MakeProxy, registry: Registry, tmp_path: Path) -> Proxy:
+    return await make_proxy(scenario(registry, tmp_path / "cache"))
+
+
+async def still_serves(proxy: Proxy, registry: Registry) -> None:
+    name = unique_repo("x").split("/")[1]
+    image = push_image(registry, f"docker-mirror/library/{name}", "ok", layers=1, layer_size=512)
+    url = f"{proxy.url}/v2/{name}/manifests/ok"
+    async with proxy.session.get(url, headers={"Accept": ACCEPT_ALL}) as response:
+        assert response.status == 200
+        assert await response.read() == image.manifest
+
+
+async def raw_request(proxy: Proxy, method: str, path: str) -> tuple[int, dict[str, str], bytes]:
+    """Send the request line exactly as written: HTTP clients would normalize the path."""
+    host, port = proxy.host.split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    data = await reader.read()
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [
+        # traversal in names, tags and digests (raw, so the client sends them as written)
+        ("GET", "/v2/docker.io/../../etc/manifests/latest", 400, "NAME_INVALID"),
+        ("GET", "/v2/docker.io/%2e%2e/%2e%2e/etc/manifests/latest", 400, "NAME_INVALID"),
+        ("GET", "/v2/docker.io/..%2F..%2Fetc/manifests/latest", 400, "NAME_INVALID"),
+        ("GET", "/v2/nats/manifests/..", 400, "TAG_INVALID"),
+        ("GET", "/v2/nats/manifests/%2e%2e%2f%2e%2e%2fpasswd", 404, "UNSUPPORTED"),
+        ("GET", "/v2/nats/blobs/sha256:..%2F..%2F..%2Fetc%2Fpasswd", 404, "UNSUPPORTED"),
+        ("GET", "/v2/nats/blobs/sha256:..", 400, "DIGEST_INVALID"),
+        ("GET", "/v2/nats/manifests/sha256:../../../etc/passwd", 404, "UNSUPPORTED"),
+        ("GET", "/v2/library/nats/manifests/latest?ns=..%2F..", 400, "NAME_INVALID"),
+        # invalid digests and references
+        ("GET", "/v2/nats/blobs/sha256:abc", 400, "DIGEST_INVALID"),
+        ("GET", f"/v2/nats/blobs/md5:{HEX}", 400, "DIGEST_INVALID"),
+        ("GET", f"/v2/nats/blobs/sha256:{HEX.upper()}", 400, "DIGEST_INVALID"),
+        ("HEAD", "/v2/nats/blobs/latest", 400, "DIGEST_INVALID"),
+        ("GET", f"/v2/nats/manifests/sha256:{HEX}0", 400, "DIGEST_INVALID"),
+        ("GET", "/v2/Nats/manifests/latest", 400, "NAME_INVALID"),
+        ("GET", "/v2/nats/manifests/-bad", 400, "TAG_INVALID"),
+        # over-long names and tags
+        ("GET", f"/v2/{'a' * 300}/manifests/latest", 400, "NAME_INVALID"),
+        ("GET", f"/v2/{'/'.join(['abcdefgh'] * 40)}/manifests/latest", 400, "NAME_INVALID"),
+        ("GET", f"/v2/nats/manifests/{'t' * 129}", 400, "TAG_INVALID"),
+        # push and delete methods
+        ("POST", "/v2/nats/blobs/uploads/", 405, "UNSUPPORTED"),
+        ("PATCH", "/v2/nats/blobs/uploads/1234", 405, "UNSUPPORTED"),
+        ("PUT", "/v2/nats/manifests/latest", 405, "UNSUPPORTED"),
+        ("DELETE", f"/v2/nats/blobs/sha256:{HEX}", 405, "UNSUPPORTED"),
+        ("DELETE", "/v2/nats/manifests/latest", 405, "UNSUPPORTED"),
+        ("PUT", "/v2/", 405, "UNSUPPORTED"),
+        # nothing else lives here
+        ("GET", "/v2/_catalog", 404, "UNSUPPORTED"),
+        ("GET", "/v2/nats/referrers/x", 404, "UNSUPPORTED"),
+        ("GET", "/etc/passwd", 404, "UNSUPPORTED"),
+    ],
+)
+async def test_bad_requests_get_oci_errors(
+    proxy: Proxy, registry: Registry, method: str, path: str, status: int, code: str
+) -> None:
+    got, headers, body = await raw_request(proxy, method, path)
+    assert got == status
+    assert headers["docker-distribution-api-version"] == "registry/2.0"
+    if method != "HEAD":
+        assert headers["content-type"].startswith("application/json")
+        error = json.loads(body)["errors"][0]
+        assert error["code"] == code
+        assert isinstance(error["message"], str)
+    # Nothing was written outside the cache, and nothing but the layout inside it.
+    assert not [p for p in proxy.cache_dir.rglob("*") if p.is_file()]
+    await still_serves(proxy, registry)
+
+
+async def test_huge_headers_are_refused_cleanly(proxy: Proxy, registry: Registry) -> None:
+    """aiohttp's parser answers these before any handler: a plain 400, never a 500."""
+    for headers in ({"X-Big": "a" * 100_000}, {f"X-{i}": "v" for i in range(200)}):
+        async with proxy.session.get(f"{proxy.url}/v2/", headers=headers) as response:
+            assert 400 <= response.status < 500
+    await still_serves(proxy, registry)
+
+
+async def test_unreachable_upstream_is_a_prompt_502(
+    make_proxy: MakeProxy,
+    registry: Registry,
+    make_registry: Callable[..., Registry],
+    tmp_path: Path,
+) -> None:
+    dead = make_registry()
+    dead.stop()
+    config = scenario(registry, tmp_path / "cache", upstream={"connect_timeout": "2s"})
+    config["redirects"].append({"src": "quay.io/", "to": f"{dead.host}/quay/"})
+    config["registries"][dead.host] = {"insecure": True}
+    proxy = await make_proxy(config)
+    started = time.monotonic()
+    async with proxy.session.get(f"{proxy.url}/v2/quay.io/a/b/manifests/v1") as response:
+        assert response.status == 502
+        body = await response.json()
+    assert time.monotonic() - started < 5
+    assert body["errors"][0]["detail"]["attempts"] == [
+        {"upstream": dead.host, "error": "unreachable"}
+    ]
+    await still_serves(proxy, registry)
+
+
+async def test_hung_upstream_is_a_prompt_504(
+    make_proxy: MakeProxy,
+    registry: Registry,
+    make_registry: Callable[..., Registry],
+    tmp_path: Path,
+) -> None:
+    hung = make_registry()
+    hung.freeze()  # accepts connections (the kernel does), never answers
+    config = scenario(registry, tmp_path / "cache", upstream={"read_timeout": "1s"})
+    config["redirects"].append({"src": "quay.io/", "to": f"{hung.host}/quay/"})
+    config["registries"][hung.host] = {"insecure": True}
+    proxy = await make_proxy(config)
+    started = time.monotonic()
+    statuses = await asyncio.gather(
+        *(
+            _status(proxy, f"/v2/quay.io/a/b/{kind}")
+            for kind in ("manifests/v1", f"blobs/sha256:{HEX}", "tags/list")
+        )
+    )
+    assert statuses == [504, 504, 504]
+    assert time.monotonic() - started < 5
+    hung.thaw()
+    await still_serves(proxy, registry)
+
+
+async def _status(proxy: Proxy, path: str) -> int:
+    async with proxy.session.get(f"{proxy.url}{path}") as response:
+        body = await response.json()
+        assert body["errors"][0]["code"] == "UNAVAILABLE"
+        return response.status
