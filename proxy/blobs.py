@@ -224,6 +224,14 @@ class BlobFetch:
             assert self.error is not None
             raise self.error
 
+    async def finished(self) -> None:
+        """Wait for the end of the fetch; raise its error if it failed."""
+        while self.state in (_State.OPENING, _State.RUNNING):
+            await self._changed.wait()
+        if self.state is _State.FAILED:
+            assert self.error is not None
+            raise self.error
+
     async def serve(self, request: web.Request) -> web.StreamResponse:
         await self.headers_ready()
         assert self._writer is not None
@@ -339,8 +347,12 @@ class Blobs:
             self._count(request, "miss" if shared else "bypass")
         else:
             self._count(request, "joined")
-        if request.method == "HEAD":
-            return await self._head_while_fetching(request, fetch)
+        if request.headers.get("Range") and shared:
+            # A range of a blob not yet verified could be wrong bytes under a 206: wait for
+            # the fetch (which the whole pull needs anyway), then answer from the cache.
+            await fetch.finished()
+            request[LOG].update(upstream=fetch.source, source="cache")
+            return web.FileResponse(path, headers=blob_headers(digest, None))
         response = await fetch.serve(request)
         request[LOG].update(upstream=fetch.source, source="upstream")
         return response

@@ -36,6 +36,40 @@ def _resolve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _containerd_hosts(args: argparse.Namespace) -> int:
+    from proxy.hosts import hosts_files, write_hosts_files
+
+    files = hosts_files(_settings(args), args.endpoint)
+    if not files:
+        print("detour: no redirect rules, so no hosts.toml to write", file=sys.stderr)
+        return 0
+    try:
+        results = write_hosts_files(files, args.out)
+    except OSError as exc:
+        print(f"detour: cannot write into {args.out}: {exc}", file=sys.stderr)
+        return 1
+    for hosts, (path, changed) in zip(files, results, strict=True):
+        state = "wrote" if changed else "unchanged"
+        print(f"{state} {path}: {hosts.registry} -> {hosts.endpoint}, then {hosts.server}")
+    return 0
+
+
+def _webhook_certs(args: argparse.Namespace) -> int:
+    from proxy.certs import generate, write
+
+    certs = generate(args.namespace, args.service, days=args.days)
+    try:
+        paths = write(certs, args.out)
+    except OSError as exc:
+        print(f"detour: cannot write into {args.out}: {exc}", file=sys.stderr)
+        return 1
+    for path in paths:
+        print(f"wrote {path}", file=sys.stderr)
+    print(f"the serving certificate expires {certs.not_after:%Y-%m-%d}", file=sys.stderr)
+    print(certs.ca_bundle)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="detour",
@@ -59,6 +93,35 @@ def build_parser() -> argparse.ArgumentParser:
     resolve = command("resolve", "Show where an image is fetched from, in order.")
     resolve.add_argument("image", help="an image reference, e.g. nats:2.10.26-alpine")
     resolve.set_defaults(func=_resolve)
+    hosts = command(
+        "containerd-hosts",
+        "Write containerd hosts.toml files sending each redirected registry to the proxy.",
+    )
+    hosts.add_argument(
+        "--endpoint",
+        default="http://127.0.0.1:7439",
+        help="the proxy as containerd reaches it (default: %(default)s)",
+    )
+    hosts.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="containerd's registry config_path, e.g. /etc/containerd/certs.d",
+    )
+    hosts.set_defaults(func=_containerd_hosts)
+    certs = commands.add_parser(
+        "webhook-certs",
+        help="Make a CA and a serving certificate for the webhook; print the caBundle.",
+        description="Write ca.crt, tls.crt and tls.key for the webhook's Service into --out "
+        "and print the base64 caBundle for the MutatingWebhookConfiguration.",
+    )
+    certs.add_argument("--namespace", default="detour", help="default: %(default)s")
+    certs.add_argument("--service", default="detour-webhook", help="default: %(default)s")
+    certs.add_argument("--out", type=Path, required=True, help="directory to write into")
+    certs.add_argument(
+        "--days", type=int, default=365, help="serving certificate lifetime (default: %(default)s)"
+    )
+    certs.set_defaults(func=_webhook_certs)
     return parser
 
 

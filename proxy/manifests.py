@@ -178,8 +178,11 @@ class Manifests:
                 f"manifests/{tag}",
                 headers={"Accept": accept or DEFAULT_ACCEPT},
                 client_auth=client_auth,
+                skip_down=True,
             )
-        except UpstreamError as exc:
+        except (UpstreamError, UpstreamDenied) as exc:
+            if isinstance(exc, UpstreamDenied) and exc.status != 429:
+                raise  # the upstream refused us: relayed, never served stale
             self._count(request, "stale")
             log.warning("tag_served_stale", name=str(route.name), tag=tag, reason=exc.message)
             return self._serve(request, cached, "cache")

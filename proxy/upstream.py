@@ -52,6 +52,10 @@ from proxy.rules import Route, Upstream
 from proxy.settings import UpstreamSettings
 
 USER_AGENT = f"detour/{__version__}"
+# After a connection error or timeout, a registry counts as down this long for requests that
+# have a cached answer to fall back on (tag revalidation), so an edge site whose uplink is cut
+# serves from disk at once instead of waiting out a connect timeout on every tag.
+DOWN_SECONDS = 30.0
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_TOKEN_RESPONSE = 1 << 20
 
@@ -142,6 +146,7 @@ class UpstreamClient:
         self._metrics = metrics
         self._tokens = TokenCache()
         self._basic_registries: set[str] = set()
+        self._down_until: dict[str, float] = {}
 
     @staticmethod
     def timeout(settings: UpstreamSettings) -> aiohttp.ClientTimeout:
@@ -160,27 +165,35 @@ class UpstreamClient:
         *,
         headers: Mapping[str, str] | None = None,
         client_auth: str | None = None,
+        skip_down: bool = False,
     ) -> UpstreamResponse:
         """Send ``method`` for ``<repository>/<suffix>`` to the first upstream that answers.
 
         Returns the first response that is neither a 5xx nor a 429 (the caller judges 2xx,
-        3xx and 4xx); raises when every upstream failed.
+        3xx and 4xx); raises when every upstream failed. With ``skip_down``, registries that
+        failed to connect or timed out in the last :data:`DOWN_SECONDS` are not tried.
         """
         attempts: list[dict[str, str]] = []
         timed_out = False
         last_status: int | None = None
         for upstream in route.upstreams:
+            if skip_down and self._down_until.get(upstream.registry, 0.0) > time.monotonic():
+                attempts.append({"upstream": upstream.registry, "error": "recently down"})
+                continue
             try:
                 response, private = await self._exchange(
                     upstream, method, suffix, dict(headers or {}), client_auth
                 )
             except UpstreamTimeout:
                 timed_out = True
+                self._down_until[upstream.registry] = time.monotonic() + DOWN_SECONDS
                 attempts.append({"upstream": upstream.registry, "error": "timeout"})
                 continue
             except UpstreamUnreachable:
+                self._down_until[upstream.registry] = time.monotonic() + DOWN_SECONDS
                 attempts.append({"upstream": upstream.registry, "error": "unreachable"})
                 continue
+            self._down_until.pop(upstream.registry, None)
             if _retryable(response.status):
                 last_status = response.status
                 attempts.append({"upstream": upstream.registry, "error": str(response.status)})
