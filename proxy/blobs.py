@@ -22,9 +22,12 @@ import asyncio
 import contextlib
 import enum
 import os
+from pathlib import Path
 from typing import IO
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.web_request import BaseRequest
 
 from proxy.cache import BlobWriter, CacheStore
 from proxy.errors import (
@@ -207,6 +210,7 @@ class BlobFetch:
         await loop.run_in_executor(None, writer.sync)
         writer.commit()
         self.committed = True
+        self._store.admit(writer.final, writer.size)
 
     def _release_file(self) -> None:
         """Delete the temp file once nobody needs it (a committed one has moved away)."""
@@ -236,11 +240,14 @@ class BlobFetch:
         await self.headers_ready()
         assert self._writer is not None
         self._readers += 1
+        final = self._writer.final
+        self._store.pin(final)  # once committed, not evicted while this reader reads it
         try:
             with open(self._writer.path, "rb", buffering=0) as source:  # noqa: ASYNC230
                 return await self._stream(request, source)
         finally:
             self._readers -= 1
+            self._store.unpin(final)
             self._release_file()
 
     async def _stream(self, request: web.Request, source: IO[bytes]) -> web.StreamResponse:
@@ -299,6 +306,29 @@ class BlobFetch:
         await asyncio.get_running_loop().sendfile(transport, source, offset, count)
 
 
+class _PinnedFile(web.FileResponse):
+    """A cached blob sent with sendfile (and Range), unpinned once it has been sent."""
+
+    def __init__(self, path: Path, store: CacheStore, *, headers: dict[str, str]) -> None:
+        super().__init__(path, headers=headers)
+        self._pinned: Path | None = path
+        self._store = store
+
+    async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
+        try:
+            return await super().prepare(request)
+        finally:
+            self._unpin()
+
+    def _unpin(self) -> None:
+        if self._pinned is not None:
+            self._store.unpin(self._pinned)
+            self._pinned = None
+
+    def __del__(self) -> None:  # never prepared (the client left first): still unpin
+        self._unpin()
+
+
 class Blobs:
     """The blob side of the proxy: disk hits, shared fetches, upstream HEADs."""
 
@@ -339,7 +369,7 @@ class Blobs:
         if path.is_file():
             self._count(request, "hit")
             request[LOG]["source"] = "cache"
-            return web.FileResponse(path, headers=blob_headers(digest, None))
+            return self._from_disk(path, digest)
         shared = client_auth is None or self._cache_private
         fetch = self._inflight.get(digest) if shared else None
         if fetch is None:
@@ -352,10 +382,15 @@ class Blobs:
             # the fetch (which the whole pull needs anyway), then answer from the cache.
             await fetch.finished()
             request[LOG].update(upstream=fetch.source, source="cache")
-            return web.FileResponse(path, headers=blob_headers(digest, None))
+            return self._from_disk(path, digest)
         response = await fetch.serve(request)
         request[LOG].update(upstream=fetch.source, source="upstream")
         return response
+
+    def _from_disk(self, path: Path, digest: Digest) -> web.FileResponse:
+        self._store.touch(path)
+        self._store.pin(path)
+        return _PinnedFile(path, self._store, headers=blob_headers(digest, None))
 
     async def _head_while_fetching(
         self, request: web.Request, fetch: BlobFetch

@@ -20,6 +20,8 @@ import json
 import os
 import tempfile
 import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +46,12 @@ class TagRecord:
 
     def age(self) -> float:
         return time.time() - self.checked_at
+
+
+def delete_files(paths: Iterable[Path]) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 class BlobWriter:
@@ -98,17 +106,88 @@ class BlobWriter:
 
 
 class CacheStore:
-    def __init__(self, root: Path) -> None:
+    """The files, and an in-memory LRU index of the blobs and manifests among them.
+
+    The index is rebuilt from the disk at start-up (recency from mtimes, which hits refresh),
+    so it survives a restart or a crash. With ``max_size`` the least recently used entries are
+    evicted whenever the total goes over it, except entries pinned by a reader.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        max_size: int | None = None,
+        on_evict: Callable[[list[Path]], None] = lambda paths: delete_files(paths),
+    ) -> None:
         self.root = root
         self.tmp = root / "tmp"
+        self.max_size = max_size
+        # Deletes evicted files; the app hands them to a worker thread.
+        self._on_evict = on_evict
+        self._entries: OrderedDict[Path, int] = OrderedDict()  # path → size, oldest first
+        self._pins: Counter[Path] = Counter()
+        self.total = 0
+        self.evictions = 0
 
     def open(self) -> None:
-        """Create the layout and remove what a previous run left half-written."""
+        """Create the layout, remove what a previous run left half-written, index the rest.
+
+        Blocking: call it from a worker thread.
+        """
         for sub in ("blobs", "manifests", "tags", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         for leftover in self.tmp.iterdir():
             with contextlib.suppress(OSError):
                 leftover.unlink()
+        found: list[tuple[float, Path, int]] = []
+        for kind in ("blobs", "manifests"):
+            for path in (self.root / kind).glob("*/*/*"):
+                with contextlib.suppress(OSError):
+                    stat = path.stat()
+                    found.append((stat.st_mtime, path, stat.st_size))
+        found.sort()
+        self._entries = OrderedDict((path, size) for _, path, size in found)
+        self.total = sum(self._entries.values())
+
+    # ----------------------------------------------------------------------- the index
+
+    def admit(self, path: Path, size: int) -> None:
+        """Record a new entry, evicting the least recently used ones over ``max_size``."""
+        self.total += size - self._entries.pop(path, 0)
+        self._entries[path] = size
+        self.trim()
+
+    def touch(self, path: Path) -> None:
+        """A hit: the entry becomes the most recently used, also across restarts."""
+        if path in self._entries:
+            self._entries.move_to_end(path)
+            with contextlib.suppress(OSError):
+                os.utime(path)
+
+    def pin(self, path: Path) -> None:
+        self._pins[path] += 1
+
+    def unpin(self, path: Path) -> None:
+        self._pins[path] -= 1
+        if self._pins[path] <= 0:
+            del self._pins[path]
+        self.trim()
+
+    def trim(self) -> None:
+        """Evict least recently used, unpinned entries until the total fits ``max_size``."""
+        if self.max_size is None or self.total <= self.max_size:
+            return
+        victims: list[Path] = []
+        for path in list(self._entries):
+            if self.total <= self.max_size:
+                break
+            if self._pins[path] > 0:
+                continue
+            self.total -= self._entries.pop(path)
+            victims.append(path)
+        if victims:
+            self.evictions += len(victims)
+            self._on_evict(victims)
 
     def writable(self) -> bool:
         try:
@@ -147,6 +226,7 @@ class CacheStore:
             with contextlib.suppress(OSError):
                 self._manifest_path(digest).unlink()
             return None
+        self.touch(self._manifest_path(digest))
         return StoredManifest(digest, media_type.decode("ascii", "replace"), body)
 
     def put_manifest(self, manifest: StoredManifest) -> None:
@@ -155,7 +235,9 @@ class CacheStore:
         if "\n" in manifest.media_type or not manifest.media_type.isascii():
             raise UpstreamInvalid("invalid manifest media type")
         data = manifest.media_type.encode("ascii") + b"\n" + manifest.body
-        self._atomic_write(self._manifest_path(manifest.digest), data)
+        path = self._manifest_path(manifest.digest)
+        self._atomic_write(path, data)
+        self.admit(path, len(data))
 
     # ----------------------------------------------------------------------- tags
 

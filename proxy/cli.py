@@ -70,6 +70,18 @@ def _webhook_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warm(args: argparse.Namespace) -> int:
+    from proxy.warm import run_warm
+
+    return run_warm(
+        args.image,
+        _settings(args),
+        endpoint=args.endpoint,
+        platform=args.platform,
+        all_platforms=args.all_platforms,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="detour",
@@ -122,6 +134,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--days", type=int, default=365, help="serving certificate lifetime (default: %(default)s)"
     )
     certs.set_defaults(func=_webhook_certs)
+    warm = command(
+        "warm",
+        "Fill the cache with images, through the same rules, e.g. before an edge site is cut off.",
+    )
+    warm.add_argument(
+        "--endpoint",
+        default=None,
+        metavar="URL",
+        help="warm through this running proxy, e.g. http://127.0.0.1:7439 (default: start "
+        "Detour in-process from --config; don't do that beside a running proxy)",
+    )
+    which = warm.add_mutually_exclusive_group()
+    which.add_argument(
+        "--platform",
+        default=None,
+        metavar="OS/ARCH[/VARIANT]",
+        help="the platform to take from a multi-arch index (default: this machine's)",
+    )
+    which.add_argument(
+        "--all-platforms", action="store_true", help="take every platform of an index"
+    )
+    warm.add_argument(
+        "image", nargs="+", metavar="IMAGE", help="image references, e.g. nats:2.10.26-alpine"
+    )
+    warm.set_defaults(func=_warm)
     return parser
 
 

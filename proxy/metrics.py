@@ -54,6 +54,28 @@ class Metrics:
             ["registry", "outcome"],
             registry=r,
         )
+        self.cache_size = Gauge(
+            "detour_cache_size_bytes",
+            "Bytes of blobs and manifests in the cache.",
+            registry=r,
+        )
+        self.cache_max_size = Gauge(
+            "detour_cache_max_size_bytes",
+            "cache.max_size (0: unbounded).",
+            registry=r,
+        )
+        self.evictions = Counter(
+            "detour_cache_evictions",
+            "Cache entries evicted, least recently used first, to stay under cache.max_size.",
+            registry=r,
+        )
+        self.cache_write_failures = Counter(
+            "detour_cache_write_failures",
+            "Blobs that could not be written to the cache (disk full, I/O error); "
+            "they were streamed to clients without caching.",
+            ["reason"],
+            registry=r,
+        )
         self.inflight_fetches = Gauge(
             "detour_inflight_blob_fetches",
             "Blob fetches from upstream under way.",

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
 from proxy.auth import CredentialStore
 from proxy.blobs import Blobs
-from proxy.cache import CacheStore
+from proxy.cache import CacheStore, delete_files
 from proxy.manifests import Manifests
 from proxy.metrics import Metrics
 from proxy.rules import Rules
@@ -42,8 +43,17 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     """``cleanup_ctx`` entry: open the cache and the client session; close them at the end."""
     settings = app[SETTINGS]
     metrics = app[METRICS]
-    store = CacheStore(settings.cache.dir)
+    loop = asyncio.get_running_loop()
+
+    def evicted(paths: list[Path]) -> None:
+        metrics.evictions.inc(len(paths))
+        loop.run_in_executor(None, delete_files, paths)
+
+    store = CacheStore(settings.cache.dir, settings.cache.max_size, on_evict=evicted)
     await asyncio.to_thread(store.open)
+    store.trim()  # max_size may have shrunk since the last run
+    metrics.cache_size.set_function(lambda: store.total)
+    metrics.cache_max_size.set(settings.cache.max_size or 0)
     credentials = CredentialStore(settings.registries, settings.docker_config)
     session = aiohttp.ClientSession(
         timeout=UpstreamClient.timeout(settings.upstream),

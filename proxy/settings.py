@@ -148,6 +148,8 @@ def normalize_prefix(value: str, *, target: bool) -> str:
 
 class CacheSettings(_Section):
     dir: Path = Path("/var/cache/detour")
+    # The most bytes of blobs and manifests to keep; least recently used go first. None: no limit.
+    max_size: ByteSize | None = None
     tag_ttl: Duration = 300.0
     # Content fetched with a client's own credentials is streamed but not cached unless this
     # is set: a private image must never reach a client that could not pull it.

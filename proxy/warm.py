@@ -1,0 +1,620 @@
+"""``detour warm``: fill the cache with images before an edge site is cut off.
+
+Warming is an ordinary pull through Detour, so it follows the same redirect rules, upstream
+auth, verification and cache directory as any client's pull:
+
+* without an endpoint, Detour is started in this process from the settings
+  (:func:`proxy.app.create_app` on 127.0.0.1, an ephemeral port) and stopped at the end: for
+  preloading before the proxy runs (a staging machine, an initContainer);
+* with an endpoint (``http://127.0.0.1:7439``), an already running proxy does the work: use
+  this while the proxy runs, since a second Detour on the same cache directory would clear the
+  running one's half-written files when it starts.
+
+For each image the manifest is fetched with the usual ``Accept`` list; for an index (or docker
+manifest list) the children for the chosen platform, or all of them, are fetched by digest;
+then every config and layer blob is read to its end (bodies are discarded: the proxy is what
+caches them). Each blob's bytes are hashed and counted here as well and compared with the
+manifest's descriptor, so a bad blob is reported by name rather than trusted on a status code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import platform as _host
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NotRequired, TypedDict
+
+import aiohttp
+from aiohttp import web
+
+from proxy.cache import MANIFEST_MAX_BYTES
+from proxy.manifests import DEFAULT_ACCEPT, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
+from proxy.reference import Digest, ImageName, Reference
+from proxy.settings import ConfigError, Settings
+
+CONCURRENCY = 4  # blob downloads in flight per image
+CHUNK_BYTES = 1 << 20
+ERROR_BODY_MAX_BYTES = 64 * 1024
+MAX_INDEX_DEPTH = 2  # an index may name an index once (rare); deeper is refused
+USER_AGENT = "detour-warm"
+# The proxy may be silent for a while when it retries and resumes upstream; be patient.
+CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300)
+
+INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
+IMAGE_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
+# Layers that live outside the registry (Windows base layers); a registry does not serve them.
+_FOREIGN_MARKERS = ("foreign", "nondistributable")
+
+# platform.machine() → the OCI architecture and variant.
+_MACHINES: dict[str, tuple[str, str | None]] = {
+    "x86_64": ("amd64", None),
+    "amd64": ("amd64", None),
+    "aarch64": ("arm64", None),
+    "arm64": ("arm64", None),
+    "armv7l": ("arm", "v7"),
+    "armv6l": ("arm", "v6"),
+    "i386": ("386", None),
+    "i686": ("386", None),
+}
+
+
+# --------------------------------------------------------------------------- wire formats
+
+
+class PlatformSpec(TypedDict):
+    architecture: str
+    os: str
+    variant: NotRequired[str]
+
+
+class Descriptor(TypedDict):
+    mediaType: str
+    digest: str
+    size: int
+    platform: NotRequired[PlatformSpec]
+    urls: NotRequired[list[str]]
+
+
+class ImageManifest(TypedDict):
+    schemaVersion: int
+    mediaType: NotRequired[str]
+    config: Descriptor
+    layers: list[Descriptor]
+
+
+class ImageIndex(TypedDict):
+    schemaVersion: int
+    mediaType: NotRequired[str]
+    manifests: list[Descriptor]
+
+
+# --------------------------------------------------------------------------- values
+
+
+class WarmError(Exception):
+    """One image could not be warmed; the message says why, for the operator."""
+
+
+@dataclass(frozen=True, slots=True)
+class Platform:
+    """``os/architecture[/variant]``, as ``--platform`` takes it."""
+
+    os: str
+    architecture: str
+    variant: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Platform:
+        parts = text.strip().lower().split("/")
+        if not 2 <= len(parts) <= 3 or not all(parts):
+            raise ValueError(f"invalid platform {text!r}: expected os/arch[/variant]")
+        return cls(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
+
+    @classmethod
+    def host(cls) -> Platform:
+        """This machine's own: ``linux/amd64`` on x86_64, ``linux/arm64`` on aarch64."""
+        machine = _host.machine().lower()
+        architecture, variant = _MACHINES.get(machine, (machine, None))
+        return cls("linux", architecture, variant)
+
+    @classmethod
+    def of(cls, spec: PlatformSpec) -> Platform:
+        return cls(spec["os"].lower(), spec["architecture"].lower(), spec.get("variant"))
+
+    def _variant(self) -> str | None:
+        # arm64 images usually leave out the variant, which then means v8.
+        if self.architecture == "arm64" and self.variant is None:
+            return "v8"
+        return self.variant
+
+    def matches(self, other: Platform) -> bool:
+        """Whether ``other`` (a child's platform) is what this (the wanted one) asks for.
+
+        Without a variant here, any variant of the architecture matches.
+        """
+        if (self.os, self.architecture) != (other.os, other.architecture):
+            return False
+        return self.variant is None or self._variant() == other._variant()
+
+    def __str__(self) -> str:
+        return f"{self.os}/{self.architecture}" + (f"/{self.variant}" if self.variant else "")
+
+
+@dataclass(frozen=True, slots=True)
+class Warmed:
+    image: str  # the normalized reference: docker.io/library/nats:2.10.26-alpine
+    digest: Digest  # what the tag resolved to (the index's digest for an index)
+    platforms: tuple[str, ...]  # the index children warmed; empty for a single manifest
+    blobs: int
+    bytes: int
+
+    def line(self) -> str:
+        where = f"; {', '.join(self.platforms)}" if self.platforms else ""
+        noun = "blob" if self.blobs == 1 else "blobs"
+        return (
+            f"warmed {self.image} {self.digest} "
+            f"({self.blobs} {noun}, {human_bytes(self.bytes)}{where})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    image: str
+    error: str
+
+    def line(self) -> str:
+        return f"detour: warm {self.image}: {self.error}"
+
+
+Outcome = Warmed | Failed
+
+
+def human_bytes(count: int) -> str:
+    """``12345678`` → ``12.3 MB`` (powers of 1000, as registries and docker show sizes)."""
+    if count < 1000:
+        return f"{count} B"
+    value = float(count)
+    for unit in ("kB", "MB", "GB", "TB"):
+        value /= 1000
+        if value < 999.95 or unit == "TB":
+            return f"{value:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _text(obj: dict[str, Any], key: str, where: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str) or not value:
+        raise WarmError(f"{where}: missing or invalid {key!r}")
+    return value
+
+
+def _descriptor(obj: Any, where: str) -> Descriptor:
+    if not isinstance(obj, dict):
+        raise WarmError(f"{where}: a descriptor is not an object")
+    size = obj.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise WarmError(f"{where}: missing or invalid 'size'")
+    desc: Descriptor = {
+        "mediaType": _text(obj, "mediaType", where),
+        "digest": _text(obj, "digest", where),
+        "size": size,
+    }
+    plat = obj.get("platform")
+    if isinstance(plat, dict):
+        spec: PlatformSpec = {
+            "os": str(plat.get("os", "")),
+            "architecture": str(plat.get("architecture", "")),
+        }
+        if isinstance(plat.get("variant"), str):
+            spec["variant"] = plat["variant"]
+        desc["platform"] = spec
+    urls = obj.get("urls")
+    if isinstance(urls, list):
+        desc["urls"] = [str(u) for u in urls]
+    return desc
+
+
+def _json_object(body: bytes, where: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        raise WarmError(f"{where}: not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise WarmError(f"{where}: not a JSON object")
+    return doc
+
+
+def parse_image_manifest(body: bytes, where: str) -> ImageManifest:
+    doc = _json_object(body, where)
+    layers = doc.get("layers")
+    if not isinstance(layers, list):
+        raise WarmError(f"{where}: missing 'layers'")
+    return {
+        "schemaVersion": int(doc.get("schemaVersion", 2)),
+        "config": _descriptor(doc.get("config"), f"{where} config"),
+        "layers": [_descriptor(layer, f"{where} layer") for layer in layers],
+    }
+
+
+def parse_index(body: bytes, where: str) -> ImageIndex:
+    doc = _json_object(body, where)
+    children = doc.get("manifests")
+    if not isinstance(children, list):
+        raise WarmError(f"{where}: missing 'manifests'")
+    return {
+        "schemaVersion": int(doc.get("schemaVersion", 2)),
+        "manifests": [_descriptor(child, f"{where} entry") for child in children],
+    }
+
+
+def _media_type(content_type: str, body: bytes) -> str:
+    declared = content_type.split(";", 1)[0].strip()
+    if declared in INDEX_TYPES or declared in IMAGE_TYPES:
+        return declared
+    with contextlib.suppress(ValueError, AttributeError):
+        sniffed = json.loads(body).get("mediaType")
+        if isinstance(sniffed, str) and sniffed:
+            return sniffed
+    return declared
+
+
+def _digest(text: str, where: str) -> Digest:
+    try:
+        return Digest.parse(text)
+    except ValueError:
+        raise WarmError(f"{where}: invalid or unsupported digest {text[:100]!r}") from None
+
+
+def refusal(status: int, body: bytes) -> str:
+    """The proxy's OCI error body, as one line: message, code, status, what was tried."""
+    try:
+        entry = json.loads(body)["errors"][0]
+        code, message = str(entry["code"]), str(entry["message"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return f"HTTP {status}: {body[:200].decode('utf-8', 'replace').strip()}"
+    text = f"{message} ({code}, HTTP {status})"
+    detail = entry.get("detail")
+    if isinstance(detail, dict):
+        attempts = detail.get("attempts")
+        if isinstance(attempts, list) and attempts:
+            tried = ", ".join(
+                f"{a.get('upstream')}: {a.get('error')}" for a in attempts if isinstance(a, dict)
+            )
+            text += f"; tried {tried}"
+        elif isinstance(detail.get("upstream"), str):
+            text += f"; upstream {detail['upstream']}"
+    return text
+
+
+# --------------------------------------------------------------------------- warming
+
+
+@dataclass(frozen=True, slots=True)
+class _Manifest:
+    digest: Digest
+    media_type: str
+    body: bytes
+
+
+class _Warmer:
+    """Warms images through the proxy at ``base`` (``http://host:port``)."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base: str,
+        wanted: Platform | None,
+        concurrency: int,
+    ) -> None:
+        self._session = session
+        self._base = base
+        self._wanted = wanted  # None: every platform
+        self._slots = asyncio.Semaphore(concurrency)
+
+    def _url(self, name: ImageName, kind: str, reference: str) -> str:
+        return f"{self._base}/v2/{name.path_form()}/{kind}/{reference}"
+
+    async def reachable(self) -> str | None:
+        """None when the proxy answers ``/v2/``; else why not."""
+        try:
+            async with self._session.get(f"{self._base}/v2/") as response:
+                if response.status == 200:
+                    return None
+                body = await _read_capped(response, ERROR_BODY_MAX_BYTES)
+                return refusal(response.status, body)
+        except (aiohttp.ClientError, WarmError) as exc:
+            return _transport(exc) if isinstance(exc, aiohttp.ClientError) else str(exc)
+
+    async def image(self, ref: Reference) -> Warmed:
+        top = await self._manifest(ref.name, ref.reference, ref.digest)
+        blobs: dict[str, Descriptor] = {}
+        platforms: list[str] = []
+        await self._collect(ref.name, top, blobs, platforms, depth=0)
+        sizes = await self._blobs(ref.name, list(blobs.values()))
+        return Warmed(str(ref), top.digest, tuple(platforms), len(sizes), sum(sizes))
+
+    async def _collect(
+        self,
+        name: ImageName,
+        manifest: _Manifest,
+        blobs: dict[str, Descriptor],
+        platforms: list[str],
+        depth: int,
+    ) -> None:
+        """Fetch the manifests under ``manifest``; gather the blobs they name into ``blobs``."""
+        where = f"manifest {manifest.digest}"
+        if manifest.media_type in IMAGE_TYPES:
+            doc = parse_image_manifest(manifest.body, where)
+            for desc in (doc["config"], *doc["layers"]):
+                if not any(marker in desc["mediaType"] for marker in _FOREIGN_MARKERS):
+                    blobs.setdefault(desc["digest"], desc)
+            return
+        if manifest.media_type not in INDEX_TYPES:
+            raise WarmError(f"{where}: unsupported media type {manifest.media_type!r}")
+        if depth >= MAX_INDEX_DEPTH:
+            raise WarmError(f"{where}: indexes nested too deep")
+        children = parse_index(manifest.body, where)["manifests"]
+        chosen = [child for child in children if self._chosen(child)]
+        if not chosen:
+            offered = sorted({_describe_platform(child) for child in children})
+            raise WarmError(
+                f"no manifest for {self._wanted} in the index {manifest.digest} "
+                f"(it has {', '.join(offered) or 'none'}; try --platform or --all-platforms)"
+            )
+        for child in chosen:
+            digest = _digest(child["digest"], where)
+            fetched = await self._manifest(name, str(digest), digest)
+            if "platform" in child:
+                platforms.append(_describe_platform(child))
+            await self._collect(name, fetched, blobs, platforms, depth + 1)
+
+    def _chosen(self, child: Descriptor) -> bool:
+        if self._wanted is None:
+            return True
+        spec = child.get("platform")
+        return spec is not None and self._wanted.matches(Platform.of(spec))
+
+    async def _manifest(self, name: ImageName, reference: str, digest: Digest | None) -> _Manifest:
+        """GET a manifest through the proxy; check its bytes against the digest it claims."""
+        url = self._url(name, "manifests", reference)
+        where = f"manifest {reference}"
+        try:
+            async with self._session.get(url, headers={"Accept": DEFAULT_ACCEPT}) as response:
+                if response.status != 200:
+                    body = await _read_capped(response, ERROR_BODY_MAX_BYTES)
+                    raise WarmError(f"{where}: {refusal(response.status, body)}")
+                body = await _read_capped(response, MANIFEST_MAX_BYTES)
+                header = response.headers.get("Docker-Content-Digest")
+                content_type = response.headers.get("Content-Type", "")
+        except aiohttp.ClientError as exc:
+            raise WarmError(f"{where}: {_transport(exc)}") from None
+        expected = digest or (_digest(header, where) if header else None)
+        actual = Digest.of(body, expected.algorithm if expected else "sha256")
+        if expected is not None and actual != expected:
+            raise WarmError(f"{where}: the manifest's bytes do not match {expected}")
+        if digest is not None and header and _digest(header, where) != digest:
+            raise WarmError(f"{where}: the proxy says it is {header}")
+        return _Manifest(actual, _media_type(content_type, body), body)
+
+    async def _blobs(self, name: ImageName, descriptors: list[Descriptor]) -> list[int]:
+        """Fetch every blob, a few at a time; report how many failed and the first reason."""
+        results = await asyncio.gather(*(self._try_blob(name, d) for d in descriptors))
+        errors = [r for r in results if isinstance(r, WarmError)]
+        if errors:
+            many = f" ({len(errors)} of {len(results)} blobs failed)" if len(errors) > 1 else ""
+            raise WarmError(f"{errors[0]}{many}")
+        return [r for r in results if isinstance(r, int)]
+
+    async def _try_blob(self, name: ImageName, desc: Descriptor) -> int | WarmError:
+        try:
+            return await self._blob(name, desc)
+        except WarmError as exc:
+            return exc
+
+    async def _blob(self, name: ImageName, desc: Descriptor) -> int:
+        """Read one blob to its end, hashing it; its size and digest must be the descriptor's."""
+        digest = _digest(desc["digest"], "blob")
+        where = f"blob {digest}"
+        expected = desc["size"]
+        hasher = digest.hasher()
+        received = 0
+        async with self._slots:
+            try:
+                async with self._session.get(self._url(name, "blobs", str(digest))) as response:
+                    if response.status != 200:
+                        body = await _read_capped(response, ERROR_BODY_MAX_BYTES)
+                        raise WarmError(f"{where}: {refusal(response.status, body)}")
+                    async for chunk in response.content.iter_chunked(CHUNK_BYTES):
+                        hasher.update(chunk)
+                        received += len(chunk)
+                        if received > expected:
+                            raise WarmError(
+                                f"{where}: more than the {expected} bytes the manifest says"
+                            )
+            except aiohttp.ClientError as exc:
+                # The proxy aborts the connection when the upstream's bytes fail verification.
+                raise WarmError(
+                    f"{where}: {_transport(exc)} after {received} of {expected} bytes "
+                    "(the proxy cuts off a blob that fails verification; see its log)"
+                ) from None
+        if received != expected:
+            raise WarmError(f"{where}: got {received} bytes, the manifest says {expected}")
+        if hasher.hexdigest() != digest.hex:
+            raise WarmError(f"{where}: the bytes received do not match the digest")
+        return received
+
+
+def _describe_platform(desc: Descriptor) -> str:
+    spec = desc.get("platform")
+    return str(Platform.of(spec)) if spec is not None else "no platform"
+
+
+def _transport(exc: aiohttp.ClientError) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in response.content.iter_chunked(CHUNK_BYTES):
+        total += len(chunk)
+        if total > limit:
+            raise WarmError(f"response larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@contextlib.asynccontextmanager
+async def _in_process(settings: Settings) -> AsyncIterator[str]:
+    """Detour itself, from ``settings``, on 127.0.0.1 at an ephemeral port, for the duration."""
+    from proxy.app import create_app
+
+    runner = web.AppRunner(create_app(settings), access_log=None, handle_signals=False)
+    try:
+        await runner.setup()
+    except OSError as exc:
+        with contextlib.suppress(Exception):
+            await runner.cleanup()
+        raise ConfigError(f"cannot use cache.dir {settings.cache.dir}: {exc}") from None
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        yield f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()
+
+
+def _reference(text: str) -> Reference:
+    try:
+        return Reference.parse(text)
+    except ValueError as exc:
+        raise ValueError(f"invalid image reference {text!r}: {exc}") from None
+
+
+def _endpoint_url(endpoint: str) -> str:
+    url = endpoint.strip().rstrip("/")
+    if not url.startswith(("http://", "https://")) or "/" in url.split("://", 1)[1]:
+        raise ValueError(f"invalid endpoint {endpoint!r}: expected e.g. http://127.0.0.1:7439")
+    return url
+
+
+async def warm(
+    images: Sequence[str],
+    settings: Settings | None = None,
+    *,
+    endpoint: str | None = None,
+    platform: Platform | None = None,
+    all_platforms: bool = False,
+    concurrency: int = CONCURRENCY,
+    report: Callable[[Outcome], None] | None = None,
+) -> list[Outcome]:
+    """Warm ``images``, one after another, and return what became of each.
+
+    Through the running proxy at ``endpoint``, or else through Detour started in this process
+    from ``settings``. Index children are chosen for ``platform`` (default: this machine's),
+    or all of them with ``all_platforms``. ``report`` is called with each outcome as it is
+    known. Raises ValueError for a bad reference or endpoint (before anything is fetched),
+    and :class:`~proxy.settings.ConfigError` when Detour cannot start from ``settings``.
+    """
+    if platform is not None and all_platforms:
+        raise ValueError("give a platform or all platforms, not both")
+    refs = [_reference(text) for text in images]  # every typo, before any download
+    base = _endpoint_url(endpoint) if endpoint is not None else None
+    if base is None and settings is None:
+        raise ValueError("warming needs settings (to start Detour) or an endpoint")
+    wanted = None if all_platforms else (platform or Platform.host())
+    outcomes: list[Outcome] = []
+    async with contextlib.AsyncExitStack() as stack:
+        if base is None:
+            assert settings is not None
+            base = await stack.enter_async_context(_in_process(settings))
+        session = await stack.enter_async_context(
+            aiohttp.ClientSession(
+                timeout=CLIENT_TIMEOUT,
+                auto_decompress=False,
+                headers={"User-Agent": USER_AGENT},
+            )
+        )
+        warmer = _Warmer(session, base, wanted, concurrency)
+        down = await warmer.reachable() if endpoint is not None else None
+        for ref in refs:
+            outcome: Outcome
+            if down is not None:
+                outcome = Failed(str(ref), f"cannot reach the proxy at {base}: {down}")
+            else:
+                try:
+                    outcome = await warmer.image(ref)
+                except WarmError as exc:
+                    outcome = Failed(str(ref), str(exc))
+            outcomes.append(outcome)
+            if report is not None:
+                report(outcome)
+    return outcomes
+
+
+def _print(outcome: Outcome) -> None:
+    if isinstance(outcome, Warmed):
+        print(outcome.line(), flush=True)
+    else:
+        print(outcome.line(), file=sys.stderr, flush=True)
+
+
+def _quiet_logging() -> None:
+    """The in-process proxy's own warnings (a retry, a mismatch) as JSON lines on stderr,
+    leaving stdout to the one line per image."""
+    import logging
+
+    import structlog
+
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+
+
+def run_warm(
+    images: Sequence[str],
+    settings: Settings,
+    *,
+    endpoint: str | None,
+    platform: str | None,
+    all_platforms: bool,
+) -> int:
+    """``detour warm``: 0 when every image was warmed, 1 when any failed (the others are
+    still warmed). A bad reference, platform or endpoint raises ValueError (exit 2)."""
+    wanted = Platform.parse(platform) if platform is not None else None
+    if endpoint is None:
+        _quiet_logging()
+    try:
+        outcomes = asyncio.run(
+            warm(
+                images,
+                settings,
+                endpoint=endpoint,
+                platform=wanted,
+                all_platforms=all_platforms,
+                report=_print,
+            )
+        )
+    except KeyboardInterrupt:
+        print("detour: warm interrupted", file=sys.stderr)
+        return 130
+    failed = sum(isinstance(outcome, Failed) for outcome in outcomes)
+    if failed:
+        print(f"detour: {failed} of {len(outcomes)} images not warmed", file=sys.stderr)
+        return 1
+    return 0
