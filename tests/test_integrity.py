@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 from tests.images import Blob, push_image, unique_repo
 from tests.proxy import Proxy, scenario
 from tests.registry import Registry
+from tests.relay import Relay
 
 MakeProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
 
@@ -118,71 +118,14 @@ async def test_a_client_that_leaves_does_not_cancel_the_fetch(
     assert hashlib.sha256(cached(proxy, layer.digest).read_bytes()).hexdigest() == layer.digest[7:]
 
 
-class CuttingRelay:
-    """A TCP relay in front of the mirror that cuts the first ``cuts`` blob responses after
-    ``after`` bytes: the network dropping mid-blob."""
-
-    def __init__(self, target: Registry, *, after: int, cuts: int) -> None:
-        self.target = target
-        self.after = after
-        self.cuts = cuts
-        self.server: asyncio.Server | None = None
-
-    @property
-    def host(self) -> str:
-        assert self.server is not None
-        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def __aenter__(self) -> CuttingRelay:
-        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        assert self.server is not None
-        self.server.close()
-
-    async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        host, port = self.target.host.split(":")
-        up_r, up_w = await asyncio.open_connection(host, int(port))
-        request = await client_r.readuntil(b"\r\n\r\n")
-        cut = b"/blobs/" in request.split(b"\r\n", 1)[0] and self.cuts > 0
-        if cut:
-            self.cuts -= 1
-        up_w.write(request)
-
-        async def upstream_to_client() -> None:
-            sent = 0
-            while data := await up_r.read(65536):
-                if cut and sent + len(data) > self.after:
-                    client_w.write(data[: self.after - sent])
-                    await client_w.drain()
-                    client_w.transport.abort()  # the link drops
-                    return
-                client_w.write(data)
-                sent += len(data)
-                await client_w.drain()
-            client_w.close()
-
-        async def client_to_upstream() -> None:
-            while data := await client_r.read(65536):
-                up_w.write(data)
-                await up_w.drain()
-
-        forward = asyncio.create_task(client_to_upstream())
-        with contextlib.suppress(ConnectionError):
-            await upstream_to_client()
-        forward.cancel()
-        up_w.close()
-
-
 @pytest.fixture
-async def relay(registry: Registry) -> AsyncIterator[CuttingRelay]:
-    async with CuttingRelay(registry, after=3 * 1024 * 1024, cuts=2) as relay:
+async def relay(registry: Registry) -> AsyncIterator[Relay]:
+    async with Relay(registry, cut_after=3 * 1024 * 1024, cuts=2) as relay:
         yield relay
 
 
 async def test_an_upstream_cut_mid_blob_is_resumed(
-    make_proxy: MakeProxy, registry: Registry, relay: CuttingRelay, tmp_path: Path
+    make_proxy: MakeProxy, registry: Registry, relay: Relay, tmp_path: Path
 ) -> None:
     name, layer = hub_layer(registry, 8 * 1024 * 1024)
     config = {
@@ -203,7 +146,7 @@ async def test_an_upstream_cut_for_good_never_becomes_a_whole_200(
     make_proxy: MakeProxy, registry: Registry, tmp_path: Path
 ) -> None:
     name, layer = hub_layer(registry, 8 * 1024 * 1024)
-    async with CuttingRelay(registry, after=1024 * 1024, cuts=100) as relay:
+    async with Relay(registry, cut_after=1024 * 1024, cuts=100) as relay:
         config = {
             "cache": {"dir": str(tmp_path / "cache")},
             "redirects": [{"src": "docker.io/", "to": f"{relay.host}/docker-mirror/"}],
