@@ -21,7 +21,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import errno
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -45,6 +48,7 @@ from proxy.upstream import UpstreamClient, UpstreamResponse
 
 CHUNK_BYTES = 1 << 20
 MAX_RESUMES = 3
+SPILL_QUEUE_CHUNKS = 4  # per reader, after a spill: at most this many chunks in memory
 BLOB_CONTENT_TYPE = "application/octet-stream"
 
 log = get_logger("detour.blobs")
@@ -79,8 +83,22 @@ def denied_or_unknown(response: UpstreamResponse, digest: Digest) -> DetourError
     return UpstreamInvalid(f"upstream answered {response.status}", {"upstream": response.where})
 
 
+@dataclass(eq=False)
+class _Reader:
+    """One client of a fetch. After a spill its bytes come through ``queue``."""
+
+    queue: asyncio.Queue[bytes | None] | None = None
+    gone: bool = False
+
+
 class BlobFetch:
-    """One upstream fetch of one blob, into a temp file that its clients tail."""
+    """One upstream fetch of one blob, into a temp file that its clients tail.
+
+    If the disk refuses a write (full, or an I/O error) the fetch *spills*: it stops writing,
+    keeps hashing, and hands the rest of the bytes to the clients it has through bounded
+    in-memory queues (the slowest client sets the pace, so memory stays flat). A spilled fetch
+    takes no new clients and caches nothing; it is still verified to the last byte.
+    """
 
     def __init__(
         self,
@@ -92,6 +110,7 @@ class BlobFetch:
         upstream: UpstreamClient,
         metrics: Metrics,
         cache_private: bool,
+        on_spill: Callable[[BlobFetch], None] = lambda _: None,
     ) -> None:
         self.digest = digest
         self.route = route
@@ -100,14 +119,17 @@ class BlobFetch:
         self._upstream = upstream
         self._metrics = metrics
         self._cache_private = cache_private
+        self._on_spill = on_spill
         self.state = _State.OPENING
         self.error: DetourError | None = None
         self.size: int | None = None
-        self.written = 0
+        self.written = 0  # bytes received and hashed
+        self.on_disk = 0  # bytes in the temp file, which readers tail
+        self.spilled = False
         self.source = ""
         self.committed = False
         self._writer: BlobWriter | None = None
-        self._readers = 0
+        self._readers: set[_Reader] = set()
         self._changed = asyncio.Event()
 
     # --------------------------------------------------------------------- the fetch
@@ -130,6 +152,9 @@ class BlobFetch:
             self.state = _State.FAILED
         finally:
             self._metrics.inflight_fetches.dec()
+            for reader in self._readers:
+                if reader.queue is not None:
+                    reader.queue.put_nowait(None)  # a slot is always free: see _deliver
             self._release_file()
             self._notify()
 
@@ -152,12 +177,13 @@ class BlobFetch:
         return response
 
     async def _fetch(self) -> None:
-        loop = asyncio.get_running_loop()
         response = await self._open(0)
         self.size = response.response.content_length
         self.source = response.where
         private = response.private and not self._cache_private
         self._writer = writer = self._store.begin_blob(self.digest)
+        if writer.failure is not None:
+            self._spill(writer.failure)
         self.state = _State.RUNNING
         self._notify()
         resumes = 0
@@ -165,14 +191,7 @@ class BlobFetch:
             try:
                 async with response:
                     async for chunk in response.chunks(CHUNK_BYTES):
-                        await loop.run_in_executor(None, writer.write, chunk)
-                        self.written = writer.size
-                        if self.size is not None and self.written > self.size:
-                            raise UpstreamInvalid(
-                                "upstream sent more bytes than announced",
-                                {"upstream": self.source},
-                            )
-                        self._notify()
+                        await self._take(writer, chunk)
             except UpstreamError as exc:
                 # Dropped mid-blob: resume from the byte reached, a bounded number of times.
                 if isinstance(exc, UpstreamInvalid) or resumes >= MAX_RESUMES:
@@ -205,20 +224,84 @@ class BlobFetch:
                 "upstream blob does not match its digest",
                 {"digest": str(self.digest), "upstream": self.source},
             )
-        if private:
+        if private or not writer.complete_on_disk:
             return
-        await loop.run_in_executor(None, writer.sync)
-        writer.commit()
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, writer.sync)
+            writer.commit()
+        except OSError as exc:  # verified, but the disk would not keep it: served, not cached
+            self._cache_write_failed(exc)
+            return
         self.committed = True
         self._store.admit(writer.final, writer.size)
+
+    async def _take(self, writer: BlobWriter, chunk: bytes) -> None:
+        """One chunk from upstream: to disk (or, spilled, to each reader's queue)."""
+        if not self.spilled:
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, writer.write, chunk)
+            except OSError as exc:
+                self._spill(exc)
+            else:
+                self.on_disk = writer.on_disk
+        if self.spilled:
+            writer.hash_only(chunk)
+            await self._deliver(chunk)
+        self.written = writer.size
+        if self.size is not None and self.written > self.size:
+            raise UpstreamInvalid(
+                "upstream sent more bytes than announced", {"upstream": self.source}
+            )
+        self._notify()
+
+    def _spill(self, exc: OSError) -> None:
+        self._cache_write_failed(exc)
+        self.spilled = True
+        for reader in self._readers:
+            reader.queue = asyncio.Queue(maxsize=SPILL_QUEUE_CHUNKS)
+        self._on_spill(self)
+
+    def _cache_write_failed(self, exc: OSError) -> None:
+        reason = "disk_full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "io_error"
+        self._metrics.cache_write_failures.labels(reason).inc()
+        log.warning(
+            "cache_write_failed",
+            digest=str(self.digest),
+            reason=reason,
+            error=exc.strerror,
+            action="streaming without caching",
+        )
+
+    async def _deliver(self, chunk: bytes) -> None:
+        if not self._readers:
+            raise UpstreamInvalid("no client left for an uncached blob")
+        for reader in list(self._readers):
+            if not reader.gone and reader.queue is not None:
+                # Keep one slot free for the end marker that run() puts without waiting.
+                while reader.queue.qsize() >= SPILL_QUEUE_CHUNKS - 1 and not reader.gone:
+                    await self._changed.wait()  # the reader took a chunk, or left
+                if not reader.gone:
+                    reader.queue.put_nowait(chunk)
 
     def _release_file(self) -> None:
         """Delete the temp file once nobody needs it (a committed one has moved away)."""
         finished = self.state in (_State.VERIFIED, _State.FAILED)
-        if finished and self._writer is not None and not self.committed and self._readers == 0:
+        if finished and self._writer is not None and not self.committed and not self._readers:
             self._writer.discard()
 
     # --------------------------------------------------------------------- the clients
+
+    def join(self) -> _Reader:
+        """Become a client of this fetch; synchronous, so a spill can't slip in between."""
+        assert not self.spilled
+        reader = _Reader()
+        self._readers.add(reader)
+        return reader
+
+    def _leave(self, reader: _Reader) -> None:
+        reader.gone = True
+        self._readers.discard(reader)
+        self._notify()
 
     async def headers_ready(self) -> None:
         """Wait for the upstream's answer; raise its error if it failed before any bytes."""
@@ -236,21 +319,27 @@ class BlobFetch:
             assert self.error is not None
             raise self.error
 
-    async def serve(self, request: web.Request) -> web.StreamResponse:
-        await self.headers_ready()
-        assert self._writer is not None
-        self._readers += 1
-        final = self._writer.final
+    async def serve(self, request: web.Request, reader: _Reader) -> web.StreamResponse:
+        final = self._store.blob_path(self.digest)
         self._store.pin(final)  # once committed, not evicted while this reader reads it
         try:
-            with open(self._writer.path, "rb", buffering=0) as source:  # noqa: ASYNC230
-                return await self._stream(request, source)
+            await self.headers_ready()
+            assert self._writer is not None
+            path = self._writer.path
+            source = None if path is None else open(path, "rb", buffering=0)  # noqa: ASYNC230, SIM115
+            try:
+                return await self._stream(request, reader, source)
+            finally:
+                if source is not None:
+                    source.close()
         finally:
-            self._readers -= 1
+            self._leave(reader)
             self._store.unpin(final)
             self._release_file()
 
-    async def _stream(self, request: web.Request, source: IO[bytes]) -> web.StreamResponse:
+    async def _stream(
+        self, request: web.Request, reader: _Reader, source: IO[bytes] | None
+    ) -> web.StreamResponse:
         response = web.StreamResponse(headers=blob_headers(self.digest, self.size))
         await response.prepare(request)
         fields = request[LOG]
@@ -260,12 +349,15 @@ class BlobFetch:
                 changed = self._changed
                 if self.state is _State.FAILED:
                     raise self.error or UpstreamInvalid("blob fetch failed")
-                limit = self.written
+                limit = self.on_disk
                 if self.state is not _State.VERIFIED and self.size is not None:
                     limit = min(limit, self.size - 1)  # the last byte waits for verification
-                if sent < limit:
+                if sent < limit and source is not None:
                     await self._send(request, response, source, sent, limit - sent)
                     fields["bytes"] = sent = limit
+                elif self.spilled:
+                    fields["bytes"] = sent = await self._stream_spilled(response, reader, sent)
+                    break
                 elif self.state is _State.VERIFIED:
                     break
                 else:
@@ -281,6 +373,26 @@ class BlobFetch:
             raise
         await response.write_eof()
         return response
+
+    async def _stream_spilled(
+        self, response: web.StreamResponse, reader: _Reader, sent: int
+    ) -> int:
+        """The bytes after the spill, from this reader's queue, holding the last chunk back
+        until the fetch is verified."""
+        assert reader.queue is not None
+        held: bytes | None = None
+        while (chunk := await reader.queue.get()) is not None:
+            self._notify()  # a slot is free: the fetch may go on
+            if held is not None:
+                await response.write(held)
+                sent += len(held)
+            held = chunk
+        if self.state is not _State.VERIFIED:
+            raise self.error or UpstreamInvalid("blob fetch failed")
+        if held is not None:
+            await response.write(held)
+            sent += len(held)
+        return sent
 
     @staticmethod
     async def _send(
@@ -372,7 +484,7 @@ class Blobs:
             return self._from_disk(path, digest)
         shared = client_auth is None or self._cache_private
         fetch = self._inflight.get(digest) if shared else None
-        if fetch is None:
+        if fetch is None or fetch.spilled:
             fetch = self._start(route, digest, client_auth, shared=shared)
             self._count(request, "miss" if shared else "bypass")
         else:
@@ -383,7 +495,7 @@ class Blobs:
             await fetch.finished()
             request[LOG].update(upstream=fetch.source, source="cache")
             return self._from_disk(path, digest)
-        response = await fetch.serve(request)
+        response = await fetch.serve(request, fetch.join())
         request[LOG].update(upstream=fetch.source, source="upstream")
         return response
 
@@ -410,6 +522,7 @@ class Blobs:
             upstream=self._upstream,
             metrics=self._metrics,
             cache_private=self._cache_private,
+            on_spill=self._forget,
         )
         task = asyncio.create_task(fetch.run(), name=f"fetch {digest}")
         self._tasks.add(task)
@@ -418,11 +531,15 @@ class Blobs:
 
         def done(_: asyncio.Task[None]) -> None:
             self._tasks.discard(task)
-            if self._inflight.get(digest) is fetch:
-                del self._inflight[digest]
+            self._forget(fetch)
 
         task.add_done_callback(done)
         return fetch
+
+    def _forget(self, fetch: BlobFetch) -> None:
+        """No new clients for this fetch: it ended, or spilled and can't take late joiners."""
+        if self._inflight.get(fetch.digest) is fetch:
+            del self._inflight[fetch.digest]
 
     async def head(
         self,

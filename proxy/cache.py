@@ -58,31 +58,57 @@ class BlobWriter:
     """A blob being written: hashed as it is written, moved into place only once verified.
 
     ``write`` is blocking; call it from a worker thread. ``path`` may be opened for reading by
-    others while the writer appends: the bytes up to ``size`` are there.
+    others while the writer appends: the first ``on_disk`` bytes are there.
+
+    When the disk refuses (full, or an I/O error), ``write`` raises ``OSError`` and writes
+    nothing more; :meth:`hash_only` then goes on hashing, so the blob can still be verified as
+    it streams by, but it will not be cached. ``path`` is None when not even the temp file
+    could be created.
     """
 
     def __init__(self, digest: Digest, final: Path, tmp_dir: Path) -> None:
         self.digest = digest
         self.final = final
-        fd, name = tempfile.mkstemp(dir=tmp_dir, prefix=f"{digest.hex[:16]}.", suffix=".partial")
-        self._fd: int | None = fd
-        self.path = Path(name)
-        self.size = 0
+        self.size = 0  # bytes hashed
+        self.on_disk = 0  # bytes in the temp file
         self._hasher = digest.hasher()
+        self._fd: int | None = None
+        self.path: Path | None = None
+        self.failure: OSError | None = None
+        try:
+            fd, name = tempfile.mkstemp(
+                dir=tmp_dir, prefix=f"{digest.hex[:16]}.", suffix=".partial"
+            )
+        except OSError as exc:
+            self.failure = exc
+        else:
+            self._fd, self.path = fd, Path(name)
 
     def write(self, data: bytes) -> None:
-        assert self._fd is not None
-        self._hasher.update(data)
+        if self._fd is None:
+            raise self.failure or OSError("blob writer is closed")
         view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as exc:
+            self.failure = exc
+            raise
+        self.hash_only(data)
+        self.on_disk += len(data)
+
+    def hash_only(self, data: bytes) -> None:
+        self._hasher.update(data)
         self.size += len(data)
 
     def matches(self, expected_size: int | None = None) -> bool:
         if expected_size is not None and expected_size != self.size:
             return False
         return self._hasher.hexdigest() == self.digest.hex
+
+    @property
+    def complete_on_disk(self) -> bool:
+        return self.failure is None and self.on_disk == self.size
 
     def sync(self) -> None:
         """Flush to disk (blocking: call from a worker thread) before :meth:`commit`."""
@@ -92,6 +118,7 @@ class BlobWriter:
     def commit(self) -> None:
         """Move into place; the caller has checked :meth:`matches` and called :meth:`sync`."""
         assert self._fd is not None
+        assert self.path is not None
         os.close(self._fd)
         self._fd = None
         self.final.parent.mkdir(parents=True, exist_ok=True)
@@ -101,8 +128,9 @@ class BlobWriter:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
 
 
 class CacheStore:
@@ -190,8 +218,12 @@ class CacheStore:
             self._on_evict(victims)
 
     def writable(self) -> bool:
+        """Whether a byte can be written and flushed here (a full disk can't)."""
         try:
-            with tempfile.NamedTemporaryFile(dir=self.tmp, suffix=".probe"):
+            with tempfile.NamedTemporaryFile(dir=self.tmp, suffix=".probe") as probe:
+                probe.write(b"\0")
+                probe.flush()
+                os.fsync(probe.fileno())
                 return True
         except OSError:
             return False

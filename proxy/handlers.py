@@ -8,6 +8,7 @@ UNSUPPORTED. ``<name>`` is read in path mode (``/v2/docker.io/library/nats/...``
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import Literal
@@ -158,7 +159,7 @@ async def healthz(_: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    writable = request.app[SERVICES].store.writable()
+    writable = await asyncio.to_thread(request.app[SERVICES].store.writable)
     return web.json_response(
         {"status": "ready" if writable else "cache directory not writable"},
         status=200 if writable else 503,

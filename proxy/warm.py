@@ -7,8 +7,9 @@ auth, verification and cache directory as any client's pull:
   (:func:`proxy.app.create_app` on 127.0.0.1, an ephemeral port) and stopped at the end: for
   preloading before the proxy runs (a staging machine, an initContainer);
 * with an endpoint (``http://127.0.0.1:7439``), an already running proxy does the work: use
-  this while the proxy runs, since a second Detour on the same cache directory would clear the
-  running one's half-written files when it starts.
+  this while the proxy runs: a second Detour on the same cache directory would delete the
+  running one's half-written files when it starts, and the running one's in-memory index of
+  the cache (its size and LRU order for ``cache.max_size``) would not see what it wrote.
 
 For each image the manifest is fetched with the usual ``Accept`` list; for an index (or docker
 manifest list) the children for the chosen platform, or all of them, are fetched by digest;
@@ -327,7 +328,7 @@ class _Warmer:
             async with self._session.get(f"{self._base}/v2/") as response:
                 if response.status == 200:
                     return None
-                body = await _read_capped(response, ERROR_BODY_MAX_BYTES)
+                body = await _read_capped(response, ERROR_BODY_MAX_BYTES, "")
                 return refusal(response.status, body)
         except (aiohttp.ClientError, WarmError) as exc:
             return _transport(exc) if isinstance(exc, aiohttp.ClientError) else str(exc)
@@ -370,7 +371,7 @@ class _Warmer:
             )
         for child in chosen:
             digest = _digest(child["digest"], where)
-            fetched = await self._manifest(name, str(digest), digest)
+            fetched = await self._manifest(name, str(digest), digest, child=True)
             if "platform" in child:
                 platforms.append(_describe_platform(child))
             await self._collect(name, fetched, blobs, platforms, depth + 1)
@@ -381,26 +382,29 @@ class _Warmer:
         spec = child.get("platform")
         return spec is not None and self._wanted.matches(Platform.of(spec))
 
-    async def _manifest(self, name: ImageName, reference: str, digest: Digest | None) -> _Manifest:
-        """GET a manifest through the proxy; check its bytes against the digest it claims."""
+    async def _manifest(
+        self, name: ImageName, reference: str, digest: Digest | None, *, child: bool = False
+    ) -> _Manifest:
+        """GET a manifest through the proxy; check its bytes against the digest it claims.
+
+        Errors name the manifest only for an index's children: the image names the top one.
+        """
         url = self._url(name, "manifests", reference)
-        where = f"manifest {reference}"
+        where = f"manifest {reference}: " if child else ""
         try:
             async with self._session.get(url, headers={"Accept": DEFAULT_ACCEPT}) as response:
                 if response.status != 200:
-                    body = await _read_capped(response, ERROR_BODY_MAX_BYTES)
-                    raise WarmError(f"{where}: {refusal(response.status, body)}")
-                body = await _read_capped(response, MANIFEST_MAX_BYTES)
+                    body = await _read_capped(response, ERROR_BODY_MAX_BYTES, where)
+                    raise WarmError(f"{where}{refusal(response.status, body)}")
+                body = await _read_capped(response, MANIFEST_MAX_BYTES, where)
                 header = response.headers.get("Docker-Content-Digest")
                 content_type = response.headers.get("Content-Type", "")
         except aiohttp.ClientError as exc:
-            raise WarmError(f"{where}: {_transport(exc)}") from None
-        expected = digest or (_digest(header, where) if header else None)
+            raise WarmError(f"{where}{_transport(exc)}") from None
+        expected = digest or (_digest(header, f"{where}Docker-Content-Digest") if header else None)
         actual = Digest.of(body, expected.algorithm if expected else "sha256")
         if expected is not None and actual != expected:
-            raise WarmError(f"{where}: the manifest's bytes do not match {expected}")
-        if digest is not None and header and _digest(header, where) != digest:
-            raise WarmError(f"{where}: the proxy says it is {header}")
+            raise WarmError(f"{where}the manifest's bytes do not match {expected}")
         return _Manifest(actual, _media_type(content_type, body), body)
 
     async def _blobs(self, name: ImageName, descriptors: list[Descriptor]) -> list[int]:
@@ -429,7 +433,7 @@ class _Warmer:
             try:
                 async with self._session.get(self._url(name, "blobs", str(digest))) as response:
                     if response.status != 200:
-                        body = await _read_capped(response, ERROR_BODY_MAX_BYTES)
+                        body = await _read_capped(response, ERROR_BODY_MAX_BYTES, f"{where}: ")
                         raise WarmError(f"{where}: {refusal(response.status, body)}")
                     async for chunk in response.content.iter_chunked(CHUNK_BYTES):
                         hasher.update(chunk)
@@ -438,12 +442,14 @@ class _Warmer:
                             raise WarmError(
                                 f"{where}: more than the {expected} bytes the manifest says"
                             )
-            except aiohttp.ClientError as exc:
-                # The proxy aborts the connection when the upstream's bytes fail verification.
+            except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError):
+                # How the proxy answers when the upstream's bytes fail verification mid-stream.
                 raise WarmError(
-                    f"{where}: {_transport(exc)} after {received} of {expected} bytes "
-                    "(the proxy cuts off a blob that fails verification; see its log)"
+                    f"{where}: the proxy cut the connection after {received} of {expected} bytes "
+                    "(it does that when a blob fails verification; see its log)"
                 ) from None
+            except aiohttp.ClientError as exc:
+                raise WarmError(f"{where}: {_transport(exc)}") from None
         if received != expected:
             raise WarmError(f"{where}: got {received} bytes, the manifest says {expected}")
         if hasher.hexdigest() != digest.hex:
@@ -460,13 +466,13 @@ def _transport(exc: aiohttp.ClientError) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
+async def _read_capped(response: aiohttp.ClientResponse, limit: int, where: str) -> bytes:
     chunks: list[bytes] = []
     total = 0
     async for chunk in response.content.iter_chunked(CHUNK_BYTES):
         total += len(chunk)
         if total > limit:
-            raise WarmError(f"response larger than {limit} bytes")
+            raise WarmError(f"{where}response larger than {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -613,6 +619,15 @@ def run_warm(
     except KeyboardInterrupt:
         print("detour: warm interrupted", file=sys.stderr)
         return 130
+    warmed = sum(outcome.bytes for outcome in outcomes if isinstance(outcome, Warmed))
+    limit = settings.cache.max_size
+    if endpoint is None and limit is not None and warmed > limit:
+        print(
+            f"detour: warning: warmed {human_bytes(warmed)} but cache.max_size is "
+            f"{human_bytes(limit)}: the least recently used blobs, maybe some warmed here, "
+            "were evicted",
+            file=sys.stderr,
+        )
     failed = sum(isinstance(outcome, Failed) for outcome in outcomes)
     if failed:
         print(f"detour: {failed} of {len(outcomes)} images not warmed", file=sys.stderr)
