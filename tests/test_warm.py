@@ -97,6 +97,7 @@ async def test_a_warmed_image_pulls_with_the_mirror_down(
     image = push_image(registry, mirror_repo, "2.10.26-alpine", layers=3)
     config = scenario(registry, tmp_path / "cache")
     reports: list[Warmed | Failed] = []
+    mark = registry.mark()
 
     outcomes = await warm([f"{name}:2.10.26-alpine"], settings_of(config), report=reports.append)
 
@@ -111,7 +112,8 @@ async def test_a_warmed_image_pulls_with_the_mirror_down(
         )
     ]
     # Fetched through the rule, from the mirror's docker-mirror/ (never from docker.io).
-    assert all(p.startswith(f"/v2/{mirror_repo}/") for p in registry.access_paths()[-5:])
+    paths = await registry.wait_paths(mark, at_least=5)
+    assert all(p.startswith(f"/v2/{mirror_repo}/") for p in paths), paths
     registry.stop()
     proxy = await make_proxy(config)
     await pull(proxy, f"docker.io/library/{name}", "2.10.26-alpine", image)
@@ -175,23 +177,24 @@ async def test_all_platforms_of_an_index_are_warmed(
 
 async def test_the_default_platform_is_this_machines(registry: Registry, tmp_path: Path) -> None:
     host = Platform.host()
+    mine: tuple[str, str] | tuple[str, str, str] = (host.os, host.architecture)
+    if host.variant is not None:
+        mine = (host.os, host.architecture, host.variant)
     repo = unique_repo("nats-io")
-    index = push_index(
-        registry, f"ghcr-mirror/{repo}", "v1", (("linux", host.architecture), ("linux", "s390x"))
-    )
+    index = push_index(registry, f"ghcr-mirror/{repo}", "v1", (mine, ("linux", "s390x")))
     settings = settings_of(scenario(registry, tmp_path / "cache"))
 
     [outcome] = await warm([f"ghcr.io/{repo}:v1"], settings)
 
     assert isinstance(outcome, Warmed), outcome
-    assert outcome.platforms == (f"linux/{host.architecture}",)
+    assert outcome.platforms == (str(host),)
     assert (outcome.blobs, outcome.bytes) == (2, blob_bytes(index.children[0]))
 
     [outcome] = await warm([f"ghcr.io/{repo}:v1"], settings, platform=Platform("linux", "riscv64"))
     assert isinstance(outcome, Failed)
     assert outcome.error == (
         f"no manifest for linux/riscv64 in the index {index.digest} "
-        f"(it has linux/{host.architecture}, linux/s390x; try --platform or --all-platforms)"
+        f"(it has {host}, linux/s390x; try --platform or --all-platforms)"
     )
 
 
@@ -234,7 +237,8 @@ async def test_the_command_warms_the_rest_when_one_image_is_unknown(
     missing, _ = hub_repo()
     config = scenario(registry, tmp_path / "cache")
     config_file = tmp_path / "detour.yaml"
-    config_file.write_text(yaml.safe_dump(config))
+    # No listen: warm starts its own Detour on 127.0.0.1 at a port of its choosing.
+    config_file.write_text(yaml.safe_dump({k: v for k, v in config.items() if k != "listen"}))
 
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -258,7 +262,7 @@ async def test_the_command_warms_the_rest_when_one_image_is_unknown(
     ]
     assert re.fullmatch(r"warmed \S+ sha256:[0-9a-f]{64} \(4 blobs, \d+\.\d kB\)\n", out.decode())
     assert err.decode().splitlines() == [
-        f"detour: warm docker.io/library/{missing}:v1: manifest v1: "
+        f"detour: warm docker.io/library/{missing}:v1: "
         "manifest unknown to upstream (MANIFEST_UNKNOWN, HTTP 404)",
         "detour: 1 of 2 images not warmed",
     ]
@@ -321,8 +325,11 @@ async def test_wrong_bytes_under_a_200_are_caught(aiohttp_server: Any) -> None:
         data = wrong if tail.endswith(layer.digest) else image.config.data
         return web.Response(body=data)
 
+    async def root(_: web.Request) -> web.Response:
+        return web.json_response({})
+
     app = web.Application()
-    app.router.add_get("/v2/", lambda _: serve_root())
+    app.router.add_get("/v2/", root)
     app.router.add_get("/v2/{tail:.+}", serve)
     server = await aiohttp_server(app, host="127.0.0.1")
 
@@ -332,10 +339,6 @@ async def test_wrong_bytes_under_a_200_are_caught(aiohttp_server: Any) -> None:
         "docker.io/library/x:v1",
         f"blob {layer.digest}: the bytes received do not match the digest",
     )
-
-
-async def serve_root() -> web.Response:
-    return web.json_response({})
 
 
 def test_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
