@@ -494,7 +494,11 @@ class Blobs:
             # the fetch (which the whole pull needs anyway), then answer from the cache.
             await fetch.finished()
             request[LOG].update(upstream=fetch.source, source="cache")
-            return self._from_disk(path, digest)
+            if fetch.committed:
+                return self._from_disk(path, digest)
+            # Verified but not kept (the disk is full): the whole blob, as a 200, is a valid
+            # answer to a Range request.
+            fetch = self._start(route, digest, client_auth, shared=False)
         response = await fetch.serve(request, fetch.join())
         request[LOG].update(upstream=fetch.source, source="upstream")
         return response
