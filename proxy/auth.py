@@ -17,8 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypedDict
 
+from proxy.logs import get_logger
 from proxy.reference import DOCKER_HUB, canonical_registry
-from proxy.settings import RegistrySettings
+from proxy.settings import ConfigError, RegistrySettings
+
+log = get_logger("detour.auth")
 
 # ---------------------------------------------------------------------------- challenges
 
@@ -163,22 +166,62 @@ def load_docker_config(path: Path) -> dict[str, Credentials]:
 
 
 class CredentialStore:
-    """Credentials by registry: the settings' ``registries`` win over the docker config."""
+    """Credentials by registry: the settings' ``registries`` win over the docker config.
+
+    The docker config is a mounted pull secret: it may be absent at first (an optional
+    Secret), and it rotates. It is re-read when its file changes, checked at most every
+    :data:`RELOAD_SECONDS`. An unreadable file at start is a configuration error; later, the
+    last good credentials are kept and the problem is logged.
+    """
+
+    RELOAD_SECONDS = 10.0
 
     def __init__(
         self,
         registries: Mapping[str, RegistrySettings],
         docker_config: Path | None = None,
     ) -> None:
-        self._by_registry = load_docker_config(docker_config) if docker_config else {}
-        for registry, conf in registries.items():
-            if conf.username is not None and conf.password is not None:
-                self._by_registry[registry] = Credentials(
-                    conf.username, conf.password.get_secret_value()
-                )
+        self._configured = {
+            registry: Credentials(conf.username, conf.password.get_secret_value())
+            for registry, conf in registries.items()
+            if conf.username is not None and conf.password is not None
+        }
+        self._docker_config = docker_config
+        self._from_file: dict[str, Credentials] = {}
+        self._stamp: tuple[int, int, int] | None = None
+        self._checked = 0.0
+        if docker_config is not None:
+            try:
+                self._reload(docker_config)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"docker_config {docker_config}: {exc}") from None
+            if self._stamp is None:
+                log.warning("docker_config_missing", path=str(docker_config))
 
     def lookup(self, registry: str) -> Credentials | None:
-        return self._by_registry.get(registry)
+        if registry in self._configured:
+            return self._configured[registry]
+        if self._docker_config is not None and time.monotonic() >= self._checked:
+            try:
+                self._reload(self._docker_config)
+            except (OSError, ValueError) as exc:
+                log.warning(
+                    "docker_config_unreadable", path=str(self._docker_config), error=str(exc)
+                )
+        return self._from_file.get(registry)
+
+    def _reload(self, path: Path) -> None:
+        self._checked = time.monotonic() + self.RELOAD_SECONDS
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            self._from_file, self._stamp = {}, None
+            return
+        stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        if stamp != self._stamp:
+            self._from_file = load_docker_config(path)
+            self._stamp = stamp
+            log.info("docker_config_loaded", path=str(path), registries=sorted(self._from_file))
 
 
 # ---------------------------------------------------------------------------- tokens

@@ -27,7 +27,24 @@ def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[
     return event
 
 
-def configure_logging(level: str = "info") -> None:
+class _CurrentStream:
+    """``sys.stdout`` or ``sys.stderr`` as it is when written to, not when logging was set up
+    (test runners swap them)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def write(self, text: str) -> int:
+        written: int = getattr(sys, self._name).write(text)
+        return written
+
+    def flush(self) -> None:
+        getattr(sys, self._name).flush()
+
+
+def configure_logging(level: str = "info", *, stream: str = "stdout") -> None:
+    """JSON lines on ``stream`` ("stdout" or "stderr"), for structlog and stdlib loggers."""
+    out = _CurrentStream(stream)
     shared: list[Any] = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -35,7 +52,7 @@ def configure_logging(level: str = "info") -> None:
         structlog.processors.format_exc_info,
     ]
     # Libraries' own records (aiohttp's) become the same JSON lines.
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(out)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[
@@ -55,7 +72,7 @@ def configure_logging(level: str = "info") -> None:
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(out),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
 

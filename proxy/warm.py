@@ -33,6 +33,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.cache import MANIFEST_MAX_BYTES
+from proxy.logs import configure_logging
 from proxy.manifests import DEFAULT_ACCEPT, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from proxy.reference import Digest, ImageName, Reference
 from proxy.settings import ConfigError, Settings
@@ -573,25 +574,6 @@ def _print(outcome: Outcome) -> None:
         print(outcome.line(), file=sys.stderr, flush=True)
 
 
-def _quiet_logging() -> None:
-    """The in-process proxy's own warnings (a retry, a mismatch) as JSON lines on stderr,
-    leaving stdout to the one line per image."""
-    import logging
-
-    import structlog
-
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.JSONRenderer(),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-    )
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-
-
 def run_warm(
     images: Sequence[str],
     settings: Settings,
@@ -604,7 +586,7 @@ def run_warm(
     still warmed). A bad reference, platform or endpoint raises ValueError (exit 2)."""
     wanted = Platform.parse(platform) if platform is not None else None
     if endpoint is None:
-        _quiet_logging()
+        configure_logging("warning", stream="stderr")  # stdout: one line per image
     try:
         outcomes = asyncio.run(
             warm(

@@ -63,11 +63,9 @@ import base64
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import re
 import ssl
-import sys
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +75,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
+from proxy.logs import configure_logging
 from proxy.reference import Reference
 from proxy.settings import ConfigError, Settings, WebhookSettings, split_host_port
 
@@ -726,25 +725,9 @@ def create_webhook_app(
     return app
 
 
-def _configure_logging(level: str) -> None:
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
-        cache_logger_on_first_use=True,
-    )
-
-
 def run_webhook(settings: Settings) -> None:
     """Serve the webhook over TLS on ``webhook.listen`` until SIGINT or SIGTERM."""
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_level)
     hook = settings.webhook
     ssl_context = build_ssl_context(hook)
     app = create_webhook_app(settings, ssl_context=ssl_context)

