@@ -178,7 +178,7 @@ class Manifests:
                 f"manifests/{tag}",
                 headers={"Accept": accept or DEFAULT_ACCEPT},
                 client_auth=client_auth,
-                skip_down=True,
+                fallback=True,
             )
         except (UpstreamError, UpstreamDenied) as exc:
             if isinstance(exc, UpstreamDenied) and exc.status != 429:

@@ -147,6 +147,10 @@ class UpstreamClient:
         self._tokens = TokenCache()
         self._basic_registries: set[str] = set()
         self._down_until: dict[str, float] = {}
+        quick = settings.connect_timeout
+        self._quick_timeout = aiohttp.ClientTimeout(
+            total=None, connect=quick, sock_connect=quick, sock_read=quick
+        )
 
     @staticmethod
     def timeout(settings: UpstreamSettings) -> aiohttp.ClientTimeout:
@@ -165,24 +169,26 @@ class UpstreamClient:
         *,
         headers: Mapping[str, str] | None = None,
         client_auth: str | None = None,
-        skip_down: bool = False,
+        fallback: bool = False,
     ) -> UpstreamResponse:
         """Send ``method`` for ``<repository>/<suffix>`` to the first upstream that answers.
 
         Returns the first response that is neither a 5xx nor a 429 (the caller judges 2xx,
-        3xx and 4xx); raises when every upstream failed. With ``skip_down``, registries that
-        failed to connect or timed out in the last :data:`DOWN_SECONDS` are not tried.
+        3xx and 4xx); raises when every upstream failed. ``fallback`` is for callers with a
+        cached answer to fall back on: registries that failed to connect or timed out in the
+        last :data:`DOWN_SECONDS` are not tried, and a silent one is given up on after
+        ``connect_timeout`` rather than ``read_timeout``.
         """
         attempts: list[dict[str, str]] = []
         timed_out = False
         last_status: int | None = None
         for upstream in route.upstreams:
-            if skip_down and self._down_until.get(upstream.registry, 0.0) > time.monotonic():
+            if fallback and self._down_until.get(upstream.registry, 0.0) > time.monotonic():
                 attempts.append({"upstream": upstream.registry, "error": "recently down"})
                 continue
             try:
                 response, private = await self._exchange(
-                    upstream, method, suffix, dict(headers or {}), client_auth
+                    upstream, method, suffix, dict(headers or {}), client_auth, fallback
                 )
             except UpstreamTimeout:
                 timed_out = True
@@ -214,13 +220,17 @@ class UpstreamClient:
         suffix: str,
         headers: dict[str, str],
         client_auth: str | None,
+        quick: bool,
     ) -> tuple[aiohttp.ClientResponse, bool]:
         url = URL(f"{upstream.base_url}/{suffix}", encoded=True)
+        limits = self._quick_timeout if quick else None
         scope = f"repository:{upstream.repository}:pull"
         creds = self._credentials.lookup(upstream.registry)
         if creds is None and client_auth is not None:
             # Passthrough: the client's credentials, and the upstream's 401 goes back to it.
-            response = await self._send(upstream.registry, method, url, headers, client_auth)
+            response = await self._send(
+                upstream.registry, method, url, headers, client_auth, limits
+            )
             return response, True
 
         used = self._tokens.get(upstream.registry, scope)
@@ -229,7 +239,7 @@ class UpstreamClient:
             auth = f"Bearer {used.value}"
         elif creds is not None and upstream.registry in self._basic_registries:
             auth = creds.basic()
-        response = await self._send(upstream.registry, method, url, headers, auth)
+        response = await self._send(upstream.registry, method, url, headers, auth, limits)
         if response.status != 401 or _origin(response.url) != _origin(url):
             return response, False
 
@@ -247,7 +257,7 @@ class UpstreamClient:
         else:
             return response, False
         response.release()
-        return await self._send(upstream.registry, method, url, headers, auth), False
+        return await self._send(upstream.registry, method, url, headers, auth, limits), False
 
     async def _token(
         self,
@@ -308,6 +318,7 @@ class UpstreamClient:
         url: URL,
         headers: Mapping[str, str],
         auth: str | None,
+        limits: aiohttp.ClientTimeout | None = None,
     ) -> aiohttp.ClientResponse:
         """One request, following redirects; ``auth`` never leaves the first origin."""
         first_origin = _origin(url)
@@ -323,7 +334,11 @@ class UpstreamClient:
             try:
                 with transport_errors(registry):
                     response = await self._session.request(
-                        method, url, headers=sent, allow_redirects=False
+                        method,
+                        url,
+                        headers=sent,
+                        allow_redirects=False,
+                        timeout=limits or self._session.timeout,
                     )
             except UpstreamError as exc:
                 status = "timeout" if isinstance(exc, UpstreamTimeout) else "error"
