@@ -48,6 +48,8 @@ from proxy.upstream import UpstreamClient, UpstreamResponse
 
 CHUNK_BYTES = 1 << 20
 MAX_RESUMES = 3
+CLOSE_GRACE_SECONDS = 10.0  # at shutdown, for verified blobs to reach the cache
+PIPELINE_CHUNKS = 8  # received chunks waiting to be hashed and written
 SPILL_QUEUE_CHUNKS = 4  # per reader, after a spill: at most this many chunks in memory
 BLOB_CONTENT_TYPE = "application/octet-stream"
 
@@ -126,11 +128,13 @@ class BlobFetch:
         self.written = 0  # bytes received and hashed
         self.on_disk = 0  # bytes in the temp file, which readers tail
         self.spilled = False
+        self._storing_failure: DetourError | None = None
         self.source = ""
         self.committed = False
         self._writer: BlobWriter | None = None
         self._readers: set[_Reader] = set()
         self._changed = asyncio.Event()
+        self._done = asyncio.Event()  # verified and committed (or not kept), or failed
 
     # --------------------------------------------------------------------- the fetch
 
@@ -142,7 +146,6 @@ class BlobFetch:
         self._metrics.inflight_fetches.inc()
         try:
             await self._fetch()
-            self.state = _State.VERIFIED
         except Exception as exc:  # every failure is reported to this fetch's clients
             self.error = (
                 exc if isinstance(exc, DetourError) else UpstreamInvalid("blob fetch failed")
@@ -152,6 +155,7 @@ class BlobFetch:
             self.state = _State.FAILED
         finally:
             self._metrics.inflight_fetches.dec()
+            self._done.set()
             for reader in self._readers:
                 if reader.queue is not None:
                     reader.queue.put_nowait(None)  # a slot is always free: see _deliver
@@ -186,12 +190,65 @@ class BlobFetch:
             self._spill(writer.failure)
         self.state = _State.RUNNING
         self._notify()
+        # Receiving, hashing and writing overlap: the network loop runs ahead of the storing
+        # task by up to PIPELINE_CHUNKS, and each chunk is hashed and written in two threads.
+        chunks: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=PIPELINE_CHUNKS)
+        storing = asyncio.create_task(self._store_chunks(writer, chunks))
+        try:
+            await self._receive(response, chunks)
+            await chunks.put(None)
+            await storing
+        finally:
+            if not storing.done():
+                storing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await storing
+        if not writer.matches(self.size):
+            self._metrics.verify_failures.labels("blob", self.route.upstreams[0].registry).inc()
+            log.error(
+                "blob_digest_mismatch",
+                digest=str(self.digest),
+                upstream=self.source,
+                size=self.written,
+                expected_size=self.size,
+            )
+            raise UpstreamInvalid(
+                "upstream blob does not match its digest",
+                {"digest": str(self.digest), "upstream": self.source},
+            )
+        # Verified: clients get their last byte now. Making the file durable (fsync, rename)
+        # is for the cache, and happens after.
+        self.state = _State.VERIFIED
+        self._notify()
+        if private or not writer.complete_on_disk:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, writer.sync)
+            writer.commit()
+        except OSError as exc:  # verified, but the disk would not keep it: served, not cached
+            self._cache_write_failed(exc)
+            return
+        self.committed = True
+        self._store.admit(writer.final, writer.size)
+
+    async def _receive(
+        self, response: UpstreamResponse, chunks: asyncio.Queue[bytes | None]
+    ) -> None:
+        """The body into ``chunks``, resuming with a Range request when the upstream drops."""
         resumes = 0
         while True:
             try:
                 async with response:
                     async for chunk in response.chunks(CHUNK_BYTES):
-                        await self._take(writer, chunk)
+                        if self._storing_failure is not None:
+                            raise self._storing_failure
+                        self.written += len(chunk)
+                        if self.size is not None and self.written > self.size:
+                            raise UpstreamInvalid(
+                                "upstream sent more bytes than announced",
+                                {"upstream": self.source},
+                            )
+                        await chunks.put(chunk)
             except UpstreamError as exc:
                 # Dropped mid-blob: resume from the byte reached, a bounded number of times.
                 if isinstance(exc, UpstreamInvalid) or resumes >= MAX_RESUMES:
@@ -210,49 +267,36 @@ class BlobFetch:
                 resumes += 1
                 response = await self._open(self.written)
                 continue
-            break
-        if not writer.matches(self.size):
-            self._metrics.verify_failures.labels("blob", self.route.upstreams[0].registry).inc()
-            log.error(
-                "blob_digest_mismatch",
-                digest=str(self.digest),
-                upstream=self.source,
-                size=self.written,
-                expected_size=self.size,
-            )
-            raise UpstreamInvalid(
-                "upstream blob does not match its digest",
-                {"digest": str(self.digest), "upstream": self.source},
-            )
-        if private or not writer.complete_on_disk:
             return
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, writer.sync)
-            writer.commit()
-        except OSError as exc:  # verified, but the disk would not keep it: served, not cached
-            self._cache_write_failed(exc)
-            return
-        self.committed = True
-        self._store.admit(writer.final, writer.size)
 
-    async def _take(self, writer: BlobWriter, chunk: bytes) -> None:
-        """One chunk from upstream: to disk (or, spilled, to each reader's queue)."""
-        if not self.spilled:
+    async def _store_chunks(self, writer: BlobWriter, chunks: asyncio.Queue[bytes | None]) -> None:
+        """Hash and write each chunk (or, spilled, hand it to the readers), in order. After a
+        failure it keeps taking chunks, so the receiving loop never blocks on a dead consumer,
+        and the loop stops at its next chunk."""
+        loop = asyncio.get_running_loop()
+        while (chunk := await chunks.get()) is not None:
+            if self._storing_failure is not None:
+                continue
+            hashed = loop.run_in_executor(None, writer.update, chunk)
             try:
-                await asyncio.get_running_loop().run_in_executor(None, writer.write, chunk)
-            except OSError as exc:
-                self._spill(exc)
-            else:
-                self.on_disk = writer.on_disk
-        if self.spilled:
-            writer.hash_only(chunk)
-            await self._deliver(chunk)
-        self.written = writer.size
-        if self.size is not None and self.written > self.size:
-            raise UpstreamInvalid(
-                "upstream sent more bytes than announced", {"upstream": self.source}
-            )
-        self._notify()
+                if not self.spilled:
+                    try:
+                        await loop.run_in_executor(None, writer.write, chunk)
+                    except OSError as exc:
+                        self._spill(exc)
+                    else:
+                        self.on_disk = writer.on_disk
+                if self.spilled:
+                    await self._deliver(chunk)
+            except Exception as exc:
+                self._storing_failure = (
+                    exc if isinstance(exc, DetourError) else UpstreamInvalid("blob store failed")
+                )
+            finally:
+                await hashed
+            self._notify()
+        if self._storing_failure is not None:
+            raise self._storing_failure
 
     def _spill(self, exc: OSError) -> None:
         self._cache_write_failed(exc)
@@ -285,7 +329,7 @@ class BlobFetch:
 
     def _release_file(self) -> None:
         """Delete the temp file once nobody needs it (a committed one has moved away)."""
-        finished = self.state in (_State.VERIFIED, _State.FAILED)
+        finished = self._done.is_set()
         if finished and self._writer is not None and not self.committed and not self._readers:
             self._writer.discard()
 
@@ -312,9 +356,8 @@ class BlobFetch:
             raise self.error
 
     async def finished(self) -> None:
-        """Wait for the end of the fetch; raise its error if it failed."""
-        while self.state in (_State.OPENING, _State.RUNNING):
-            await self._changed.wait()
+        """Wait for the end of the fetch, commit included; raise its error if it failed."""
+        await self._done.wait()
         if self.state is _State.FAILED:
             assert self.error is not None
             raise self.error
@@ -325,8 +368,7 @@ class BlobFetch:
         try:
             await self.headers_ready()
             assert self._writer is not None
-            path = self._writer.path
-            source = None if path is None else open(path, "rb", buffering=0)  # noqa: ASYNC230, SIM115
+            source = self._open_file(self._writer)
             try:
                 return await self._stream(request, reader, source)
             finally:
@@ -336,6 +378,17 @@ class BlobFetch:
             self._leave(reader)
             self._store.unpin(final)
             self._release_file()
+
+    def _open_file(self, writer: BlobWriter) -> IO[bytes] | None:
+        """The file this fetch writes, wherever it is now (committed: in the cache)."""
+        if writer.path is None:
+            return None
+        try:
+            return open(writer.path, "rb", buffering=0)
+        except FileNotFoundError:
+            if not self.committed:
+                raise
+            return open(writer.final, "rb", buffering=0)
 
     async def _stream(
         self, request: web.Request, reader: _Reader, source: IO[bytes] | None
@@ -457,9 +510,13 @@ class Blobs:
         self._metrics = metrics
         self._cache_private = cache_private
         self._inflight: dict[Digest, BlobFetch] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], BlobFetch] = {}
 
     async def close(self) -> None:
+        """Stop fetching; fetches already verified may finish putting their blob in the cache."""
+        committing = [t for t, f in self._tasks.items() if f.state is _State.VERIFIED]
+        if committing:
+            await asyncio.wait(committing, timeout=CLOSE_GRACE_SECONDS)
         for task in self._tasks:
             task.cancel()
         for task in list(self._tasks):
@@ -484,6 +541,14 @@ class Blobs:
             return self._from_disk(path, digest)
         shared = client_auth is None or self._cache_private
         fetch = self._inflight.get(digest) if shared else None
+        if fetch is not None and fetch.state is _State.VERIFIED:
+            # Verified, being made durable: in the cache in a moment.
+            await fetch.finished()
+            if fetch.committed:
+                self._count(request, "hit")
+                request[LOG]["source"] = "cache"
+                return self._from_disk(path, digest)
+            fetch = None
         if fetch is None or fetch.spilled:
             fetch = self._start(route, digest, client_auth, shared=shared)
             self._count(request, "miss" if shared else "bypass")
@@ -529,12 +594,12 @@ class Blobs:
             on_spill=self._forget,
         )
         task = asyncio.create_task(fetch.run(), name=f"fetch {digest}")
-        self._tasks.add(task)
+        self._tasks[task] = fetch
         if shared:
             self._inflight[digest] = fetch
 
         def done(_: asyncio.Task[None]) -> None:
-            self._tasks.discard(task)
+            self._tasks.pop(task, None)
             self._forget(fetch)
 
         task.add_done_callback(done)

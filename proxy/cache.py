@@ -57,13 +57,14 @@ def delete_files(paths: Iterable[Path]) -> None:
 class BlobWriter:
     """A blob being written: hashed as it is written, moved into place only once verified.
 
-    ``write`` is blocking; call it from a worker thread. ``path`` may be opened for reading by
-    others while the writer appends: the first ``on_disk`` bytes are there.
+    :meth:`write` (to the temp file) and :meth:`update` (the hash) are blocking and touch
+    separate state, so two worker threads can run them side by side, each call in the order of
+    the bytes. ``path`` may be opened for reading by others while the writer appends: the first
+    ``on_disk`` bytes are there.
 
     When the disk refuses (full, or an I/O error), ``write`` raises ``OSError`` and writes
-    nothing more; :meth:`hash_only` then goes on hashing, so the blob can still be verified as
-    it streams by, but it will not be cached. ``path`` is None when not even the temp file
-    could be created.
+    nothing more; hashing goes on, so the blob can still be verified as it streams by, but it
+    will not be cached. ``path`` is None when not even the temp file could be created.
     """
 
     def __init__(self, digest: Digest, final: Path, tmp_dir: Path) -> None:
@@ -94,10 +95,9 @@ class BlobWriter:
         except OSError as exc:
             self.failure = exc
             raise
-        self.hash_only(data)
         self.on_disk += len(data)
 
-    def hash_only(self, data: bytes) -> None:
+    def update(self, data: bytes) -> None:
         self._hasher.update(data)
         self.size += len(data)
 

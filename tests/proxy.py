@@ -115,3 +115,20 @@ async def stop_process(proxy: Proxy, sig: int = signal.SIGTERM) -> int:
         code = proxy.process.wait()
     await proxy.session.close()
     return code
+
+
+def blob_path(cache_dir: Path, digest: str) -> Path:
+    """Where Detour keeps a verified blob."""
+    hexpart = digest.removeprefix("sha256:")
+    return cache_dir / "blobs" / "sha256" / hexpart[:2] / hexpart
+
+
+async def wait_cached(cache_dir: Path, digest: str, limit: float = 5.0) -> bool:
+    """Whether the blob reaches the cache within ``limit`` seconds. A client has its last byte
+    once the blob is verified; the fsync and rename into the cache come just after."""
+    deadline = time.monotonic() + limit
+    while not blob_path(cache_dir, digest).is_file():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.images import Blob, push_image, unique_repo
-from tests.proxy import Proxy, scenario
+from tests.proxy import Proxy, scenario, wait_cached
 from tests.registry import Registry
 
 MakeProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
@@ -54,7 +54,7 @@ async def test_a_full_disk_streams_without_caching(
     first_name, first = hub_layer(registry, 5 * MiB)
     big_name, big = hub_layer(registry, 6 * MiB)
     assert await get(proxy, first_name, first.digest) == (200, first.data)
-    assert cached(proxy, first.digest)
+    assert await wait_cached(proxy.cache_dir, first.digest)
 
     # Runs out of space a few MiB in: three clients, and every one gets the whole blob.
     results = await asyncio.gather(*(get(proxy, big_name, big.digest) for _ in range(3)))

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from tests.images import Blob, push_image, unique_repo
-from tests.proxy import Proxy, scenario
+from tests.proxy import Proxy, scenario, wait_cached
 from tests.registry import Registry
 from tests.relay import Relay
 
@@ -74,6 +74,7 @@ async def test_corrupt_upstream_bytes_never_reach_a_client_whole(
 
     path.write_bytes(good)  # the mirror is repaired: the next pull is right, and cached
     assert await fetch(proxy, name, layer.digest) == (200, layer.data)
+    assert await wait_cached(proxy.cache_dir, layer.digest)
     assert cached(proxy, layer.digest).read_bytes() == layer.data
 
 
@@ -111,10 +112,7 @@ async def test_a_client_that_leaves_does_not_cancel_the_fetch(
     async with proxy.session.get(f"{proxy.url}/v2/{name}/blobs/{layer.digest}") as response:
         await response.content.readexactly(1024)
         response.close()  # hang up after the first KiB
-    for _ in range(100):
-        if cached(proxy, layer.digest).exists():
-            break
-        await asyncio.sleep(0.05)
+    assert await wait_cached(proxy.cache_dir, layer.digest)
     assert hashlib.sha256(cached(proxy, layer.digest).read_bytes()).hexdigest() == layer.digest[7:]
 
 
@@ -139,6 +137,7 @@ async def test_an_upstream_cut_mid_blob_is_resumed(
     entries = await registry.wait_entries(mark, at_least=3)
     # The first GET and two resumes with Range, which distribution answers from the byte asked.
     assert [e.method for e in entries if layer.digest in e.path] == ["GET", "GET", "GET"]
+    assert await wait_cached(proxy.cache_dir, layer.digest)
     assert cached(proxy, layer.digest).read_bytes() == layer.data
 
 
