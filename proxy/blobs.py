@@ -36,7 +36,6 @@ from proxy.cache import BlobWriter, CacheStore
 from proxy.errors import (
     BlobUnknown,
     DetourError,
-    UpstreamDenied,
     UpstreamError,
     UpstreamInvalid,
 )
@@ -70,19 +69,8 @@ def blob_headers(digest: Digest, size: int | None) -> dict[str, str]:
     return headers
 
 
-def denied_or_unknown(response: UpstreamResponse, digest: Digest) -> DetourError:
-    """The error for a non-200 upstream answer to a blob request."""
-    if response.status == 404:
-        return BlobUnknown("blob unknown to upstream", {"digest": str(digest)})
-    if response.status in (401, 403):
-        challenge = response.headers.get("WWW-Authenticate")
-        return UpstreamDenied(
-            response.status,
-            "upstream refused access",
-            {"upstream": response.where},
-            headers={"WWW-Authenticate": challenge} if challenge else None,
-        )
-    return UpstreamInvalid(f"upstream answered {response.status}", {"upstream": response.where})
+def _unknown(digest: Digest) -> BlobUnknown:
+    return BlobUnknown("blob unknown to upstream", {"digest": str(digest)})
 
 
 @dataclass(eq=False)
@@ -174,7 +162,7 @@ class BlobFetch:
         expected = 206 if offset else 200
         if response.status != expected:
             response.close()
-            raise denied_or_unknown(response, self.digest)
+            raise response.refusal(_unknown(self.digest))
         if offset and not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
             response.close()
             raise UpstreamInvalid("upstream cannot resume", {"upstream": response.where})
@@ -632,6 +620,6 @@ class Blobs:
         ) as answer:
             request[LOG]["upstream"] = answer.where
             if answer.status != 200:
-                raise denied_or_unknown(answer, digest)
+                raise answer.refusal(_unknown(digest))
             length = answer.response.content_length
             return web.Response(headers=blob_headers(digest, length))

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from proxy.errors import UpstreamInvalid
+from proxy.files import write_atomic
 from proxy.reference import Digest, ImageName
 
 MANIFEST_MAX_BYTES = 4 * 1024 * 1024  # distribution's own limit
@@ -268,7 +269,7 @@ class CacheStore:
             raise UpstreamInvalid("invalid manifest media type")
         data = manifest.media_type.encode("ascii") + b"\n" + manifest.body
         path = self._manifest_path(manifest.digest)
-        self._atomic_write(path, data)
+        write_atomic(path, data, tmp_dir=self.tmp)
         self.admit(path, len(data))
 
     # ----------------------------------------------------------------------- tags
@@ -296,24 +297,8 @@ class CacheStore:
             "media_type": record.media_type,
             "checked_at": record.checked_at,
         }
-        self._atomic_write(self._tag_path(name, tag), json.dumps(data).encode())
+        write_atomic(self._tag_path(name, tag), json.dumps(data).encode(), tmp_dir=self.tmp)
 
     def drop_tag(self, name: ImageName, tag: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._tag_path(name, tag).unlink()
-
-    # ----------------------------------------------------------------------- helpers
-
-    def _atomic_write(self, path: Path, data: bytes) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.tmp, suffix=".partial")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            path.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise

@@ -17,10 +17,7 @@ Secret without a restart (see :mod:`proxy.webhook`).
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +25,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from proxy.files import write_atomic
 
 DEFAULT_DAYS = 365
 CA_DAYS = 3650
@@ -163,21 +162,6 @@ def generate(
     )
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), mode)  # before the first byte: a key is never readable
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def write(certs: WebhookCertificates, out_dir: Path) -> list[Path]:
     """Write ``ca.crt``, ``tls.crt`` and ``tls.key`` into ``out_dir`` (created if missing)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -187,5 +171,5 @@ def write(certs: WebhookCertificates, out_dir: Path) -> list[Path]:
         (out_dir / "tls.key", certs.key_pem, 0o600),
     ]
     for path, data, mode in files:
-        _write_atomic(path, data, mode)
+        write_atomic(path, data, mode=mode)
     return [path for path, _, _ in files]

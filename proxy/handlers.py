@@ -17,7 +17,7 @@ from urllib.parse import urlencode
 from aiohttp import web
 from yarl import URL
 
-from proxy.errors import NameUnknown, NotFound, Unsupported, UpstreamDenied, UpstreamInvalid
+from proxy.errors import NameUnknown, NotFound, Unsupported, UpstreamInvalid
 from proxy.logs import LOG
 from proxy.reference import (
     Digest,
@@ -114,18 +114,10 @@ async def _tags_list(
         route, "GET", suffix, client_auth=client_auth
     ) as answer:
         request[LOG]["upstream"] = answer.where
-        if answer.status == 404:
-            raise NameUnknown("repository unknown to upstream", {"name": str(path.name)})
-        if answer.status in (401, 403):
-            challenge = answer.headers.get("WWW-Authenticate")
-            raise UpstreamDenied(
-                answer.status,
-                "upstream refused access",
-                {"upstream": answer.where},
-                headers={"WWW-Authenticate": challenge} if challenge else None,
-            )
         if answer.status != 200:
-            raise UpstreamInvalid(f"upstream answered {answer.status}", {"upstream": answer.where})
+            raise answer.refusal(
+                NameUnknown("repository unknown to upstream", {"name": str(path.name)})
+            )
         body = await answer.read(TAGS_LIST_MAX_BYTES)
         link = answer.headers.get("Link")
     try:

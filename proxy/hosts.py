@@ -23,15 +23,13 @@ a file, and leaves a file whose content is already right untouched.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from proxy.files import write_atomic
 from proxy.reference import api_host, canonical_registry
 from proxy.settings import RedirectRule, RegistrySettings, Settings
 
@@ -114,27 +112,6 @@ def hosts_path(out_dir: Path, registry: str) -> Path:
     return out_dir / registry / "hosts.toml"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".hosts.toml.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fchmod(handle.fileno(), 0o644)
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def write_hosts_files(files: Sequence[HostsFile], out_dir: Path) -> list[tuple[Path, bool]]:
     """Write each file under ``out_dir``; returns ``(path, changed)`` for each, in order."""
     written = []
@@ -145,6 +122,6 @@ def write_hosts_files(files: Sequence[HostsFile], out_dir: Path) -> list[tuple[P
         except (FileNotFoundError, UnicodeDecodeError):
             changed = True
         if changed:
-            _write_atomic(path, hosts.text)
+            write_atomic(path, hosts.text.encode(), sync_dir=True)
         written.append((path, changed))
     return written

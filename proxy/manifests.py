@@ -26,7 +26,6 @@ from aiohttp import web
 
 from proxy.cache import MANIFEST_MAX_BYTES, CacheStore, StoredManifest, TagRecord
 from proxy.errors import (
-    DetourError,
     ManifestUnknown,
     UpstreamDenied,
     UpstreamError,
@@ -99,18 +98,8 @@ def manifest_response(manifest: StoredManifest) -> web.Response:
     )
 
 
-def _refusal(answer: UpstreamResponse, reference: str) -> DetourError:
-    if answer.status == 404:
-        return ManifestUnknown("manifest unknown to upstream", {"reference": reference})
-    if answer.status in (401, 403):
-        challenge = answer.headers.get("WWW-Authenticate")
-        return UpstreamDenied(
-            answer.status,
-            "upstream refused access",
-            {"upstream": answer.where},
-            headers={"WWW-Authenticate": challenge} if challenge else None,
-        )
-    return UpstreamInvalid(f"upstream answered {answer.status}", {"upstream": answer.where})
+def _unknown(reference: str) -> ManifestUnknown:
+    return ManifestUnknown("manifest unknown to upstream", {"reference": reference})
 
 
 class Manifests:
@@ -191,7 +180,7 @@ class Manifests:
             if answer.status == 404:
                 self._store.drop_tag(route.name, tag)
             if answer.status != 200:
-                raise _refusal(answer, tag)
+                raise answer.refusal(_unknown(tag))
             digest = _upstream_digest(answer)
         if digest == cached.digest:
             if not answer.private or self._cache_private:
@@ -224,7 +213,7 @@ class Manifests:
             private = answer.private and not self._cache_private
             self._count(request, "bypass" if private else "miss")
             if answer.status != 200:
-                raise _refusal(answer, str(reference))
+                raise answer.refusal(_unknown(str(reference)))
             announced = _upstream_digest(answer)
             if isinstance(reference, Digest) and announced not in (None, reference):
                 self._mismatch(answer, reference)

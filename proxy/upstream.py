@@ -41,6 +41,7 @@ from proxy.auth import (
     token_from_response,
 )
 from proxy.errors import (
+    DetourError,
     UpstreamDenied,
     UpstreamError,
     UpstreamInvalid,
@@ -113,6 +114,22 @@ class UpstreamResponse:
         with transport_errors(self.where):
             async for chunk in self.response.content.iter_chunked(size):
                 yield chunk
+
+    def refusal(self, not_found: DetourError) -> DetourError:
+        """The error for an answer other than the one asked for: ``not_found`` for a 404, the
+        upstream's own refusal (and its challenge, for the client to answer) for a 401 or 403,
+        and a bad reply for anything else."""
+        if self.status == 404:
+            return not_found
+        if self.status in (401, 403):
+            challenge = self.headers.get("WWW-Authenticate")
+            return UpstreamDenied(
+                self.status,
+                "upstream refused access",
+                {"upstream": self.where},
+                headers={"WWW-Authenticate": challenge} if challenge else None,
+            )
+        return UpstreamInvalid(f"upstream answered {self.status}", {"upstream": self.where})
 
     def close(self) -> None:
         self.response.release()
