@@ -60,8 +60,10 @@ def accepts(accept: str | None, media_type: str) -> bool:
     return False
 
 
-def _media_type(answer: UpstreamResponse, body: bytes | None) -> str:
-    declared = answer.headers.get("Content-Type", "").split(";", 1)[0].strip()
+def manifest_media_type(content_type: str, body: bytes | None) -> str:
+    """A manifest's media type: its ``Content-Type``, unless that is generic and the body
+    names its own ``mediaType``."""
+    declared = content_type.split(";", 1)[0].strip()
     generic = ("application/json", "text/plain", "application/octet-stream")
     if declared and declared not in generic:
         return declared
@@ -222,7 +224,11 @@ class Manifests:
             body = await answer.read(MANIFEST_MAX_BYTES)
         digest = reference if isinstance(reference, Digest) else announced
         algorithm = digest.algorithm if digest is not None else "sha256"
-        manifest = StoredManifest(Digest.of(body, algorithm), _media_type(answer, body), body)
+        manifest = StoredManifest(
+            Digest.of(body, algorithm),
+            manifest_media_type(answer.headers.get("Content-Type", ""), body),
+            body,
+        )
         if digest is not None and manifest.digest != digest:
             self._mismatch(answer, digest)
         if not private:
@@ -236,7 +242,9 @@ class Manifests:
         self, answer: UpstreamResponse, reference: str | Digest, announced: Digest | None
     ) -> web.Response:
         digest = reference if isinstance(reference, Digest) else announced
-        headers = {"Content-Type": _media_type(answer, None)}
+        headers = {
+            "Content-Type": manifest_media_type(answer.headers.get("Content-Type", ""), None)
+        }
         if digest is not None:
             headers["Docker-Content-Digest"] = str(digest)
         if answer.response.content_length is not None:

@@ -34,7 +34,14 @@ from aiohttp import web
 
 from proxy.cache import MANIFEST_MAX_BYTES
 from proxy.logs import configure_logging
-from proxy.manifests import DEFAULT_ACCEPT, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
+from proxy.manifests import (
+    DEFAULT_ACCEPT,
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    manifest_media_type,
+)
 from proxy.reference import Digest, ImageName, Reference
 from proxy.settings import ConfigError, Settings
 
@@ -256,17 +263,6 @@ def parse_index(body: bytes, where: str) -> ImageIndex:
     }
 
 
-def _media_type(content_type: str, body: bytes) -> str:
-    declared = content_type.split(";", 1)[0].strip()
-    if declared in INDEX_TYPES or declared in IMAGE_TYPES:
-        return declared
-    with contextlib.suppress(ValueError, AttributeError):
-        sniffed = json.loads(body).get("mediaType")
-        if isinstance(sniffed, str) and sniffed:
-            return sniffed
-    return declared
-
-
 def _digest(text: str, where: str) -> Digest:
     try:
         return Digest.parse(text)
@@ -406,7 +402,7 @@ class _Warmer:
         actual = Digest.of(body, expected.algorithm if expected else "sha256")
         if expected is not None and actual != expected:
             raise WarmError(f"{where}the manifest's bytes do not match {expected}")
-        return _Manifest(actual, _media_type(content_type, body), body)
+        return _Manifest(actual, manifest_media_type(content_type, body), body)
 
     async def _blobs(self, name: ImageName, descriptors: list[Descriptor]) -> list[int]:
         """Fetch every blob, a few at a time; report how many failed and the first reason."""
