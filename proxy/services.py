@@ -17,7 +17,7 @@ from proxy.manifests import Manifests
 from proxy.metrics import Metrics
 from proxy.rules import Rules
 from proxy.settings import Settings
-from proxy.upstream import UpstreamClient
+from proxy.upstream import UpstreamClient, client_timeout
 
 # The client's read buffer: big reads keep the per-chunk overhead of hashing off the hot path.
 READ_BUFFER_BYTES = 4 * 1024 * 1024
@@ -56,7 +56,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     metrics.cache_max_size.set(settings.cache.max_size or 0)
     credentials = CredentialStore(settings.registries, settings.docker_config)
     session = aiohttp.ClientSession(
-        timeout=UpstreamClient.timeout(settings.upstream),
+        timeout=client_timeout(settings.upstream.connect_timeout, settings.upstream.read_timeout),
         auto_decompress=False,
         read_bufsize=READ_BUFFER_BYTES,
         connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=300),

@@ -141,6 +141,11 @@ class UpstreamResponse:
         self.close()
 
 
+def client_timeout(connect: float, read: float) -> aiohttp.ClientTimeout:
+    """No limit on a whole transfer (blobs are big); limits on connecting and on silence."""
+    return aiohttp.ClientTimeout(total=None, connect=connect, sock_connect=connect, sock_read=read)
+
+
 def _origin(url: URL) -> tuple[str | None, str | None, int | None]:
     return url.scheme, url.host, url.port
 
@@ -164,19 +169,7 @@ class UpstreamClient:
         self._tokens = TokenCache()
         self._basic_registries: set[str] = set()
         self._down_until: dict[str, float] = {}
-        quick = settings.connect_timeout
-        self._quick_timeout = aiohttp.ClientTimeout(
-            total=None, connect=quick, sock_connect=quick, sock_read=quick
-        )
-
-    @staticmethod
-    def timeout(settings: UpstreamSettings) -> aiohttp.ClientTimeout:
-        return aiohttp.ClientTimeout(
-            total=None,
-            connect=settings.connect_timeout,
-            sock_connect=settings.connect_timeout,
-            sock_read=settings.read_timeout,
-        )
+        self._quick_timeout = client_timeout(settings.connect_timeout, settings.connect_timeout)
 
     async def open(
         self,
