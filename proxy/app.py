@@ -7,15 +7,19 @@ request once its response is finished, with the fields the handlers put in ``req
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
 from proxy import handlers
-from proxy.errors import DetourError, NotFound, Unsupported, oci_error_body
+from proxy.errors import BadRequest, DetourError, NotFound, Unsupported, oci_error_body
 from proxy.logs import LOG, configure_logging, get_logger
 from proxy.metrics import Metrics
 from proxy.services import METRICS, SETTINGS, services_ctx
@@ -102,17 +106,56 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
+class _ProtocolErrors(RequestHandler):
+    """aiohttp's HTTP parser refuses some requests (a header line over 8 KiB, more than 128
+    headers, a request line it can't read) before any handler or middleware runs. This answers
+    them with the same OCI error body as every other error, through :func:`error_response`."""
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if not 400 <= status < 500:
+            return super().handle_error(request, status, exc, message)
+        if request.writer.output_size > 0:
+            raise ConnectionError("a response is already under way")
+        # The parser's message quotes the offending bytes, which may be a credential: only
+        # the kind of error is logged, and sent back.
+        reason = type(exc).__name__ if exc is not None else "BadHttpMessage"
+        log.warning("request_refused", status=status, reason=reason)
+        answer = error_response(
+            BadRequest("the request could not be read", {"reason": reason}, status=status)
+        )
+        answer.headers["Docker-Distribution-Api-Version"] = API_VERSION
+        answer.force_close()
+        return answer
+
+
+class _Server(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _ProtocolErrors(self, loop=self._loop, **self._kwargs)
+
+
+async def _serve(app: web.Application, host: str, port: int) -> None:
+    runner = web.AppRunner(app, access_log_class=AccessLog, handle_signals=True)
+    await runner.setup()
+    assert runner.server is not None
+    runner.server.__class__ = _Server  # aiohttp offers no hook for parser errors
+    try:
+        await web.TCPSite(runner, host, port).start()
+        await asyncio.Event().wait()  # until SIGTERM or SIGINT
+    finally:
+        await runner.cleanup()
+
+
 def run(settings: Settings) -> None:
     configure_logging(settings.log_level)
     host, port = split_host_port(settings.listen, 7439)
     log.info("starting", listen=settings.listen, cache_dir=str(settings.cache.dir))
     started = time.monotonic()
-    web.run_app(
-        create_app(settings),
-        host=host,
-        port=port,
-        access_log_class=AccessLog,
-        print=None,
-        handle_signals=True,
-    )
+    with contextlib.suppress(web.GracefulExit, KeyboardInterrupt):
+        asyncio.run(_serve(create_app(settings), host, port))
     log.info("stopped", uptime_s=round(time.monotonic() - started, 1))

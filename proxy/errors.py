@@ -13,6 +13,7 @@ place that turns them into the OCI error body ``{"errors": [{"code", "message", 
     │   ├── BlobUnknown              404     BLOB_UNKNOWN
     │   ├── Unsupported              405     UNSUPPORTED       (push and delete methods)
     │   ├── NotFound                 404     UNSUPPORTED       (no such endpoint)
+    │   ├── BadRequest               4xx     UNSUPPORTED       (HTTP the parser refused)
     │   └── UpstreamDenied           401/403/429 as the upstream said, challenge relayed
     └── UpstreamError                5xx     (the upstream failed us; never the client's fault)
         ├── UpstreamUnreachable      502     UNAVAILABLE
@@ -85,6 +86,16 @@ class Unsupported(ClientError):
 class NotFound(ClientError):
     status = 404
     code = "UNSUPPORTED"
+
+
+class BadRequest(ClientError):
+    """A request aiohttp's HTTP parser refused (oversize headers, a bad request line)."""
+
+    code = "UNSUPPORTED"
+
+    def __init__(self, message: str, detail: Any = None, *, status: int = 400) -> None:
+        super().__init__(message, detail)
+        self.status = status
 
 
 class UpstreamDenied(ClientError):
