@@ -156,7 +156,6 @@ class CacheStore:
         self._entries: OrderedDict[Path, int] = OrderedDict()  # path → size, oldest first
         self._pins: Counter[Path] = Counter()
         self.total = 0
-        self.evictions = 0
 
     def open(self) -> None:
         """Create the layout, remove what a previous run left half-written, index the rest.
@@ -215,7 +214,6 @@ class CacheStore:
             self.total -= self._entries.pop(path)
             victims.append(path)
         if victims:
-            self.evictions += len(victims)
             self._on_evict(victims)
 
     def writable(self) -> bool:
