@@ -118,7 +118,7 @@ async def _tags_list(
             raise answer.refusal(
                 NameUnknown("repository unknown to upstream", {"name": str(path.name)})
             )
-        body = await answer.read(TAGS_LIST_MAX_BYTES)
+        body = await answer.read(TAGS_LIST_MAX_BYTES, "tag list")
         link = answer.headers.get("Link")
     try:
         listing = json.loads(body)

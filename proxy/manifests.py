@@ -221,7 +221,7 @@ class Manifests:
                 self._mismatch(answer, reference)
             if method == "HEAD":
                 return self._head_from_upstream(answer, reference, announced)
-            body = await answer.read(MANIFEST_MAX_BYTES)
+            body = await answer.read(MANIFEST_MAX_BYTES, "manifest")
         digest = reference if isinstance(reference, Digest) else announced
         algorithm = digest.algorithm if digest is not None else "sha256"
         manifest = StoredManifest(

@@ -95,20 +95,30 @@ class UpstreamResponse:
     def where(self) -> str:
         return f"{self.upstream.registry}/{self.upstream.repository}"
 
-    async def read(self, limit: int) -> bytes:
-        """The whole body, refusing one longer than ``limit``."""
+    async def read(self, limit: int, what: str = "response") -> bytes:
+        """The whole body, read to its end (a body over a real link arrives in many reads),
+        refusing one longer than ``limit`` without reading more than ``limit + 1`` bytes."""
         length = self.response.content_length
         if length is not None and length > limit:
-            raise UpstreamInvalid(
-                "upstream response too large", {"upstream": self.where, "limit": limit}
-            )
+            raise self._too_large(what, limit)
+        body = bytearray()
         with transport_errors(self.where):
-            body = await self.response.content.read(limit + 1)
-        if len(body) > limit:
+            while chunk := await self.response.content.read(limit + 1 - len(body)):
+                body += chunk
+                if len(body) > limit:
+                    raise self._too_large(what, limit)
+        if length is not None and len(body) != length:
             raise UpstreamInvalid(
-                "upstream response too large", {"upstream": self.where, "limit": limit}
+                f"upstream {what} was cut short",
+                {"upstream": self.where, "expected": length, "received": len(body)},
             )
-        return body
+        return bytes(body)
+
+    def _too_large(self, what: str, limit: int) -> UpstreamInvalid:
+        return UpstreamInvalid(
+            f"upstream {what} is larger than Detour's limit of {limit} bytes",
+            {"upstream": self.where, "limit": limit},
+        )
 
     async def chunks(self, size: int) -> AsyncIterator[bytes]:
         with transport_errors(self.where):
@@ -309,7 +319,7 @@ class UpstreamClient:
                     raise UpstreamInvalid(
                         f"token service answered {response.status}", {"registry": registry}
                     )
-                body = await answer.read(MAX_TOKEN_RESPONSE)
+                body = await answer.read(MAX_TOKEN_RESPONSE, "token response")
             try:
                 token = token_from_response(cast(TokenResponse, json.loads(body)))
             except (ValueError, TypeError, AttributeError):
