@@ -272,14 +272,17 @@ class CacheStore:
 
     # ----------------------------------------------------------------------- tags
 
-    def _tag_path(self, name: ImageName, tag: str) -> Path:
-        key = hashlib.sha256(f"{name}:{tag}".encode()).hexdigest()
+    def _tag_path(self, name: ImageName, tag: str, variant: str | None) -> Path:
+        key_text = f"{name}:{tag}" if variant is None else f"{name}:{tag}#{variant}"
+        key = hashlib.sha256(key_text.encode()).hexdigest()
         return self.root / "tags" / key[:2] / key
 
-    def tag(self, name: ImageName, tag: str) -> TagRecord | None:
+    def tag(self, name: ImageName, tag: str, variant: str | None = None) -> TagRecord | None:
+        """What ``name:tag`` resolved to: the tag's own record, or with ``variant`` the answer
+        narrowed for one ``Accept`` (see :attr:`proxy.manifests.Accept.variant`)."""
         try:
-            data = json.loads(self._tag_path(name, tag).read_bytes())
-            if data["name"] != str(name) or data["tag"] != tag:
+            data = json.loads(self._tag_path(name, tag, variant).read_bytes())
+            if (data["name"], data["tag"], data.get("variant")) != (str(name), tag, variant):
                 return None
             return TagRecord(
                 Digest.parse(data["digest"]), str(data["media_type"]), float(data["checked_at"])
@@ -287,16 +290,20 @@ class CacheStore:
         except (FileNotFoundError, ValueError, KeyError, TypeError):
             return None
 
-    def put_tag(self, name: ImageName, tag: str, record: TagRecord) -> None:
+    def put_tag(
+        self, name: ImageName, tag: str, record: TagRecord, variant: str | None = None
+    ) -> None:
         data = {
             "name": str(name),
             "tag": tag,
+            "variant": variant,
             "digest": str(record.digest),
             "media_type": record.media_type,
             "checked_at": record.checked_at,
         }
-        write_atomic(self._tag_path(name, tag), json.dumps(data).encode(), tmp_dir=self.tmp)
+        path = self._tag_path(name, tag, variant)
+        write_atomic(path, json.dumps(data).encode(), tmp_dir=self.tmp)
 
-    def drop_tag(self, name: ImageName, tag: str) -> None:
+    def drop_tag(self, name: ImageName, tag: str, variant: str | None = None) -> None:
         with contextlib.suppress(FileNotFoundError):
-            self._tag_path(name, tag).unlink()
+            self._tag_path(name, tag, variant).unlink()

@@ -11,6 +11,7 @@ place that turns them into the OCI error body ``{"errors": [{"code", "message", 
     │   ├── NameUnknown              404     NAME_UNKNOWN
     │   ├── ManifestUnknown          404     MANIFEST_UNKNOWN
     │   ├── BlobUnknown              404     BLOB_UNKNOWN
+    │   ├── ManifestUnsupported      406     UNSUPPORTED       (schema1: no verifiable form)
     │   ├── Unsupported              405     UNSUPPORTED       (push and delete methods)
     │   ├── NotFound                 404     UNSUPPORTED       (no such endpoint)
     │   ├── BadRequest               4xx     UNSUPPORTED       (HTTP the parser refused)
@@ -76,6 +77,13 @@ class ManifestUnknown(ClientError):
 class BlobUnknown(ClientError):
     status = 404
     code = "BLOB_UNKNOWN"
+
+
+class ManifestUnsupported(ClientError):
+    """The upstream has the manifest only in a form Detour does not serve (schema1)."""
+
+    status = 406
+    code = "UNSUPPORTED"
 
 
 class Unsupported(ClientError):

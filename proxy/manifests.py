@@ -1,7 +1,16 @@
 """Manifests: by digest from disk forever, by tag through a short-lived tag → digest map.
 
-Manifests are passed through byte for byte (an index's digest never changes) and verified
-against their digest before they are stored or served.
+Manifests are passed through byte for byte (an index's digest never changes), read whole,
+checked to be JSON of a known manifest media type, and verified against their digest before
+they are stored or served. Schema1 manifests, whose digest is not the hash of their bytes, are
+refused (406 UNSUPPORTED).
+
+What a tag means is kept per representation. A client that takes every index type gets the
+tag's own record (the index of a multi-platform image). A client that takes no index (only
+``…manifest.v2+json``, say) may be answered with one platform's manifest, narrowed by the
+upstream: that answer is kept only for that same ``Accept`` and never replaces the index, so
+one such request can't make the tag mean amd64 for every other node. ``Accept: */*`` is no
+``Accept`` at all.
 
 The tag policy, for ``GET``/``HEAD /v2/<name>/manifests/<tag>``:
 
@@ -21,19 +30,21 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 
 from aiohttp import web
 
 from proxy.cache import MANIFEST_MAX_BYTES, CacheStore, StoredManifest, TagRecord
 from proxy.errors import (
     ManifestUnknown,
+    ManifestUnsupported,
     UpstreamDenied,
     UpstreamError,
     UpstreamInvalid,
 )
 from proxy.logs import LOG, get_logger
 from proxy.metrics import Metrics
-from proxy.reference import Digest
+from proxy.reference import Digest, ImageName
 from proxy.rules import Route
 from proxy.upstream import UpstreamClient, UpstreamResponse
 
@@ -41,23 +52,71 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
+MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST}) | INDEX_TYPES
+SCHEMA1_TYPES = frozenset(
+    {
+        "application/vnd.docker.distribution.manifest.v1+prettyjws",
+        "application/vnd.docker.distribution.manifest.v1+json",
+    }
+)
 # What we ask for when the client does not say.
 DEFAULT_ACCEPT = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST))
 
 log = get_logger("detour.manifests")
 
 
-def accepts(accept: str | None, media_type: str) -> bool:
-    """Whether an ``Accept`` header admits ``media_type`` (no header admits everything)."""
-    if not accept:
-        return True
-    wanted = media_type.split(";", 1)[0].strip().lower()
-    major = wanted.split("/", 1)[0]
-    for item in accept.split(","):
-        offered = item.split(";", 1)[0].strip().lower()
-        if offered in (wanted, "*/*", f"{major}/*"):
-            return True
-    return False
+@dataclass(frozen=True, slots=True)
+class Accept:
+    """The manifest media types a client accepts.
+
+    No ``Accept``, or one that admits ``*/*``, admits everything: the upstream is then asked
+    with :data:`DEFAULT_ACCEPT` (a registry answers a bare ``*/*`` with schema1).
+    """
+
+    header: str | None  # as the client sent it; None when it admits everything
+    types: frozenset[str] = frozenset()
+
+    @classmethod
+    def parse(cls, values: list[str]) -> Accept:
+        types = {
+            item.split(";", 1)[0].strip().lower()
+            for value in values
+            for item in value.split(",")
+            if item.strip()
+        }
+        if not types or types & {"*/*", "application/*"}:
+            return cls(None)
+        return cls(", ".join(values), frozenset(types))
+
+    def admits(self, media_type: str) -> bool:
+        return self.header is None or media_type.split(";", 1)[0].strip().lower() in self.types
+
+    @property
+    def upstream(self) -> str:
+        """The ``Accept`` to send upstream."""
+        return self.header or DEFAULT_ACCEPT
+
+    @property
+    def variant(self) -> str | None:
+        """Where an answer by tag to this ``Accept`` is kept.
+
+        None (the tag's own record) when the client admits every index type, so the upstream
+        would have sent the index if there were one. Otherwise the upstream may have narrowed
+        a multi-platform tag to one platform's manifest: that answer is kept only for this
+        same ``Accept``, and never stands for the tag.
+        """
+        if self.header is None or self.types >= INDEX_TYPES:
+            return None
+        return ",".join(sorted(self.types))
+
+
+def _schema1(media_type: str) -> ManifestUnsupported:
+    return ManifestUnsupported(
+        "the upstream offers only a schema1 manifest, which Detour does not serve "
+        "(its digest cannot be verified); push the image with a current client",
+        {"mediaType": media_type},
+    )
 
 
 def manifest_media_type(content_type: str, body: bytes | None) -> str:
@@ -70,11 +129,47 @@ def manifest_media_type(content_type: str, body: bytes | None) -> str:
     if body is not None:
         try:
             sniffed = json.loads(body).get("mediaType")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             sniffed = None
         if isinstance(sniffed, str) and sniffed:
             return sniffed
     return declared or "application/json"
+
+
+def check_manifest(content_type: str, body: bytes, where: str) -> str:
+    """The media type of a manifest the upstream sent, once it is known to be one: a JSON
+    object of a known manifest media type (or a schema1 manifest, refused)."""
+    if content_type.split(";", 1)[0].strip() in SCHEMA1_TYPES:
+        raise _schema1(content_type)
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        document = None
+    if not isinstance(document, dict):
+        raise UpstreamInvalid(
+            "upstream sent a manifest that is not a JSON object", {"upstream": where}
+        )
+    if document.get("schemaVersion") == 1:
+        raise _schema1(content_type)
+    media_type = manifest_media_type(content_type, body)
+    if media_type not in MANIFEST_TYPES:
+        # An OCI manifest or index may leave out mediaType and come as application/json.
+        if "manifests" in document:
+            media_type = OCI_INDEX
+        elif "config" in document and "layers" in document:
+            media_type = OCI_MANIFEST
+        else:
+            raise UpstreamInvalid(
+                "upstream sent a document of an unknown manifest media type",
+                {"upstream": where, "mediaType": media_type[:100]},
+            )
+    named = document.get("mediaType")
+    if named is not None and named != media_type:
+        raise UpstreamInvalid(
+            "upstream manifest names another media type than its Content-Type",
+            {"upstream": where, "mediaType": str(named)[:100], "contentType": media_type[:100]},
+        )
+    return media_type
 
 
 def _upstream_digest(answer: UpstreamResponse) -> Digest | None:
@@ -135,7 +230,7 @@ class Manifests:
         reference: str | Digest,
         client_auth: str | None,
     ) -> web.Response:
-        accept = ", ".join(request.headers.getall("Accept", [])) or None
+        accept = Accept.parse(request.headers.getall("Accept", []))
         if isinstance(reference, Digest):
             stored = self._store.manifest(reference)
             if stored is not None:
@@ -144,20 +239,32 @@ class Manifests:
             return await self._fetch(request, route, reference, accept, client_auth)
         return await self._by_tag(request, route, reference, accept, client_auth)
 
+    def _cached_tag(
+        self, name: ImageName, tag: str, variant: str | None, accept: Accept
+    ) -> tuple[TagRecord, StoredManifest] | None:
+        record = self._store.tag(name, tag, variant)
+        cached = self._store.manifest(record.digest) if record is not None else None
+        if record is None or cached is None or not accept.admits(cached.media_type):
+            return None
+        return record, cached
+
     async def _by_tag(
         self,
         request: web.Request,
         route: Route,
         tag: str,
-        accept: str | None,
+        accept: Accept,
         client_auth: str | None,
     ) -> web.Response:
-        record = self._store.tag(route.name, tag)
-        cached = self._store.manifest(record.digest) if record is not None else None
-        if cached is not None and not accepts(accept, cached.media_type):
-            cached = None  # the client wants another representation: ask upstream
-        if record is None or cached is None:
+        # The tag's own record if the client takes its type; else what this same Accept got.
+        variant: str | None = None
+        found = self._cached_tag(route.name, tag, None, accept)
+        if found is None and accept.variant is not None:
+            variant = accept.variant
+            found = self._cached_tag(route.name, tag, variant, accept)
+        if found is None:
             return await self._fetch(request, route, tag, accept, client_auth)
+        record, cached = found
         if record.age() < self._tag_ttl:
             self._count(request, "hit")
             return self._serve(request, cached, "cache")
@@ -167,7 +274,7 @@ class Manifests:
                 route,
                 "HEAD",
                 f"manifests/{tag}",
-                headers={"Accept": accept or DEFAULT_ACCEPT},
+                headers={"Accept": DEFAULT_ACCEPT if variant is None else accept.upstream},
                 client_auth=client_auth,
                 fallback=True,
             )
@@ -180,15 +287,14 @@ class Manifests:
         async with answer:
             request[LOG]["upstream"] = answer.where
             if answer.status == 404:
-                self._store.drop_tag(route.name, tag)
+                self._store.drop_tag(route.name, tag, variant)
             if answer.status != 200:
                 raise answer.refusal(_unknown(tag))
             digest = _upstream_digest(answer)
         if digest == cached.digest:
             if not answer.private or self._cache_private:
-                self._store.put_tag(
-                    route.name, tag, TagRecord(digest, cached.media_type, time.time())
-                )
+                record = TagRecord(digest, cached.media_type, time.time())
+                self._store.put_tag(route.name, tag, record, variant)
             self._count(request, "revalidated")
             return self._serve(request, cached, "cache")
         return await self._fetch(request, route, tag, accept, client_auth)
@@ -198,16 +304,16 @@ class Manifests:
         request: web.Request,
         route: Route,
         reference: str | Digest,
-        accept: str | None,
+        accept: Accept,
         client_auth: str | None,
     ) -> web.Response:
-        """A miss: ask upstream, verify, store (unless private), serve."""
+        """A miss: ask upstream, check it is a manifest, verify, store (unless private), serve."""
         method = request.method
         answer = await self._upstream.open(
             route,
             method,
             f"manifests/{reference}",
-            headers={"Accept": accept or DEFAULT_ACCEPT},
+            headers={"Accept": accept.upstream},
             client_auth=client_auth,
         )
         async with answer:
@@ -216,26 +322,30 @@ class Manifests:
             self._count(request, "bypass" if private else "miss")
             if answer.status != 200:
                 raise answer.refusal(_unknown(str(reference)))
+            content_type = answer.headers.get("Content-Type", "")
+            if content_type.split(";", 1)[0].strip() in SCHEMA1_TYPES:
+                raise _schema1(content_type)
             announced = _upstream_digest(answer)
             if isinstance(reference, Digest) and announced not in (None, reference):
                 self._mismatch(answer, reference)
             if method == "HEAD":
                 return self._head_from_upstream(answer, reference, announced)
             body = await answer.read(MANIFEST_MAX_BYTES, "manifest")
+        media_type = check_manifest(content_type, body, answer.where)
+        # By digest, the digest asked for; by tag, the upstream's, or (none sent) its own hash.
         digest = reference if isinstance(reference, Digest) else announced
         algorithm = digest.algorithm if digest is not None else "sha256"
-        manifest = StoredManifest(
-            Digest.of(body, algorithm),
-            manifest_media_type(answer.headers.get("Content-Type", ""), body),
-            body,
-        )
+        manifest = StoredManifest(Digest.of(body, algorithm), media_type, body)
         if digest is not None and manifest.digest != digest:
             self._mismatch(answer, digest)
         if not private:
             self._store.put_manifest(manifest)
             if isinstance(reference, str):
-                record = TagRecord(manifest.digest, manifest.media_type, time.time())
-                self._store.put_tag(route.name, reference, record)
+                # An index is what the tag means; a single manifest may be one platform's,
+                # narrowed for a client that takes no index: kept for that Accept only.
+                variant = None if media_type in INDEX_TYPES else accept.variant
+                record = TagRecord(manifest.digest, media_type, time.time())
+                self._store.put_tag(route.name, reference, record, variant)
         return self._serve(request, manifest, "upstream")
 
     def _head_from_upstream(

@@ -1,5 +1,11 @@
-"""A TCP relay in front of a registry, for network faults: a link that drops mid-blob, or a
-slow one."""
+"""A TCP relay in front of a registry, for real-network conditions: a link that drops
+mid-blob, a slow one, or a long one.
+
+On loopback a response arrives in one read; through this relay it doesn't. With ``rtt`` each
+direction holds every segment for half the round trip and lets at most ``window`` bytes be in
+flight, as TCP does over a WAN: a 200 KB body over a 20 ms link arrives in four round trips,
+in many reads. With ``rate`` responses trickle at that many bytes per second.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +14,14 @@ import contextlib
 
 from tests.registry import Registry
 
+SEGMENT = 16 * 1024
+
 
 class Relay:
     """Relays connections to ``target``. The first ``cuts`` blob responses are cut after
-    ``cut_after`` bytes (the link drops); with ``rate``, responses trickle at that many bytes
-    per second."""
+    ``cut_after`` bytes (the link drops); ``rate`` throttles responses (bytes per second);
+    ``rtt`` (seconds) delays every segment each way by half of it, with at most ``window``
+    bytes in flight each way."""
 
     def __init__(
         self,
@@ -21,11 +30,15 @@ class Relay:
         cut_after: int = 0,
         cuts: int = 0,
         rate: int | None = None,
+        rtt: float = 0.0,
+        window: int = 64 * 1024,
     ) -> None:
         self.target = target
         self.cut_after = cut_after
         self.cuts = cuts
         self.rate = rate
+        self.rtt = rtt
+        self.window = window
         self.server: asyncio.Server | None = None
 
     @property
@@ -48,31 +61,60 @@ class Relay:
         cut = b"/blobs/" in request.split(b"\r\n", 1)[0] and self.cuts > 0
         if cut:
             self.cuts -= 1
+        await asyncio.sleep(self.rtt / 2)
         up_w.write(request)
-        step = 65536 if self.rate is None else max(1024, self.rate // 20)
+        step = SEGMENT if self.rate is None else max(1024, min(SEGMENT, self.rate // 20))
+        limit = self.cut_after if cut else None
 
-        async def upstream_to_client() -> None:
-            sent = 0
-            while data := await up_r.read(step):
-                if cut and sent + len(data) > self.cut_after:
-                    client_w.write(data[: self.cut_after - sent])
-                    await client_w.drain()
-                    client_w.transport.abort()  # the link drops
-                    return
-                client_w.write(data)
-                sent += len(data)
-                await client_w.drain()
-                if self.rate is not None:
-                    await asyncio.sleep(len(data) / self.rate)
-            client_w.close()
-
-        async def client_to_upstream() -> None:
-            while data := await client_r.read(65536):
-                up_w.write(data)
-                await up_w.drain()
-
-        forward = asyncio.create_task(client_to_upstream())
+        forward = asyncio.create_task(self._pipe(client_r, up_w, step, None, None, close=False))
         with contextlib.suppress(ConnectionError):
-            await upstream_to_client()
+            await self._pipe(up_r, client_w, step, limit, self.rate, close=True)
         forward.cancel()
         up_w.close()
+
+    async def _pipe(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        step: int,
+        cut_after: int | None,
+        rate: int | None,
+        *,
+        close: bool,
+    ) -> None:
+        """Copy ``reader`` to ``writer`` through a link of this relay's shape; ``close`` the
+        writer at the end of the reader."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
+        room = asyncio.Semaphore(max(1, self.window // step))  # segments in flight
+
+        async def receive() -> None:
+            while True:
+                await room.acquire()
+                data = await reader.read(step)
+                queue.put_nowait((loop.time() + self.rtt / 2, data) if data else None)
+                if not data:
+                    return
+
+        receiving = asyncio.create_task(receive())
+        sent = 0
+        try:
+            while (item := await queue.get()) is not None:
+                due, data = item
+                if (wait := due - loop.time()) > 0:
+                    await asyncio.sleep(wait)
+                if cut_after is not None and sent + len(data) > cut_after:
+                    writer.write(data[: cut_after - sent])
+                    await writer.drain()
+                    writer.transport.abort()  # the link drops
+                    return
+                writer.write(data)
+                sent += len(data)
+                await writer.drain()
+                room.release()
+                if rate is not None:
+                    await asyncio.sleep(len(data) / rate)
+            if close:
+                writer.close()
+        finally:
+            receiving.cancel()
