@@ -285,3 +285,56 @@ async def test_accept_any_is_no_accept_and_schema1_is_refused_by_name(
     assert error["code"] == "UNSUPPORTED"
     assert "schema1" in error["message"]
     assert await mismatches(proxy) == 0
+
+
+async def test_without_a_digest_header_a_manifest_is_still_read_whole_and_checked(
+    aiohttp_server: Any, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    """An upstream that sends no Docker-Content-Digest: by tag, the manifest is whatever bytes
+    arrive, so it must be all of them, and a manifest, before it is served or cached."""
+    image = build_image("x/app", "v1", layers=1, layer_size=256)
+    served: dict[str, bytes] = {"whole": image.manifest, "cut": image.manifest}
+
+    async def manifest(request: web.Request) -> web.StreamResponse:
+        tag = request.match_info["reference"]
+        body = served.get(tag, b"<html>not a manifest</html>")
+        response = web.StreamResponse(headers={"Content-Type": OCI_MANIFEST})
+        response.content_length = len(body)
+        await response.prepare(request)
+        for start in range(0, len(body), 100):  # many small writes, as over a WAN
+            if tag == "cut" and start >= len(body) // 2:
+                assert request.transport is not None
+                request.transport.close()  # the link drops mid-manifest
+                return response
+            await response.write(body[start : start + 100])
+            await asyncio.sleep(0.002)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/v2/{name:.+}/manifests/{reference}", manifest)
+    upstream = await aiohttp_server(app, host="127.0.0.1")
+    host = f"127.0.0.1:{upstream.port}"
+    proxy = await make_proxy(
+        {
+            "cache": {"dir": str(tmp_path / "cache")},
+            "redirects": [{"src": "docker.io/", "to": f"{host}/mirror/"}],
+            "registries": {host: {"insecure": True}},
+        }
+    )
+    async with proxy.session.get(f"{proxy.url}/v2/app/manifests/whole") as response:
+        assert response.status == 200
+        assert await response.read() == image.manifest
+        assert response.headers["Docker-Content-Digest"] == image.digest
+    for tag in ("cut", "html"):
+        async with proxy.session.get(f"{proxy.url}/v2/app/manifests/{tag}") as response:
+            assert response.status == 502, tag
+            assert (await response.json())["errors"][0]["code"] == "UNAVAILABLE"
+    await upstream.close()
+    # Only the whole one was kept: with the upstream gone it is served, the others are not.
+    async with proxy.session.get(f"{proxy.url}/v2/app/manifests/{image.digest}") as response:
+        assert response.status == 200
+    for tag in ("cut", "html"):
+        async with proxy.session.get(f"{proxy.url}/v2/app/manifests/{tag}") as response:
+            assert response.status == 502, tag
+    assert await mismatches(proxy) == 0
