@@ -17,9 +17,14 @@ place that turns them into the OCI error body ``{"errors": [{"code", "message", 
     │   ├── BadRequest               4xx     UNSUPPORTED       (HTTP the parser refused)
     │   └── UpstreamDenied           401/403/429 as the upstream said, challenge relayed
     └── UpstreamError                5xx     (the upstream failed us; never the client's fault)
-        ├── UpstreamUnreachable      502     UNAVAILABLE
-        ├── UpstreamTimeout          504     UNAVAILABLE
+        ├── UpstreamUnreachable      502     UNAVAILABLE       (dns, refused, tls, connect, ...)
+        ├── UpstreamTimeout          504     UNAVAILABLE       (timeout)
         └── UpstreamInvalid          502     UNAVAILABLE       (wrong digest, oversize, bad reply)
+
+An :class:`UpstreamError` carries a ``cause``, one short stable word for what failed (the words
+are listed in :mod:`proxy.upstream`), and a ``reason``, the failure in words without host names.
+When every upstream of a request failed, the detail lists each one tried: ``{"name", "attempts":
+[{"upstream", "cause", "error"[, "host"][, "status"]}, ...]}``.
 
 Reference parsing raises the three ``*Invalid`` errors, which are ``ValueError`` too, so that
 code outside the proxy (the webhook, the CLI) can treat them as plain bad values.
@@ -127,14 +132,30 @@ class UpstreamDenied(ClientError):
 class UpstreamError(DetourError):
     status = 502
     code = "UNAVAILABLE"
+    cause = "invalid"
+
+    def __init__(
+        self,
+        message: str,
+        detail: Any = None,
+        *,
+        cause: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        super().__init__(message, detail)
+        if cause is not None:
+            self.cause = cause
+        self.reason = reason or message
 
 
 class UpstreamUnreachable(UpstreamError):
     status = 502
+    cause = "connect"
 
 
 class UpstreamTimeout(UpstreamError):
     status = 504
+    cause = "timeout"
 
 
 class UpstreamInvalid(UpstreamError):

@@ -13,11 +13,14 @@ from aiohttp import web
 from proxy.auth import CredentialStore
 from proxy.blobs import Blobs
 from proxy.cache import CacheStore, delete_files
+from proxy.logs import get_logger
 from proxy.manifests import Manifests
 from proxy.metrics import Metrics
 from proxy.rules import Rules
 from proxy.settings import Settings
-from proxy.upstream import UpstreamClient, client_timeout
+from proxy.upstream import UpstreamClient, client_timeout, registry_tls
+
+log = get_logger("detour")
 
 # The client's read buffer: big reads keep the per-chunk overhead of hashing off the hot path.
 READ_BUFFER_BYTES = 4 * 1024 * 1024
@@ -44,6 +47,11 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     metrics = app[METRICS]
     loop = asyncio.get_running_loop()
+    # A ca_file that can't be read is a ConfigError, before anything else is opened.
+    tls = await asyncio.to_thread(registry_tls, settings.registries)
+    for registry, conf in settings.registries.items():
+        if not conf.tls_verify:
+            log.warning("tls_verify_disabled", registry=registry, certificates="not checked")
 
     def evicted(paths: list[Path]) -> None:
         metrics.evictions.inc(len(paths))
@@ -61,7 +69,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
         read_bufsize=READ_BUFFER_BYTES,
         connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=300),
     )
-    upstream = UpstreamClient(session, settings.upstream, credentials, metrics)
+    upstream = UpstreamClient(session, settings.upstream, credentials, metrics, tls)
     cache_private = settings.cache.cache_private
     blobs = Blobs(store, upstream, metrics, cache_private=cache_private)
     manifests = Manifests(

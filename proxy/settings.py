@@ -90,16 +90,34 @@ class _Section(BaseModel):
 
 
 class RegistrySettings(_Section):
-    """How to reach one registry."""
+    """How to reach one registry.
+
+    ``ca_file`` is a PEM bundle trusted for this registry's host on top of the system's store
+    (a mirror with a private CA); ``tls_verify: false`` accepts any certificate from it. Both
+    apply to the registry's own API host; a host it redirects to is verified as usual unless it
+    has an entry of its own. The file is read when the proxy starts
+    (:func:`proxy.upstream.registry_tls`), not here: the webhook reads the same settings without
+    mounting the CA.
+    """
 
     insecure: bool = False  # plain http
     username: str | None = None
     password: SecretStr | None = None
+    ca_file: Path | None = None
+    tls_verify: bool = True
 
     @model_validator(mode="after")
     def _both_or_neither(self) -> RegistrySettings:
         if (self.username is None) != (self.password is None):
             raise ValueError("username and password go together")
+        return self
+
+    @model_validator(mode="after")
+    def _tls_needs_https(self) -> RegistrySettings:
+        if self.insecure and (self.ca_file is not None or not self.tls_verify):
+            raise ValueError("ca_file and tls_verify are for https; insecure means plain http")
+        if self.ca_file is not None and not self.tls_verify:
+            raise ValueError("ca_file has no use with tls_verify: false")
         return self
 
 

@@ -14,17 +14,36 @@ For each upstream of a :class:`~proxy.rules.Route`:
 4. A connection error, a timeout, a 5xx or a 429 moves on to the next upstream.
 
 Transport exceptions are translated here into :mod:`proxy.errors` types, at this boundary:
-nothing from aiohttp's client reaches the handlers.
+nothing from aiohttp's client reaches the handlers. Each carries a ``cause``, one word that says
+what failed; every upstream tried is listed in the error's detail with its cause, and each
+failed attempt is logged once, as a warning (``upstream_attempt_failed``)::
+
+    dns           the host name does not resolve
+    refused       nothing listens on the port
+    tls           TLS handshake failed: untrusted certificate, wrong host name, not TLS at all
+    connect       any other failure to connect (no route to host, network unreachable)
+    timeout       no connection within connect_timeout, or silence longer than read_timeout
+    disconnected  the connection dropped before the answer was complete
+    protocol      the answer was not HTTP that aiohttp could read
+    http          the upstream answered 5xx or 429 (the entry has its ``status``)
+    down          not tried: it failed less than DOWN_SECONDS ago (only with ``fallback``)
+
+TLS is per host: ``registries.<host>.ca_file`` adds a PEM bundle to the system's trust store
+for that registry's API host, ``tls_verify: false`` turns verification off for it. A redirect to
+another host (object storage) or a token realm on another host is verified as usual, unless
+that host has a ``registries`` entry of its own.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import ssl
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Literal, NotRequired, TypedDict, cast
 
 import aiohttp
 from yarl import URL
@@ -48,9 +67,13 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from proxy.logs import get_logger
 from proxy.metrics import Metrics
+from proxy.reference import api_host
 from proxy.rules import Route, Upstream
-from proxy.settings import UpstreamSettings
+from proxy.settings import ConfigError, RegistrySettings, UpstreamSettings
+
+log = get_logger("detour.upstream")
 
 USER_AGENT = f"detour/{__version__}"
 # After a connection error or timeout, a registry counts as down this long for requests that
@@ -60,18 +83,141 @@ DOWN_SECONDS = 30.0
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_TOKEN_RESPONSE = 1 << 20
 
+Cause = Literal[
+    "dns", "refused", "tls", "connect", "timeout", "disconnected", "protocol", "http", "down"
+]
+# What aiohttp's per-request ``ssl`` takes: a context, or False for no verification.
+TLS = ssl.SSLContext | Literal[False]
+# OpenSSL's "[SSL: CODE] " before its words and " (_ssl.c:1006)" after them.
+_SSL_NOISE = re.compile(r"^\[[A-Za-z0-9_]+: [A-Za-z0-9_]+\]\s*|\s*\(_ssl\.c:\d+\)$")
+
+
+class Attempt(TypedDict):
+    """One upstream tried, in the ``attempts`` of an error's detail."""
+
+    upstream: str  # the registry, as in settings' ``registries`` keys
+    cause: Cause
+    error: str  # what failed, in words: "certificate verify failed: unable to get ..."
+    host: NotRequired[str]  # where, when not the registry itself: a redirect, a token realm
+    status: NotRequired[int]  # cause "http": the upstream's status
+
+
+def _tls_words(error: OSError) -> str:
+    if isinstance(error, ssl.SSLCertVerificationError) and error.verify_message:
+        return f"certificate verify failed: {error.verify_message}"
+    text = str(error.strerror or error)
+    return _SSL_NOISE.sub("", text) or type(error).__name__
+
+
+def _os_words(error: OSError) -> str:
+    return str(error.strerror or error) or type(error).__name__
+
+
+def _explain(exc: Exception) -> tuple[Cause, str]:
+    """The cause of a transport exception, and what failed in words. Never the URL: a signed
+    object-storage URL carries credentials in its query."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return "timeout", "timed out connecting"
+    if isinstance(exc, TimeoutError):  # aiohttp's SocketTimeoutError too
+        return "timeout", "timed out waiting for data"
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return "dns", _os_words(exc.os_error)
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return "tls", _tls_words(exc.os_error)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc.os_error, ConnectionRefusedError):
+            return "refused", "connection refused"
+        return "connect", _os_words(exc.os_error)
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "disconnected", "the server closed the connection"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "disconnected", "the response body was cut short"
+    if isinstance(exc, aiohttp.ClientOSError):
+        return "disconnected", _os_words(exc)
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return "protocol", f"invalid HTTP response: {exc.message[:200]}"
+    if isinstance(exc, aiohttp.InvalidURL):
+        return "protocol", "invalid URL"
+    return "protocol", type(exc).__name__
+
+
+_MESSAGES: dict[Cause, str] = {
+    "dns": "cannot resolve {host}: {error}",
+    "refused": "{host} refused the connection",
+    "tls": "TLS handshake with {host} failed: {error}",
+    "connect": "cannot connect to {host}: {error}",
+    "timeout": "{host} {error}",
+    "disconnected": "{host} dropped the connection: {error}",
+    "protocol": "bad reply from {host}: {error}",
+}
+
 
 @contextmanager
-def transport_errors(what: str) -> Iterator[None]:
-    """Turn aiohttp client and timeout exceptions into :class:`UpstreamError` types."""
+def transport_errors(what: str, host: str | None = None) -> Iterator[None]:
+    """Turn aiohttp client and timeout exceptions into :class:`UpstreamError` types.
+
+    ``what`` is the upstream (a registry, or registry/repository) and ``host`` the host actually
+    contacted, when it is not the upstream's own.
+    """
     try:
         yield
-    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-        raise UpstreamTimeout(f"timed out talking to {what}", {"upstream": what}) from exc
-    except aiohttp.ClientError as exc:
-        raise UpstreamUnreachable(
-            f"cannot reach {what}", {"upstream": what, "error": type(exc).__name__}
-        ) from exc
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        cause, error = _explain(exc)
+        detail: dict[str, str] = {"upstream": what, "cause": cause, "error": error}
+        if host is not None:
+            detail["host"] = host
+        message = _MESSAGES.get(cause, "{host}: {error}").format(host=host or what, error=error)
+        kind = UpstreamTimeout if cause == "timeout" else UpstreamUnreachable
+        raise kind(message, detail, cause=cause, reason=error) from exc
+
+
+def _host_key(url: URL) -> tuple[str, int]:
+    """(host, port) with the scheme's default port filled in."""
+    return url.host or "", url.port or 0
+
+
+def _api_key(registry: str, scheme: str = "https") -> tuple[str, int]:
+    return _host_key(URL(f"{scheme}://{api_host(registry)}"))
+
+
+def _log_failure(route: Route, attempt: Attempt) -> None:
+    log.warning("upstream_attempt_failed", name=str(route.name), **attempt)
+
+
+def _failure(route: Route, registry: str, exc: UpstreamError) -> Attempt:
+    """The attempts entry for a transport failure (see :func:`transport_errors`), logged."""
+    attempt: Attempt = {"upstream": registry, "cause": cast(Cause, exc.cause), "error": exc.reason}
+    if isinstance(exc.detail, dict) and isinstance(exc.detail.get("host"), str):
+        attempt["host"] = exc.detail["host"]
+    _log_failure(route, attempt)
+    return attempt
+
+
+def registry_tls(registries: Mapping[str, RegistrySettings]) -> dict[tuple[str, int], TLS]:
+    """The TLS of each registry that sets ``ca_file`` or ``tls_verify``, by its API host and
+    port. ``ca_file`` is added to the system's trust store, so a public certificate still
+    verifies. Reads the files: call it off the event loop.
+
+    Raises :class:`ConfigError` naming the key when a ``ca_file`` is not a readable PEM bundle.
+    """
+    contexts: dict[tuple[str, int], TLS] = {}
+    for registry, conf in registries.items():
+        key = _api_key(registry)
+        if not conf.tls_verify:
+            contexts[key] = False
+        elif conf.ca_file is not None:
+            context = ssl.create_default_context()
+            try:
+                context.load_verify_locations(cafile=conf.ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                words = _tls_words(exc) if isinstance(exc, ssl.SSLError) else _os_words(exc)
+                raise ConfigError(
+                    f"registries.{registry}.ca_file: cannot use {conf.ca_file} "
+                    f"as a PEM certificate bundle: {words}"
+                ) from None
+            context.set_alpn_protocols(("http/1.1",))  # as aiohttp's own contexts
+            contexts[key] = context
+    return contexts
 
 
 @dataclass
@@ -81,7 +227,7 @@ class UpstreamResponse:
     upstream: Upstream
     response: aiohttp.ClientResponse
     private: bool  # fetched with the client's own credentials: never cache
-    attempts: list[dict[str, str]] = field(default_factory=list)
+    attempts: list[Attempt] = field(default_factory=list)
 
     @property
     def status(self) -> int:
@@ -171,11 +317,13 @@ class UpstreamClient:
         settings: UpstreamSettings,
         credentials: CredentialStore,
         metrics: Metrics,
+        tls: Mapping[tuple[str, int], TLS] | None = None,
     ) -> None:
         self._session = session
         self._settings = settings
         self._credentials = credentials
         self._metrics = metrics
+        self._tls = dict(tls or {})  # see registry_tls
         self._tokens = TokenCache()
         self._basic_registries: set[str] = set()
         self._down_until: dict[str, float] = {}
@@ -198,40 +346,59 @@ class UpstreamClient:
         cached answer to fall back on: registries that failed to connect or timed out in the
         last :data:`DOWN_SECONDS` are not tried, and a silent one is given up on after
         ``connect_timeout`` rather than ``read_timeout``.
+
+        Each failed attempt is logged once, as a warning; the error raised lists them all in
+        its detail, and, when there was one upstream, says in its message what failed.
         """
-        attempts: list[dict[str, str]] = []
+        attempts: list[Attempt] = []
+        messages: list[str] = []
         timed_out = False
         last_status: int | None = None
         for upstream in route.upstreams:
-            if fallback and self._down_until.get(upstream.registry, 0.0) > time.monotonic():
-                attempts.append({"upstream": upstream.registry, "error": "recently down"})
+            registry = upstream.registry
+            if fallback and self._down_until.get(registry, 0.0) > time.monotonic():
+                error = f"failed less than {DOWN_SECONDS:.0f}s ago; not tried"
+                attempts.append({"upstream": registry, "cause": "down", "error": error})
+                messages.append(f"{registry} {error}")
                 continue
             try:
                 response, private = await self._exchange(
                     upstream, method, suffix, dict(headers or {}), client_auth, fallback
                 )
-            except UpstreamTimeout:
-                timed_out = True
-                self._down_until[upstream.registry] = time.monotonic() + DOWN_SECONDS
-                attempts.append({"upstream": upstream.registry, "error": "timeout"})
+            except (UpstreamTimeout, UpstreamUnreachable) as exc:
+                timed_out = timed_out or isinstance(exc, UpstreamTimeout)
+                self._down_until[registry] = time.monotonic() + DOWN_SECONDS
+                attempts.append(_failure(route, registry, exc))
+                messages.append(exc.message)
                 continue
-            except UpstreamUnreachable:
-                self._down_until[upstream.registry] = time.monotonic() + DOWN_SECONDS
-                attempts.append({"upstream": upstream.registry, "error": "unreachable"})
-                continue
-            self._down_until.pop(upstream.registry, None)
+            self._down_until.pop(registry, None)
             if _retryable(response.status):
                 last_status = response.status
-                attempts.append({"upstream": upstream.registry, "error": str(response.status)})
+                answered = f"answered {response.status} {(response.reason or '')[:100]}".rstrip()
+                attempt: Attempt = {
+                    "upstream": registry,
+                    "cause": "http",
+                    "error": answered,
+                    "status": response.status,
+                }
+                _log_failure(route, attempt)
+                attempts.append(attempt)
+                messages.append(f"{registry} {answered}")
                 response.release()
                 continue
             return UpstreamResponse(upstream, response, private, attempts)
         detail = {"name": str(route.name), "attempts": attempts}
         if last_status == 429 and len(attempts) == 1:
             raise UpstreamDenied(429, "upstream rate limit reached", detail)
+        # One upstream: its own words and cause. Several: each is in the detail.
+        single = len(attempts) == 1
+        message = messages[0] if single else "no upstream could serve the request"
+        cause = attempts[0]["cause"] if single else None
         if timed_out and last_status is None:
-            raise UpstreamTimeout("every upstream timed out", detail)
-        raise UpstreamUnreachable("no upstream could serve the request", detail)
+            if not single and all(a["cause"] == "timeout" for a in attempts):
+                message = "every upstream timed out"
+            raise UpstreamTimeout(message, detail, cause=cause)
+        raise UpstreamUnreachable(message, detail, cause=cause)
 
     async def _exchange(
         self,
@@ -350,15 +517,19 @@ class UpstreamClient:
             }
             if auth is not None and _origin(url) == first_origin:
                 sent["Authorization"] = auth
+            key = _host_key(url)
+            tls = self._tls.get(key, True) if url.scheme == "https" else True
+            own = key == _api_key(registry, url.scheme)
             started = time.monotonic()
             try:
-                with transport_errors(registry):
+                with transport_errors(registry, None if own else url.host_port_subcomponent):
                     response = await self._session.request(
                         method,
                         url,
                         headers=sent,
                         allow_redirects=False,
                         timeout=limits or self._session.timeout,
+                        ssl=tls,
                     )
             except UpstreamError as exc:
                 status = "timeout" if isinstance(exc, UpstreamTimeout) else "error"

@@ -21,25 +21,39 @@ line is written *after* the response has been sent, so a client can see the resp
 the line exists: use :meth:`Registry.wait_paths` (or pass ``at_least``) rather than reading the
 log instantly.
 Readiness probes made by :meth:`Registry.start` are not reported.
+
+TLS: ``Registry(tls=True)`` serves https with a certificate from a throwaway private CA
+(:attr:`Registry.ca_path`, PEM), for 127.0.0.1 unless ``tls_names`` says otherwise (IP
+addresses become IP SANs, the rest DNS names). :meth:`Registry.client_ssl` is a client context
+trusting that CA.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import http.client
+import ipaddress
 import json
 import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from tests.token_issuer import TokenIssuer
 
@@ -59,6 +73,62 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+@dataclass(frozen=True, slots=True)
+class ServingCertificates:
+    """A private CA and a serving certificate (with its key) that it signed, all PEM."""
+
+    ca_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes
+
+
+def make_certificates(names: Sequence[str] = ("127.0.0.1",)) -> ServingCertificates:
+    """A fresh CA (P-256) and a one-day server certificate for ``names``."""
+    now = datetime.datetime.now(datetime.UTC)
+    start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "detour test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    sans: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            sans.append(x509.DNSName(name))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return ServingCertificates(
+        ca_pem=ca.public_bytes(serialization.Encoding.PEM),
+        cert_pem=cert.public_bytes(serialization.Encoding.PEM),
+        key_pem=key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +154,8 @@ class Registry:
         issuer: TokenIssuer | None = None,
         username: str = "admin",
         password: str | None = None,
+        tls: bool = False,
+        tls_names: Sequence[str] = ("127.0.0.1",),
     ) -> None:
         self.auth: AuthMode = auth
         self._own_dir = workdir is None
@@ -94,7 +166,14 @@ class Registry:
         self.log_path = self.dir / "registry.log"
         self.port = port or free_port()
         self.host = f"127.0.0.1:{self.port}"
-        self.url = f"http://{self.host}"
+        self.tls = tls
+        self.url = f"{'https' if tls else 'http'}://{self.host}"
+        self.ca_path = self.dir / "ca.pem"  # tls only
+        if tls:
+            certs = make_certificates(tls_names)
+            self.ca_path.write_bytes(certs.ca_pem)
+            (self.dir / "tls.crt").write_bytes(certs.cert_pem)
+            (self.dir / "tls.key").write_bytes(certs.key_pem)
         self.username = username
         self.password = password or uuid.uuid4().hex
         self._own_issuer = False
@@ -124,6 +203,12 @@ class Registry:
         return None
 
     def _write_config(self) -> None:
+        serving: dict[str, object] = {"addr": self.host, "secret": "detour-test-secret"}
+        if self.tls:
+            serving["tls"] = {
+                "certificate": str(self.dir / "tls.crt"),
+                "key": str(self.dir / "tls.key"),
+            }
         config: dict[str, object] = {
             "version": "0.1",
             "log": {"level": "info", "formatter": "text", "accesslog": {"disabled": False}},
@@ -132,7 +217,7 @@ class Registry:
                 "delete": {"enabled": True},
                 "maintenance": {"uploadpurging": {"enabled": False}},
             },
-            "http": {"addr": self.host, "secret": "detour-test-secret"},
+            "http": serving,
         }
         if self.auth == "htpasswd":
             htpasswd = self.dir / "htpasswd"
@@ -193,8 +278,20 @@ class Registry:
                 raise RuntimeError(f"registry did not answer in {timeout}s:\n{self.log_text()}")
             time.sleep(0.02)
 
+    def client_ssl(self, *, check_hostname: bool = True) -> ssl.SSLContext:
+        """A client context trusting this registry's CA (and only it)."""
+        assert self.tls, "not a TLS registry"
+        context = ssl.create_default_context(cafile=str(self.ca_path))
+        context.check_hostname = check_hostname
+        return context
+
     def _probe(self) -> bool:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
+        conn: http.client.HTTPConnection
+        if self.tls:  # the certificate may be for another name: only the CA is checked
+            context = self.client_ssl(check_hostname=False)
+            conn = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=1, context=context)
+        else:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
         try:
             conn.request("GET", "/v2/", headers={"User-Agent": _READY_AGENT})
             status = conn.getresponse().status

@@ -145,7 +145,7 @@ async def test_unreachable_upstream_is_a_prompt_502(
         body = await response.json()
     assert time.monotonic() - started < 5
     assert body["errors"][0]["detail"]["attempts"] == [
-        {"upstream": dead.host, "error": "unreachable"}
+        {"upstream": dead.host, "cause": "refused", "error": "connection refused"}
     ]
     await still_serves(proxy, registry)
 
