@@ -39,7 +39,10 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MiB = 1024 * 1024
 # The conformance suite's "large manifest" is 3.9 MB; the spec's floor for a limit is 4 MiB.
 SIZES = {"4k": 4_000, "60k": 60_000, "200k": 200_000, "1m": 1_000_000, "3.9m": 3_900_000}
-LINKS = {"wan-20ms": {"rtt": 0.020}, "throttled-2MiBps": {"rate": 2 * MiB}}
+LINKS: dict[str, dict[str, Any]] = {
+    "wan-20ms": {"rtt": 0.020},
+    "throttled-2MiBps": {"rate": 2 * MiB},
+}
 
 
 def padded_manifest(registry: Registry, repo: str, tag: str, size: int) -> tuple[str, bytes]:
