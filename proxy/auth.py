@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 import string
 import time
 from collections.abc import Mapping
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import TypedDict
 
 from proxy.logs import get_logger
-from proxy.reference import DOCKER_HUB, canonical_registry
+from proxy.reference import DOCKER_HUB, canonical_registry, parse_json
 from proxy.settings import ConfigError, RegistrySettings
 
 log = get_logger("detour.auth")
@@ -145,7 +144,7 @@ def _config_key_to_registry(key: str) -> str | None:
 
 def load_docker_config(path: Path) -> dict[str, Credentials]:
     """Read the ``auths`` of a docker ``config.json`` (a pull secret's ``.dockerconfigjson``)."""
-    data = json.loads(path.read_text())
+    data = parse_json(path.read_text())
     auths = data.get("auths", {}) if isinstance(data, dict) else {}
     found: dict[str, Credentials] = {}
     for key, entry in auths.items():

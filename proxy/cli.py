@@ -30,9 +30,22 @@ def _webhook(args: argparse.Namespace) -> int:
 
 
 def _resolve(args: argparse.Namespace) -> int:
+    from proxy.reference import ImageName, Reference
     from proxy.rules import describe_resolution
+    from proxy.webhook import rewrite_image
 
-    print(describe_resolution(_settings(args), args.image))
+    settings = _settings(args)
+    prefix = settings.webhook.prefix
+    image: str = args.image
+    if image.startswith(prefix + "/"):  # as the webhook wrote it: read it as the proxy will
+        written = Reference.parse(image)
+        name = ImageName.from_path(written.name.repository)
+        image = str(Reference(name, written.tag, written.digest))
+    print(describe_resolution(settings, image))
+    try:
+        print(f"path:   {rewrite_image(image, prefix)}")
+    except ValueError:
+        print("path:   (none: an IPv6 registry can't be spelled in path mode)")
     return 0
 
 
@@ -102,8 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("serve", "Run the caching proxy.").set_defaults(func=_serve)
     command("webhook", "Run the mutating admission webhook.").set_defaults(func=_webhook)
-    resolve = command("resolve", "Show where an image is fetched from, in order.")
-    resolve.add_argument("image", help="an image reference, e.g. nats:2.10.26-alpine")
+    resolve = command(
+        "resolve",
+        "Show where an image is fetched from, in order, and how path mode spells it.",
+    )
+    resolve.add_argument(
+        "image",
+        help="an image reference, e.g. nats:2.10.26-alpine, or one the webhook rewrote",
+    )
     resolve.set_defaults(func=_resolve)
     hosts = command(
         "containerd-hosts",

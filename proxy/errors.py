@@ -8,6 +8,7 @@ place that turns them into the OCI error body ``{"errors": [{"code", "message", 
     │   ├── NameInvalid              400     NAME_INVALID      also a ValueError
     │   ├── TagInvalid               400     TAG_INVALID       also a ValueError
     │   ├── DigestInvalid            400     DIGEST_INVALID    also a ValueError
+    │   ├── PaginationNumberInvalid  400     PAGINATION_NUMBER_INVALID  (tags/list?n=abc)
     │   ├── NameUnknown              404     NAME_UNKNOWN
     │   ├── ManifestUnknown          404     MANIFEST_UNKNOWN
     │   ├── BlobUnknown              404     BLOB_UNKNOWN
@@ -67,6 +68,12 @@ class TagInvalid(ClientError, ValueError):
 
 class DigestInvalid(ClientError, ValueError):
     code = "DIGEST_INVALID"
+
+
+class PaginationNumberInvalid(ClientError):
+    """``tags/list?n=`` that is not a whole number; distribution's own code for it."""
+
+    code = "PAGINATION_NUMBER_INVALID"
 
 
 class NameUnknown(ClientError):

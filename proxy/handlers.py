@@ -9,7 +9,7 @@ UNSUPPORTED. ``<name>`` is read in path mode (``/v2/docker.io/library/nats/...``
 from __future__ import annotations
 
 import asyncio
-import json
+import re
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlencode
@@ -17,18 +17,26 @@ from urllib.parse import urlencode
 from aiohttp import web
 from yarl import URL
 
-from proxy.errors import NameUnknown, NotFound, Unsupported, UpstreamInvalid
+from proxy.errors import (
+    NameUnknown,
+    NotFound,
+    PaginationNumberInvalid,
+    Unsupported,
+    UpstreamInvalid,
+)
 from proxy.logs import LOG
 from proxy.reference import (
     Digest,
     ImageName,
     is_digest,
+    parse_json,
     parse_manifest_reference,
     validate_tag,
 )
 from proxy.services import SERVICES
 
 TAGS_LIST_MAX_BYTES = 8 * 1024 * 1024
+_COUNT = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() takes "²" and "٣" too
 READ_METHODS = ("GET", "HEAD")
 
 
@@ -102,8 +110,11 @@ async def _tags_list(
     services = request.app[SERVICES]
     query: dict[str, str] = {}
     if "n" in request.query:
-        if not request.query["n"].isdigit():
-            raise NotFound("n must be a number", {"n": request.query["n"][:50]})
+        if not _COUNT.fullmatch(request.query["n"]):
+            raise PaginationNumberInvalid(
+                "invalid number of results requested: n must be a whole number",
+                {"n": request.query["n"][:50]},
+            )
         query["n"] = request.query["n"]
     if "last" in request.query:
         last = request.query["last"]
@@ -121,10 +132,12 @@ async def _tags_list(
         body = await answer.read(TAGS_LIST_MAX_BYTES, "tag list")
         link = answer.headers.get("Link")
     try:
-        listing = json.loads(body)
+        listing = parse_json(body)
         tags = listing.get("tags") or []
     except (ValueError, AttributeError):
         raise UpstreamInvalid("upstream sent an invalid tag list") from None
+    if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
+        raise UpstreamInvalid("upstream sent a tag list whose tags are not strings")
     headers: dict[str, str] = {}
     if link is not None:
         headers["Link"] = rewrite_link(link, path.path_name, ns)

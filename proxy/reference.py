@@ -9,15 +9,27 @@ Forms understood:
 * an image reference as written in a pod spec: ``nats:2.10``, ``ghcr.io/a/b@sha256:...``,
   ``registry.local:5000/team/app:v1``;
 * a path-mode repository, as the proxy sees it in ``/v2/<registry>/<repository>/...``, where a
-  port is encoded as ``-<port>`` (``registry.local-5000``) because ``:`` is not allowed there;
+  port is spelled ``_<port>`` (``registry.local_5000``) because ``:`` is not allowed there. A
+  host name never contains ``_`` and a path component may, so this can't be misread:
+  ``registry.team-2`` is a host, not ``registry.team:2``. The older ``-<port>`` spelling is
+  still read where it can't be a host name: after ``localhost`` or an IPv4 address
+  (``127.0.0.1-5000``);
 * a containerd mirror-mode repository, ``/v2/<repository>/...?ns=<registry>``.
+
+A port outside 1-65535 is a :class:`NameInvalid`, wherever it is written.
+
+:func:`parse_json` is here too: the one JSON decoder for bodies Detour is sent (manifests, tag
+lists, token responses, admission reviews), since both the proxy and the webhook parse them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
+import json
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from proxy.errors import DigestInvalid, NameInvalid, TagInvalid
 
@@ -30,12 +42,15 @@ NAME_TOTAL_MAX = 255  # distribution's limit on "registry/repository"
 
 _COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
 _DOMAIN_LABEL = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
-_HOST = re.compile(
-    rf"(?:{_DOMAIN_LABEL}(?:\.{_DOMAIN_LABEL})*|\[[a-fA-F0-9:]+\])(?::[0-9]{{1,5}})?"
-)
+_DOMAIN = rf"{_DOMAIN_LABEL}(?:\.{_DOMAIN_LABEL})*"
+_HOST = re.compile(rf"(?:{_DOMAIN}|\[[a-fA-F0-9:]+\])(?::(?P<port>[0-9]{{1,5}}))?")
+_DOMAIN_ONLY = re.compile(_DOMAIN)
+PORT_MAX = 65535
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _DIGEST_HEX = {"sha256": re.compile(r"[a-f0-9]{64}"), "sha512": re.compile(r"[a-f0-9]{128}")}
-_PORT_SUFFIX = re.compile(r"^(?P<host>.+)-(?P<port>[0-9]{1,5})$")
+# Path mode's port: ``registry.local_5000``; and the older ``localhost-5000``.
+_PORT_SUFFIX = re.compile(r"(?P<host>.+)_(?P<port>[0-9]{1,5})")
+_LEGACY_PORT_SUFFIX = re.compile(r"(?P<host>.+)-(?P<port>[0-9]{1,5})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +99,11 @@ def validate_tag(tag: str) -> str:
 
 def canonical_registry(host: str) -> str:
     """Lower-case a registry host and fold Docker Hub's aliases into ``docker.io``."""
-    if not _HOST.fullmatch(host):
+    match = _HOST.fullmatch(host)
+    if not match:
         raise NameInvalid("invalid registry host", {"registry": host[:200]})
+    if match["port"] is not None and not 1 <= int(match["port"]) <= PORT_MAX:
+        raise NameInvalid(f"registry port outside 1-{PORT_MAX}", {"registry": host[:200]})
     host = host.lower()
     return DOCKER_HUB if host in _DOCKER_HUB_ALIASES else host
 
@@ -147,7 +165,7 @@ class ImageName:
 
         With ``ns`` (containerd's mirror mode) the registry is ``ns`` and the whole path is the
         repository. Otherwise (path mode) a first component with a ``.`` or ``:``, or
-        ``localhost``, names the registry, and a trailing ``-<port>`` on it is a port.
+        ``localhost``, names the registry, as does one with a port (see :func:`decode_port`).
         """
         if ns is not None:
             return cls.of(ns, path_name)
@@ -157,26 +175,53 @@ class ImageName:
         return cls.of(DOCKER_HUB, path_name)
 
     def path_form(self) -> str:
-        """This name as path mode spells it: ``registry.local-5000/team/app``."""
+        """This name as path mode spells it: ``registry.local_5000/team/app``."""
         return f"{encode_port(self.registry)}/{self.repository}"
 
 
-def decode_port(host: str) -> str:
-    """``registry.local-5000`` → ``registry.local:5000``; anything else unchanged."""
-    if ":" in host:
-        return host
-    match = _PORT_SUFFIX.match(host)
-    if match and _looks_like_registry(match["host"]):
+def _is_ipv4(text: str) -> bool:
+    try:
+        ipaddress.IPv4Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def decode_port(component: str) -> str:
+    """The registry a path-mode first component names, or the component unchanged.
+
+    ``registry.local_5000`` → ``registry.local:5000`` (``_`` is never part of a host name, so a
+    single-label host is read too: ``registry_5000`` → ``registry:5000``). The older ``-<port>``
+    only after ``localhost`` or an IPv4 address (``127.0.0.1-5000`` → ``127.0.0.1:5000``):
+    anywhere else it is part of the host name (``registry.team-2``, ``mirror.corp-01``). The
+    port is not range-checked here; :func:`canonical_registry` does that.
+    """
+    if ":" in component:
+        return component
+    match = _PORT_SUFFIX.fullmatch(component)
+    if match and _DOMAIN_ONLY.fullmatch(match["host"]):
         return f"{match['host']}:{match['port']}"
-    return host
+    match = _LEGACY_PORT_SUFFIX.fullmatch(component)
+    if match and (match["host"] == "localhost" or _is_ipv4(match["host"])):
+        return f"{match['host']}:{match['port']}"
+    return component
 
 
 def encode_port(host: str) -> str:
-    """``registry.local:5000`` → ``registry.local-5000``; anything else unchanged."""
+    """``registry.local:5000`` → ``registry.local_5000``; anything else unchanged."""
     if host.startswith("["):
-        return host  # IPv6 literals keep their form
+        return host  # IPv6 literals keep their form (and can't be spelled in path mode)
     name, sep, port = host.rpartition(":")
-    return f"{name}-{port}" if sep else host
+    return f"{name}_{port}" if sep else host
+
+
+def parse_json(data: str | bytes) -> Any:
+    """``json.loads``, with a document nested deeper than the decoder recurses (it raises
+    :class:`RecursionError`) refused like any other malformed one: :class:`ValueError`."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 @dataclass(frozen=True, slots=True)

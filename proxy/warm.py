@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import platform as _host
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -42,7 +41,7 @@ from proxy.manifests import (
     OCI_MANIFEST,
     manifest_media_type,
 )
-from proxy.reference import Digest, ImageName, Reference
+from proxy.reference import Digest, ImageName, Reference, parse_json
 from proxy.settings import ConfigError, Settings
 
 CONCURRENCY = 4  # blob downloads in flight per image
@@ -232,7 +231,7 @@ def _descriptor(obj: Any, where: str) -> Descriptor:
 
 def _json_object(body: bytes, where: str) -> dict[str, Any]:
     try:
-        doc = json.loads(body)
+        doc = parse_json(body)
     except ValueError:
         raise WarmError(f"{where}: not valid JSON") from None
     if not isinstance(doc, dict):
@@ -273,7 +272,7 @@ def _digest(text: str, where: str) -> Digest:
 def refusal(status: int, body: bytes) -> str:
     """The proxy's OCI error body, as one line: message, code, status, what was tried."""
     try:
-        entry = json.loads(body)["errors"][0]
+        entry = parse_json(body)["errors"][0]
         code, message = str(entry["code"]), str(entry["message"])
     except (ValueError, KeyError, IndexError, TypeError):
         return f"HTTP {status}: {body[:200].decode('utf-8', 'replace').strip()}"

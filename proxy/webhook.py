@@ -4,11 +4,13 @@
 ``admission.k8s.io/v1``) over TLS, plus ``GET /healthz`` and ``GET /metrics``. For each pod it
 rewrites the image of every entry in ``spec.containers``, ``spec.initContainers`` and
 ``spec.ephemeralContainers``: the reference is normalized, then prefixed with
-``webhook.prefix``, a registry port spelled ``-<port>`` as the proxy's path mode expects::
+``webhook.prefix``, a registry port spelled ``_<port>`` as the proxy's path mode expects (a
+host name never contains ``_``, so ``registry.team-2`` stays the host it is)::
 
     nats:2.10.26-alpine              → localhost:7439/docker.io/library/nats:2.10.26-alpine
     busybox                          → localhost:7439/docker.io/library/busybox:latest
-    registry.local:5000/team/app:v1  → localhost:7439/registry.local-5000/team/app:v1
+    registry.local:5000/team/app:v1  → localhost:7439/registry.local_5000/team/app:v1
+    registry.team-2/app:v1           → localhost:7439/registry.team-2/app:v1
     quay.io/x/y@sha256:<hex>         → localhost:7439/quay.io/x/y@sha256:<hex>   (byte for byte)
     localhost:7439/...               → unchanged, so a second pass changes nothing
 
@@ -32,9 +34,10 @@ images matching a ``webhook.ignore_images`` regex — ``ignored_image``, images 
 parse — ``invalid_image``, and images already behind the prefix — ``already_prefixed``. A regex
 matches when ``re.search`` finds it in the image as written or in its normalized form.
 
-Failure modes: a body that is not JSON, or not an AdmissionReview with a ``request`` and a
-``request.uid``, gets HTTP 400 with a message. Anything that is not a pod (``request.kind.kind``
-other than ``Pod``, ``request.resource.resource`` other than ``pods``, a sub-resource other than
+Failure modes: a body that is not JSON (or is nested deeper than the parser goes), or not an
+AdmissionReview with a ``request`` and a ``request.uid``, gets HTTP 400 with a message.
+Anything that is not a pod (``request.kind.kind`` other than ``Pod``,
+``request.resource.resource`` other than ``pods``, a sub-resource other than
 ``ephemeralcontainers``, an operation other than CREATE or UPDATE) is allowed unchanged. Any
 internal error still allows the pod, unchanged; it is logged and counted as
 ``detour_webhook_reviews_total{outcome="error"}``: the webhook must never be the reason a pod
@@ -76,7 +79,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
 from proxy.logs import configure_logging
-from proxy.reference import Reference
+from proxy.reference import Reference, parse_json
 from proxy.settings import ConfigError, Settings, WebhookSettings, split_host_port
 
 ORIGINAL_IMAGES_ANNOTATION: Final = "detour.io/original-images"
@@ -368,7 +371,7 @@ def _existing_originals(annotations: Mapping[str, Any]) -> dict[str, str]:
     if not isinstance(text, str):
         return {}
     try:
-        value = json.loads(text)
+        value = parse_json(text)
     except ValueError:
         return {}
     if not isinstance(value, dict):
@@ -638,7 +641,7 @@ def _pod_label(request: AdmissionRequest) -> str:
 async def mutate(request: web.Request) -> web.Response:
     metrics = request.app[METRICS]
     try:
-        body = await request.json()
+        body = await request.json(loads=parse_json)
         review = parse_review(body)
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
         metrics.reviews.labels("malformed").inc()

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from tests.images import ACCEPT_ALL, push_image, unique_repo
 from tests.proxy import Proxy, scenario
@@ -76,6 +77,17 @@ async def raw_request(
         ("GET", f"/v2/{'a' * 300}/manifests/latest", 400, "NAME_INVALID"),
         ("GET", f"/v2/{'/'.join(['abcdefgh'] * 40)}/manifests/latest", 400, "NAME_INVALID"),
         ("GET", f"/v2/nats/manifests/{'t' * 129}", 400, "TAG_INVALID"),
+        # ports outside 1-65535, in a path (every spelling) or in ?ns=
+        ("GET", "/v2/registry.local_70000/a/manifests/v1", 400, "NAME_INVALID"),
+        ("GET", "/v2/registry.local:70000/a/manifests/v1", 400, "NAME_INVALID"),
+        ("GET", f"/v2/127.0.0.1-99999/a/blobs/sha256:{HEX}", 400, "NAME_INVALID"),
+        ("GET", "/v2/[::1]:70000/a/tags/list", 400, "NAME_INVALID"),
+        ("GET", "/v2/a/b/manifests/v1?ns=registry.local:70000", 400, "NAME_INVALID"),
+        ("GET", "/v2/a/b/manifests/v1?ns=registry.local:0", 400, "NAME_INVALID"),
+        # tags/list?n= that is not a whole number, as distribution answers it
+        ("GET", "/v2/nats/tags/list?n=abc", 400, "PAGINATION_NUMBER_INVALID"),
+        ("GET", "/v2/nats/tags/list?n=-1", 400, "PAGINATION_NUMBER_INVALID"),
+        ("GET", "/v2/nats/tags/list?n=%C2%B2", 400, "PAGINATION_NUMBER_INVALID"),  # "²"
         # push and delete methods
         ("POST", "/v2/nats/blobs/uploads/", 405, "UNSUPPORTED"),
         ("PATCH", "/v2/nats/blobs/uploads/1234", 405, "UNSUPPORTED"),
@@ -180,3 +192,66 @@ async def _status(proxy: Proxy, path: str) -> int:
         body = await response.json()
         assert body["errors"][0]["code"] == "UNAVAILABLE"
         return response.status
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.fixture
+async def deep_upstream(aiohttp_server: Any) -> str:
+    """A registry whose every JSON body is nested far deeper than a JSON parser recurses:
+    ``deep/...`` answers anonymously; ``auth/...`` asks for a token whose response is deep."""
+
+    async def root(_: web.Request) -> web.Response:
+        return web.json_response({})
+
+    async def deep(_: web.Request) -> web.Response:
+        return web.Response(body=DEEP, content_type="application/json")
+
+    async def needs_token(request: web.Request) -> web.Response:
+        realm = f"http://{request.host}/token"
+        challenge = f'Bearer realm="{realm}",service="deep",scope="repository:auth/x:pull"'
+        return web.json_response(
+            {"errors": [{"code": "UNAUTHORIZED", "message": "token"}]},
+            status=401,
+            headers={"WWW-Authenticate": challenge},
+        )
+
+    app = web.Application()
+    app.router.add_get("/v2/", root)
+    app.router.add_route("*", "/v2/deep/{tail:.*}", deep)
+    app.router.add_route("*", "/v2/auth/{tail:.*}", needs_token)
+    app.router.add_get("/token", deep)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    return f"127.0.0.1:{server.port}"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param("/v2/quay.io/deep/x/tags/list", id="tag list"),
+        pytest.param("/v2/quay.io/deep/x/manifests/v1", id="manifest"),
+        pytest.param(
+            "/v2/quay.io/auth/x/manifests/v1",
+            id="token response",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="proxy/upstream.py decodes the token response with json.loads, not "
+                "parse_json: a RecursionError escapes as a 500",
+            ),
+        ),
+    ],
+)
+async def test_json_nested_too_deeply_upstream_is_a_502(
+    make_proxy: MakeProxy, registry: Registry, deep_upstream: str, tmp_path: Path, path: str
+) -> None:
+    config = scenario(registry, tmp_path / "cache")
+    config["redirects"].append({"src": "quay.io/", "to": f"{deep_upstream}/"})
+    config["registries"][deep_upstream] = {"insecure": True}
+    proxy = await make_proxy(config)
+    async with proxy.session.get(f"{proxy.url}{path}", headers={"Accept": ACCEPT_ALL}) as answer:
+        assert answer.status == 502
+        body = await answer.json()
+    assert body["errors"][0]["code"] == "UNAVAILABLE"
+    assert not [p for p in proxy.cache_dir.rglob("*") if p.is_file()]
+    await still_serves(proxy, registry)

@@ -385,3 +385,46 @@ def test_bad_platforms(text: str) -> None:
 )
 def test_human_bytes(count: int, text: str) -> None:
     assert human_bytes(count) == text
+
+
+async def test_warm_asks_in_path_mode_and_survives_json_nested_too_deeply(
+    aiohttp_server: Any,
+) -> None:
+    """Names are spelled as the proxy reads them (a port as ``_<port>``, a host ending in
+    ``-<digits>`` as it is); a manifest or an error body nested deeper than a JSON parser goes
+    is a failure with a reason, not a crash."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+    asked: list[str] = []
+
+    async def serve(request: web.Request) -> web.Response:
+        asked.append(request.path)
+        if request.path.startswith("/v2/registry.team-2/"):
+            digest = Digest.of(deep)
+            return web.Response(
+                body=deep,
+                headers={"Content-Type": OCI_MANIFEST, "Docker-Content-Digest": str(digest)},
+            )
+        error = b"[" * 30_000 + b"]" * 30_000  # under warm's cap on error bodies
+        return web.Response(status=502, body=error, content_type="application/json")
+
+    async def root(_: web.Request) -> web.Response:
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_get("/v2/", root)
+    app.router.add_get("/v2/{tail:.+}", serve)
+    server = await aiohttp_server(app, host="127.0.0.1")
+
+    outcomes = await warm(
+        ["registry.team-2/app:v1", "registry.local:5000/team/app:v1"],
+        endpoint=f"http://127.0.0.1:{server.port}",
+    )
+
+    assert asked == [
+        "/v2/registry.team-2/app/manifests/v1",
+        "/v2/registry.local_5000/team/app/manifests/v1",
+    ]
+    first, second = outcomes
+    assert first == Failed("registry.team-2/app:v1", f"manifest {Digest.of(deep)}: not valid JSON")
+    assert isinstance(second, Failed)
+    assert second.error.startswith("HTTP 502: [[[["), second.error

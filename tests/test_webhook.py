@@ -107,8 +107,12 @@ def test_apply_patch_refuses_adding_under_a_missing_object() -> None:
         ("docker.io/nats", f"{PREFIX}/docker.io/library/nats:latest"),
         ("index.docker.io/bitnami/redis:7", f"{PREFIX}/docker.io/bitnami/redis:7"),
         ("ghcr.io/nats-io/nack:0.17.0", f"{PREFIX}/ghcr.io/nats-io/nack:0.17.0"),
-        ("registry.local:5000/team/app:v1", f"{PREFIX}/registry.local-5000/team/app:v1"),
-        ("localhost:5000/app", f"{PREFIX}/localhost-5000/app:latest"),
+        ("registry.local:5000/team/app:v1", f"{PREFIX}/registry.local_5000/team/app:v1"),
+        ("localhost:5000/app", f"{PREFIX}/localhost_5000/app:latest"),
+        ("registry:5000/app", f"{PREFIX}/registry_5000/app:latest"),
+        ("registry.team-2/app:v1", f"{PREFIX}/registry.team-2/app:v1"),
+        ("mirror.corp-01/x:1", f"{PREFIX}/mirror.corp-01/x:1"),
+        ("svc.ns-2/app:v1", f"{PREFIX}/svc.ns-2/app:v1"),
         ("Quay.IO/x/y:1", f"{PREFIX}/quay.io/x/y:1"),
         (
             f"quay.io/prometheus/node-exporter@{DIGEST}",
@@ -331,6 +335,19 @@ KEY = "detour.io~1original-images"
             ],
             {"containers/nats": "nats:1"},
             id="unreadable record replaced",
+        ),
+        pytest.param(
+            {"annotations": {ORIGINAL_IMAGES_ANNOTATION: "[" * 100_000 + "]" * 100_000}},
+            [NATS],
+            [
+                {
+                    "op": "add",
+                    "path": f"/metadata/annotations/{KEY}",
+                    "value": '{"containers/nats":"nats:1"}',
+                }
+            ],
+            {"containers/nats": "nats:1"},
+            id="record nested too deeply to read replaced",
         ),
     ],
 )
@@ -693,7 +710,7 @@ async def test_must_show_pod_is_rewritten_over_tls(webhook: Webhook) -> None:
         ("initContainers", 1): f"{PREFIX}/docker.io/library/busybox:latest",
         ("containers", 0): f"{PREFIX}/docker.io/library/nats:2.10.26-alpine",
         ("containers", 1): f"{PREFIX}/ghcr.io/nats-io/nack:0.17.0",
-        ("containers", 2): f"{PREFIX}/registry.local-5000/team/app:v1",
+        ("containers", 2): f"{PREFIX}/registry.local_5000/team/app:v1",
         ("containers", 3): f"{PREFIX}/quay.io/prometheus/node-exporter@{DIGEST}",
         ("ephemeralContainers", 0): f"{PREFIX}/docker.io/library/redis:7",
     }
@@ -752,6 +769,12 @@ async def test_later_pass_merges_the_record_without_clobbering_it(webhook: Webho
     [
         (b"{not json", "invalid JSON"),
         (b"", "invalid JSON"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (
+            b'{"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", '
+            b'"request": {"uid": "x", "object": ' + b"[" * 5_000 + b"]" * 5_000 + b"}}",
+            "nested too deeply",
+        ),
         (b"[]", "JSON object"),
         (b'{"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"}', "no request"),
         (
