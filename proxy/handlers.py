@@ -1,14 +1,16 @@
 """The HTTP face of the proxy: the read side of the OCI distribution API.
 
-``/v2/<name>/manifests/<reference>``, ``/v2/<name>/blobs/<digest>`` and
-``/v2/<name>/tags/list``, for ``GET`` and ``HEAD``; every other method is refused with
-UNSUPPORTED. ``<name>`` is read in path mode (``/v2/docker.io/library/nats/...``) or, with
-``?ns=<registry>``, in containerd's mirror mode (``/v2/library/nats/...?ns=docker.io``).
+``/v2/<name>/manifests/<reference>``, ``/v2/<name>/blobs/<digest>``,
+``/v2/<name>/tags/list`` and ``/v2/<name>/referrers/<digest>``, for ``GET`` and ``HEAD``;
+every other method is refused with UNSUPPORTED. ``<name>`` is read in path mode
+(``/v2/docker.io/library/nats/...``) or, with ``?ns=<registry>``, in containerd's mirror mode
+(``/v2/library/nats/...?ns=docker.io``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -17,7 +19,9 @@ from urllib.parse import urlencode
 from aiohttp import web
 from yarl import URL
 
+from proxy.cache import MANIFEST_MAX_BYTES
 from proxy.errors import (
+    BadRequest,
     NameUnknown,
     NotFound,
     PaginationNumberInvalid,
@@ -25,6 +29,7 @@ from proxy.errors import (
     UpstreamInvalid,
 )
 from proxy.logs import LOG
+from proxy.manifests import OCI_INDEX
 from proxy.reference import (
     Digest,
     ImageName,
@@ -44,7 +49,7 @@ READ_METHODS = ("GET", "HEAD")
 class ApiPath:
     name: ImageName
     path_name: str  # the name as the client wrote it
-    kind: Literal["manifests", "blobs", "tags"]
+    kind: Literal["manifests", "blobs", "tags", "referrers"]
     reference: str | Digest | None
 
 
@@ -56,7 +61,7 @@ def parse_api_path(tail: str, ns: str | None) -> ApiPath:
         "uploads",
     ]:
         raise Unsupported("Detour is a read-only pull-through cache: no pushes")
-    if len(parts) < 3 or parts[-2] not in ("manifests", "blobs", "tags"):
+    if len(parts) < 3 or parts[-2] not in ("manifests", "blobs", "tags", "referrers"):
         raise NotFound("no such endpoint", {"path": f"/v2/{tail}"[:300]})
     path_name = "/".join(parts[:-2])
     name = ImageName.from_path(path_name, ns)
@@ -67,6 +72,8 @@ def parse_api_path(tail: str, ns: str | None) -> ApiPath:
         return ApiPath(name, path_name, "tags", None)
     if kind == "blobs":
         return ApiPath(name, path_name, "blobs", Digest.parse(parts[-1]))
+    if kind == "referrers":
+        return ApiPath(name, path_name, "referrers", Digest.parse(parts[-1]))
     return ApiPath(name, path_name, "manifests", parse_manifest_reference(parts[-1]))
 
 
@@ -100,6 +107,8 @@ async def api(request: web.Request) -> web.StreamResponse:
     if path.kind == "manifests":
         assert path.reference is not None
         return await services.manifests.get(request, route, path.reference, client_auth)
+    if path.kind == "referrers":
+        return await _referrers(request, path, client_auth)
     return await _tags_list(request, path, ns, client_auth)
 
 
@@ -152,6 +161,53 @@ def rewrite_link(link: str, path_name: str, ns: str | None) -> str:
         query["ns"] = ns
     rest = link.split(";", 1)[1] if ";" in link else ' rel="next"'
     return f"</v2/{path_name}/tags/list?{urlencode(query)}>;{rest}"
+
+
+# The media type grammar of RFC 6838, as an artifactType filter may spell it.
+_MEDIA_TYPE = re.compile(
+    r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
+)
+FILTERS_APPLIED = "OCI-Filters-Applied"
+
+
+async def _referrers(request: web.Request, path: ApiPath, client_auth: str | None) -> web.Response:
+    """OCI 1.1 referrers (signatures, SBOMs), passed through the route's mirrors and never
+    cached: they are added to an image after it is pushed. An upstream without the API answers
+    404, which is relayed so the client falls back to the ``sha256-<hex>`` tag schema."""
+    services = request.app[SERVICES]
+    artifact_type = request.query.get("artifactType")
+    suffix = f"referrers/{path.reference}"
+    if artifact_type is not None:
+        if not _MEDIA_TYPE.fullmatch(artifact_type):
+            raise BadRequest(
+                "artifactType must be a media type", {"artifactType": artifact_type[:100]}
+            )
+        suffix += f"?{urlencode({'artifactType': artifact_type})}"
+    route = services.rules.route(path.name)
+    async with await services.upstream.open(
+        route, "GET", suffix, client_auth=client_auth, headers={"Accept": OCI_INDEX}
+    ) as answer:
+        request[LOG]["upstream"] = answer.where
+        if answer.status != 200:
+            raise answer.refusal(
+                NotFound("the upstream does not offer the referrers API", {"name": str(path.name)})
+            )
+        body = await answer.read(MANIFEST_MAX_BYTES, "referrers list")
+        filtered = FILTERS_APPLIED in answer.headers
+    try:
+        index = parse_json(body)
+        descriptors = index["manifests"]
+    except (ValueError, KeyError, TypeError):
+        descriptors = None
+    if not isinstance(descriptors, list) or not all(isinstance(d, dict) for d in descriptors):
+        raise UpstreamInvalid("upstream sent an invalid referrers list")
+    headers = {"Content-Type": OCI_INDEX}
+    if artifact_type is not None:
+        headers[FILTERS_APPLIED] = "artifactType"
+        if not filtered:  # the upstream ignored the filter: apply it here
+            index["manifests"] = [d for d in descriptors if d.get("artifactType") == artifact_type]
+            body = json.dumps(index).encode()
+    return web.Response(body=body, headers=headers)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -97,7 +97,8 @@ async def raw_request(
         ("PUT", "/v2/", 405, "UNSUPPORTED"),
         # nothing else lives here
         ("GET", "/v2/_catalog", 404, "UNSUPPORTED"),
-        ("GET", "/v2/nats/referrers/x", 404, "UNSUPPORTED"),
+        ("GET", "/v2/nats/referrers/x", 400, "DIGEST_INVALID"),
+        ("GET", f"/v2/nats/referrer/sha256:{HEX}", 404, "UNSUPPORTED"),
         ("GET", "/etc/passwd", 404, "UNSUPPORTED"),
     ],
 )
