@@ -296,11 +296,13 @@ def test_the_layout_renders(renders: dict[str, list[dict[str, Any]]]) -> None:
         "Deployment",
         "MutatingWebhookConfiguration",
         "Namespace",
+        "NetworkPolicy",
+        "NetworkPolicy",
         "PodDisruptionBudget",
         "Service",
     ]
-    # Mirror mode needs no webhook.
-    assert kinds["containerd-mirror"] == ["ConfigMap", "DaemonSet", "Namespace"]
+    # Mirror mode needs no webhook (nor its NetworkPolicy).
+    assert kinds["containerd-mirror"] == ["ConfigMap", "DaemonSet", "Namespace", "NetworkPolicy"]
     for objects in renders.values():
         for o in objects:
             if o["kind"] not in ("Namespace", "MutatingWebhookConfiguration"):
@@ -324,12 +326,14 @@ def test_every_object_matches_the_kubernetes_schemas(
         pytest.fail("pip install kubernetes-validate (the test extra)", pytrace=False)
     versions = [OLDEST_KUBERNETES, f"{kubernetes_validate.latest_version()}.0"]
     skipped: set[str] = set()
+    validated: set[str] = set()
     checked = 0
     for name, objects in renders.items():
         for o in objects:
             if o["kind"] in CRD_KINDS:
                 skipped.add(o["kind"])
                 continue
+            validated.add(o["kind"])
             for version in versions:
                 try:
                     kubernetes_validate.validate(o, version, strict=True)
@@ -338,6 +342,7 @@ def test_every_object_matches_the_kubernetes_schemas(
                     pytest.fail(f"{where}: {exc.message} at {list(exc.path)}", pytrace=False)
             checked += 1
     assert checked >= 20
+    assert "NetworkPolicy" in validated
     assert skipped == CRD_KINDS  # every CRD kind that exists is used, and none other is skipped
 
 
@@ -552,6 +557,127 @@ def test_monitoring_overlay_selects_the_services(
     headless = one(objects, "Service", "detour-proxy-metrics")
     assert headless["spec"]["clusterIP"] == "None"
     assert headless["spec"]["selector"] == spec_labels(one(objects, "DaemonSet"))
+
+
+# -- NetworkPolicy ---------------------------------------------------------------------------
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A LabelSelector (``matchLabels``, ``matchExpressions``) against a set of labels."""
+    assert set(selector) <= {"matchLabels", "matchExpressions"}, selector
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, values = expression["key"], expression.get("values", [])
+        matched = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": labels.get(key) not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[expression["operator"]]
+        if not matched:
+            return False
+    return True
+
+
+def admits(policy: dict[str, Any], namespace: str, labels: dict[str, str], port: int) -> bool:
+    """Whether ``policy``'s ingress rules let a pod (``labels``, in ``namespace``) connect to TCP
+    ``port`` of the pods it selects, as the API defines its peers: a podSelector alone means the
+    policy's own namespace; namespaceSelector and podSelector in one peer must both match; a rule
+    without ``from`` admits every source. Traffic from the pod's own node is admitted by the API
+    whatever the rules say, and is not modelled; neither are ipBlocks (there must be none)."""
+    namespace_labels = {"kubernetes.io/metadata.name": namespace}
+    for rule in policy["spec"].get("ingress", []):
+        ports = [(p.get("protocol", "TCP"), p["port"]) for p in rule.get("ports", [])]
+        if ports and ("TCP", port) not in ports:
+            continue
+        peers = rule.get("from", [])
+        if not peers:
+            return True
+        for peer in peers:
+            assert "ipBlock" not in peer, peer
+            if "namespaceSelector" in peer:
+                in_namespace = selects(peer["namespaceSelector"], namespace_labels)
+            else:
+                in_namespace = namespace == policy["metadata"]["namespace"]
+            if in_namespace and selects(peer.get("podSelector", {}), labels):
+                return True
+    return False
+
+
+PROXY_LABELS = {"app.kubernetes.io/name": "detour", "app.kubernetes.io/component": "proxy"}
+WEBHOOK_LABELS = {"app.kubernetes.io/name": "detour", "app.kubernetes.io/component": "webhook"}
+PROMETHEUS_LABELS = {"app.kubernetes.io/name": "prometheus", "prometheus": "k8s"}
+
+# Who connects to the proxy pod's port 7439 (not through the hostPort), and whether the proxy's
+# NetworkPolicy lets them. The node itself is admitted by the API, not by a rule.
+PROXY_CLIENTS = [
+    ("Prometheus", "monitoring", PROMETHEUS_LABELS, 7439, True),
+    ("another proxy", "detour", PROXY_LABELS, 7439, True),
+    ("Prometheus, another port", "monitoring", PROMETHEUS_LABELS, 8080, False),
+    ("a pod labelled prometheus elsewhere", "default", PROMETHEUS_LABELS, 7439, False),
+    ("another pod in monitoring", "monitoring", {"app.kubernetes.io/name": "grafana"}, 7439, False),
+    ("a pod with the proxy's labels elsewhere", "default", PROXY_LABELS, 7439, False),
+    ("the webhook", "detour", WEBHOOK_LABELS, 7439, False),
+    ("an unlabelled pod in detour", "detour", {}, 7439, False),
+    ("a workload", "default", {"app": "web"}, 7439, False),
+    ("kube-system", "kube-system", {"k8s-app": "kube-dns"}, 7439, False),
+]
+
+
+@pytest.mark.parametrize("variant", ["default", *OVERLAYS, "all-components"])
+def test_the_proxy_network_policy_admits_only_prometheus_and_peers(
+    renders: dict[str, list[dict[str, Any]]], variant: str
+) -> None:
+    objects = renders[variant]
+    policy = one(objects, "NetworkPolicy", "detour-proxy")
+    daemonset = one(objects, "DaemonSet")
+    spec = policy["spec"]
+    # It selects the proxy pods (and only them: not the webhook's).
+    assert policy["metadata"]["namespace"] == daemonset["metadata"]["namespace"]
+    assert spec["podSelector"] == daemonset["spec"]["selector"]
+    assert selects(spec["podSelector"], spec_labels(daemonset))
+    assert not selects(spec["podSelector"], WEBHOOK_LABELS)
+    # Ingress only: egress stays open for DNS, registries, mirrors and their redirects.
+    assert spec["policyTypes"] == ["Ingress"]
+    # No address ranges: the node is admitted as the pod's own node, nothing by address.
+    assert "ipBlock" not in json.dumps(policy)
+
+    (port,) = container(pod_spec(objects, "DaemonSet"), "proxy")["ports"]
+    assert port["containerPort"] == 7439
+    assert PROXY_LABELS.items() <= spec_labels(daemonset).items()
+    for who, namespace, labels, to_port, expected in PROXY_CLIENTS:
+        assert admits(policy, namespace, labels, to_port) is expected, who
+
+    # Where ServiceMonitors are installed, the port Prometheus scrapes is the one it may reach.
+    monitors = [o for o in objects if o["kind"] == "ServiceMonitor" and named(o, "detour-proxy")]
+    for monitor in monitors:
+        (endpoint,) = monitor["spec"]["endpoints"]
+        service = one(objects, "Service", "detour-proxy-metrics")
+        (service_port,) = [p for p in service["spec"]["ports"] if p["name"] == endpoint["port"]]
+        assert service_port["targetPort"] == port["name"]
+        assert admits(policy, "monitoring", PROMETHEUS_LABELS, port["containerPort"])
+
+
+@pytest.mark.parametrize("variant", ["default", "cert-manager", "monitoring", "all-components"])
+def test_the_webhook_network_policy_admits_the_api_server_from_anywhere(
+    renders: dict[str, list[dict[str, Any]]], variant: str
+) -> None:
+    """The API server's source address differs by cluster, and a wrong guess would fail open
+    silently, so the webhook's port is open to every source; no other port is."""
+    objects = renders[variant]
+    policy = one(objects, "NetworkPolicy", "detour-webhook")
+    deployment = one(objects, "Deployment")
+    spec = policy["spec"]
+    assert spec["podSelector"] == deployment["spec"]["selector"]
+    assert not selects(spec["podSelector"], PROXY_LABELS)
+    assert spec["policyTypes"] == ["Ingress"]
+    (port,) = container(pod_spec(objects, "Deployment"), "webhook")["ports"]
+    service = one(objects, "Service", "detour-webhook")
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == [port["name"]]
+    for namespace, labels in [("kube-system", {}), ("default", {"app": "web"}), ("x", {})]:
+        assert admits(policy, namespace, labels, port["containerPort"])
+        assert not admits(policy, namespace, labels, 7439)
 
 
 # -- webhook certificates --------------------------------------------------------------------
