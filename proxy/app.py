@@ -20,7 +20,7 @@ from aiohttp.web_request import BaseRequest
 
 from proxy import handlers
 from proxy.errors import BadRequest, DetourError, NotFound, Unsupported, oci_error_body
-from proxy.logs import LOG, configure_logging, get_logger
+from proxy.logs import CLIENT_DISCONNECTED, LOG, configure_logging, get_logger
 from proxy.metrics import Metrics
 from proxy.services import METRICS, SETTINGS, services_ctx
 from proxy.settings import Settings, split_host_port
@@ -29,6 +29,10 @@ log = get_logger("detour")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 API_VERSION = "registry/2.0"
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that hung up before the answer
+TLS_ON_PLAIN_PORT = "tls_on_plain_port"
+_TLS_HANDSHAKE = b"\x16\x03"  # a TLS record's content type (handshake) and major version
+_NOT_HTTP = b"\x16 / HTTP/1.1\r\n\r\n"
 
 
 def error_response(error: DetourError) -> web.Response:
@@ -51,7 +55,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status == 404:
             return error_response(NotFound("no such endpoint", {"path": request.path[:300]}))
         raise
-    except Exception:
+    except Exception as exc:
+        gone = request.transport is None or request.transport.is_closing()
+        if isinstance(exc, ConnectionError) and gone:
+            # The client hung up before its answer went out (kubelet cancels slow pulls):
+            # routine, not an error of ours. The access log says 499, as nginx does; there is
+            # no one left to send it to.
+            request[LOG]["aborted"] = CLIENT_DISCONNECTED
+            return web.Response(status=CLIENT_CLOSED_REQUEST)
         log.exception("unhandled_error", path=request.path[:300], method=request.method)
         return error_response(DetourError("internal error"))
 
@@ -76,7 +87,9 @@ class AccessLog(AbstractAccessLogger):
         source = fields.get("source")
         if source is not None and isinstance(request, web.Request):
             request.app[METRICS].bytes_served.labels(source).inc(sent)
-        log.info(
+        # podman, docker and skopeo try TLS first on an insecure registry: routine, so debug.
+        emit = log.debug if fields.get("refused") == TLS_ON_PLAIN_PORT else log.info
+        emit(
             "request",
             method=request.method,
             path=request.path[:300],
@@ -109,7 +122,28 @@ def create_app(settings: Settings) -> web.Application:
 class _ProtocolErrors(RequestHandler):
     """aiohttp's HTTP parser refuses some requests (a header line over 8 KiB, more than 128
     headers, a request line it can't read) before any handler or middleware runs. This answers
-    them with the same OCI error body as every other error, through :func:`error_response`."""
+    them with the same OCI error body as every other error, through :func:`error_response`.
+
+    A TLS ClientHello on this plain-HTTP port is routine: podman, docker and skopeo try TLS
+    first on an insecure registry. It is recognised by its first bytes (a TLS handshake record)
+    and logged at debug. It still gets the plain 400: that answer is what makes a Go client
+    report "server gave HTTP response to HTTPS client" and fall back to HTTP at once.
+    """
+
+    _first_bytes = True
+    _tls = False
+
+    def data_received(self, data: bytes) -> None:
+        if self._first_bytes:
+            self._first_bytes = False
+            if data.startswith(_TLS_HANDSHAKE):
+                self._tls = True
+                # aiohttp's C parser refuses a ClientHello at its first byte, but the pure
+                # Python one (AIOHTTP_NO_EXTENSIONS) may wait for a line end that never comes:
+                # both refuse this request line at once.
+                super().data_received(_NOT_HTTP)
+        if not self._tls:
+            super().data_received(data)
 
     def handle_error(
         self,
@@ -124,8 +158,13 @@ class _ProtocolErrors(RequestHandler):
             raise ConnectionError("a response is already under way")
         # The parser's message quotes the offending bytes, which may be a credential: only
         # the kind of error is logged, and sent back.
-        reason = type(exc).__name__ if exc is not None else "BadHttpMessage"
-        log.warning("request_refused", status=status, reason=reason)
+        if self._tls:
+            reason = TLS_ON_PLAIN_PORT
+            log.debug(TLS_ON_PLAIN_PORT)
+        else:
+            reason = type(exc).__name__ if exc is not None else "BadHttpMessage"
+            log.warning("request_refused", status=status, reason=reason)
+        request[LOG] = {"refused": reason}
         answer = error_response(
             BadRequest("the request could not be read", {"reason": reason}, status=status)
         )

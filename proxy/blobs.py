@@ -26,7 +26,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -39,7 +39,7 @@ from proxy.errors import (
     UpstreamError,
     UpstreamInvalid,
 )
-from proxy.logs import LOG, get_logger
+from proxy.logs import CLIENT_DISCONNECTED, LOG, get_logger
 from proxy.metrics import Metrics
 from proxy.reference import Digest
 from proxy.rules import Route
@@ -384,7 +384,7 @@ class BlobFetch:
         response = web.StreamResponse(headers=blob_headers(self.digest, self.size))
         await response.prepare(request)
         fields = request[LOG]
-        fields["bytes"] = sent = 0
+        fields["bytes"] = 0  # kept current as bytes go out, for the access log
         try:
             while True:
                 changed = self._changed
@@ -393,11 +393,10 @@ class BlobFetch:
                 limit = self.on_disk
                 if self.state is not _State.VERIFIED and self.size is not None:
                     limit = min(limit, self.size - 1)  # the last byte waits for verification
-                if sent < limit and source is not None:
-                    await self._send(request, response, source, sent, limit - sent)
-                    fields["bytes"] = sent = limit
+                if fields["bytes"] < limit and source is not None:
+                    await self._send(request, response, source, limit, fields)
                 elif self.spilled:
-                    fields["bytes"] = sent = await self._stream_spilled(response, reader, sent)
+                    await self._stream_spilled(response, reader, fields)
                     break
                 elif self.state is _State.VERIFIED:
                     break
@@ -409,15 +408,21 @@ class BlobFetch:
             if request.transport is not None:
                 request.transport.abort()
             return response
-        except (ConnectionError, asyncio.CancelledError):
-            fields["aborted"] = "client went away"
+        except ConnectionError:
+            # The client hung up (kubelet cancels pulls routinely). It got a 200 and
+            # fields["bytes"]; the fetch goes on for the cache.
+            fields["aborted"] = CLIENT_DISCONNECTED
+            response.force_close()
+            return response
+        except asyncio.CancelledError:
+            fields["aborted"] = "cancelled"
             raise
         await response.write_eof()
         return response
 
     async def _stream_spilled(
-        self, response: web.StreamResponse, reader: _Reader, sent: int
-    ) -> int:
+        self, response: web.StreamResponse, reader: _Reader, fields: dict[str, Any]
+    ) -> None:
         """The bytes after the spill, from this reader's queue, holding the last chunk back
         until the fetch is verified."""
         assert reader.queue is not None
@@ -426,37 +431,44 @@ class BlobFetch:
             self._notify()  # a slot is free: the fetch may go on
             if held is not None:
                 await response.write(held)
-                sent += len(held)
+                fields["bytes"] += len(held)
             held = chunk
         if self.state is not _State.VERIFIED:
             raise self.error or UpstreamInvalid("blob fetch failed")
         if held is not None:
             await response.write(held)
-            sent += len(held)
-        return sent
+            fields["bytes"] += len(held)
 
     @staticmethod
     async def _send(
         request: web.Request,
         response: web.StreamResponse,
         source: IO[bytes],
-        offset: int,
-        count: int,
+        limit: int,
+        fields: dict[str, Any],
     ) -> None:
+        """Send the file's bytes from ``fields["bytes"]`` up to ``limit``, counting them there."""
         transport = request.transport
         if transport is None:
             raise ConnectionResetError("client went away")
+        offset = fields["bytes"]
         if response.chunked:
-            while count > 0:
-                data = os.pread(source.fileno(), min(count, CHUNK_BYTES), offset)
+            while offset < limit:
+                data = os.pread(source.fileno(), min(limit - offset, CHUNK_BYTES), offset)
                 if not data:
                     raise UpstreamInvalid("cached bytes vanished")
                 await response.write(data)
-                offset += len(data)
-                count -= len(data)
+                fields["bytes"] = offset = offset + len(data)
             return
         # Headers went out in prepare(); the body goes file → socket in the kernel.
-        await asyncio.get_running_loop().sendfile(transport, source, offset, count)
+        try:
+            await asyncio.get_running_loop().sendfile(transport, source, offset, limit - offset)
+        except ConnectionError:
+            # loop.sendfile leaves the file position after the last byte it sent, even when
+            # it fails (and where the previous call left it, if it sent none).
+            fields["bytes"] = max(offset, source.tell())
+            raise
+        fields["bytes"] = limit
 
 
 class _PinnedFile(web.FileResponse):
@@ -472,6 +484,19 @@ class _PinnedFile(web.FileResponse):
             return await super().prepare(request)
         finally:
             self._unpin()
+
+    async def _sendfile(
+        self, request: BaseRequest, fobj: IO[Any], offset: int, count: int
+    ) -> AbstractStreamWriter:
+        try:
+            return await super()._sendfile(request, fobj, offset, count)
+        except ConnectionError:
+            # The client hung up. loop.sendfile leaves the file position after the last byte
+            # it sent, even when it fails.
+            fields = request.get(LOG)
+            if fields is not None:
+                fields.update(aborted=CLIENT_DISCONNECTED, bytes=max(0, fobj.tell() - offset))
+            raise
 
     def _unpin(self) -> None:
         if self._pinned is not None:

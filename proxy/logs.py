@@ -16,6 +16,8 @@ from aiohttp import web
 
 # Per-request fields for the access log line: name, reference, cache result, upstream, ...
 LOG = web.RequestKey("log", dict[str, Any])
+# Its ``aborted`` for a client that hung up before the end of its answer.
+CLIENT_DISCONNECTED = "client disconnected"
 
 _SECRET_WORDS = ("authorization", "password", "token", "secret", "credential", "cookie")
 
