@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -96,24 +97,58 @@ async def test_a_hit_refreshes_an_entry(
     assert cached(proxy, image_d.layers[0].digest)
 
 
+async def slow_get(proxy: Proxy, path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """GET ``path`` for a client that reads the body at its own pace, past the headers.
+
+    The receive buffer is set small before connecting, which also turns off the kernel's
+    autotuning (up to ``tcp_rmem``'s maximum, 32 MiB on some machines): the proxy can hand
+    the kernel no more than that and its own send buffer, so it is still sending, its reader
+    still there, for as long as the test does not read.
+    """
+    host, port = proxy.host.split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    request = f"GET {path} HTTP/1.1\r\nHost: {proxy.host}\r\nConnection: close\r\n\r\n"
+    writer.write(request.encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    return reader, writer
+
+
+def send_buffer_max() -> int:
+    """The most a socket's send buffer grows to (Linux's ``tcp_wmem``; 4 MiB by default)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    except (OSError, IndexError, ValueError):
+        return 4 * MiB
+
+
 async def test_an_entry_being_served_is_not_evicted_under_its_reader(
     make_proxy: MakeProxy, registry: Registry, tmp_path: Path
 ) -> None:
     cache = {"dir": str(tmp_path / "cache"), "max_size": "40MiB"}
     proxy = await make_proxy(scenario(registry, tmp_path / "cache", cache=cache))
-    # Big enough that sendfile can't hand it all to socket buffers while the client waits.
     ((big, image_big),) = images(registry, 1, 32 * MiB)
     others = images(registry, 3, 12 * MiB)
-    await pull(proxy, big, image_big)
     layer = image_big.layers[0]
-    url = f"{proxy.url}/v2/{big}/blobs/{layer.digest}"
-    async with proxy.session.get(url) as slow:  # a hit, read slowly
-        first = await slow.content.readexactly(MiB)
+    # Bigger than what the kernel can hold between the proxy and a slow reader.
+    assert send_buffer_max() + 2 * MiB < layer.size, "tcp_wmem's maximum is too large here"
+    await pull(proxy, big, image_big)
+    await settled_usage(proxy)  # committed: the next GET is a hit
+    reader, writer = await slow_get(proxy, f"/v2/{big}/blobs/{layer.digest}")
+    try:
+        first = await reader.readexactly(MiB)
         for name, image in others:  # each of these pushes the cache over 40 MiB
             await pull(proxy, name, image)
         await settled_usage(proxy)
         assert cached(proxy, layer.digest)  # the oldest entry, still there under its reader
-        assert first + await slow.read() == layer.data
+        # To the end of the connection (Connection: close): the proxy is done with the file.
+        assert first + await reader.read() == layer.data
+    finally:
+        writer.close()
     # Once its reader is done, it goes like any other old entry.
     name, image = others[0]
     await pull(proxy, name, image)
