@@ -23,7 +23,7 @@ from proxy.errors import BadRequest, DetourError, NotFound, Unsupported, oci_err
 from proxy.logs import CLIENT_DISCONNECTED, LOG, configure_logging, get_logger
 from proxy.metrics import Metrics
 from proxy.services import METRICS, SETTINGS, services_ctx
-from proxy.settings import Settings, split_host_port
+from proxy.settings import Settings, named_registries, split_host_port
 
 log = get_logger("detour")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -107,7 +107,7 @@ class AccessLog(AbstractAccessLogger):
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=64 * 1024)
     app[SETTINGS] = settings
-    app[METRICS] = Metrics()
+    app[METRICS] = Metrics(known_registries=named_registries(settings))
     app.cleanup_ctx.append(services_ctx)
     app.on_response_prepare.append(_api_version_header)
     app.router.add_route("*", "/v2", handlers.api_root)

@@ -192,7 +192,9 @@ class BlobFetch:
                 with contextlib.suppress(asyncio.CancelledError):
                     await storing
         if not writer.matches(self.size):
-            self._metrics.verify_failures.labels("blob", self.route.upstreams[0].registry).inc()
+            self._metrics.verify_failures.labels(
+                "blob", self._metrics.registry_label(self.route.upstreams[0].registry)
+            ).inc()
             log.error(
                 "blob_digest_mismatch",
                 digest=str(self.digest),

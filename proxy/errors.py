@@ -16,7 +16,9 @@ place that turns them into the OCI error body ``{"errors": [{"code", "message", 
     │   ├── Unsupported              405     UNSUPPORTED       (push and delete methods)
     │   ├── NotFound                 404     UNSUPPORTED       (no such endpoint)
     │   ├── BadRequest               4xx     UNSUPPORTED       (HTTP the parser refused)
-    │   └── UpstreamDenied           401/403/429 as the upstream said, challenge relayed
+    │   ├── UpstreamDenied           401/403/429 as the upstream said, challenge relayed
+    │   └── RegistryDenied           403     DENIED            (a registry or address the
+    │                                                           operator did not allow)
     └── UpstreamError                5xx     (the upstream failed us; never the client's fault)
         ├── UpstreamUnreachable      502     UNAVAILABLE       (dns, refused, tls, connect, ...)
         ├── UpstreamTimeout          504     UNAVAILABLE       (timeout)
@@ -134,6 +136,14 @@ class UpstreamDenied(ClientError):
         self.code = {401: "UNAUTHORIZED", 403: "DENIED", 429: "TOOMANYREQUESTS"}.get(
             status, "DENIED"
         )
+
+
+class RegistryDenied(ClientError):
+    """The client named a registry, or a loop back through this Detour, that the operator's
+    settings do not let Detour contact; the message says which setting would."""
+
+    status = 403
+    code = "DENIED"
 
 
 class UpstreamError(DetourError):

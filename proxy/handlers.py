@@ -25,6 +25,7 @@ from proxy.errors import (
     NameUnknown,
     NotFound,
     PaginationNumberInvalid,
+    RegistryDenied,
     Unsupported,
     UpstreamInvalid,
 )
@@ -39,6 +40,7 @@ from proxy.reference import (
     validate_tag,
 )
 from proxy.services import SERVICES
+from proxy.upstream import INCOMING_VIA
 
 TAGS_LIST_MAX_BYTES = 8 * 1024 * 1024
 _COUNT = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() takes "²" and "٣" too
@@ -91,6 +93,13 @@ async def api(request: web.Request) -> web.StreamResponse:
             headers={"Allow": "GET, HEAD"},
         )
     services = request.app[SERVICES]
+    via = ", ".join(request.headers.getall("Via", []))
+    if services.upstream.pseudonym in via:
+        raise RegistryDenied(
+            "this request has already passed through this Detour: a loop, through a redirect "
+            "or a mirror that points back here"
+        )
+    INCOMING_VIA.set(via or None)
     ns = request.query.get("ns")
     path = parse_api_path(request.match_info["tail"], ns)
     fields = request[LOG]

@@ -362,7 +362,8 @@ class Manifests:
         return web.Response(headers=headers)
 
     def _mismatch(self, answer: UpstreamResponse, expected: Digest) -> None:
-        self._metrics.verify_failures.labels("manifest", answer.upstream.registry).inc()
+        registry = self._metrics.registry_label(answer.upstream.registry)
+        self._metrics.verify_failures.labels("manifest", registry).inc()
         log.error("manifest_digest_mismatch", expected=str(expected), upstream=answer.where)
         raise UpstreamInvalid(
             "upstream manifest does not match its digest",

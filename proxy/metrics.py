@@ -13,6 +13,12 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 @dataclass
 class Metrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    # The registries the operator named; every other one is labelled "other", so names a
+    # client invents can't grow the number of series.
+    known_registries: frozenset[str] = frozenset()
+
+    def registry_label(self, registry: str) -> str:
+        return registry if registry in self.known_registries else "other"
 
     def __post_init__(self) -> None:
         r = self.registry

@@ -13,6 +13,7 @@ from aiohttp import web
 from proxy.auth import CredentialStore
 from proxy.blobs import Blobs
 from proxy.cache import CacheStore, delete_files
+from proxy.egress import EgressPolicy, GuardedResolver
 from proxy.logs import get_logger
 from proxy.manifests import Manifests
 from proxy.metrics import Metrics
@@ -63,13 +64,17 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     metrics.cache_size.set_function(lambda: store.total)
     metrics.cache_max_size.set(settings.cache.max_size or 0)
     credentials = CredentialStore(settings.registries, settings.docker_config)
+    egress = EgressPolicy.from_settings(settings)
     session = aiohttp.ClientSession(
         timeout=client_timeout(settings.upstream.connect_timeout, settings.upstream.read_timeout),
         auto_decompress=False,
         read_bufsize=READ_BUFFER_BYTES,
-        connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=300),
+        # Every address connected to passes the egress policy (see proxy.egress).
+        connector=aiohttp.TCPConnector(
+            limit=256, ttl_dns_cache=300, resolver=GuardedResolver(egress)
+        ),
     )
-    upstream = UpstreamClient(session, settings.upstream, credentials, metrics, tls)
+    upstream = UpstreamClient(session, settings.upstream, credentials, metrics, tls, egress)
     cache_private = settings.cache.cache_private
     blobs = Blobs(store, upstream, metrics, cache_private=cache_private)
     manifests = Manifests(

@@ -226,6 +226,9 @@ class Settings(BaseSettings):
     upstream: UpstreamSettings = UpstreamSettings()
     redirects: list[RedirectRule] = []
     registries: dict[str, RegistrySettings] = {}
+    # When set, only registries matching one of these globs (or named in redirects or
+    # registries) may be contacted for a name a client sends.
+    allowed_registries: list[str] = []
     # A docker config.json (a Kubernetes pull secret's .dockerconfigjson) with credentials.
     docker_config: Path | None = None
     webhook: WebhookSettings = WebhookSettings()
@@ -246,6 +249,11 @@ class Settings(BaseSettings):
     def _canonical_hosts(cls, value: dict[str, RegistrySettings]) -> dict[str, RegistrySettings]:
         return {canonical_registry(host): conf for host, conf in value.items()}
 
+    @field_validator("allowed_registries")
+    @classmethod
+    def _lower_globs(cls, value: list[str]) -> list[str]:
+        return [pattern.strip().lower() for pattern in value]
+
     @field_validator("log_level")
     @classmethod
     def _known_level(cls, value: str) -> str:
@@ -265,6 +273,16 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Later sources lose: init arguments, then DETOUR_* variables, then the YAML file.
         return init_settings, env_settings, YamlConfigSettingsSource(settings_cls)
+
+
+def named_registries(settings: Settings) -> frozenset[str]:
+    """The registries the operator named: every host a redirect rule sends names from or to,
+    and every key of ``registries``."""
+    named = set(settings.registries)
+    for rule in settings.redirects:
+        for prefix in (rule.src, *rule.to):
+            named.add(prefix.partition("/")[0])
+    return frozenset(named)
 
 
 class ConfigError(Exception):

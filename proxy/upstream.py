@@ -36,12 +36,13 @@ that host has a ``registries`` entry of its own.
 
 from __future__ import annotations
 
-import json
 import re
+import secrets
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal, NotRequired, TypedDict, cast
 
@@ -59,8 +60,10 @@ from proxy.auth import (
     parse_challenges,
     token_from_response,
 )
+from proxy.egress import AddressRefused, EgressPolicy
 from proxy.errors import (
     DetourError,
+    RegistryDenied,
     UpstreamDenied,
     UpstreamError,
     UpstreamInvalid,
@@ -69,13 +72,16 @@ from proxy.errors import (
 )
 from proxy.logs import get_logger
 from proxy.metrics import Metrics
-from proxy.reference import api_host
+from proxy.reference import api_host, parse_json
 from proxy.rules import Route, Upstream
 from proxy.settings import ConfigError, RegistrySettings, UpstreamSettings
 
 log = get_logger("detour.upstream")
 
 USER_AGENT = f"detour/{__version__}"
+# The Via header of the client request being served, if any: what this proxy sends upstream
+# carries it on, with its own entry added, so a loop through Detours is seen wherever it closes.
+INCOMING_VIA: ContextVar[str | None] = ContextVar("incoming_via", default=None)
 # After a connection error or timeout, a registry counts as down this long for requests that
 # have a cached answer to fall back on (tag revalidation), so an edge site whose uplink is cut
 # serves from disk at once instead of waiting out a connect timeout on every tag.
@@ -162,6 +168,9 @@ def transport_errors(what: str, host: str | None = None) -> Iterator[None]:
     try:
         yield
     except (TimeoutError, aiohttp.ClientError) as exc:
+        refused = getattr(exc, "os_error", None)
+        if isinstance(refused, AddressRefused):
+            raise refused from None  # the egress policy said no: see UpstreamClient._send
         cause, error = _explain(exc)
         detail: dict[str, str] = {"upstream": what, "cause": cause, "error": error}
         if host is not None:
@@ -285,7 +294,9 @@ class UpstreamResponse:
                 {"upstream": self.where},
                 headers={"WWW-Authenticate": challenge} if challenge else None,
             )
-        return UpstreamInvalid(f"upstream answered {self.status}", {"upstream": self.where})
+        return UpstreamInvalid(
+            f"upstream answered {self.status // 100}xx", {"upstream": self.where}, cause="http"
+        )
 
     def close(self) -> None:
         self.response.release()
@@ -318,8 +329,14 @@ class UpstreamClient:
         credentials: CredentialStore,
         metrics: Metrics,
         tls: Mapping[tuple[str, int], TLS] | None = None,
+        egress: EgressPolicy | None = None,
     ) -> None:
         self._session = session
+        self._egress = egress or EgressPolicy(())
+        # This instance's name in the Via header of what it sends: a request that comes back
+        # with it has looped (a redirect, or a mirror pointed back at this proxy).
+        self.pseudonym = f"detour-{secrets.token_hex(6)}"
+        self.via = f"1.1 {self.pseudonym}"
         self._settings = settings
         self._credentials = credentials
         self._metrics = metrics
@@ -355,6 +372,9 @@ class UpstreamClient:
         timed_out = False
         last_status: int | None = None
         for upstream in route.upstreams:
+            if upstream.origin:
+                self._egress.check_registry(upstream.registry)
+        for upstream in route.upstreams:
             registry = upstream.registry
             if fallback and self._down_until.get(registry, 0.0) > time.monotonic():
                 error = f"failed less than {DOWN_SECONDS:.0f}s ago; not tried"
@@ -374,13 +394,16 @@ class UpstreamClient:
             self._down_until.pop(registry, None)
             if _retryable(response.status):
                 last_status = response.status
-                answered = f"answered {response.status} {(response.reason or '')[:100]}".rstrip()
-                attempt: Attempt = {
-                    "upstream": registry,
-                    "cause": "http",
-                    "error": answered,
-                    "status": response.status,
-                }
+                # Only a registry the operator named has its status and reason passed on.
+                named = self._egress.named_registry(registry)
+                answered = (
+                    f"answered {response.status} {(response.reason or '')[:100]}".rstrip()
+                    if named
+                    else f"answered {response.status // 100}xx"
+                )
+                attempt: Attempt = {"upstream": registry, "cause": "http", "error": answered}
+                if named:
+                    attempt["status"] = response.status
                 _log_failure(route, attempt)
                 attempts.append(attempt)
                 messages.append(f"{registry} {answered}")
@@ -446,6 +469,9 @@ class UpstreamClient:
         response.release()
         return await self._send(upstream.registry, method, url, headers, auth, limits), False
 
+    def _count_token(self, registry: str, outcome: str) -> None:
+        self._metrics.token_requests.labels(self._metrics.registry_label(registry), outcome).inc()
+
     async def _token(
         self,
         registry: str,
@@ -469,11 +495,13 @@ class UpstreamClient:
             if "service" in challenge.params:
                 query["service"] = challenge.params["service"]
             auth = creds.basic() if creds is not None else None
-            response = await self._send(registry, "GET", realm.update_query(query), {}, auth)
+            response = await self._send(
+                registry, "GET", realm.update_query(query), {}, auth, chosen_by_upstream=True
+            )
             async with UpstreamResponse(Upstream(registry, ""), response, False) as answer:
                 if response.status in (401, 403):
                     outcome = "refused"
-                    self._metrics.token_requests.labels(registry, outcome).inc()
+                    self._count_token(registry, outcome)
                     if creds is None:
                         return None  # anonymous pulls refused: the client may hold credentials
                     raise UpstreamDenied(
@@ -482,19 +510,19 @@ class UpstreamClient:
                         {"registry": registry},
                     )
                 if response.status != 200:
-                    self._metrics.token_requests.labels(registry, "error").inc()
+                    self._count_token(registry, "error")
                     raise UpstreamInvalid(
                         f"token service answered {response.status}", {"registry": registry}
                     )
                 body = await answer.read(MAX_TOKEN_RESPONSE, "token response")
             try:
-                token = token_from_response(cast(TokenResponse, json.loads(body)))
+                token = token_from_response(cast(TokenResponse, parse_json(body)))
             except (ValueError, TypeError, AttributeError):
                 token = None
             if token is None:
-                self._metrics.token_requests.labels(registry, "error").inc()
+                self._count_token(registry, "error")
                 raise UpstreamInvalid("token service sent no token", {"registry": registry})
-            self._metrics.token_requests.labels(registry, "issued").inc()
+            self._count_token(registry, "issued")
             self._tokens.put(registry, scope, token)
             return token
 
@@ -506,13 +534,22 @@ class UpstreamClient:
         headers: Mapping[str, str],
         auth: str | None,
         limits: aiohttp.ClientTimeout | None = None,
+        *,
+        chosen_by_upstream: bool = False,
     ) -> aiohttp.ClientResponse:
-        """One request, following redirects; ``auth`` never leaves the first origin."""
+        """One request, following redirects; ``auth`` never leaves the first origin.
+
+        Every hop must pass the egress policy (:mod:`proxy.egress`). The first hop is the
+        client's choice, unless ``chosen_by_upstream`` (a token realm): refused, it is a 403
+        that names the setting to change. A redirect is the upstream's choice: it may go only
+        to http(s), never from https to http, and a refused one is a bad reply (502).
+        """
         first_origin = _origin(url)
-        for _ in range(self._settings.max_redirects + 1):
+        for hop in range(self._settings.max_redirects + 1):
             sent: dict[str, Any] = {
                 "User-Agent": USER_AGENT,
                 "Accept-Encoding": "identity",
+                "Via": _via(self.via),
                 **headers,
             }
             if auth is not None and _origin(url) == first_origin:
@@ -520,8 +557,10 @@ class UpstreamClient:
             key = _host_key(url)
             tls = self._tls.get(key, True) if url.scheme == "https" else True
             own = key == _api_key(registry, url.scheme)
+            label = self._metrics.registry_label(registry)
             started = time.monotonic()
             try:
+                self._egress.check_url(url)
                 with transport_errors(registry, None if own else url.host_port_subcomponent):
                     response = await self._session.request(
                         method,
@@ -533,15 +572,50 @@ class UpstreamClient:
                     )
             except UpstreamError as exc:
                 status = "timeout" if isinstance(exc, UpstreamTimeout) else "error"
-                self._metrics.upstream_requests.labels(registry, status).inc()
+                self._metrics.upstream_requests.labels(label, status).inc()
                 raise
-            self._metrics.upstream_latency.labels(registry).observe(time.monotonic() - started)
-            self._metrics.upstream_requests.labels(registry, str(response.status)).inc()
+            except AddressRefused as exc:
+                self._metrics.upstream_requests.labels(label, "refused").inc()
+                raise _refused(registry, exc, first=hop == 0 and not chosen_by_upstream) from None
+            self._metrics.upstream_latency.labels(label).observe(time.monotonic() - started)
+            self._metrics.upstream_requests.labels(label, str(response.status)).inc()
             location = response.headers.get("Location")
             if response.status not in REDIRECT_STATUSES or not location:
                 return response
             response.release()
-            url = url.join(URL(location))
+            target = url.join(URL(location))
+            if target.scheme not in ("http", "https") or (
+                url.scheme == "https" and target.scheme == "http"
+            ):
+                raise UpstreamInvalid(
+                    "upstream redirected to a URL Detour does not follow "
+                    "(only http and https, never from https to http)",
+                    {"upstream": registry, "scheme": target.scheme[:20]},
+                    cause="redirect",
+                )
+            url = target
             if response.status == 303:
                 method = "GET"
         raise UpstreamInvalid("too many redirects", {"registry": registry})
+
+
+def _via(own: str) -> str:
+    incoming = INCOMING_VIA.get()
+    return f"{incoming[:2000]}, {own}" if incoming else own
+
+
+def _refused(registry: str, exc: AddressRefused, *, first: bool) -> DetourError:
+    """The error for a connection the egress policy refused."""
+    if first:
+        return RegistryDenied(
+            f"Detour does not connect to {exc.host}:{exc.port}: it resolves to a loopback, "
+            "private or link-local address, or to Detour itself. Name the registry in "
+            "redirects or registries to let Detour reach it",
+            {"registry": registry},
+        )
+    return UpstreamInvalid(
+        "upstream sent Detour to an address it does not connect to "
+        "(loopback, private, link-local, or Detour itself)",
+        {"upstream": registry},
+        cause="redirect",
+    )

@@ -73,8 +73,10 @@ def free_port() -> int:
 
 
 async def start_process(config: dict[str, Any], workdir: Path) -> Proxy:
-    """``python -m proxy serve --config FILE`` on a free port, ready when /healthz answers."""
-    port = free_port()
+    """``python -m proxy serve --config FILE`` on its ``listen`` port, or a free one if that is
+    missing or 0, ready when /healthz answers."""
+    listen = str(config.get("listen", "127.0.0.1:0"))
+    port = int(listen.rpartition(":")[2]) or free_port()
     config = {**config, "listen": f"127.0.0.1:{port}"}
     path = workdir / "detour.yaml"
     path.write_text(yaml.safe_dump(config))

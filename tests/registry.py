@@ -193,6 +193,14 @@ class Registry:
     # -- configuration ----------------------------------------------------------------------
 
     @property
+    def named_hosts(self) -> dict[str, dict[str, object]]:
+        """``registries`` entries naming the hosts this registry sends Detour to besides its
+        own (the token issuer, on a loopback port), which Detour otherwise refuses to reach."""
+        if self.issuer is None:
+            return {}
+        return {f"127.0.0.1:{self.issuer.port}": {}}
+
+    @property
     def push_auth(self) -> tuple[str, str] | None:
         """Credentials with push rights: htpasswd user, or the issuer's admin, or None."""
         if self.auth == "htpasswd":

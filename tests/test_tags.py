@@ -155,7 +155,8 @@ async def test_revoked_access_is_never_served_stale(
                 "insecure": True,
                 "username": token_issuer.reader_user,
                 "password": token_issuer.reader_password,
-            }
+            },
+            **token_registry.named_hosts,
         },
     }
     token_issuer.expires_in = 1  # tokens are short-lived, so revocation shows at once

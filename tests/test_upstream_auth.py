@@ -28,7 +28,7 @@ def config_for(
     return {
         "cache": {"dir": str(tmp_path / "cache")},
         "redirects": [{"src": "docker.io/", "to": f"{mirror.host}/{prefix}/"}],
-        "registries": {mirror.host: {"insecure": True, **registry_conf}},
+        "registries": {mirror.host: {"insecure": True, **registry_conf}, **mirror.named_hosts},
     }
 
 
@@ -178,7 +178,7 @@ async def test_credentials_from_a_pull_secret(
 @pytest.fixture
 async def redirecting_registry(
     aiohttp_server: Any, htpasswd_registry: Registry
-) -> tuple[str, list[dict[str, str]]]:
+) -> tuple[str, str, list[dict[str, str]]]:
     """A registry front that, like one backed by object storage, answers blob GETs with a 307
     to a storage host on another origin. The storage host records the headers it received."""
     seen: list[dict[str, str]] = []
@@ -196,6 +196,7 @@ async def redirecting_registry(
             return web.Response(body=await upstream.read(), status=upstream.status)
 
     storage_server = await aiohttp_server(_app("/{path:.+}", storage), host="127.0.0.1")
+    storage_host = f"127.0.0.1:{storage_server.port}"
 
     async def front(request: web.Request) -> web.StreamResponse:
         if request.headers.get("Authorization") is None:
@@ -219,7 +220,7 @@ async def redirecting_registry(
             return web.Response(body=await upstream.read(), status=upstream.status, headers=headers)
 
     front_server = await aiohttp_server(_app("/{path:.+}", front), host="127.0.0.1")
-    return f"127.0.0.1:{front_server.port}", seen
+    return f"127.0.0.1:{front_server.port}", storage_host, seen
 
 
 def _app(
@@ -233,15 +234,18 @@ def _app(
 async def test_blob_redirects_never_carry_the_registrys_authorization(
     make_proxy: MakeProxy,
     htpasswd_registry: Registry,
-    redirecting_registry: tuple[str, list[dict[str, str]]],
+    redirecting_registry: tuple[str, str, list[dict[str, str]]],
     tmp_path: Path,
 ) -> None:
-    front, storage_seen = redirecting_registry
+    front, storage_host, storage_seen = redirecting_registry
     name, image = hub_image(htpasswd_registry, "hub", layers=2, layer_size=50_000)
     config = {
         "cache": {"dir": str(tmp_path / "cache")},
         "redirects": [{"src": "docker.io/", "to": f"{front}/hub/"}],
-        "registries": {front: {"insecure": True, "username": "u", "password": "secret-pw"}},
+        "registries": {
+            front: {"insecure": True, "username": "u", "password": "secret-pw"},
+            storage_host: {},  # the storage it redirects to is on loopback: named to be reached
+        },
     }
     proxy = await make_proxy(config)
     await pull(proxy, name, image)
