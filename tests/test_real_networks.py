@@ -341,3 +341,35 @@ async def test_without_a_digest_header_a_manifest_is_still_read_whole_and_checke
         async with proxy.session.get(f"{proxy.url}/v2/app/manifests/{tag}") as response:
             assert response.status == 502, tag
     assert await mismatches(proxy) == 0
+
+
+async def test_real_clients_pull_whole_images_over_real_links(
+    link: Relay,
+    registry: Registry,
+    detour_process: StartProxy,
+    containerd: Containerd,
+    tmp_path: Path,
+) -> None:
+    """The pull paths end to end, the mirror behind the relay: containerd and skopeo get every
+    byte of a multi-layer image and a multi-arch index, verified by their own digests."""
+    name = unique_repo("pull").split("/")[1]
+    image = push_image(
+        registry, f"docker-mirror/library/{name}", "v1", layers=3, layer_size=300_000
+    )
+    index = push_index(registry, f"docker-mirror/library/{name}", "multi", layer_size=200_000)
+    proxy = await detour_process(
+        {
+            "cache": {"dir": str(tmp_path / "cache")},
+            "redirects": [{"src": "docker.io/", "to": f"{link.host}/docker-mirror/"}],
+            "registries": {link.host: {"insecure": True}},
+        }
+    )
+    ref = f"{proxy.host}/docker.io/library/{name}:v1"
+    (await containerd.pull(ref, plain_http=True)).check()
+    assert await containerd.image_digest(ref) == image.digest
+    multi = f"{proxy.host}/docker.io/library/{name}:multi"
+    (await containerd.pull(multi, plain_http=True, all_platforms=True)).check()
+    assert await containerd.image_digest(multi) == index.digest
+    layers = await skopeo_arm64_layers(multi, tmp_path / "oci")
+    assert layers == [layer.digest for layer in index.children[1].layers]
+    assert await mismatches(proxy) == 0
