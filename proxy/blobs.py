@@ -13,7 +13,7 @@ while it runs) tails the growing file and sends bytes as they land, so:
   reached, a bounded number of times, and clients see one unbroken stream.
 
 Content fetched with a client's own credentials (passthrough) is streamed the same way to that
-client alone and then deleted, never moved into the cache (unless ``cache.cache_private``).
+client alone and then deleted, never moved into the cache, and no other client joins it.
 """
 
 from __future__ import annotations
@@ -99,7 +99,6 @@ class BlobFetch:
         store: CacheStore,
         upstream: UpstreamClient,
         metrics: Metrics,
-        cache_private: bool,
         on_spill: Callable[[BlobFetch], None] = lambda _: None,
     ) -> None:
         self.digest = digest
@@ -108,7 +107,6 @@ class BlobFetch:
         self._store = store
         self._upstream = upstream
         self._metrics = metrics
-        self._cache_private = cache_private
         self._on_spill = on_spill
         self.state = _State.OPENING
         self.error: DetourError | None = None
@@ -172,7 +170,7 @@ class BlobFetch:
         response = await self._open(0)
         self.size = response.response.content_length
         self.source = response.where
-        private = response.private and not self._cache_private
+        private = response.private
         self._writer = writer = self._store.begin_blob(self.digest)
         if writer.failure is not None:
             self._spill(writer.failure)
@@ -517,13 +515,10 @@ class Blobs:
         store: CacheStore,
         upstream: UpstreamClient,
         metrics: Metrics,
-        *,
-        cache_private: bool,
     ) -> None:
         self._store = store
         self._upstream = upstream
         self._metrics = metrics
-        self._cache_private = cache_private
         self._inflight: dict[Digest, BlobFetch] = {}
         self._tasks: dict[asyncio.Task[None], BlobFetch] = {}
 
@@ -554,7 +549,7 @@ class Blobs:
             self._count(request, "hit")
             request[LOG]["source"] = "cache"
             return self._from_disk(path, digest)
-        shared = client_auth is None or self._cache_private
+        shared = client_auth is None  # a client's own credentials fetch for it alone
         fetch = self._inflight.get(digest) if shared else None
         if fetch is not None and fetch.state is _State.VERIFIED:
             # Verified, being made durable: in the cache in a moment.
@@ -605,7 +600,6 @@ class Blobs:
             store=self._store,
             upstream=self._upstream,
             metrics=self._metrics,
-            cache_private=self._cache_private,
             on_spill=self._forget,
         )
         task = asyncio.create_task(fetch.run(), name=f"fetch {digest}")
@@ -638,7 +632,7 @@ class Blobs:
             self._count(request, "hit")
             return web.Response(headers=blob_headers(digest, size))
         fetch = self._inflight.get(digest)
-        if fetch is not None and (client_auth is None or self._cache_private):
+        if fetch is not None and client_auth is None:
             self._count(request, "joined")
             return await self._head_while_fetching(request, fetch)
         self._count(request, "miss")

@@ -207,13 +207,11 @@ class Manifests:
         metrics: Metrics,
         *,
         tag_ttl: float,
-        cache_private: bool,
     ) -> None:
         self._store = store
         self._upstream = upstream
         self._metrics = metrics
         self._tag_ttl = tag_ttl
-        self._cache_private = cache_private
 
     def _count(self, request: web.Request, result: str) -> None:
         request[LOG]["cache"] = result
@@ -292,7 +290,7 @@ class Manifests:
                 raise answer.refusal(_unknown(tag))
             digest = _upstream_digest(answer)
         if digest == cached.digest:
-            if not answer.private or self._cache_private:
+            if not answer.private:
                 record = TagRecord(digest, cached.media_type, time.time())
                 self._store.put_tag(route.name, tag, record, variant)
             self._count(request, "revalidated")
@@ -318,7 +316,7 @@ class Manifests:
         )
         async with answer:
             request[LOG]["upstream"] = answer.where
-            private = answer.private and not self._cache_private
+            private = answer.private
             self._count(request, "bypass" if private else "miss")
             if answer.status != 200:
                 raise answer.refusal(_unknown(str(reference)))

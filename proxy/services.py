@@ -75,11 +75,8 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
         ),
     )
     upstream = UpstreamClient(session, settings.upstream, credentials, metrics, tls, egress)
-    cache_private = settings.cache.cache_private
-    blobs = Blobs(store, upstream, metrics, cache_private=cache_private)
-    manifests = Manifests(
-        store, upstream, metrics, tag_ttl=settings.cache.tag_ttl, cache_private=cache_private
-    )
+    blobs = Blobs(store, upstream, metrics)
+    manifests = Manifests(store, upstream, metrics, tag_ttl=settings.cache.tag_ttl)
     app[SERVICES] = Services(
         settings, metrics, store, Rules.from_settings(settings), upstream, blobs, manifests
     )

@@ -169,9 +169,17 @@ class CacheSettings(_Section):
     # The most bytes of blobs and manifests to keep; least recently used go first. None: no limit.
     max_size: ByteSize | None = None
     tag_ttl: Duration = 300.0
-    # Content fetched with a client's own credentials is streamed but not cached unless this
-    # is set: a private image must never reach a client that could not pull it.
-    cache_private: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "cache_private" in data:
+            raise ValueError(
+                "cache.cache_private was removed: content fetched with a client's own "
+                "credentials is never cached. To cache a private image for the whole site, "
+                "give Detour the credentials (registries.<host> or docker_config)"
+            )
+        return data
 
 
 class UpstreamSettings(_Section):

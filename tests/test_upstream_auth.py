@@ -14,9 +14,11 @@ import pytest
 from aiohttp import web
 
 from proxy.auth import parse_challenges
+from proxy.settings import Settings
 from tests.images import ACCEPT_ALL, PushedImage, push_image, unique_repo
 from tests.proxy import Proxy
 from tests.registry import Registry
+from tests.relay import Relay
 from tests.token_issuer import TokenIssuer
 
 MakeProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
@@ -142,6 +144,59 @@ async def test_passthrough_relays_the_challenge_and_never_caches(
     assert not [p for p in (proxy.cache_dir / "blobs").rglob("*") if p.is_file()]
     assert not [p for p in (proxy.cache_dir / "manifests").rglob("*") if p.is_file()]
     assert await proxy.metric("detour_cache_requests_total", kind="blob", result="bypass") == 2
+
+
+async def test_private_content_reaches_no_anonymous_client_by_any_route(
+    make_proxy: MakeProxy, htpasswd_registry: Registry, tmp_path: Path
+) -> None:
+    """A client pulls a private image with its own credentials (passthrough); an anonymous one
+    then tries every way in: the tag, the manifest and blobs by digest (GET and HEAD), a blob
+    under another repository's name, and joining the private fetch while it runs."""
+    mirror = htpasswd_registry
+    name, image = hub_image(mirror, "hub", layers=1, layer_size=3 * 1024 * 1024)
+    async with Relay(mirror, rate=4 * 1024 * 1024) as slow:  # so a fetch is still running
+        config = {
+            "cache": {"dir": str(tmp_path / "cache")},
+            "redirects": [{"src": "docker.io/", "to": f"{slow.host}/hub/"}],
+            "registries": {slow.host: {"insecure": True}},  # no credentials: passthrough
+        }
+        proxy = await make_proxy(config)
+        owner = basic(mirror.username, mirror.password)
+        layer = image.layers[0]
+        blob_url = f"{proxy.url}/v2/{name}/blobs/{layer.digest}"
+
+        async def anonymous(url: str, method: str = "GET") -> int:
+            async with proxy.session.request(method, url) as response:
+                body = await response.read()
+                assert layer.data not in body
+                return response.status
+
+        # The owner's fetch is under way when the anonymous client asks for the same blob.
+        async with proxy.session.get(blob_url, headers=owner) as response:
+            assert response.status == 200
+            first = await response.content.readexactly(64 * 1024)
+            assert await anonymous(blob_url) == 401
+            assert first + await response.read() == layer.data
+        await pull(proxy, name, image, **owner)
+
+        routes = [
+            (f"{proxy.url}/v2/{name}/manifests/v1", "GET"),
+            (f"{proxy.url}/v2/{name}/manifests/{image.digest}", "GET"),
+            (f"{proxy.url}/v2/{name}/manifests/{image.digest}", "HEAD"),
+            (blob_url, "GET"),
+            (blob_url, "HEAD"),
+            (f"{proxy.url}/v2/{name}/blobs/{image.config.digest}", "GET"),
+            (f"{proxy.url}/v2/{slow.host.replace(':', '_')}/hub/other/blobs/{layer.digest}", "GET"),
+        ]
+        for url, method in routes:
+            assert await anonymous(url, method) in (401, 403, 404), (url, method)
+    assert not [p for p in (proxy.cache_dir / "blobs").rglob("*") if p.is_file()]
+    assert not [p for p in (proxy.cache_dir / "manifests").rglob("*") if p.is_file()]
+
+
+def test_cache_private_is_gone_with_a_reason() -> None:
+    with pytest.raises(ValueError, match="give Detour the credentials"):
+        Settings.model_validate({"cache": {"cache_private": True}})
 
 
 async def test_htpasswd_basic_auth(
