@@ -14,7 +14,9 @@ validated digests and from hashes of names, never from request text.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -27,9 +29,13 @@ from pathlib import Path
 
 from proxy.errors import UpstreamInvalid
 from proxy.files import write_atomic
+from proxy.logs import get_logger
+from proxy.metrics import Metrics
 from proxy.reference import Digest, ImageName
 
 MANIFEST_MAX_BYTES = 4 * 1024 * 1024  # distribution's own limit
+
+log = get_logger("detour.cache")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +59,35 @@ def delete_files(paths: Iterable[Path]) -> None:
     for path in paths:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+def write_failure_reason(exc: OSError) -> str:
+    """The ``reason`` a cache write the disk refused is counted under."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "disk_full"
+    if exc.errno == errno.EROFS:
+        return "read_only"
+    return "io_error"
+
+
+def cache_write_failed(
+    metrics: Metrics, exc: OSError, kind: str, action: str, **fields: str
+) -> None:
+    """Count and log a write (or removal) the cache's disk refused: full, read-only, failing.
+
+    Never an error for the client: the caller serves what it has without caching it (the
+    ``action``), and the next miss tries the disk again, so space coming back is enough.
+    """
+    reason = write_failure_reason(exc)
+    metrics.cache_write_failures.labels(reason).inc()
+    log.warning(
+        "cache_write_failed",
+        kind=kind,
+        reason=reason,
+        error=exc.strerror or str(exc),
+        action=action,
+        **fields,
+    )
 
 
 class BlobWriter:
@@ -247,27 +282,45 @@ class CacheStore:
         return self.root / "manifests" / digest.algorithm / digest.hex[:2] / digest.hex
 
     def manifest(self, digest: Digest) -> StoredManifest | None:
-        """The stored manifest, re-verified (it is small, and this is what clients trust)."""
+        """The stored manifest, re-verified (it is small, and this is what clients trust).
+
+        One that can't be read, or fails its digest, is a miss (and the bad file is removed
+        if the disk lets us): the caller fetches it again.
+        """
         try:
             raw = self._manifest_path(digest).read_bytes()
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            log.warning(
+                "cache_read_failed",
+                kind="manifest",
+                digest=str(digest),
+                error=exc.strerror or str(exc),
+                action="fetching it again",
+            )
+            return None
         media_type, sep, body = raw.partition(b"\n")
         if not sep or Digest.of(body, digest.algorithm) != digest:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):  # read-only: it stays, and stays a miss
                 self._manifest_path(digest).unlink()
             return None
         self.touch(self._manifest_path(digest))
         return StoredManifest(digest, media_type.decode("ascii", "replace"), body)
 
-    def put_manifest(self, manifest: StoredManifest) -> None:
+    async def put_manifest(self, manifest: StoredManifest) -> None:
+        """Store a verified manifest: written and fsynced in a worker thread, then indexed.
+
+        ``OSError`` when the disk refuses it (full, read-only, failing): then nothing is
+        indexed and no temp file is left (see :func:`cache_write_failed`).
+        """
         if Digest.of(manifest.body, manifest.digest.algorithm) != manifest.digest:
             raise UpstreamInvalid("manifest does not match its digest")
         if "\n" in manifest.media_type or not manifest.media_type.isascii():
             raise UpstreamInvalid("invalid manifest media type")
         data = manifest.media_type.encode("ascii") + b"\n" + manifest.body
         path = self._manifest_path(manifest.digest)
-        write_atomic(path, data, tmp_dir=self.tmp)
+        await asyncio.to_thread(write_atomic, path, data, tmp_dir=self.tmp)
         self.admit(path, len(data))
 
     # ----------------------------------------------------------------------- tags
@@ -290,9 +343,11 @@ class CacheStore:
         except (FileNotFoundError, ValueError, KeyError, TypeError):
             return None
 
-    def put_tag(
+    async def put_tag(
         self, name: ImageName, tag: str, record: TagRecord, variant: str | None = None
     ) -> None:
+        """Record what ``name:tag`` resolved to (in a worker thread); ``OSError`` when the
+        disk refuses it."""
         data = {
             "name": str(name),
             "tag": tag,
@@ -302,8 +357,9 @@ class CacheStore:
             "checked_at": record.checked_at,
         }
         path = self._tag_path(name, tag, variant)
-        write_atomic(path, json.dumps(data).encode(), tmp_dir=self.tmp)
+        await asyncio.to_thread(write_atomic, path, json.dumps(data).encode(), tmp_dir=self.tmp)
 
-    def drop_tag(self, name: ImageName, tag: str, variant: str | None = None) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self._tag_path(name, tag, variant).unlink()
+    async def drop_tag(self, name: ImageName, tag: str, variant: str | None = None) -> None:
+        """Forget ``name:tag`` (in a worker thread); ``OSError`` when the disk refuses (a
+        read-only one)."""
+        await asyncio.to_thread(self._tag_path(name, tag, variant).unlink, missing_ok=True)

@@ -19,7 +19,10 @@ def write_atomic(
     """Write ``data`` to a unique temp file (in ``tmp_dir``, which must be on the same file
     system, or beside ``path``), fsync it, and move it over ``path``. The mode is set before the
     first byte, so a key is never readable by others. With ``sync_dir`` the rename itself is
-    made durable too."""
+    made durable too.
+
+    A disk that refuses (full, read-only, failing) raises its ``OSError``: the temp file is
+    removed, and ``path`` is replaced only if every step up to the rename went through."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(
         dir=tmp_dir or path.parent, prefix=f".{path.name}.", suffix=".partial"

@@ -24,17 +24,30 @@ The tag policy, for ``GET``/``HEAD /v2/<name>/manifests/<tag>``:
   gets 404 (the manifest itself stays, reachable by digest).
 * The upstream answering 401 or 403 → relayed, never served stale: access that was revoked
   upstream must not live on in the cache.
+
+A disk that refuses a write (full, read-only, failing) is never an error for the client: the
+manifest is served without being cached, and the failure counted and logged
+(:func:`proxy.cache.cache_write_failed`). A tag whose confirmation can't be recorded is
+revalidated again on its next request; once the disk takes writes again, the next miss is
+cached.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from aiohttp import web
 
-from proxy.cache import MANIFEST_MAX_BYTES, CacheStore, StoredManifest, TagRecord
+from proxy.cache import (
+    MANIFEST_MAX_BYTES,
+    CacheStore,
+    StoredManifest,
+    TagRecord,
+    cache_write_failed,
+)
 from proxy.errors import (
     ManifestUnknown,
     ManifestUnsupported,
@@ -221,6 +234,16 @@ class Manifests:
         request[LOG]["source"] = source
         return manifest_response(manifest)
 
+    async def _write(self, write: Awaitable[None], kind: str, **fields: str) -> bool:
+        """Whether a cache write went through. A disk that refuses it is counted and logged,
+        and the client is answered all the same, without caching."""
+        try:
+            await write
+        except OSError as exc:
+            cache_write_failed(self._metrics, exc, kind, "served without caching", **fields)
+            return False
+        return True
+
     async def get(
         self,
         request: web.Request,
@@ -285,14 +308,16 @@ class Manifests:
         async with answer:
             request[LOG]["upstream"] = answer.where
             if answer.status == 404:
-                self._store.drop_tag(route.name, tag, variant)
+                dropping = self._store.drop_tag(route.name, tag, variant)
+                await self._write(dropping, "tag", name=str(route.name), tag=tag)
             if answer.status != 200:
                 raise answer.refusal(_unknown(tag))
             digest = _upstream_digest(answer)
         if digest == cached.digest:
             if not answer.private:
                 record = TagRecord(digest, cached.media_type, time.time())
-                self._store.put_tag(route.name, tag, record, variant)
+                confirming = self._store.put_tag(route.name, tag, record, variant)
+                await self._write(confirming, "tag", name=str(route.name), tag=tag)
             self._count(request, "revalidated")
             return self._serve(request, cached, "cache")
         return await self._fetch(request, route, tag, accept, client_auth)
@@ -336,14 +361,18 @@ class Manifests:
         manifest = StoredManifest(Digest.of(body, algorithm), media_type, body)
         if digest is not None and manifest.digest != digest:
             self._mismatch(answer, digest)
-        if not private:
-            self._store.put_manifest(manifest)
-            if isinstance(reference, str):
-                # An index is what the tag means; a single manifest may be one platform's,
-                # narrowed for a client that takes no index: kept for that Accept only.
-                variant = None if media_type in INDEX_TYPES else accept.variant
-                record = TagRecord(manifest.digest, media_type, time.time())
-                self._store.put_tag(route.name, reference, record, variant)
+        if private:
+            return self._serve(request, manifest, "upstream")
+        storing = self._store.put_manifest(manifest)
+        stored = await self._write(storing, "manifest", digest=str(manifest.digest))
+        # A tag record is no use without its manifest: not written when that could not be.
+        if stored and isinstance(reference, str):
+            # An index is what the tag means; a single manifest may be one platform's,
+            # narrowed for a client that takes no index: kept for that Accept only.
+            variant = None if media_type in INDEX_TYPES else accept.variant
+            record = TagRecord(manifest.digest, media_type, time.time())
+            recording = self._store.put_tag(route.name, reference, record, variant)
+            await self._write(recording, "tag", name=str(route.name), tag=reference)
         return self._serve(request, manifest, "upstream")
 
     def _head_from_upstream(
