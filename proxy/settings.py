@@ -206,6 +206,12 @@ class WebhookSettings(_Section):
     ignore_images: list[re.Pattern[str]] = []
     # When set, only images matching one of these are rewritten.
     accept_images: list[re.Pattern[str]] = []
+    # The largest AdmissionReview read; a larger one gets 413. The API server sends at most about
+    # 3 MiB (an object up to etcd's 1.5 MiB, twice on an UPDATE); the rest is headroom.
+    max_body: ByteSize = 4 * 1024 * 1024
+    # How many reviews over 256 KiB are read and parsed at once; the rest wait their turn with
+    # their bodies unread. Smaller ones never wait: aiohttp has buffered them already.
+    max_concurrent: int = Field(default=8, ge=1)
 
     @field_validator("prefix")
     @classmethod

@@ -36,6 +36,12 @@ matches when ``re.search`` finds it in the image as written or in its normalized
 
 Failure modes: a body that is not JSON (or is nested deeper than the parser goes), or not an
 AdmissionReview with a ``request`` and a ``request.uid``, gets HTTP 400 with a message.
+A body over ``webhook.max_body`` gets 413 (at once when its ``Content-Length`` says so, else at
+the first byte past the limit), and so does one whose JSON could take more than
+``MAX_EXPANSION`` times ``webhook.max_body`` of memory to parse (:func:`parse_cost`); a body that
+takes longer than ``BODY_TIMEOUT`` to arrive gets 408. The API server then applies the
+webhook's ``failurePolicy``. A sender that goes away before its body is read (the API server
+gave up waiting) is counted and logged at info.
 Anything that is not a pod (``request.kind.kind`` other than ``Pod``,
 ``request.resource.resource`` other than ``pods``, a sub-resource other than
 ``ephemeralcontainers``, an operation other than CREATE or UPDATE) is allowed unchanged. Any
@@ -50,8 +56,23 @@ Secret is updated by a symlink swap that file events do not reliably report); wh
 changes and the new pair loads, new connections get the new certificate. A pair that does not
 load (a half-written rotation, a key that does not match) is logged and the old one kept.
 
+Memory: a killed webhook admits pods un-rewritten, so what it holds at once is bounded. Bodies
+over ``SMALL_BODY`` are read inside a semaphore of ``webhook.max_concurrent``: the requests
+waiting for it keep their bodies in the kernel, not in the process (smaller bodies are in
+aiohttp's read buffer before the handler runs, so they skip the wait). Nothing awaits between
+decoding a body and answering it, so only one review at a time is ever in its parsed form.
+The peak resident memory is then at most::
+
+    idle + max_concurrent * 1.25 * max_body      bodies being read (bytearray slack)
+         + MAX_EXPANSION * max_body              the one review being parsed
+         + 1.25 MiB per connection waiting       aiohttp's and TLS's read buffers
+
+about 50 + 40 + 80 MiB with the defaults, plus the connections (tests/test_webhook.py measures
+it).
+
 Metrics (own registry, not the process-global one): ``detour_webhook_reviews_total{outcome}``
-(``mutated``, ``unchanged``, ``skipped``, ``ignored``, ``error``, ``malformed``),
+(``mutated``, ``unchanged``, ``skipped``, ``ignored``, ``error``, ``malformed``, ``too_large``,
+``timeout``, ``abandoned``),
 ``detour_webhook_skips_total{reason}``, ``detour_webhook_images_rewritten_total``,
 ``detour_webhook_tls_reloads_total{result}`` (``success``, ``failure``).
 
@@ -89,8 +110,19 @@ SKIP_ANNOTATION: Final = "detour.io/skip"
 MIRROR_POD_ANNOTATION: Final = "kubernetes.io/config.mirror"
 SUPPORTED_API_VERSIONS: Final = frozenset({"admission.k8s.io/v1", "admission.k8s.io/v1beta1"})
 CONTAINER_FIELDS: Final = ("initContainers", "containers", "ephemeralContainers")
-# Two copies of a large pod (object and oldObject) must fit; aiohttp's default is 1 MiB.
-MAX_BODY: Final = 16 * 1024 * 1024
+# A body this small is in aiohttp's read buffer (256 KiB, its default) before the handler runs:
+# making it wait for the semaphore would save no memory, and would queue it behind large ones.
+SMALL_BODY: Final = 256 * 1024
+# The most bytes json.loads allocates per ``{``, ``[``, ``,`` or ``:`` in a body (measured on
+# CPython 3.11: a list nested in a list takes 88 bytes for one ``[``; see parse_cost).
+PARSE_COST_PER_TOKEN: Final = 96
+# A review is parsed only if parse_cost bounds it by this many times webhook.max_body. It puts
+# pods as the API server sends them at about 19 times their size (25 with any non-ASCII text),
+# so with max_body at 4 MiB every review up to 3.2 MiB is parsed: the API server sends 3 MiB.
+MAX_EXPANSION: Final = 20
+# A body must arrive within this many seconds, so a slow sender cannot keep a turn for long; the
+# API server gives up after the webhook's timeoutSeconds (5 in the manifests, 30 at most).
+BODY_TIMEOUT: Final = 10.0
 
 PodSkipReason = Literal["namespace", "opt_out_label", "opt_out_annotation", "mirror_pod"]
 ImageSkipReason = Literal["already_prefixed", "invalid_image", "ignored_image", "not_accepted"]
@@ -104,7 +136,17 @@ SKIP_REASONS: Final[tuple[str, ...]] = (
     "ignored_image",
     "not_accepted",
 )
-OUTCOMES: Final = ("mutated", "unchanged", "skipped", "ignored", "error", "malformed")
+OUTCOMES: Final = (
+    "mutated",
+    "unchanged",
+    "skipped",
+    "ignored",
+    "error",
+    "malformed",
+    "too_large",
+    "timeout",
+    "abandoned",
+)
 
 _log = structlog.get_logger("detour.webhook")
 
@@ -180,6 +222,10 @@ class JSONPatchOp(TypedDict):
 
 class MalformedReview(ValueError):
     """The body is not an AdmissionReview we can answer: HTTP 400."""
+
+
+class ReviewTooLarge(Exception):
+    """The body is over ``webhook.max_body``, or could take too much memory to parse: HTTP 413."""
 
 
 # --- Pure functions: policy, rewrite, patch ---------------------------------------------------
@@ -422,6 +468,21 @@ def build_patch(pod: Mapping[str, Any], rewrites: Iterable[ImageRewrite]) -> lis
     return ops
 
 
+def parse_cost(body: bytes | bytearray) -> int:
+    """An upper bound on the bytes ``json.loads(body.decode())`` allocates, its text included.
+
+    Every value and container json.loads builds is introduced by one of ``{ [ , :`` and costs at
+    most :data:`PARSE_COST_PER_TOKEN` bytes with its slot in its parent (a 4 MiB body of lists
+    nested in lists takes 44 times its size). The characters of strings take a byte each, and
+    so does the decoded text, when the body is ASCII without ``\\u`` escapes; otherwise up to
+    four each (one character outside the BMP makes its whole string UCS-4). The structural
+    characters inside strings are counted too, which only over-estimates.
+    """
+    tokens = sum(body.count(c) for c in b"{[,:")
+    width = 1 if body.isascii() and b"\\u" not in body else 4
+    return PARSE_COST_PER_TOKEN * tokens + 2 * width * len(body)
+
+
 def parse_review(body: Any) -> AdmissionReview:
     """Check that ``body`` is an AdmissionReview with a request we can answer.
 
@@ -621,13 +682,71 @@ class CertificateReloader:
 
 # --- The application --------------------------------------------------------------------------
 
+
+@dataclass(frozen=True, slots=True)
+class Intake:
+    """How much of the API server's traffic the webhook holds at once (the module docstring)."""
+
+    max_body: int
+    max_cost: int
+    gate: asyncio.Semaphore
+
+    @classmethod
+    def from_settings(cls, settings: WebhookSettings) -> Intake:
+        return cls(
+            max_body=settings.max_body,
+            max_cost=MAX_EXPANSION * settings.max_body,
+            gate=asyncio.Semaphore(settings.max_concurrent),
+        )
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+async def _read_body(request: web.Request, limit: int) -> bytearray:
+    """The request's body, refused at the first byte past ``limit``."""
+    body = bytearray()
+    while chunk := await request.content.readany():
+        body += chunk
+        if len(body) > limit:
+            raise ReviewTooLarge(
+                f"the AdmissionReview is larger than webhook.max_body ({_mib(limit)})"
+            )
+    return body
+
+
+async def receive_review(request: web.Request, intake: Intake) -> AdmissionReview:
+    """Read, check and parse the body. Raises :class:`ReviewTooLarge`, :class:`TimeoutError`
+    (:data:`BODY_TIMEOUT`), or :class:`ValueError` for a malformed body."""
+    async with asyncio.timeout(BODY_TIMEOUT):
+        raw = await _read_body(request, intake.max_body)
+    cost = parse_cost(raw)
+    if cost > intake.max_cost:
+        raise ReviewTooLarge(
+            f"the AdmissionReview ({_mib(len(raw))}) could take up to {_mib(cost)} to parse, more "
+            f"than {MAX_EXPANSION} times webhook.max_body ({_mib(intake.max_cost)})"
+        )
+    text = raw.decode()
+    del raw  # the bytes go before the objects come
+    return parse_review(parse_json(text))
+
+
 POLICY = web.AppKey("detour_webhook_policy", Policy)
 METRICS = web.AppKey("detour_webhook_metrics", WebhookMetrics)
 RELOADER = web.AppKey("detour_webhook_reloader", CertificateReloader)
+INTAKE = web.AppKey("detour_webhook_intake", Intake)
 
 
-def _bad_request(message: str) -> web.Response:
-    return web.json_response({"message": message}, status=400)
+def _refuse(request: web.Request, status: int, outcome: str, message: str) -> web.Response:
+    request.app[METRICS].reviews.labels(outcome).inc()
+    _log.warning(
+        f"review_{outcome}",
+        message=message,
+        size=request.content_length,
+        remote=request.remote,
+    )
+    return web.json_response({"message": message}, status=status)
 
 
 def _pod_label(request: AdmissionRequest) -> str:
@@ -639,15 +758,39 @@ def _pod_label(request: AdmissionRequest) -> str:
 
 
 async def mutate(request: web.Request) -> web.Response:
-    metrics = request.app[METRICS]
+    intake = request.app[INTAKE]
+    size = request.content_length
+    if size is not None and size > intake.max_body:  # refused unread
+        message = (
+            f"the AdmissionReview ({_mib(size)}) is larger than webhook.max_body "
+            f"({_mib(intake.max_body)})"
+        )
+        return _refuse(request, 413, "too_large", message)
     try:
-        body = await request.json(loads=parse_json)
-        review = parse_review(body)
-    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
-        metrics.reviews.labels("malformed").inc()
+        if size is not None and size <= SMALL_BODY:
+            review = await receive_review(request, intake)
+        else:
+            async with intake.gate:
+                review = await receive_review(request, intake)
+    except ReviewTooLarge as exc:
+        return _refuse(request, 413, "too_large", str(exc))
+    except TimeoutError:
+        message = f"the AdmissionReview did not arrive within {BODY_TIMEOUT:g}s"
+        return _refuse(request, 408, "timeout", message)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         message = str(exc) if isinstance(exc, MalformedReview) else f"invalid JSON: {exc}"
-        _log.warning("review_malformed", message=message, remote=request.remote)
-        return _bad_request(message)
+        return _refuse(request, 400, "malformed", message)
+    except ConnectionError:  # the sender went away mid-body: no one to answer
+        request.app[METRICS].reviews.labels("abandoned").inc()
+        _log.info("review_abandoned", size=size, remote=request.remote)
+        return web.Response(status=400)
+    # Nothing awaits from here to the response, so the review whose turn comes next (the gate
+    # is released) is read only after this one's objects are gone.
+    return _answer(request, review)
+
+
+def _answer(request: web.Request, review: AdmissionReview) -> web.Response:
+    metrics = request.app[METRICS]
     admission = review["request"]
     uid = admission["uid"]
     try:
@@ -712,9 +855,10 @@ def create_webhook_app(
     With ``ssl_context`` (the one the server is started with) the certificate files named in
     the settings are polled and reloaded into it while the application runs.
     """
-    app = web.Application(client_max_size=MAX_BODY)
+    app = web.Application(client_max_size=settings.webhook.max_body)
     metrics = WebhookMetrics()
     app[POLICY] = Policy.from_settings(settings.webhook)
+    app[INTAKE] = Intake.from_settings(settings.webhook)
     app[METRICS] = metrics
     if ssl_context is not None:
         hook = settings.webhook

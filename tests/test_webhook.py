@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import copy
 import datetime
 import ipaddress
 import json
+import logging
 import os
 import re
 import signal
@@ -22,6 +24,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tracemalloc
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -37,14 +40,17 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from prometheus_client.parser import text_string_to_metric_families
 
+import proxy.webhook
 from proxy.settings import ConfigError, WebhookSettings, load_settings
 from proxy.webhook import (
+    MAX_EXPANSION,
     ORIGINAL_IMAGES_ANNOTATION,
     ImageRewrite,
     Policy,
     build_patch,
     build_ssl_context,
     create_webhook_app,
+    parse_cost,
     plan_pod,
     rewrite_image,
 )
@@ -53,6 +59,7 @@ PREFIX = "localhost:7439"
 HEX = "3f2c8b1e0a9d47c6b5e4f3a2d1c0b9a8f7e6d5c4b3a2918273645566778899aa"
 DIGEST = f"sha256:{HEX}"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+MiB = 1024 * 1024
 
 
 # --- A tiny RFC 6902 applier: only what the webhook emits -------------------------------------
@@ -398,6 +405,7 @@ def test_settings_defaults_and_own_namespace() -> None:
     policy = Policy.from_settings(WebhookSettings(namespace="mine"), {"POD_NAMESPACE": "x"})
     assert policy.ignore_namespaces == {"kube-system", "mine"}
     assert Policy.from_settings(hook, {}).ignore_namespaces == {"kube-system"}
+    assert (hook.max_body, hook.max_concurrent) == (4 * MiB, 8)
 
 
 def test_settings_from_yaml(tmp_path: Path) -> None:
@@ -410,8 +418,11 @@ def test_settings_from_yaml(tmp_path: Path) -> None:
         "  ignore_namespaces: [kube-system, monitoring]\n"
         "  ignore_images: ['^registry\\.internal/']\n"
         "  accept_images: ['docker\\.io/', 'ghcr\\.io/']\n"
+        "  max_body: 2.5MiB\n"
+        "  max_concurrent: 3\n"
     )
     hook = load_settings(config).webhook
+    assert (hook.max_body, hook.max_concurrent) == (int(2.5 * MiB), 3)
     assert hook.prefix == "detour.local:7439"
     assert hook.tls_reload_interval == 2.0
     assert hook.ignore_namespaces == ["kube-system", "monitoring"]
@@ -428,6 +439,9 @@ def test_settings_from_yaml(tmp_path: Path) -> None:
         ("webhook:\n  prefix: localhost:7439/sub\n", "webhook.prefix"),
         ("webhook:\n  tls_reload_interval: soon\n", "webhook.tls_reload_interval"),
         ("webhook:\n  ignore_namespace: [x]\n", "webhook.ignore_namespace"),
+        ("webhook:\n  max_body: 0\n", "webhook.max_body"),
+        ("webhook:\n  max_body: lots\n", "webhook.max_body"),
+        ("webhook:\n  max_concurrent: 0\n", "webhook.max_concurrent"),
     ],
 )
 def test_settings_refuse_bad_values(tmp_path: Path, yaml: str, message: str) -> None:
@@ -562,8 +576,11 @@ class Webhook:
         """A client trusting only the test CA; no connection reuse across sessions."""
         return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.pki.client_context()))
 
-    async def review(self, body: Any) -> tuple[int, Any]:
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    async def review(self, body: Any, *, chunked: bool = False) -> tuple[int, Any]:
+        """POST ``body`` (bytes, or JSON to encode) to /mutate; chunked: no Content-Length."""
+        data: Any = body if isinstance(body, bytes) else json.dumps(body).encode()
+        if chunked:
+            data = _chunks(data, MiB)
         async with (
             self.session() as session,
             session.post(
@@ -594,8 +611,22 @@ class Webhook:
         return x509.load_der_x509_certificate(der).serial_number
 
 
+async def _chunks(data: bytes, size: int) -> AsyncIterator[bytes]:
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
 @pytest.fixture
 async def webhook(tmp_path: Path, pki: Pki, secret: MountedSecret) -> AsyncIterator[Webhook]:
+    async with serve_webhook(tmp_path, pki, secret) as hook:
+        yield hook
+
+
+@contextlib.asynccontextmanager
+async def serve_webhook(
+    tmp_path: Path, pki: Pki, secret: MountedSecret, more: str = ""
+) -> AsyncIterator[Webhook]:
+    """The application over TLS on 127.0.0.1; ``more`` is YAML added to ``webhook:``."""
     config = tmp_path / "detour.yaml"
     config.write_text(
         "webhook:\n"
@@ -604,7 +635,7 @@ async def webhook(tmp_path: Path, pki: Pki, secret: MountedSecret) -> AsyncItera
         "  tls_reload_interval: 0.05\n"
         f"  prefix: {PREFIX}\n"
         "  namespace: detour-system\n"
-        "  ignore_images: ['^registry\\.internal/']\n"
+        "  ignore_images: ['^registry\\.internal/']\n" + more
     )
     settings = load_settings(config)
     context = build_ssl_context(settings.webhook)
@@ -797,6 +828,238 @@ async def test_malformed_reviews_get_400(webhook: Webhook, body: bytes, message:
     assert metrics[("detour_webhook_reviews_total", (("outcome", "malformed"),))] == 1
 
 
+# --- Limits: body size, parse cost, the queue for large reviews ------------------------------
+
+
+def kube_pod(containers: int, env: int = 30) -> dict[str, Any]:
+    """A pod as the API server sends it for a Deployment: probes, env, resources, mounts, and the
+    managedFields it records (the densest JSON in a pod: every field is a key of an object)."""
+    specs = []
+    fields: dict[str, Any] = {}
+    for i in range(containers):
+        name = f"app-{i}"
+        variables = [{"name": f"SETTING_{j}", "value": f"value-{j}"} for j in range(env)]
+        specs.append(
+            {
+                "name": name,
+                "image": f"registry.example.com/team/app-{i}:v1.2.3",
+                "args": ["--port=8080", "--log-level=info"],
+                "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}],
+                "env": [
+                    *variables,
+                    {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                ],
+                "resources": {
+                    "limits": {"cpu": "1", "memory": "512Mi"},
+                    "requests": {"cpu": "100m", "memory": "128Mi"},
+                },
+                "volumeMounts": [{"name": "config", "mountPath": "/etc/app", "readOnly": True}],
+                "readinessProbe": {
+                    "httpGet": {"path": "/ready", "port": "http", "scheme": "HTTP"},
+                    "periodSeconds": 10,
+                    "failureThreshold": 3,
+                },
+                "imagePullPolicy": "IfNotPresent",
+                "terminationMessagePath": "/dev/termination-log",
+                "securityContext": {"capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True},
+            }
+        )
+        fields[f'k:{{"name":"{name}"}}'] = {
+            ".": {},
+            "f:args": {},
+            "f:env": {
+                ".": {},
+                **{f'k:{{"name":"{v["name"]}"}}': {".": {}, "f:value": {}} for v in variables},
+            },
+            "f:image": {},
+            "f:ports": {".": {}, 'k:{"containerPort":8080,"protocol":"TCP"}': {"f:name": {}}},
+            "f:resources": {"f:limits": {"f:cpu": {}, "f:memory": {}}},
+        }
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "generateName": "app-7d9c6b5f4-",
+            "namespace": "apps",
+            "labels": {"app.kubernetes.io/name": "app", "pod-template-hash": "7d9c6b5f4"},
+            "ownerReferences": [
+                {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "app-7d9c6b5f4"}
+            ],
+            "managedFields": [
+                {
+                    "manager": "kube-controller-manager",
+                    "operation": "Update",
+                    "fieldsType": "FieldsV1",
+                    "fieldsV1": {"f:spec": {"f:containers": fields}},
+                }
+            ],
+        },
+        "spec": {
+            "containers": specs,
+            "volumes": [{"name": "config", "configMap": {"name": "app-config"}}],
+            "restartPolicy": "Always",
+            "tolerations": [
+                {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute"}
+            ],
+        },
+    }
+
+
+def kube_review(size: int) -> bytes:
+    """The AdmissionReview (CREATE) of the largest :func:`kube_pod` whose JSON is under ``size``."""
+
+    def body(containers: int) -> bytes:
+        review = admission_review(kube_pod(containers), namespace="apps")
+        return json.dumps(review, separators=(",", ":")).encode()
+
+    one, two = len(body(1)), len(body(2))
+    containers = (size - one) // (two - one) + 1
+    while len(found := body(containers)) > size:
+        containers -= 1
+    return found
+
+
+def nested_lists(size: int, depth: int = 400) -> str:
+    """JSON of lists nested ``depth`` deep, repeated to about ``size`` bytes: what json.loads
+    expands most (44 times its size, 88 bytes a ``[``)."""
+    unit = "[" * depth + "]" * depth
+    return "[" + ",".join([unit] * max(1, size // (len(unit) + 1))) + "]"
+
+
+def review_carrying(json_text: str) -> bytes:
+    """A valid review of ``pod("nats:1")`` with ``json_text`` as its (ignored) options."""
+    review = admission_review(pod("nats:1"), namespace="apps")
+    review["request"]["options"] = "@OPTIONS@"
+    return json.dumps(review).replace('"@OPTIONS@"', json_text).encode()
+
+
+def test_kube_review_is_as_large_as_asked() -> None:
+    body = kube_review(256 * 1024)
+    assert 250 * 1024 < len(body) <= 256 * 1024
+
+
+SHAPES = {
+    "lists in lists": nested_lists(256 * 1024),
+    "dicts in dicts": "[" + ",".join(['{"":' * 300 + "{}" + "}" * 300] * 100) + "]",
+    "empty dicts": "[" + ",".join(["{}"] * 80_000) + "]",
+    "one-key dicts": "[" + ",".join(['{"":0}'] * 40_000) + "]",
+    "short strings": "[" + ",".join(['"ab"'] * 50_000) + "]",
+    "unique keys": "{" + ",".join(f'"{i:x}":0' for i in range(30_000)) + "}",
+    "ints": "[" + ",".join(["-6"] * 80_000) + "]",
+    "floats": "[" + ",".join(["1e0"] * 60_000) + "]",
+    # One character outside the BMP makes its whole string 4 bytes a character.
+    "UCS-4 strings": json.dumps(["\U0001f600" + "a" * 1000] * 250, ensure_ascii=False),
+    "UCS-4 by escapes": json.dumps(["\U0001f600" + "a" * 1000] * 250),
+    "a pod": kube_review(256 * 1024).decode(),
+}
+
+
+@pytest.mark.parametrize("text", SHAPES.values(), ids=SHAPES.keys())
+def test_parse_cost_bounds_what_parsing_takes(text: str) -> None:
+    body = text.encode()
+    tracemalloc.start()
+    try:
+        parsed = json.loads(body.decode())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    del parsed
+    assert peak <= parse_cost(body)
+
+
+def test_parse_cost_admits_every_review_the_api_server_sends() -> None:
+    body = kube_review(256 * 1024)
+    # An ASCII pod is parsed up to max_body; the API server sends at most about 3 MiB, and a
+    # pod with any other character (parse_cost assumes 4 bytes each then) is parsed up to that.
+    assert parse_cost(body) / len(body) <= MAX_EXPANSION
+    wide = body.replace(b'"value-1"', '"välue-1"'.encode())
+    assert parse_cost(wide) / len(wide) <= MAX_EXPANSION * 4 / 3
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_a_review_over_max_body_gets_413(webhook: Webhook, chunked: bool) -> None:
+    big = pod("nats:1", annotations={"note": "x" * (4 * MiB)})
+    status, answer = await webhook.review(admission_review(big), chunked=chunked)
+    assert status == 413
+    assert "larger than webhook.max_body (4.0 MiB)" in answer["message"]
+    status, _ = await webhook.review(admission_review(pod("nats:1")))
+    assert status == 200
+    metrics = await webhook.metrics()
+    assert metrics[("detour_webhook_reviews_total", (("outcome", "too_large"),))] == 1
+    assert metrics[("detour_webhook_reviews_total", (("outcome", "mutated"),))] == 1
+
+
+async def test_a_review_that_could_take_too_much_memory_to_parse_gets_413(
+    webhook: Webhook,
+) -> None:
+    # 2 MiB of lists in lists would take 88 MiB in Python objects: more than 20 x 4 MiB.
+    body = review_carrying(nested_lists(2 * MiB))
+    assert len(body) < 4 * MiB
+    status, answer = await webhook.review(body)
+    assert status == 413
+    assert "to parse, more than 20 times webhook.max_body (80.0 MiB)" in answer["message"]
+    metrics = await webhook.metrics()
+    assert metrics[("detour_webhook_reviews_total", (("outcome", "too_large"),))] == 1
+
+
+async def _stall(
+    hook: Webhook, announced: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A request that announces ``announced`` bytes of body and sends one."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", hook.port, ssl=hook.pki.client_context(), server_hostname="127.0.0.1"
+    )
+    writer.write(
+        b"POST /mutate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {announced}\r\n\r\n{{".encode()
+    )
+    await writer.drain()
+    return reader, writer
+
+
+async def test_large_reviews_wait_their_turn_and_slow_senders_lose_it(
+    tmp_path: Path, pki: Pki, secret: MountedSecret, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(proxy.webhook, "BODY_TIMEOUT", 2.0)
+    async with serve_webhook(tmp_path, pki, secret, "  max_concurrent: 2\n") as hook:
+        # Two senders that stop after a byte hold both turns for large reviews.
+        stalled = [await _stall(hook, MiB) for _ in range(2)]
+        cut_off = [asyncio.create_task(reader.readline()) for reader, _ in stalled]
+        big = admission_review(pod("nats:1", annotations={"note": "x" * 300_000}))
+        waiting = asyncio.create_task(hook.review(big))
+        # A small review does not queue behind them: it is answered before they are cut off.
+        small = asyncio.create_task(hook.review(admission_review(pod("redis:7"))))
+        done, _ = await asyncio.wait([small, *cut_off], return_when=asyncio.FIRST_COMPLETED)
+        assert done == {small}
+        assert small.result()[0] == 200
+        assert not waiting.done()
+        # After BODY_TIMEOUT the slow senders get 408, and the large review its turn.
+        assert [(await line).split(b" ")[1] for line in cut_off] == [b"408", b"408"]
+        status, answer = await waiting
+        assert status == 200
+        assert patch_of(answer["response"]) is not None
+        for _, writer in stalled:
+            writer.close()
+        metrics = await hook.metrics()
+        assert metrics[("detour_webhook_reviews_total", (("outcome", "timeout"),))] == 2
+        assert metrics[("detour_webhook_reviews_total", (("outcome", "mutated"),))] == 2
+
+
+async def test_a_sender_that_goes_away_mid_body_is_let_go(
+    webhook: Webhook, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The API server stops waiting after timeoutSeconds: counted, and no error logged."""
+    _, writer = await _stall(webhook, MiB)
+    writer.close()
+
+    async def abandoned() -> bool:
+        metrics = await webhook.metrics()
+        return metrics[("detour_webhook_reviews_total", (("outcome", "abandoned"),))] == 1
+
+    await _wait_for(abandoned)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 @pytest.mark.parametrize(
     "review",
     [
@@ -975,20 +1238,39 @@ def command_env() -> dict[str, str]:
     return env
 
 
-async def test_detour_webhook_command_serves_reviews(
-    tmp_path: Path, pki: Pki, secret: MountedSecret, command_env: dict[str, str]
-) -> None:
+@dataclass
+class Command:
+    """``detour webhook`` running as its own process."""
+
+    hook: Webhook
+    pid: int
+    log: Path
+
+    def peak_rss(self) -> int:
+        """VmHWM: the most memory the process has had resident, in bytes."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError(f"no VmHWM in /proc/{self.pid}/status")
+
+
+@contextlib.asynccontextmanager
+async def detour_webhook(
+    tmp_path: Path, pki: Pki, secret: MountedSecret, env: dict[str, str], more: str = ""
+) -> AsyncIterator[Command]:
+    """Run ``detour webhook --config FILE`` until it answers; stop it with SIGTERM after."""
     port = _free_port()
     config = tmp_path / "detour.yaml"
     config.write_text(
         f"webhook:\n  listen: 127.0.0.1:{port}\n  tls_cert: {secret.cert}\n"
-        f"  tls_key: {secret.key}\n  prefix: cache.example:7439\n"
+        f"  tls_key: {secret.key}\n" + more
     )
-    log = (tmp_path / "webhook.log").open("wb")
+    log_path = tmp_path / "webhook.log"
+    log = log_path.open("wb")
     process = await asyncio.create_subprocess_exec(
         *[sys.executable, "-m", "proxy", "webhook", "--config", str(config)],
         cwd=REPO_ROOT,
-        env=command_env,
+        env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -996,7 +1278,7 @@ async def test_detour_webhook_command_serves_reviews(
     try:
 
         async def up() -> bool:
-            assert process.returncode is None, (tmp_path / "webhook.log").read_text()
+            assert process.returncode is None, log_path.read_text()
             try:
                 async with hook.session() as session, session.get(f"{hook.url}/healthz") as r:
                     return r.status == 200
@@ -1004,6 +1286,23 @@ async def test_detour_webhook_command_serves_reviews(
                 return False
 
         await _wait_for(up, within=20)
+        yield Command(hook, process.pid, log_path)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        # Shutting down, aiohttp waits for connections still discarding a body it refused
+        # unread, for up to its lingering_time (10 s), even when the client has gone.
+        code = await asyncio.wait_for(process.wait(), 30)
+        log.close()
+    assert code == 0, log_path.read_text()
+
+
+async def test_detour_webhook_command_serves_reviews(
+    tmp_path: Path, pki: Pki, secret: MountedSecret, command_env: dict[str, str]
+) -> None:
+    async with detour_webhook(
+        tmp_path, pki, secret, command_env, "  prefix: cache.example:7439\n"
+    ) as command:
+        hook = command.hook
         _, answer = await hook.review(admission_review(pod("busybox"), namespace="apps"))
         patch = patch_of(answer["response"])
         assert patch is not None
@@ -1013,11 +1312,6 @@ async def test_detour_webhook_command_serves_reviews(
         )
         _, answer = await hook.review(admission_review(pod("busybox"), namespace="detour-system"))
         assert patch_of(answer["response"]) is None  # POD_NAMESPACE is the webhook's own
-    finally:
-        process.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(process.wait(), 10)
-        log.close()
-    assert code == 0
     lines = [json.loads(line) for line in (tmp_path / "webhook.log").read_text().splitlines()]
     started = next(line for line in lines if line["event"] == "webhook_listening")
     assert started["ignore_namespaces"] == ["detour-system", "kube-system"]
@@ -1044,3 +1338,103 @@ def test_detour_webhook_command_without_certificate_says_so(
     assert done.returncode == 2
     assert "webhook.tls_cert" in done.stderr
     assert "nope.crt" in done.stderr
+
+
+# --- Memory under load: `detour webhook` with the default limits, its peak RSS measured -------
+
+MAX_BODY = 4 * MiB
+MAX_CONCURRENT = 8
+LIMIT = 256 * MiB  # deploy/kubernetes/base/webhook-deployment.yaml
+
+
+def memory_bound(idle: int, *, read: int, parsed: bool, connections: int) -> int:
+    """The module docstring's bound: ``read`` bodies read at once (at most max_concurrent) with
+    their bytearray's slack, the one review being parsed, and each connection's read buffers.
+    With the defaults and 12 connections: idle + 40 + 80 + 15 MiB."""
+    assert read <= MAX_CONCURRENT
+    parsing = MAX_EXPANSION * MAX_BODY if parsed else 0
+    return int(idle + read * 1.25 * MAX_BODY + parsing + connections * 1.25 * MiB)
+
+
+def _report(label: str, idle: int, peak: int) -> None:
+    print(f"{label}: VmHWM idle {idle / MiB:.1f} MiB, peak {peak / MiB:.1f} MiB")
+
+
+needs_proc = pytest.mark.skipif(
+    not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc/<pid>/status"
+)
+
+
+@needs_proc
+async def test_twelve_15_mib_reviews_get_413_and_valid_ones_their_patch(
+    tmp_path: Path, pki: Pki, secret: MountedSecret, command_env: dict[str, str]
+) -> None:
+    """The incident: 12 concurrent 15 MiB reviews took it to 300 MiB. Now they are refused
+    unread (or, without a Content-Length, at 4 MiB), while ordinary reviews are answered."""
+    oversized = json.dumps(
+        admission_review(pod("nats:1", annotations={"note": "x" * (15 * MiB)}))
+    ).encode()
+    valid = [admission_review(nats_pod(), namespace=f"team-{i}") for i in range(8)]
+    async with detour_webhook(tmp_path, pki, secret, command_env) as command:
+        hook = command.hook
+        assert (await hook.review(valid[0]))[0] == 200
+        idle = command.peak_rss()
+        results = await asyncio.gather(
+            *(hook.review(oversized) for _ in range(12)),
+            *(hook.review(oversized, chunked=True) for _ in range(4)),
+            *(hook.review(review) for review in valid),
+        )
+        peak = command.peak_rss()
+    _report("12 + 4 chunked 15 MiB reviews, 8 valid ones", idle, peak)
+
+    for status, answer in results[:16]:
+        assert status == 413
+        assert "larger than webhook.max_body (4.0 MiB)" in answer["message"]
+    for review, (status, answer) in zip(valid, results[16:], strict=True):
+        assert status == 200
+        assert answer["response"]["uid"] == review["request"]["uid"]
+        patch = patch_of(answer["response"])
+        assert patch is not None
+        images = [c["image"] for c in apply_patch(nats_pod(), patch)["spec"]["containers"]]
+        assert images[0] == f"{PREFIX}/docker.io/library/nats:2.10.26-alpine"
+    # Only the 4 chunked bodies are read, to the limit; nothing that large is parsed.
+    assert peak <= memory_bound(idle, read=4, parsed=False, connections=24)
+    assert peak < LIMIT // 2
+
+
+@needs_proc
+async def test_twelve_reviews_just_under_the_limits_stay_inside_the_memory_bound(
+    tmp_path: Path, pki: Pki, secret: MountedSecret, command_env: dict[str, str]
+) -> None:
+    """12 concurrent pods just under max_body, then 12 reviews just under the parse budget in
+    the shape json.loads expands most: every one is answered, inside the bound."""
+    pods = kube_review(MAX_BODY)
+    worst = review_carrying(nested_lists(1))
+    budget = MAX_EXPANSION * MAX_BODY - parse_cost(worst)
+    worst = review_carrying(nested_lists(int(budget / 50.5)))
+    assert MAX_BODY - 64 * 1024 < len(pods) <= MAX_BODY
+    assert 0.99 * MAX_EXPANSION * MAX_BODY < parse_cost(worst) <= MAX_EXPANSION * MAX_BODY
+    async with detour_webhook(tmp_path, pki, secret, command_env) as command:
+        hook = command.hook
+        assert (await hook.review(admission_review(pod("nats:1"))))[0] == 200
+        idle = command.peak_rss()
+        results = await asyncio.gather(*(hook.review(pods) for _ in range(12)))
+        after_pods = command.peak_rss()
+        results += await asyncio.gather(*(hook.review(worst) for _ in range(12)))
+        peak = command.peak_rss()
+    _report(f"12 pods of {len(pods) / MiB:.2f} MiB", idle, after_pods)
+    _report(f"then 12 reviews of {len(worst) / MiB:.2f} MiB that parse to ~80 MiB", idle, peak)
+
+    containers = len(json.loads(pods)["request"]["object"]["spec"]["containers"])
+    for status, answer in results[:12]:
+        assert status == 200
+        patch = patch_of(answer["response"])
+        assert patch is not None
+        assert len(patch) == containers + 1  # every image, and the record of the originals
+    for status, answer in results[12:]:
+        assert status == 200
+        patch = patch_of(answer["response"])
+        assert patch is not None
+        assert patch[0]["value"] == f"{PREFIX}/docker.io/library/nats:1"
+    assert peak <= memory_bound(idle, read=MAX_CONCURRENT, parsed=True, connections=12)
+    assert peak < 3 * LIMIT // 4
