@@ -21,9 +21,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import errno
 import os
-from collections.abc import Callable
+import socket
+import struct
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -32,24 +33,28 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web_request import BaseRequest
 
-from proxy.cache import BlobWriter, CacheStore
+from proxy.cache import BlobWriter, CacheStore, cache_write_failed
 from proxy.errors import (
     BlobUnknown,
     DetourError,
     UpstreamError,
     UpstreamInvalid,
+    UpstreamTimeout,
+    UpstreamUnreachable,
 )
 from proxy.logs import CLIENT_DISCONNECTED, LOG, get_logger
 from proxy.metrics import Metrics
 from proxy.reference import Digest
 from proxy.rules import Route
+from proxy.settings import Settings
 from proxy.upstream import UpstreamClient, UpstreamResponse
 
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 256 * 1024
 MAX_RESUMES = 3
 CLOSE_GRACE_SECONDS = 10.0  # at shutdown, for verified blobs to reach the cache
-PIPELINE_CHUNKS = 8  # received chunks waiting to be hashed and written
+PIPELINE_CHUNKS = 4  # received chunks waiting to be hashed and written
 SPILL_QUEUE_CHUNKS = 4  # per reader, after a spill: at most this many chunks in memory
+NEARLY_DONE = 0.9  # a fetch this far along goes on for the cache when its clients leave
 BLOB_CONTENT_TYPE = "application/octet-stream"
 
 log = get_logger("detour.blobs")
@@ -79,6 +84,72 @@ class _Reader:
 
     queue: asyncio.Queue[bytes | None] | None = None
     gone: bool = False
+    too_slow: bool = False  # cut off for holding a spilled fetch back
+    # The client's connection: one that closed while waiting for the fetch's first bytes
+    # (aiohttp does not cancel its handler) no longer counts as waiting for it.
+    transport: asyncio.Transport | None = None
+
+    @property
+    def waiting(self) -> bool:
+        return not self.gone and self.transport is not None and not self.transport.is_closing()
+
+
+@dataclass(frozen=True)
+class FetchLimits:
+    """The bounds on blob fetches, from the settings (see :class:`FetchSlots`)."""
+
+    max_blob_size: int  # larger: streamed, not cached; larger and of no announced length: cut
+    abandon_after: float
+    min_rate: int | None  # bytes per second, over each ``rate_window``
+    rate_window: float
+    slow_client: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> FetchLimits:
+        cache, upstream = settings.cache, settings.upstream
+        return cls(
+            max_blob_size=min(cache.max_blob_size, cache.max_size or cache.max_blob_size),
+            abandon_after=upstream.abandon_after,
+            min_rate=upstream.min_rate,
+            rate_window=upstream.read_timeout,
+            slow_client=upstream.slow_client,
+        )
+
+
+def _reset(transport: asyncio.Transport) -> None:
+    """Close a connection at once with a TCP reset: a plain close would still hand the client
+    what the kernel's send buffer holds (megabytes), at the client's own slow pace."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+class FetchSlots:
+    """At most ``total`` fetches at once, and ``per_registry`` from one registry, so memory is
+    bounded and one slow upstream can't hold every slot; the rest wait their turn, in order."""
+
+    def __init__(self, total: int, per_registry: int) -> None:
+        self._total = asyncio.Semaphore(total)
+        self._per_registry = per_registry
+        self._registries: dict[str, tuple[asyncio.Semaphore, int]] = {}  # with their users
+
+    @contextlib.asynccontextmanager
+    async def slot(self, registry: str) -> AsyncIterator[None]:
+        semaphore, users = self._registries.get(
+            registry, (asyncio.Semaphore(self._per_registry), 0)
+        )
+        self._registries[registry] = (semaphore, users + 1)
+        try:
+            async with semaphore, self._total:
+                yield
+        finally:
+            semaphore, users = self._registries[registry]
+            if users > 1:
+                self._registries[registry] = (semaphore, users - 1)
+            else:
+                del self._registries[registry]  # names a client invents don't pile up
 
 
 class BlobFetch:
@@ -99,6 +170,8 @@ class BlobFetch:
         store: CacheStore,
         upstream: UpstreamClient,
         metrics: Metrics,
+        limits: FetchLimits,
+        slots: FetchSlots,
         on_spill: Callable[[BlobFetch], None] = lambda _: None,
     ) -> None:
         self.digest = digest
@@ -107,7 +180,12 @@ class BlobFetch:
         self._store = store
         self._upstream = upstream
         self._metrics = metrics
+        self._limits = limits
+        self._slots = slots
         self._on_spill = on_spill
+        self._reserved = 0  # bytes of the store's max_size promised to this temp file
+        self._private = False
+        self.waiting = 0  # clients waiting for the whole fetch (a Range) without reading it
         self.state = _State.OPENING
         self.error: DetourError | None = None
         self.size: int | None = None
@@ -129,9 +207,9 @@ class BlobFetch:
         changed.set()
 
     async def run(self) -> None:
-        self._metrics.inflight_fetches.inc()
         try:
-            await self._fetch()
+            async with self._slot():
+                await self._fetch_watched()
         except Exception as exc:  # every failure is reported to this fetch's clients
             self.error = (
                 exc if isinstance(exc, DetourError) else UpstreamInvalid("blob fetch failed")
@@ -140,13 +218,92 @@ class BlobFetch:
                 log.exception("blob_fetch_crashed", digest=str(self.digest))
             self.state = _State.FAILED
         finally:
-            self._metrics.inflight_fetches.dec()
             self._done.set()
             for reader in self._readers:
                 if reader.queue is not None:
                     reader.queue.put_nowait(None)  # a slot is always free: see _deliver
             self._release_file()
             self._notify()
+
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """Wait for this fetch's turn (see :class:`FetchSlots`), counted as queued, then as
+        under way."""
+        metrics = self._metrics
+        metrics.queued_fetches.inc()
+        queued = True
+        try:
+            async with self._slots.slot(self.route.upstreams[0].registry):
+                metrics.queued_fetches.dec()
+                queued = False
+                metrics.inflight_fetches.inc()
+                try:
+                    yield
+                finally:
+                    metrics.inflight_fetches.dec()
+        finally:
+            if queued:
+                metrics.queued_fetches.dec()
+
+    def _interested(self) -> bool:
+        return any(reader.waiting for reader in self._readers) or self.waiting > 0
+
+    def _nearly_done(self) -> bool:
+        return self.size is not None and self.written >= self.size * NEARLY_DONE
+
+    async def _fetch_watched(self) -> None:
+        """The fetch, ended early when its clients are gone or the upstream crawls."""
+        if not self._interested():
+            raise self._ended("abandoned", "every client left before the fetch began")
+        fetching = asyncio.create_task(self._fetch())
+        watching = asyncio.create_task(self._watch())
+        try:
+            await asyncio.wait({fetching, watching}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            fetching.cancel()
+            watching.cancel()
+            fetched, watched = await asyncio.gather(fetching, watching, return_exceptions=True)
+        if not isinstance(fetched, asyncio.CancelledError):
+            if isinstance(fetched, BaseException):
+                raise fetched
+            return
+        if isinstance(watched, BaseException):
+            raise watched
+        raise self._ended(*watched)
+
+    def _ended(self, reason: str, words: str) -> UpstreamError:
+        self._metrics.ended_fetches.labels(reason).inc()
+        log.warning("blob_fetch_ended", digest=str(self.digest), reason=reason, detail=words)
+        error = UpstreamTimeout if reason == "too_slow" else UpstreamUnreachable
+        return error(f"blob fetch ended: {words}", {"digest": str(self.digest)}, cause=reason)
+
+    async def _watch(self) -> tuple[str, str]:
+        """Why the fetch should end, once it should: nobody waits for it any more (after
+        ``abandon_after``, unless it is nearly done), or it ran slower than ``min_rate`` over a
+        ``rate_window``. Only while bytes are still coming."""
+        limits = self._limits
+        loop = asyncio.get_running_loop()
+        tick = min(1.0, limits.abandon_after / 4, limits.rate_window / 4)
+        idle_since: float | None = None
+        window_start, window_bytes = loop.time(), self.written
+        while True:
+            await asyncio.sleep(tick)
+            if self.state is _State.VERIFIED:
+                await asyncio.Event().wait()  # done receiving: nothing left to watch
+            now = loop.time()
+            if self._interested():
+                idle_since = None
+            elif idle_since is None:
+                idle_since = now
+            elif now - idle_since >= limits.abandon_after and not self._nearly_done():
+                return "abandoned", f"no client for {limits.abandon_after:g}s"
+            if self.state is not _State.RUNNING:
+                window_start, window_bytes = now, self.written  # the clock starts with bytes
+            elif now - window_start >= limits.rate_window:
+                rate = (self.written - window_bytes) / (now - window_start)
+                if limits.min_rate is not None and rate < limits.min_rate:
+                    return "too_slow", f"{rate:.0f} bytes/s, below upstream.min_rate"
+                window_start, window_bytes = now, self.written
 
     async def _open(self, offset: int) -> UpstreamResponse:
         headers = {"Range": f"bytes={offset}-"} if offset else {}
@@ -170,10 +327,19 @@ class BlobFetch:
         response = await self._open(0)
         self.size = response.response.content_length
         self.source = response.where
-        private = response.private
+        private = self._private = response.private
         self._writer = writer = self._store.begin_blob(self.digest)
         if writer.failure is not None:
             self._spill(writer.failure)
+        elif private:
+            pass  # never kept, so nothing reserved: it is deleted when its client is done
+        elif self.size is not None and self.size > self._limits.max_blob_size:
+            self._spill(None, "too_large")
+        elif self.size is not None:
+            if self._store.reserve(self.size):
+                self._reserved = self.size
+            else:
+                self._spill(None, "no_room")
         self.state = _State.RUNNING
         self._notify()
         # Receiving, hashing and writing overlap: the network loop runs ahead of the storing
@@ -217,7 +383,8 @@ class BlobFetch:
             self._cache_write_failed(exc)
             return
         self.committed = True
-        self._store.admit(writer.final, writer.size)
+        self._store.admit(writer.final, writer.size, self._reserved)
+        self._reserved = 0
 
     async def _receive(
         self, response: UpstreamResponse, chunks: asyncio.Queue[bytes | None]
@@ -234,6 +401,12 @@ class BlobFetch:
                         if self.size is not None and self.written > self.size:
                             raise UpstreamInvalid(
                                 "upstream sent more bytes than announced",
+                                {"upstream": self.source},
+                            )
+                        if self.size is None and self.written > self._limits.max_blob_size:
+                            raise UpstreamInvalid(
+                                "upstream blob of no announced length is larger than "
+                                f"cache.max_blob_size ({self._limits.max_blob_size} bytes)",
                                 {"upstream": self.source},
                             )
                         await chunks.put(chunk)
@@ -267,6 +440,12 @@ class BlobFetch:
                 continue
             hashed = loop.run_in_executor(None, writer.update, chunk)
             try:
+                if not self.spilled and self.size is None and not self._private:
+                    # No length announced: room is made chunk by chunk, under max_size.
+                    if self._store.reserve(len(chunk)):
+                        self._reserved += len(chunk)
+                    else:
+                        self._spill(None, "no_room")
                 if not self.spilled:
                     try:
                         await loop.run_in_executor(None, writer.write, chunk)
@@ -286,47 +465,70 @@ class BlobFetch:
         if self._storing_failure is not None:
             raise self._storing_failure
 
-    def _spill(self, exc: OSError) -> None:
-        self._cache_write_failed(exc)
+    def _spill(self, exc: OSError | None, reason: str = "") -> None:
+        """Stop writing; hand the rest of the bytes to the clients from memory. ``exc`` is the
+        disk's refusal; without one, ``reason`` says why the blob is not kept."""
+        if exc is not None:
+            self._cache_write_failed(exc)
+        else:
+            self._metrics.cache_write_failures.labels(reason).inc()
+            log.info("blob_not_cached", digest=str(self.digest), reason=reason, size=self.size)
         self.spilled = True
         for reader in self._readers:
             reader.queue = asyncio.Queue(maxsize=SPILL_QUEUE_CHUNKS)
         self._on_spill(self)
 
     def _cache_write_failed(self, exc: OSError) -> None:
-        reason = "disk_full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "io_error"
-        self._metrics.cache_write_failures.labels(reason).inc()
-        log.warning(
-            "cache_write_failed",
-            digest=str(self.digest),
-            reason=reason,
-            error=exc.strerror,
-            action="streaming without caching",
+        cache_write_failed(
+            self._metrics, exc, "blob", "streaming without caching", digest=str(self.digest)
         )
 
     async def _deliver(self, chunk: bytes) -> None:
         if not self._readers:
             raise UpstreamInvalid("no client left for an uncached blob")
+        loop = asyncio.get_running_loop()
         for reader in list(self._readers):
             if not reader.gone and reader.queue is not None:
                 # Keep one slot free for the end marker that run() puts without waiting.
+                deadline = loop.time() + self._limits.slow_client
                 while reader.queue.qsize() >= SPILL_QUEUE_CHUNKS - 1 and not reader.gone:
-                    await self._changed.wait()  # the reader took a chunk, or left
+                    try:  # the reader took a chunk, or left
+                        async with asyncio.timeout_at(deadline):
+                            await self._changed.wait()
+                    except TimeoutError:
+                        self._cut_off(reader)
                 if not reader.gone:
                     reader.queue.put_nowait(chunk)
+        if not self._readers:
+            raise UpstreamInvalid("no client left for an uncached blob")
+
+    def _cut_off(self, reader: _Reader) -> None:
+        """A client too slow to keep up with a spilled fetch: the others go on without it."""
+        assert reader.queue is not None
+        reader.too_slow = True
+        self._readers.discard(reader)
+        reader.gone = True
+        while not reader.queue.empty():
+            reader.queue.get_nowait()
+        reader.queue.put_nowait(None)
+        if reader.transport is not None:
+            _reset(reader.transport)
+        log.warning("slow_client_cut_off", digest=str(self.digest), after=self._limits.slow_client)
 
     def _release_file(self) -> None:
         """Delete the temp file once nobody needs it (a committed one has moved away)."""
         finished = self._done.is_set()
         if finished and self._writer is not None and not self.committed and not self._readers:
             self._writer.discard()
+            self._store.release(self._reserved)
+            self._reserved = 0
 
     # --------------------------------------------------------------------- the clients
 
-    def join(self) -> _Reader:
+    def join(self, request: web.Request) -> _Reader:
         """Become a client of this fetch; synchronous, so a spill can't slip in between."""
         assert not self.spilled
-        reader = _Reader()
+        reader = _Reader(transport=request.transport)
         self._readers.add(reader)
         return reader
 
@@ -409,9 +611,9 @@ class BlobFetch:
                 request.transport.abort()
             return response
         except ConnectionError:
-            # The client hung up (kubelet cancels pulls routinely). It got a 200 and
-            # fields["bytes"]; the fetch goes on for the cache.
-            fields["aborted"] = CLIENT_DISCONNECTED
+            # The client hung up (kubelet cancels pulls routinely), or was cut off for being
+            # too slow. It got a 200 and fields["bytes"]; the fetch goes on for the cache.
+            fields["aborted"] = "too slow" if reader.too_slow else CLIENT_DISCONNECTED
             response.force_close()
             return response
         except asyncio.CancelledError:
@@ -433,6 +635,11 @@ class BlobFetch:
                 await response.write(held)
                 fields["bytes"] += len(held)
             held = chunk
+        if reader.too_slow:
+            raise UpstreamTimeout(
+                "client too slow for a blob streamed from memory (the cache disk is full); "
+                "resume with a Range request"
+            )
         if self.state is not _State.VERIFIED:
             raise self.error or UpstreamInvalid("blob fetch failed")
         if held is not None:
@@ -515,10 +722,14 @@ class Blobs:
         store: CacheStore,
         upstream: UpstreamClient,
         metrics: Metrics,
+        limits: FetchLimits,
+        slots: FetchSlots,
     ) -> None:
         self._store = store
         self._upstream = upstream
         self._metrics = metrics
+        self._limits = limits
+        self._slots = slots
         self._inflight: dict[Digest, BlobFetch] = {}
         self._tasks: dict[asyncio.Task[None], BlobFetch] = {}
 
@@ -567,14 +778,18 @@ class Blobs:
         if request.headers.get("Range") and shared:
             # A range of a blob not yet verified could be wrong bytes under a 206: wait for
             # the fetch (which the whole pull needs anyway), then answer from the cache.
-            await fetch.finished()
+            fetch.waiting += 1
+            try:
+                await fetch.finished()
+            finally:
+                fetch.waiting -= 1
             request[LOG].update(upstream=fetch.source, source="cache")
             if fetch.committed:
                 return self._from_disk(path, digest)
             # Verified but not kept (the disk is full): the whole blob, as a 200, is a valid
             # answer to a Range request.
             fetch = self._start(route, digest, client_auth, shared=False)
-        response = await fetch.serve(request, fetch.join())
+        response = await fetch.serve(request, fetch.join(request))
         request[LOG].update(upstream=fetch.source, source="upstream")
         return response
 
@@ -600,6 +815,8 @@ class Blobs:
             store=self._store,
             upstream=self._upstream,
             metrics=self._metrics,
+            limits=self._limits,
+            slots=self._slots,
             on_spill=self._forget,
         )
         task = asyncio.create_task(fetch.run(), name=f"fetch {digest}")

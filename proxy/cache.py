@@ -57,7 +57,7 @@ class TagRecord:
 
 def delete_files(paths: Iterable[Path]) -> None:
     for path in paths:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # gone already, or a read-only disk
             path.unlink()
 
 
@@ -191,6 +191,9 @@ class CacheStore:
         self._entries: OrderedDict[Path, int] = OrderedDict()  # path → size, oldest first
         self._pins: Counter[Path] = Counter()
         self.total = 0
+        # Bytes promised to blobs being written (their temp files): they count against
+        # max_size like entries, so the disk never holds more than max_size plus one chunk.
+        self.reserved = 0
 
     def open(self) -> None:
         """Create the layout, remove what a previous run left half-written, index the rest.
@@ -214,11 +217,29 @@ class CacheStore:
 
     # ----------------------------------------------------------------------- the index
 
-    def admit(self, path: Path, size: int) -> None:
-        """Record a new entry, evicting the least recently used ones over ``max_size``."""
+    def admit(self, path: Path, size: int, reserved: int = 0) -> None:
+        """Record a new entry, evicting the least recently used ones over ``max_size``; the
+        ``reserved`` bytes it was written under are released."""
+        self.reserved -= reserved
         self.total += size - self._entries.pop(path, 0)
         self._entries[path] = size
         self.trim()
+
+    def reserve(self, size: int) -> bool:
+        """Make room for ``size`` more bytes being written, evicting least recently used
+        entries; False (nothing reserved) if that would take more than ``max_size`` allows."""
+        if self.max_size is not None:
+            if size > self.max_size:
+                return False
+            self.trim(room=size)
+            if self.total + self.reserved + size > self.max_size:
+                return False
+        self.reserved += size
+        return True
+
+    def release(self, size: int) -> None:
+        """Give back reserved bytes that were never kept (a discarded temp file)."""
+        self.reserved -= size
 
     def touch(self, path: Path) -> None:
         """A hit: the entry becomes the most recently used, also across restarts."""
@@ -236,13 +257,17 @@ class CacheStore:
             del self._pins[path]
         self.trim()
 
-    def trim(self) -> None:
-        """Evict least recently used, unpinned entries until the total fits ``max_size``."""
-        if self.max_size is None or self.total <= self.max_size:
+    def trim(self, room: int = 0) -> None:
+        """Evict least recently used, unpinned entries until the total, with what is reserved
+        and ``room`` more, fits ``max_size``."""
+        if self.max_size is None:
+            return
+        limit = self.max_size - self.reserved - room
+        if self.total <= limit:
             return
         victims: list[Path] = []
         for path in list(self._entries):
-            if self.total <= self.max_size:
+            if self.total <= limit:
                 break
             if self._pins[path] > 0:
                 continue

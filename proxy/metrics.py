@@ -77,14 +77,25 @@ class Metrics:
         )
         self.cache_write_failures = Counter(
             "detour_cache_write_failures",
-            "Blobs that could not be written to the cache (disk full, I/O error); "
-            "they were streamed to clients without caching.",
+            "Cache writes refused or not attempted, by reason (disk_full, read_only, io_error; "
+            "too_large, no_room under cache.max_size); what they held was served uncached.",
             ["reason"],
             registry=r,
         )
         self.inflight_fetches = Gauge(
             "detour_inflight_blob_fetches",
             "Blob fetches from upstream under way.",
+            registry=r,
+        )
+        self.queued_fetches = Gauge(
+            "detour_queued_blob_fetches",
+            "Blob fetches waiting for a slot (upstream.max_fetches, max_fetches_per_registry).",
+            registry=r,
+        )
+        self.ended_fetches = Counter(
+            "detour_ended_blob_fetches",
+            "Blob fetches Detour ended early: abandoned (no client left), or too slow.",
+            ["reason"],
             registry=r,
         )
 

@@ -11,7 +11,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.auth import CredentialStore
-from proxy.blobs import Blobs
+from proxy.blobs import Blobs, FetchLimits, FetchSlots
 from proxy.cache import CacheStore, delete_files
 from proxy.egress import EgressPolicy, GuardedResolver
 from proxy.logs import get_logger
@@ -23,8 +23,9 @@ from proxy.upstream import UpstreamClient, client_timeout, registry_tls
 
 log = get_logger("detour")
 
-# The client's read buffer: big reads keep the per-chunk overhead of hashing off the hot path.
-READ_BUFFER_BYTES = 4 * 1024 * 1024
+# The client's read buffer per connection (aiohttp pauses reading at twice this): with the
+# blob pipeline, what bounds memory per fetch (see the README's memory formula).
+READ_BUFFER_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -71,11 +72,15 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
         read_bufsize=READ_BUFFER_BYTES,
         # Every address connected to passes the egress policy (see proxy.egress).
         connector=aiohttp.TCPConnector(
-            limit=256, ttl_dns_cache=300, resolver=GuardedResolver(egress)
+            limit=settings.upstream.max_connections,
+            limit_per_host=settings.upstream.max_connections_per_host,
+            ttl_dns_cache=300,
+            resolver=GuardedResolver(egress),
         ),
     )
     upstream = UpstreamClient(session, settings.upstream, credentials, metrics, tls, egress)
-    blobs = Blobs(store, upstream, metrics)
+    slots = FetchSlots(settings.upstream.max_fetches, settings.upstream.max_fetches_per_registry)
+    blobs = Blobs(store, upstream, metrics, FetchLimits.from_settings(settings), slots)
     manifests = Manifests(store, upstream, metrics, tag_ttl=settings.cache.tag_ttl)
     app[SERVICES] = Services(
         settings, metrics, store, Rules.from_settings(settings), upstream, blobs, manifests

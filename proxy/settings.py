@@ -168,6 +168,9 @@ class CacheSettings(_Section):
     dir: Path = Path("/var/cache/detour")
     # The most bytes of blobs and manifests to keep; least recently used go first. None: no limit.
     max_size: ByteSize | None = None
+    # A blob larger than this (or than max_size) is streamed to its client but not cached; one
+    # that announces no length is cut off here.
+    max_blob_size: ByteSize = 10 * 1024**3
     tag_ttl: Duration = 300.0
 
     @model_validator(mode="before")
@@ -186,6 +189,19 @@ class UpstreamSettings(_Section):
     connect_timeout: Duration = 5.0
     read_timeout: Duration = 30.0
     max_redirects: int = Field(default=5, ge=0, le=20)
+    # Blob fetches at once, in all and from one registry; the rest wait their turn, in order.
+    max_fetches: int = Field(default=32, ge=1)
+    max_fetches_per_registry: int = Field(default=16, ge=1)
+    # Connections, in all and to one host (manifests and tokens need some besides the fetches).
+    max_connections: int = Field(default=256, ge=1)
+    max_connections_per_host: int = Field(default=32, ge=1)
+    # A blob fetch no client is waiting for any more ends after this, unless it is 90% done.
+    abandon_after: Duration = 30.0
+    # A blob fetch slower than this (bytes per second, over each read_timeout) ends.
+    min_rate: ByteSize | None = 16 * 1024
+    # When a full disk makes a fetch hand its bytes to its clients from memory, a client that
+    # keeps the others waiting this long is cut off (it can resume with a Range request).
+    slow_client: Duration = 10.0
 
 
 class WebhookSettings(_Section):
