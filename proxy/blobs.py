@@ -415,6 +415,8 @@ class BlobFetch:
                 if isinstance(exc, UpstreamInvalid) or resumes >= MAX_RESUMES:
                     raise
                 resumes += 1
+                if response.upstream.peer:  # an owner that broke mid-stream: skip it a while
+                    self._upstream.mark_down(response.upstream)
                 log.warning(
                     "blob_resume",
                     digest=str(self.digest),
@@ -772,7 +774,9 @@ class Blobs:
             fetch = None
         if fetch is None or fetch.spilled:
             fetch = self._start(route, digest, client_auth, shared=shared)
-            self._count(request, "miss" if shared else "bypass")
+            # A miss asked first of the site's owner of the blob (proxy.cluster) is "peer".
+            asked_peer = bool(route.upstreams) and route.upstreams[0].peer
+            self._count(request, "bypass" if not shared else "peer" if asked_peer else "miss")
         else:
             self._count(request, "joined")
         if request.headers.get("Range") and shared:

@@ -81,6 +81,16 @@ class EgressPolicy:
             self._hosts.add((_split(api_host(registry))[0], port))
         self._allowed = [pattern.lower() for pattern in allowed]
         self._listen = listen
+        self._peers: frozenset[tuple[str, int]] = frozenset()
+
+    def set_peers(self, peers: Iterable[str]) -> None:
+        """The site's other Detours (``host:port``, kept current by proxy.cluster): reachable
+        on their own addresses and ports, as if named."""
+        found = set()
+        for peer in peers:
+            host, _, port = peer.rpartition(":")
+            found.add((host.strip("[]").lower(), int(port)))
+        self._peers = frozenset(found)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EgressPolicy:
@@ -111,7 +121,7 @@ class EgressPolicy:
 
     def _named(self, host: str, port: int) -> bool:
         host = host.lower().strip("[]")
-        if (host, port) in self._hosts:
+        if (host, port) in self._hosts or (host, port) in self._peers:
             return True
         return port in DEFAULT_PORTS and (host, None) in self._hosts
 

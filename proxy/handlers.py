@@ -20,6 +20,7 @@ from aiohttp import web
 from yarl import URL
 
 from proxy.cache import MANIFEST_MAX_BYTES
+from proxy.cluster import blob_key, manifest_key, tag_key
 from proxy.errors import (
     BadRequest,
     NameUnknown,
@@ -29,7 +30,7 @@ from proxy.errors import (
     Unsupported,
     UpstreamInvalid,
 )
-from proxy.logs import LOG
+from proxy.logs import LOG, get_logger
 from proxy.manifests import OCI_INDEX
 from proxy.reference import (
     Digest,
@@ -39,8 +40,11 @@ from proxy.reference import (
     parse_manifest_reference,
     validate_tag,
 )
+from proxy.rules import Route
 from proxy.services import SERVICES
-from proxy.upstream import INCOMING_VIA
+from proxy.upstream import INCOMING_VIA, PEER_HEADER
+
+log = get_logger("detour.handlers")
 
 TAGS_LIST_MAX_BYTES = 8 * 1024 * 1024
 _COUNT = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() takes "²" and "٣" too
@@ -109,6 +113,15 @@ async def api(request: web.Request) -> web.StreamResponse:
     route = services.rules.route(path.name)
     client_auth = request.headers.get("Authorization")
     if path.kind == "blobs":
+        route = _through_peers(request, route, blob_key(path.reference), client_auth)
+    elif path.kind == "manifests":
+        key = (
+            manifest_key(path.reference)
+            if isinstance(path.reference, Digest)
+            else tag_key(route.name, str(path.reference))
+        )
+        route = _through_peers(request, route, key, client_auth)
+    if path.kind == "blobs":
         assert isinstance(path.reference, Digest)
         if request.method == "HEAD":
             return await services.blobs.head(request, route, path.reference, client_auth)
@@ -119,6 +132,24 @@ async def api(request: web.Request) -> web.StreamResponse:
     if path.kind == "referrers":
         return await _referrers(request, path, client_auth)
     return await _tags_list(request, path, ns, client_auth)
+
+
+def _through_peers(request: web.Request, route: Route, key: str, client_auth: str | None) -> Route:
+    """The route with the owner of the blob, manifest or tag in front (see proxy.cluster),
+    unless the request comes from a peer (never forwarded again) or carries the client's own
+    credentials (private content never travels between peers)."""
+    peering = request.app[SERVICES].peering
+    if not peering.enabled:
+        return route
+    marked = request.headers.get(PEER_HEADER)
+    if marked is not None:
+        if peering.trusted(request.remote):
+            request[LOG]["from_peer"] = marked[:100]
+            return route
+        log.debug("peer_mark_ignored", remote=request.remote)  # not from the peer set
+    if client_auth is not None:
+        return route
+    return peering.route(route, key)
 
 
 async def _tags_list(

@@ -34,6 +34,7 @@ cached.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Awaitable
@@ -49,6 +50,7 @@ from proxy.cache import (
     cache_write_failed,
 )
 from proxy.errors import (
+    DetourError,
     ManifestUnknown,
     ManifestUnsupported,
     UpstreamDenied,
@@ -212,6 +214,14 @@ def _unknown(reference: str) -> ManifestUnknown:
     return ManifestUnknown("manifest unknown to upstream", {"reference": reference})
 
 
+@dataclass(frozen=True, slots=True)
+class _Fetched:
+    manifest: StoredManifest
+    where: str  # the upstream that answered
+    private: bool  # fetched with the client's own credentials: never stored
+    peer: bool  # the site's owner of it answered (proxy.cluster)
+
+
 class Manifests:
     def __init__(
         self,
@@ -225,6 +235,9 @@ class Manifests:
         self._upstream = upstream
         self._metrics = metrics
         self._tag_ttl = tag_ttl
+        # Downloads under way, by (upstreams, reference, Accept): one upstream GET for all the
+        # requests (and peers) that want the same answer at once.
+        self._flights: dict[tuple[object, str, str], asyncio.Future[_Fetched]] = {}
 
     def _count(self, request: web.Request, result: str) -> None:
         request[LOG]["cache"] = result
@@ -330,39 +343,63 @@ class Manifests:
         accept: Accept,
         client_auth: str | None,
     ) -> web.Response:
-        """A miss: ask upstream, check it is a manifest, verify, store (unless private), serve."""
-        method = request.method
+        """A miss: ask upstream (once for all the requests that want the same answer at the
+        same time, peers' included), check it is a manifest, verify, store, serve."""
+        if request.method == "HEAD":
+            return await self._head(request, route, reference, accept, client_auth)
+        result = "miss"
+        try:
+            if client_auth is not None:  # the client's own credentials: for it alone
+                fetched = await self._download(route, reference, accept, client_auth)
+            else:
+                key = (route.upstreams, str(reference), accept.upstream)
+                flight = self._flights.get(key)
+                if flight is None:
+                    flight = asyncio.ensure_future(self._download(route, reference, accept, None))
+                    self._flights[key] = flight
+                    flight.add_done_callback(lambda done: self._landed(key, done))
+                else:
+                    result = "joined"
+                fetched = await asyncio.shield(flight)
+        except DetourError:
+            self._count(request, "bypass" if client_auth is not None else result)
+            raise
+        request[LOG]["upstream"] = fetched.where
+        if fetched.private:
+            result = "bypass"
+        elif fetched.peer and result == "miss":
+            result = "peer"
+        self._count(request, result)
+        return self._serve(request, fetched.manifest, "upstream")
+
+    def _landed(self, key: tuple[object, str, str], flight: asyncio.Future[_Fetched]) -> None:
+        self._flights.pop(key, None)
+        if not flight.cancelled():
+            flight.exception()  # seen, even when every client that wanted it has gone
+
+    async def _download(
+        self, route: Route, reference: str | Digest, accept: Accept, client_auth: str | None
+    ) -> _Fetched:
         answer = await self._upstream.open(
             route,
-            method,
+            "GET",
             f"manifests/{reference}",
             headers={"Accept": accept.upstream},
             client_auth=client_auth,
         )
         async with answer:
-            request[LOG]["upstream"] = answer.where
-            private = answer.private
-            self._count(request, "bypass" if private else "miss")
-            if answer.status != 200:
-                raise answer.refusal(_unknown(str(reference)))
-            content_type = answer.headers.get("Content-Type", "")
-            if content_type.split(";", 1)[0].strip() in SCHEMA1_TYPES:
-                raise _schema1(content_type)
-            announced = _upstream_digest(answer)
-            if isinstance(reference, Digest) and announced not in (None, reference):
-                self._mismatch(answer, reference)
-            if method == "HEAD":
-                return self._head_from_upstream(answer, reference, announced)
+            content_type = self._check_answer(answer, reference)
             body = await answer.read(MANIFEST_MAX_BYTES, "manifest")
         media_type = check_manifest(content_type, body, answer.where)
         # By digest, the digest asked for; by tag, the upstream's, or (none sent) its own hash.
-        digest = reference if isinstance(reference, Digest) else announced
+        digest = reference if isinstance(reference, Digest) else _upstream_digest(answer)
         algorithm = digest.algorithm if digest is not None else "sha256"
         manifest = StoredManifest(Digest.of(body, algorithm), media_type, body)
         if digest is not None and manifest.digest != digest:
             self._mismatch(answer, digest)
-        if private:
-            return self._serve(request, manifest, "upstream")
+        fetched = _Fetched(manifest, answer.where, answer.private, answer.upstream.peer)
+        if answer.private:
+            return fetched
         storing = self._store.put_manifest(manifest)
         stored = await self._write(storing, "manifest", digest=str(manifest.digest))
         # A tag record is no use without its manifest: not written when that could not be.
@@ -373,7 +410,41 @@ class Manifests:
             record = TagRecord(manifest.digest, media_type, time.time())
             recording = self._store.put_tag(route.name, reference, record, variant)
             await self._write(recording, "tag", name=str(route.name), tag=reference)
-        return self._serve(request, manifest, "upstream")
+        return fetched
+
+    def _check_answer(self, answer: UpstreamResponse, reference: str | Digest) -> str:
+        """The answer's Content-Type, once it is a 200 of a manifest we serve, whose announced
+        digest (if any) is the one asked for."""
+        if answer.status != 200:
+            raise answer.refusal(_unknown(str(reference)))
+        content_type = answer.headers.get("Content-Type", "")
+        if content_type.split(";", 1)[0].strip() in SCHEMA1_TYPES:
+            raise _schema1(content_type)
+        announced = _upstream_digest(answer)
+        if isinstance(reference, Digest) and announced not in (None, reference):
+            self._mismatch(answer, reference)
+        return content_type
+
+    async def _head(
+        self,
+        request: web.Request,
+        route: Route,
+        reference: str | Digest,
+        accept: Accept,
+        client_auth: str | None,
+    ) -> web.Response:
+        """A HEAD miss: the upstream's answer, without a body."""
+        async with await self._upstream.open(
+            route,
+            "HEAD",
+            f"manifests/{reference}",
+            headers={"Accept": accept.upstream},
+            client_auth=client_auth,
+        ) as answer:
+            request[LOG]["upstream"] = answer.where
+            self._count(request, "bypass" if answer.private else "miss")
+            self._check_answer(answer, reference)
+            return self._head_from_upstream(answer, reference, _upstream_digest(answer))
 
     def _head_from_upstream(
         self, answer: UpstreamResponse, reference: str | Digest, announced: Digest | None

@@ -87,6 +87,18 @@ class Metrics:
             "Blob fetches from upstream under way.",
             registry=r,
         )
+        self.peers = Gauge(
+            "detour_peers",
+            "Detours in the site's peer set (cluster.peers), this one included if a member.",
+            registry=r,
+        )
+        self.peer_requests = Counter(
+            "detour_peer_requests",
+            "Requests to the owners of blobs, manifests and tags among the peers, by result: "
+            "served, failed (the next peer or the upstream served), skipped (down lately).",
+            ["result"],
+            registry=r,
+        )
         self.queued_fetches = Gauge(
             "detour_queued_blob_fetches",
             "Blob fetches waiting for a slot (upstream.max_fetches, max_fetches_per_registry).",

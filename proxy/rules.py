@@ -33,6 +33,7 @@ class Upstream:
     repository: str
     insecure: bool = False
     origin: bool = False  # the name's own registry, not a mirror
+    peer: bool = False  # another Detour of the site (proxy.cluster): registry is its host:port
 
     @property
     def base_url(self) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +15,7 @@ from aiohttp import web
 from proxy.auth import CredentialStore
 from proxy.blobs import Blobs, FetchLimits, FetchSlots
 from proxy.cache import CacheStore, delete_files
+from proxy.cluster import Peering
 from proxy.egress import EgressPolicy, GuardedResolver
 from proxy.logs import get_logger
 from proxy.manifests import Manifests
@@ -37,6 +40,7 @@ class Services:
     upstream: UpstreamClient
     blobs: Blobs
     manifests: Manifests
+    peering: Peering
 
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -78,15 +82,48 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
             resolver=GuardedResolver(egress),
         ),
     )
-    upstream = UpstreamClient(session, settings.upstream, credentials, metrics, tls, egress)
+    peering = Peering(settings.cluster, metrics, egress)
+    peer_session = _peer_session(settings) if peering.enabled else None
+    upstream = UpstreamClient(
+        session,
+        settings.upstream,
+        credentials,
+        metrics,
+        tls,
+        egress,
+        peer_session=peer_session,
+        peer_name=settings.cluster.advertise or "client",
+    )
     slots = FetchSlots(settings.upstream.max_fetches, settings.upstream.max_fetches_per_registry)
     blobs = Blobs(store, upstream, metrics, FetchLimits.from_settings(settings), slots)
     manifests = Manifests(store, upstream, metrics, tag_ttl=settings.cache.tag_ttl)
-    app[SERVICES] = Services(
-        settings, metrics, store, Rules.from_settings(settings), upstream, blobs, manifests
-    )
+    rules = Rules.from_settings(settings)
+    app[SERVICES] = Services(settings, metrics, store, rules, upstream, blobs, manifests, peering)
     try:
-        yield
+        async with peering.running():
+            yield
     finally:
         await blobs.close()
         await session.close()
+        if peer_session is not None:
+            await peer_session.close()
+
+
+def _peer_session(settings: Settings) -> aiohttp.ClientSession:
+    """The connections to the site's other Detours: from the advertised address when it is an
+    IP address, which is how they know a peer (on a node it is the pod's address anyway)."""
+    local: tuple[str, int] | None = None
+    if settings.cluster.advertise is not None:
+        host = settings.cluster.advertise.rpartition(":")[0].strip("[]")
+        with contextlib.suppress(ValueError):
+            local = (str(ipaddress.ip_address(host)), 0)
+    return aiohttp.ClientSession(
+        timeout=client_timeout(settings.upstream.connect_timeout, settings.upstream.read_timeout),
+        auto_decompress=False,
+        read_bufsize=READ_BUFFER_BYTES,
+        connector=aiohttp.TCPConnector(
+            limit=settings.upstream.max_connections,
+            limit_per_host=settings.upstream.max_connections_per_host,
+            local_addr=local,
+        ),
+    )

@@ -204,6 +204,40 @@ class UpstreamSettings(_Section):
     slow_client: Duration = 10.0
 
 
+def _peer_address(value: str) -> str:
+    """``host:port`` of a peer; the port is required (a peer is another Detour)."""
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected host:port, such as 10.0.1.2:7439, not {value!r}")
+    return f"{host.lower()}:{int(port)}"
+
+
+class ClusterSettings(_Section):
+    """The Detours of a site, each blob, manifest and tag owned by one (see proxy.cluster)."""
+
+    # host:port of each peer, or one string "dns:<name>:<port>" whose A/AAAA records are the
+    # peers (a headless Service over the DaemonSet's ready pods).
+    peers: list[str] | str = []
+    # This instance as the peers reach it; not among the peers: a pure client of them.
+    advertise: str | None = None
+    refresh: Duration = 10.0  # how often a dns: peer set is resolved again
+
+    @field_validator("peers")
+    @classmethod
+    def _peer_list(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, str):
+            name, sep, port = value.removeprefix("dns:").rpartition(":")
+            if not value.startswith("dns:") or not sep or not name or not port.isdigit():
+                raise ValueError("expected a list of host:port, or one string dns:<name>:<port>")
+            return value
+        return [_peer_address(peer) for peer in value]
+
+    @field_validator("advertise")
+    @classmethod
+    def _advertise(cls, value: str | None) -> str | None:
+        return None if value is None else _peer_address(value)
+
+
 class WebhookSettings(_Section):
     """``detour webhook``: the mutating admission webhook (see :mod:`proxy.webhook`)."""
 
@@ -262,6 +296,7 @@ class Settings(BaseSettings):
     # A docker config.json (a Kubernetes pull secret's .dockerconfigjson) with credentials.
     docker_config: Path | None = None
     webhook: WebhookSettings = WebhookSettings()
+    cluster: ClusterSettings = ClusterSettings()
 
     @model_validator(mode="before")
     @classmethod

@@ -79,6 +79,8 @@ from proxy.settings import ConfigError, RegistrySettings, UpstreamSettings
 log = get_logger("detour.upstream")
 
 USER_AGENT = f"detour/{__version__}"
+# Marks a request from one of the site's Detours to another (see proxy.cluster).
+PEER_HEADER = "X-Detour-Peer"
 # The Via header of the client request being served, if any: what this proxy sends upstream
 # carries it on, with its own entry added, so a loop through Detours is seen wherever it closes.
 INCOMING_VIA: ContextVar[str | None] = ContextVar("incoming_via", default=None)
@@ -330,8 +332,15 @@ class UpstreamClient:
         metrics: Metrics,
         tls: Mapping[tuple[str, int], TLS] | None = None,
         egress: EgressPolicy | None = None,
+        *,
+        peer_session: aiohttp.ClientSession | None = None,
+        peer_name: str = "client",
     ) -> None:
         self._session = session
+        # Requests to the site's other Detours (proxy.cluster): their own connections, from
+        # this instance's advertised address, which is how a peer knows a peer.
+        self._peer_session = peer_session or session
+        self._peer_name = peer_name
         self._egress = egress or EgressPolicy(())
         # This instance's name in the Via header of what it sends: a request that comes back
         # with it has looped (a redirect, or a mirror pointed back at this proxy).
@@ -376,10 +385,12 @@ class UpstreamClient:
                 self._egress.check_registry(upstream.registry)
         for upstream in route.upstreams:
             registry = upstream.registry
-            if fallback and self._down_until.get(registry, 0.0) > time.monotonic():
+            down = self._down_until.get(registry, 0.0) > time.monotonic()
+            if down and (fallback or upstream.peer):  # a peer that failed lately: skipped
                 error = f"failed less than {DOWN_SECONDS:.0f}s ago; not tried"
                 attempts.append({"upstream": registry, "cause": "down", "error": error})
                 messages.append(f"{registry} {error}")
+                self._count_peer(upstream, "skipped")
                 continue
             try:
                 response, private = await self._exchange(
@@ -387,12 +398,29 @@ class UpstreamClient:
                 )
             except (UpstreamTimeout, UpstreamUnreachable) as exc:
                 timed_out = timed_out or isinstance(exc, UpstreamTimeout)
-                self._down_until[registry] = time.monotonic() + DOWN_SECONDS
+                self.mark_down(upstream)
                 attempts.append(_failure(route, registry, exc))
                 messages.append(exc.message)
+                self._count_peer(upstream, "failed")
+                continue
+            if upstream.peer and response.status not in (200, 206, 404) and response.status < 500:
+                # The owner refused (a 4xx other than "unknown"): skip it for a while.
+                self.mark_down(upstream)
+                attempt: Attempt = {
+                    "upstream": registry,
+                    "cause": "http",
+                    "error": f"peer answered {response.status}",
+                    "status": response.status,
+                }
+                _log_failure(route, attempt)
+                attempts.append(attempt)
+                messages.append(f"{registry} {attempt['error']}")
+                self._count_peer(upstream, "failed")
+                response.release()
                 continue
             self._down_until.pop(registry, None)
             if _retryable(response.status):
+                self._count_peer(upstream, "failed")
                 last_status = response.status
                 # Only a registry the operator named has its status and reason passed on.
                 named = self._egress.named_registry(registry)
@@ -401,7 +429,7 @@ class UpstreamClient:
                     if named
                     else f"answered {response.status // 100}xx"
                 )
-                attempt: Attempt = {"upstream": registry, "cause": "http", "error": answered}
+                attempt = {"upstream": registry, "cause": "http", "error": answered}
                 if named:
                     attempt["status"] = response.status
                 _log_failure(route, attempt)
@@ -409,6 +437,7 @@ class UpstreamClient:
                 messages.append(f"{registry} {answered}")
                 response.release()
                 continue
+            self._count_peer(upstream, "served")
             return UpstreamResponse(upstream, response, private, attempts)
         detail = {"name": str(route.name), "attempts": attempts}
         if last_status == 429 and len(attempts) == 1:
@@ -423,6 +452,15 @@ class UpstreamClient:
             raise UpstreamTimeout(message, detail, cause=cause)
         raise UpstreamUnreachable(message, detail, cause=cause)
 
+    def mark_down(self, upstream: Upstream) -> None:
+        """``upstream`` failed: skipped for a while by requests that can do without it (all
+        requests, for a peer; those with a cached answer to fall back on, for a registry)."""
+        self._down_until[upstream.registry] = time.monotonic() + DOWN_SECONDS
+
+    def _count_peer(self, upstream: Upstream, result: str) -> None:
+        if upstream.peer:
+            self._metrics.peer_requests.labels(result).inc()
+
     async def _exchange(
         self,
         upstream: Upstream,
@@ -434,6 +472,12 @@ class UpstreamClient:
     ) -> tuple[aiohttp.ClientResponse, bool]:
         url = URL(f"{upstream.base_url}/{suffix}", encoded=True)
         limits = self._quick_timeout if quick else None
+        if upstream.peer:  # never with credentials: private content stays off the peers
+            headers[PEER_HEADER] = self._peer_name
+            response = await self._send(
+                upstream.registry, method, url, headers, None, limits, peer=True
+            )
+            return response, False
         scope = f"repository:{upstream.repository}:pull"
         creds = self._credentials.lookup(upstream.registry)
         if creds is None and client_auth is not None:
@@ -536,6 +580,7 @@ class UpstreamClient:
         limits: aiohttp.ClientTimeout | None = None,
         *,
         chosen_by_upstream: bool = False,
+        peer: bool = False,
     ) -> aiohttp.ClientResponse:
         """One request, following redirects; ``auth`` never leaves the first origin.
 
@@ -562,12 +607,13 @@ class UpstreamClient:
             try:
                 self._egress.check_url(url)
                 with transport_errors(registry, None if own else url.host_port_subcomponent):
-                    response = await self._session.request(
+                    session = self._peer_session if peer else self._session
+                    response = await session.request(
                         method,
                         url,
                         headers=sent,
                         allow_redirects=False,
-                        timeout=limits or self._session.timeout,
+                        timeout=limits or session.timeout,
                         ssl=tls,
                     )
             except UpstreamError as exc:

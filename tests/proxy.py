@@ -75,9 +75,10 @@ def free_port() -> int:
 async def start_process(config: dict[str, Any], workdir: Path) -> Proxy:
     """``python -m proxy serve --config FILE`` on its ``listen`` port, or a free one if that is
     missing or 0, ready when /healthz answers."""
-    listen = str(config.get("listen", "127.0.0.1:0"))
-    port = int(listen.rpartition(":")[2]) or free_port()
-    config = {**config, "listen": f"127.0.0.1:{port}"}
+    host, _, port_text = str(config.get("listen", "127.0.0.1:0")).rpartition(":")
+    host = host if host not in ("", "0.0.0.0") else "127.0.0.1"
+    port = int(port_text) or free_port()
+    config = {**config, "listen": f"{host}:{port}"}
     path = workdir / "detour.yaml"
     path.write_text(yaml.safe_dump(config))
     log_path = workdir / "detour.log"
@@ -90,7 +91,7 @@ async def start_process(config: dict[str, Any], workdir: Path) -> Proxy:
         )
     session = aiohttp.ClientSession()
     proxy = Proxy(
-        f"http://127.0.0.1:{port}", Path(config["cache"]["dir"]), session, process, log_path
+        f"http://{host}:{port}", Path(config["cache"]["dir"]), session, process, log_path
     )
     deadline = time.monotonic() + 20
     while True:

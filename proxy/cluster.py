@@ -1,0 +1,189 @@
+"""The cluster tier: the Detours of a site share one WAN fetch per blob, manifest and tag.
+
+Every blob digest, manifest digest and tag has an *owner* among the peers, by rendezvous
+(highest-random-weight) hashing: each peer scores ``sha256(peer, key)`` and the highest wins, so
+a peer joining or leaving moves only its own share of the keys. A miss on a node goes to the
+owner first (unless the node is the owner): the owner answers from its cache or does the one
+upstream fetch, with its own single flight, and the node verifies and caches what it receives
+while streaming it to its client. The owner's answer comes over the same registry API, so
+nothing new can go wrong in between: digests are checked on the node as on any upstream.
+
+* **Routes.** :meth:`Peering.route` puts the owner, and the next peer in rendezvous order, in
+  front of a route's upstreams (:class:`~proxy.rules.Upstream` with ``peer=True``); the upstream
+  client tries them in order and skips one that failed lately, so an owner that refuses, times
+  out or breaks mid-stream costs one attempt, and the next peer, then the upstream, serve.
+* **Marking.** Requests to a peer carry :data:`PEER_HEADER`; one that arrives with it from an
+  address in the peer set is a peer request and is never forwarded to another peer.
+* **Private content** (a request with the client's own credentials) never goes to a peer.
+* **Membership.** ``cluster.peers`` is a list of ``host:port`` or one ``dns:<name>:<port>``,
+  resolved again every ``cluster.refresh`` (a headless Service over the DaemonSet's ready
+  pods). An instance whose ``advertise`` is not in the set is a pure client of it (a hub).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import ipaddress
+import socket
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import replace
+
+from proxy.egress import EgressPolicy
+from proxy.logs import get_logger
+from proxy.metrics import Metrics
+from proxy.rules import Route, Upstream
+from proxy.settings import ClusterSettings
+from proxy.upstream import PEER_HEADER
+
+__all__ = ["PEER_HEADER", "Peering", "rendezvous"]
+
+PEERS_TRIED = 2  # the owner and the next in rendezvous order; then the upstream itself
+
+log = get_logger("detour.cluster")
+
+
+def rendezvous(peers: Iterable[str], key: str) -> list[str]:
+    """``peers`` from the owner of ``key`` down: highest ``sha256(peer, key)`` first."""
+
+    def score(peer: str) -> bytes:
+        return hashlib.sha256(f"{peer}\n{key}".encode()).digest()
+
+    return sorted(peers, key=score, reverse=True)
+
+
+def blob_key(digest: object) -> str:
+    return f"blob {digest}"
+
+
+def manifest_key(digest: object) -> str:
+    return f"manifest {digest}"
+
+
+def tag_key(name: object, tag: str) -> str:
+    return f"tag {name}:{tag}"
+
+
+def _split(peer: str) -> tuple[str, int]:
+    host, _, port = peer.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Peering:
+    """The peer set, kept current, and the routes that go through it."""
+
+    def __init__(
+        self, settings: ClusterSettings, metrics: Metrics, egress: EgressPolicy | None = None
+    ) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._egress = egress
+        self.advertise = settings.advertise
+        self.peers: tuple[str, ...] = ()
+        self._addresses: frozenset[str] = frozenset()  # what peers connect from
+        if isinstance(settings.peers, list):
+            self._set(settings.peers, self._static_addresses(settings.peers))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._settings.peers)
+
+    @property
+    def member(self) -> bool:
+        """Whether this instance owns a share of the keys (not a pure client of the set)."""
+        return self.advertise is not None and self.advertise in self.peers
+
+    @staticmethod
+    def _static_addresses(peers: Iterable[str]) -> set[str]:
+        found = set()
+        for peer in peers:
+            host = _split(peer)[0]
+            with contextlib.suppress(ValueError):
+                found.add(str(ipaddress.ip_address(host)))
+        return found
+
+    def _set(self, peers: Iterable[str], addresses: Iterable[str]) -> None:
+        ordered = tuple(sorted(set(peers)))
+        if ordered != self.peers:
+            log.info("peers_changed", peers=list(ordered), size=len(ordered))
+        self.peers = ordered
+        self._addresses = frozenset(addresses)
+        self._metrics.peers.set(len(ordered))
+        if self._egress is not None:
+            self._egress.set_peers(ordered)
+
+    async def refresh(self) -> None:
+        """Resolve the peer set again: the records of a ``dns:`` name, or the addresses of
+        static peers given by name. A failed lookup keeps the set as it was."""
+        loop = asyncio.get_running_loop()
+        spec = self._settings.peers
+        if isinstance(spec, str):
+            name, _, port_text = spec.removeprefix("dns:").rpartition(":")
+            port = int(port_text)
+            try:
+                infos = await loop.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+            except OSError as exc:
+                log.warning("peers_not_resolved", name=name, error=str(exc))
+                return
+            hosts = {str(info[4][0]) for info in infos}
+            self._set((_join(host, port) for host in hosts), hosts)
+            return
+        addresses = self._static_addresses(spec)
+        for peer in spec:
+            host, port = _split(peer)
+            if str(host) in addresses:
+                continue
+            with contextlib.suppress(OSError):
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                addresses.update(str(info[4][0]) for info in infos)
+        self._set(spec, addresses)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Keep the peer set current while the app runs."""
+        await self.refresh()
+
+        async def follow() -> None:
+            while True:
+                await asyncio.sleep(self._settings.refresh)
+                await self.refresh()
+
+        task = asyncio.create_task(follow(), name="peer set")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def trusted(self, remote: str | None) -> bool:
+        """Whether a request marked as a peer's comes from an address in the peer set."""
+        return remote is not None and remote in self._addresses
+
+    def owners(self, key: str) -> list[str]:
+        """The peers to ask for ``key`` before the upstream: those ranked above this instance
+        in rendezvous order (none when it owns the key), at most :data:`PEERS_TRIED`."""
+        ahead: list[str] = []
+        for peer in rendezvous(self.peers, key):
+            if peer == self.advertise or len(ahead) == PEERS_TRIED:
+                break
+            ahead.append(peer)
+        return ahead
+
+    def owner(self, key: str) -> str | None:
+        ranked = rendezvous(self.peers, key)
+        return ranked[0] if ranked else None
+
+    def route(self, route: Route, key: str) -> Route:
+        """``route`` with the owners of ``key`` in front of its upstreams."""
+        ahead = self.owners(key)
+        if not ahead:
+            return route
+        repository = route.name.path_form()
+        peers = tuple(Upstream(peer, repository, insecure=True, peer=True) for peer in ahead)
+        return replace(route, upstreams=peers + route.upstreams)

@@ -1,0 +1,219 @@
+"""The cluster tier: several Detours, each on its own 127.0.0.x address and port 7439 as a
+DaemonSet's pods would be, against real distribution. Each blob and manifest crosses to the
+mirror once however many nodes pull it; an owner that dies mid-stream or hangs costs the site
+one attempt, not a failed rollout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import signal
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.cluster import Peering, blob_key, rendezvous
+from proxy.metrics import Metrics
+from proxy.settings import ClusterSettings
+from tests.images import ACCEPT_ALL, PushedImage, push_image, unique_repo
+from tests.proxy import Proxy
+from tests.registry import Registry
+from tests.relay import Relay
+
+StartProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
+MiB = 1024 * 1024
+
+
+def node_addresses(count: int) -> list[str]:
+    return [f"127.0.0.{2 + i}:7439" for i in range(count)]
+
+
+async def start_site(
+    detour_process: StartProxy,
+    mirror_host: str,
+    tmp_path: Path,
+    peers: list[str],
+    nodes: list[str] | None = None,
+    **upstream: Any,
+) -> list[Proxy]:
+    """One ``detour serve`` per address of ``nodes`` (default: every peer), each advertising
+    its own address, all sending docker.io/ to ``mirror_host``."""
+    started = []
+    for address in nodes or peers:
+        config: dict[str, Any] = {
+            "listen": address,
+            "cache": {"dir": str(tmp_path / address.replace(":", "_"))},
+            "redirects": [{"src": "docker.io/", "to": f"{mirror_host}/docker-mirror/"}],
+            "registries": {mirror_host: {"insecure": True}},
+            "cluster": {"peers": peers, "advertise": address},
+        }
+        if upstream:
+            config["upstream"] = upstream
+        started.append(await detour_process(config))
+    return started
+
+
+async def pull(proxy: Proxy, name: str, image: PushedImage) -> None:
+    """What a runtime does: the manifest by tag, then every blob, each checked."""
+    url = f"{proxy.url}/v2/{name}/manifests/v1"
+    async with proxy.session.get(url, headers={"Accept": ACCEPT_ALL}) as response:
+        assert response.status == 200, await response.text()
+        assert await response.read() == image.manifest
+
+    async def blob(data: bytes, digest: str) -> None:
+        async with proxy.session.get(f"{proxy.url}/v2/{name}/blobs/{digest}") as response:
+            assert response.status == 200, await response.text()
+            body = await response.read()
+        assert "sha256:" + hashlib.sha256(body).hexdigest() == digest
+        assert body == data
+
+    await asyncio.gather(*(blob(b.data, b.digest) for b in image.blobs))
+
+
+def test_ownership_moves_only_the_share_of_a_peer_that_leaves() -> None:
+    peers = [f"10.0.1.{i}:7439" for i in range(2, 8)]
+    keys = [blob_key(f"sha256:{i:064x}") for i in range(3000)]
+    before = {key: rendezvous(peers, key)[0] for key in keys}
+    after = {key: rendezvous(peers[:-1], key)[0] for key in keys}
+    moved = [key for key in keys if before[key] != after[key]]
+    assert all(before[key] == peers[-1] for key in moved)  # only the leaver's keys move
+    share = Counter(before.values())
+    assert min(share.values()) > 3000 / 6 * 0.8  # and the keys are spread evenly
+
+
+def test_a_node_asks_the_owners_ranked_above_it_and_no_one_when_it_owns() -> None:
+    peers = node_addresses(4)
+    for key in (blob_key(f"sha256:{i:064x}") for i in range(50)):
+        ranked = rendezvous(peers, key)
+        owner = Peering(ClusterSettings(peers=peers, advertise=ranked[0]), Metrics())
+        assert owner.owners(key) == []
+        third = Peering(ClusterSettings(peers=peers, advertise=ranked[2]), Metrics())
+        assert third.owners(key) == ranked[:2]
+        client = Peering(ClusterSettings(peers=peers, advertise="10.9.9.9:7439"), Metrics())
+        assert client.owners(key) == ranked[:2]  # a pure client (hub topology): never owner
+
+
+async def test_every_node_pulling_at_once_costs_the_mirror_one_get_each(
+    detour_process: StartProxy, registry: Registry, tmp_path: Path
+) -> None:
+    name = unique_repo("site").split("/")[1]
+    image = push_image(registry, f"docker-mirror/library/{name}", "v1", layers=4, layer_size=MiB)
+    peers = node_addresses(4)
+    nodes = await start_site(detour_process, registry.host, tmp_path, peers)
+    mark = registry.mark()
+    await asyncio.gather(*(pull(node, name, image) for node in nodes))
+
+    expected = {f"/v2/docker-mirror/library/{name}/manifests/v1"} | {
+        f"/v2/docker-mirror/library/{name}/blobs/{b.digest}" for b in image.blobs
+    }
+    entries = await registry.wait_paths(mark, at_least=len(expected))
+    gets = Counter(e for e in entries if e in expected)
+    assert gets == dict.fromkeys(expected, 1)  # one GET each, for the whole site
+    assert len(entries) == len(expected)  # and nothing else went to the mirror
+    served = sum(
+        [
+            await node.metric("detour_cache_requests_total", kind="blob", result="peer")
+            for node in nodes
+        ]
+    )
+    assert served >= len(image.blobs)  # the other nodes got their blobs from the owners
+
+
+async def test_an_owner_killed_mid_stream_costs_no_pull(
+    detour_process: StartProxy, registry: Registry, tmp_path: Path
+) -> None:
+    """The mirror behind an 8 MiB/s link: the owner of the big layer is killed a second into
+    the rollout; every other node finishes with the right bytes (from the next peer or the
+    mirror, resuming where it can)."""
+    name = unique_repo("kill").split("/")[1]
+    image = push_image(
+        registry, f"docker-mirror/library/{name}", "v1", layers=1, layer_size=24 * MiB
+    )
+    layer = image.layers[0]
+    peers = node_addresses(3)
+    async with Relay(registry, rate=8 * MiB) as slow:
+        nodes = await start_site(detour_process, slow.host, tmp_path, peers)
+        owner = rendezvous(peers, blob_key(layer.digest))[0]
+        victim = nodes[peers.index(owner)]
+        others = [node for node in nodes if node is not victim]
+        pulls = asyncio.gather(*(pull(node, name, image) for node in others))
+        await asyncio.sleep(1.0)
+        assert victim.process is not None
+        victim.process.send_signal(signal.SIGKILL)
+        async with asyncio.timeout(60):
+            await pulls
+    # The owner's death was seen (a broken stream, then the owner skipped), and got round.
+    seen = [
+        await node.metric("detour_peer_requests_total", result=result)
+        for node in others
+        for result in ("failed", "skipped")
+    ]
+    assert sum(seen) >= 1
+    resumed = [line for node in others for line in node.log_lines() if "blob_resume" in line]
+    assert resumed  # mid-stream: the bytes already received were kept
+
+
+async def test_a_peer_that_hangs_costs_one_timeout_not_one_per_request(
+    detour_process: StartProxy, registry: Registry, tmp_path: Path
+) -> None:
+    """A frozen peer (SIGSTOP: the kernel accepts, nothing answers) is tried once, times out,
+    and is then skipped: the rest of the pull goes straight on."""
+    name = unique_repo("hang").split("/")[1]
+    image = push_image(
+        registry, f"docker-mirror/library/{name}", "v1", layers=8, layer_size=64 * 1024
+    )
+    peers = node_addresses(2)
+    frozen, node = await start_site(
+        detour_process, registry.host, tmp_path, peers, read_timeout="1s"
+    )
+    assert frozen.process is not None
+    frozen.process.send_signal(signal.SIGSTOP)
+    try:
+        owned = [b for b in image.blobs if rendezvous(peers, blob_key(b.digest))[0] == peers[0]]
+        assert owned, "the frozen peer owns some of the blobs"
+        for blob in owned:  # one after the other: only the first may wait
+            url = f"{node.url}/v2/{name}/blobs/{blob.digest}"
+            async with node.session.get(url) as response:
+                assert response.status == 200
+                assert await response.read() == blob.data
+        assert await node.metric("detour_peer_requests_total", result="failed") == 1
+        skipped = await node.metric("detour_peer_requests_total", result="skipped")
+        assert skipped == len(owned) - 1
+    finally:
+        frozen.process.send_signal(signal.SIGCONT)
+
+
+async def test_private_pulls_never_go_to_a_peer(
+    detour_process: StartProxy, htpasswd_registry: Registry, tmp_path: Path
+) -> None:
+    name = unique_repo("private").split("/")[1]
+    image = push_image(
+        htpasswd_registry, f"docker-mirror/library/{name}", "v1", layers=2, layer_size=4096
+    )
+    peers = node_addresses(2)
+    nodes = await start_site(detour_process, htpasswd_registry.host, tmp_path, peers)
+    pair = f"{htpasswd_registry.username}:{htpasswd_registry.password}".encode()
+    auth = {"Authorization": "Basic " + base64.b64encode(pair).decode("ascii")}
+    for node in nodes:
+        for blob in image.blobs:
+            url = f"{node.url}/v2/{name}/blobs/{blob.digest}"
+            async with node.session.get(url, headers=auth) as response:
+                assert response.status == 200
+                assert await response.read() == blob.data
+    for node in nodes:
+        for result in ("served", "failed", "skipped"):
+            assert await node.metric("detour_peer_requests_total", result=result) == 0
+
+
+@pytest.mark.parametrize("count", [3])
+async def test_the_peer_set_is_a_gauge(
+    detour_process: StartProxy, registry: Registry, tmp_path: Path, count: int
+) -> None:
+    peers = node_addresses(count)
+    (node,) = await start_site(detour_process, registry.host, tmp_path, peers, nodes=peers[:1])
+    assert await node.metric("detour_peers") == count
