@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -24,7 +25,8 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -224,37 +226,51 @@ def render(directory: Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
-@pytest.fixture(scope="module")
-def all_components(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An overlay of the base with every component at once: they must compose."""
-    directory = tmp_path_factory.mktemp("all-components")
-    components = sorted(p.name for p in (KUBERNETES / "components").iterdir() if p.is_dir())
-    base = os.path.relpath(KUBERNETES / "base", directory)
+COMPONENTS = sorted(p.name for p in (KUBERNETES / "components").iterdir() if p.is_dir())
+OVERLAYS = sorted(p.name for p in (KUBERNETES / "overlays").iterdir() if p.is_dir())
+# The base with each component alone and with every combination of them short of all (that is
+# "all-components"), in the order of their names: host-network before hub, as components/hub
+# asks.
+COMBINATIONS = [
+    "+".join(["base", *chosen])
+    for size in range(1, len(COMPONENTS))
+    for chosen in itertools.combinations(COMPONENTS, size)
+]
+
+
+def write_overlay(directory: Path, components: Iterable[str], **fields: Any) -> Path:
+    """An overlay of the base in ``directory`` with ``components``, in that order, and any
+    other kustomization ``fields`` (``namePrefix``, ``namespace``)."""
+    directory.mkdir(parents=True, exist_ok=True)
     (directory / "kustomization.yaml").write_text(
         yaml.safe_dump(
             {
                 "apiVersion": "kustomize.config.k8s.io/v1beta1",
                 "kind": "Kustomization",
-                "resources": [base],
+                "resources": [os.path.relpath(KUBERNETES / "base", directory)],
                 "components": [
                     os.path.relpath(KUBERNETES / "components" / c, directory) for c in components
                 ],
+                **fields,
             }
         )
     )
     return directory
 
 
-OVERLAYS = sorted(p.name for p in (KUBERNETES / "overlays").iterdir() if p.is_dir())
-
-
 @pytest.fixture(scope="module")
-def renders(all_components: Path) -> dict[str, list[dict[str, Any]]]:
-    out = {"default": render(KUBERNETES)}
-    for name in OVERLAYS:
-        out[name] = render(KUBERNETES / "overlays" / name)
-    out["all-components"] = render(all_components)
-    return out
+def renders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+    """Every way in: the default, each overlay, and the base with every combination of
+    components (they must compose), rendered two at a time."""
+    root = tmp_path_factory.mktemp("overlays")
+    directories = {"default": KUBERNETES}
+    directories |= {name: KUBERNETES / "overlays" / name for name in OVERLAYS}
+    directories["all-components"] = write_overlay(root / "all-components", COMPONENTS)
+    for name in COMBINATIONS:
+        directories[name] = write_overlay(root / name, name.split("+")[1:])
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        rendered = pool.map(render, directories.values())
+    return dict(zip(directories, rendered, strict=True))
 
 
 def named(obj: dict[str, Any], name: str) -> bool:
@@ -267,6 +283,9 @@ def one(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> di
     found = [o for o in objects if o["kind"] == kind and (name is None or named(o, name))]
     assert len(found) == 1, f"{kind} {name}: {[o['metadata']['name'] for o in found]}"
     return found[0]
+
+
+WORKLOADS = ("DaemonSet", "Deployment", "StatefulSet")
 
 
 def pod_spec(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
@@ -288,7 +307,8 @@ def embedded_config(objects: list[dict[str, Any]], tmp_path: Path) -> Path:
 
 
 def test_the_layout_renders(renders: dict[str, list[dict[str, Any]]]) -> None:
-    assert set(OVERLAYS) == {"cert-manager", "containerd-mirror", "monitoring"}
+    assert set(OVERLAYS) == {"cert-manager", "containerd-mirror", "hub", "monitoring"}
+    assert len(renders) == 1 + len(OVERLAYS) + 2 ** len(COMPONENTS) - 1
     kinds = {name: sorted(o["kind"] for o in objects) for name, objects in renders.items()}
     assert kinds["default"] == [
         "ConfigMap",
@@ -300,9 +320,21 @@ def test_the_layout_renders(renders: dict[str, list[dict[str, Any]]]) -> None:
         "NetworkPolicy",
         "PodDisruptionBudget",
         "Service",
+        "Service",
     ]
-    # Mirror mode needs no webhook (nor its NetworkPolicy).
-    assert kinds["containerd-mirror"] == ["ConfigMap", "DaemonSet", "Namespace", "NetworkPolicy"]
+    # Mirror mode needs no webhook (nor its NetworkPolicy); the proxies still find each other.
+    assert kinds["containerd-mirror"] == [
+        "ConfigMap",
+        "DaemonSet",
+        "Namespace",
+        "NetworkPolicy",
+        "Service",
+    ]
+    # The hub: a StatefulSet, its Service, NetworkPolicy and PodDisruptionBudget.
+    added = list(kinds["hub"])
+    for kind in kinds["default"]:
+        added.remove(kind)
+    assert sorted(added) == ["NetworkPolicy", "PodDisruptionBudget", "Service", "StatefulSet"]
     for objects in renders.values():
         for o in objects:
             if o["kind"] not in ("Namespace", "MutatingWebhookConfiguration"):
@@ -310,7 +342,7 @@ def test_the_layout_renders(renders: dict[str, list[dict[str, Any]]]) -> None:
         images = {
             c["image"]
             for o in objects
-            if o["kind"] in ("DaemonSet", "Deployment")
+            if o["kind"] in WORKLOADS
             for field in ("initContainers", "containers")
             for c in o["spec"]["template"]["spec"].get(field, [])
         }
@@ -328,12 +360,17 @@ def test_every_object_matches_the_kubernetes_schemas(
     skipped: set[str] = set()
     validated: set[str] = set()
     checked = 0
+    seen: set[str] = set()
     for name, objects in renders.items():
         for o in objects:
             if o["kind"] in CRD_KINDS:
                 skipped.add(o["kind"])
                 continue
             validated.add(o["kind"])
+            text = json.dumps(o, sort_keys=True)
+            if text in seen:  # the same object in another combination
+                continue
+            seen.add(text)
             for version in versions:
                 try:
                     kubernetes_validate.validate(o, version, strict=True)
@@ -342,7 +379,7 @@ def test_every_object_matches_the_kubernetes_schemas(
                     pytest.fail(f"{where}: {exc.message} at {list(exc.path)}", pytrace=False)
             checked += 1
     assert checked >= 20
-    assert "NetworkPolicy" in validated
+    assert {"NetworkPolicy", "StatefulSet"} <= validated
     assert skipped == CRD_KINDS  # every CRD kind that exists is used, and none other is skipped
 
 
@@ -436,7 +473,7 @@ def test_the_webhook_fails_open_and_spares_system_namespaces(
     assert port["targetPort"] == container_port["name"]
     deployment = one(objects, "Deployment")
     assert deployment["spec"]["replicas"] == 2
-    pdb = one(objects, "PodDisruptionBudget")
+    pdb = one(objects, "PodDisruptionBudget", "detour-webhook")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= spec_labels(deployment).items()
     assert {
         "name": "POD_NAMESPACE",
@@ -477,11 +514,20 @@ def test_the_configmap_config_fits_the_manifests(
 
 
 async def test_the_configmap_config_starts_the_proxy(
-    renders: dict[str, list[dict[str, Any]]], detour_process: StartProxy, tmp_path: Path
+    renders: dict[str, list[dict[str, Any]]],
+    detour_process: StartProxy,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """As the DaemonSet runs it, with only the cache directory moved: it becomes ready (and
-    would not, were it pointed at a credentials file the optional Secret did not provide)."""
-    config = yaml.safe_load(embedded_config(renders["default"], tmp_path).read_text())
+    would not, were it pointed at a credentials file the optional Secret did not provide), also
+    with its peers' name not resolving, as for the first proxy of a rollout, which the Service
+    does not list until it is ready."""
+    objects = renders["default"]
+    for name, value in pod_env(one(objects, "DaemonSet"), pod_ip="127.0.0.1").items():
+        if name.startswith("DETOUR_"):
+            monkeypatch.setenv(name, value)
+    config = yaml.safe_load(embedded_config(objects, tmp_path).read_text())
     config["cache"]["dir"] = str(tmp_path / "cache")
     proxy = await detour_process(config)
     async with proxy.session.get(f"{proxy.url}/readyz") as response:
@@ -607,6 +653,7 @@ def admits(policy: dict[str, Any], namespace: str, labels: dict[str, str], port:
 
 PROXY_LABELS = {"app.kubernetes.io/name": "detour", "app.kubernetes.io/component": "proxy"}
 WEBHOOK_LABELS = {"app.kubernetes.io/name": "detour", "app.kubernetes.io/component": "webhook"}
+HUB_LABELS = {"app.kubernetes.io/name": "detour", "app.kubernetes.io/component": "hub"}
 PROMETHEUS_LABELS = {"app.kubernetes.io/name": "prometheus", "prometheus": "k8s"}
 
 # Who connects to the proxy pod's port 7439 (not through the hostPort), and whether the proxy's
@@ -619,6 +666,13 @@ PROXY_CLIENTS = [
     ("another pod in monitoring", "monitoring", {"app.kubernetes.io/name": "grafana"}, 7439, False),
     ("a pod with the proxy's labels elsewhere", "default", PROXY_LABELS, 7439, False),
     ("the webhook", "detour", WEBHOOK_LABELS, 7439, False),
+    (
+        "a hub pod (the proxies are its clients, never the other way)",
+        "detour",
+        HUB_LABELS,
+        7439,
+        False,
+    ),
     ("an unlabelled pod in detour", "detour", {}, 7439, False),
     ("a workload", "default", {"app": "web"}, 7439, False),
     ("kube-system", "kube-system", {"k8s-app": "kube-dns"}, 7439, False),
@@ -678,6 +732,280 @@ def test_the_webhook_network_policy_admits_the_api_server_from_anywhere(
     for namespace, labels in [("kube-system", {}), ("default", {"app": "web"}), ("x", {})]:
         assert admits(policy, namespace, labels, port["containerPort"])
         assert not admits(policy, namespace, labels, 7439)
+
+
+# -- The cluster tier ------------------------------------------------------------------------
+
+POD_IP = "10.0.1.2"  # what the downward API gives status.podIP, in these tests
+
+
+def variant_components(variant: str) -> list[str]:
+    """The components a rendered variant was built with."""
+    if variant == "all-components":
+        return COMPONENTS
+    if variant.startswith("base+"):
+        return variant.split("+")[1:]
+    if variant == "default":
+        return []
+    kustomization = yaml.safe_load(
+        (KUBERNETES / "overlays" / variant / "kustomization.yaml").read_text()
+    )
+    return [Path(c).name for c in kustomization.get("components", [])]
+
+
+def pod_env(workload: dict[str, Any], pod_ip: str = POD_IP) -> dict[str, str]:
+    """The first container's environment as Kubernetes hands it to the process: status.podIP
+    and metadata.namespace from the downward API, and each ``$(VAR)`` of an entry above it
+    expanded (a reference to one below, or to none, stays as written, as Kubernetes leaves it)."""
+    fields = {"status.podIP": pod_ip, "metadata.namespace": workload["metadata"]["namespace"]}
+    values: dict[str, str] = {}
+    for entry in workload["spec"]["template"]["spec"]["containers"][0].get("env", []):
+        if "valueFrom" in entry:
+            values[entry["name"]] = fields[entry["valueFrom"]["fieldRef"]["fieldPath"]]
+        else:
+            values[entry["name"]] = re.sub(
+                r"\$\((\w+)\)", lambda m: values.get(m[1], m[0]), str(entry["value"])
+            )
+    return values
+
+
+def cluster_env(workload: dict[str, Any], pod_ip: str = POD_IP) -> dict[str, str]:
+    return {k: v for k, v in pod_env(workload, pod_ip).items() if k.startswith("DETOUR_CLUSTER__")}
+
+
+def main_port(workload: dict[str, Any]) -> dict[str, Any]:
+    (port,) = workload["spec"]["template"]["spec"]["containers"][0]["ports"]
+    assert isinstance(port, dict)
+    return port
+
+
+def peer_service(objects: list[dict[str, Any]], workload: dict[str, Any], member: bool) -> str:
+    """Check what a workload's cluster settings name, as its pods would resolve and reach it, and
+    return the Service's name: ``cluster.peers`` is ``dns:<service>.<namespace>.svc:<port>`` of a
+    headless Service of ready pods only, which selects exactly one workload's pods, listening on
+    that port; ``advertise`` is the pod's own IP and port, so the pod is one of those addresses
+    (a member) or not (a pure client); and the NetworkPolicy over those pods lets both in."""
+    env = cluster_env(workload)
+    assert set(env) == {
+        "DETOUR_CLUSTER__PEERS",
+        "DETOUR_CLUSTER__ADVERTISE",
+        "DETOUR_CLUSTER__REFRESH",
+    }
+    assert env["DETOUR_CLUSTER__REFRESH"] == "10s"
+    match = re.fullmatch(
+        r"dns:([a-z0-9-]+)\.([a-z0-9-]+)\.svc:([0-9]+)", env["DETOUR_CLUSTER__PEERS"]
+    )
+    assert match, env["DETOUR_CLUSTER__PEERS"]  # no $(VAR) left: each is defined above its use
+    name, namespace, port = match[1], match[2], int(match[3])
+    assert namespace == workload["metadata"]["namespace"]
+    (service,) = [
+        o
+        for o in objects
+        if o["kind"] == "Service"
+        and (o["metadata"]["name"], o["metadata"]["namespace"]) == (name, namespace)
+    ]
+    spec = service["spec"]
+    assert spec["clusterIP"] == "None"  # headless: the name resolves to the pods' own IPs
+    assert spec["publishNotReadyAddresses"] is False
+    assert spec["ipFamilyPolicy"] == "SingleStack"  # one address per pod, as status.podIP
+    (service_port,) = spec["ports"]
+    assert service_port["port"] == port
+    (owner,) = [
+        o
+        for o in objects
+        if o["kind"] in WORKLOADS and selects({"matchLabels": spec["selector"]}, spec_labels(o))
+    ]
+    assert spec["selector"] == owner["spec"]["selector"]["matchLabels"]
+    assert main_port(owner)["name"] == service_port["targetPort"]
+    assert main_port(owner)["containerPort"] == port  # peers connect to the pod IP itself
+    assert env["DETOUR_CLUSTER__ADVERTISE"] == f"{POD_IP}:{main_port(workload)['containerPort']}"
+    assert (owner is workload) is member
+    (policy,) = [
+        o
+        for o in objects
+        if o["kind"] == "NetworkPolicy" and selects(o["spec"]["podSelector"], spec_labels(owner))
+    ]
+    assert admits(policy, namespace, spec_labels(workload), port)
+    assert admits(policy, namespace, spec_labels(owner), port)
+    return name
+
+
+@pytest.mark.parametrize("variant", ["default", *OVERLAYS, "all-components", *COMBINATIONS])
+def test_the_cluster_tier_is_wired(renders: dict[str, list[dict[str, Any]]], variant: str) -> None:
+    """The proxies are each other's peers; with components/hub the hub pods are, and the proxies
+    their clients; with components/host-network alone (the proxies unreachable from each
+    other) there are no peers."""
+    objects = renders[variant]
+    chosen = variant_components(variant)
+    daemonset = one(objects, "DaemonSet")
+    if "hub" in chosen:
+        statefulset = one(objects, "StatefulSet")
+        assert peer_service(objects, statefulset, member=True) == "detour-hub"
+        assert peer_service(objects, daemonset, member=False) == "detour-hub"
+    elif "host-network" in chosen:
+        assert cluster_env(daemonset) == {}
+    else:
+        assert peer_service(objects, daemonset, member=True) == "detour-peers"
+    # The proxies' Service is in every variant, over the proxies alone.
+    service = one(objects, "Service", "detour-peers")
+    assert service["spec"]["selector"] == daemonset["spec"]["selector"]["matchLabels"]
+
+
+def test_the_proxies_peer_service_and_advertise(
+    renders: dict[str, list[dict[str, Any]]],
+) -> None:
+    objects = renders["default"]
+    daemonset = one(objects, "DaemonSet")
+    service = one(objects, "Service", "detour-peers")
+    spec = service["spec"]
+    # Headless, ready pods only, and exactly the DaemonSet's pods: not the webhook's.
+    assert spec["clusterIP"] == "None"
+    assert spec["publishNotReadyAddresses"] is False
+    assert selects({"matchLabels": spec["selector"]}, spec_labels(daemonset))
+    assert not selects({"matchLabels": spec["selector"]}, spec_labels(one(objects, "Deployment")))
+    # Not scraped twice by the monitoring component's ServiceMonitor, which selects by label.
+    assert not PROXY_LABELS.items() <= service["metadata"]["labels"].items()
+    # advertise: the pod's own IP, from the downward API, and the container port.
+    env = container(pod_spec(objects, "DaemonSet"), "proxy")["env"]
+    names = [e["name"] for e in env]
+    pod_ip = env[names.index("POD_IP")]
+    assert pod_ip["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    advertise = env[names.index("DETOUR_CLUSTER__ADVERTISE")]
+    assert advertise["value"] == "$(POD_IP):7439"
+    assert names.index("POD_IP") < names.index("DETOUR_CLUSTER__ADVERTISE")
+    # peers: the Service's name (kustomize keeps it in step), in the pod's own namespace.
+    assert env[names.index("PEERS_SERVICE")]["value"] == service["metadata"]["name"]
+    assert cluster_env(daemonset)["DETOUR_CLUSTER__PEERS"] == "dns:detour-peers.detour.svc:7439"
+
+
+@pytest.mark.parametrize("components", [[], ["hub"]])
+def test_a_renamed_install_in_another_namespace_still_finds_its_peers(
+    tmp_path: Path, components: list[str]
+) -> None:
+    """An overlay's namePrefix renames the Service and its namespace moves it; a name written
+    out in detour.yaml would then resolve to nothing (or to another install's proxies)."""
+    objects = render(
+        write_overlay(tmp_path / "renamed", components, namePrefix="site-", namespace="edge")
+    )
+    daemonset = one(objects, "DaemonSet")
+    assert daemonset["metadata"]["namespace"] == "edge"
+    if components:
+        statefulset = one(objects, "StatefulSet")
+        assert peer_service(objects, statefulset, member=True) == "site-detour-hub"
+        assert peer_service(objects, daemonset, member=False) == "site-detour-hub"
+        assert statefulset["spec"]["serviceName"] == "site-detour-hub"
+    else:
+        assert peer_service(objects, daemonset, member=True) == "site-detour-peers"
+
+
+def test_the_hub(renders: dict[str, list[dict[str, Any]]], tmp_path: Path) -> None:
+    objects = renders["hub"]
+    statefulset = one(objects, "StatefulSet", "detour-hub")
+    daemonset = one(objects, "DaemonSet")
+    service = one(objects, "Service", "detour-hub")
+    assert statefulset["spec"]["serviceName"] == service["metadata"]["name"]
+    assert statefulset["spec"]["replicas"] >= 2  # an owner can go away
+    spec = pod_spec(objects, "StatefulSet")
+    hub = container(spec, "hub")
+    proxy = container(pod_spec(objects, "DaemonSet"), "proxy")
+    # What the proxies run: the image and the config, whatever the base's generator named it.
+    assert hub["image"] == proxy["image"]
+    assert hub["args"] == proxy["args"]
+    configs = {
+        name: next(v for v in s["volumes"] if v["name"] == "config")
+        for name, s in (("hub", spec), ("proxy", pod_spec(objects, "DaemonSet")))
+    }
+    assert configs["hub"] == configs["proxy"]
+    # The cache: a PersistentVolumeClaim per pod, mounted where the config puts the cache, and
+    # larger than cache.max_size.
+    (claim,) = statefulset["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    settings = load_settings(embedded_config(objects, tmp_path))
+    (mount,) = [m for m in hub["volumeMounts"] if m["name"] == claim["metadata"]["name"]]
+    assert mount["mountPath"] == str(settings.cache.dir)
+    assert claim["metadata"]["name"] not in {v["name"] for v in spec["volumes"]}
+    max_size = pod_env(statefulset)["DETOUR_CACHE__MAX_SIZE"]
+    assert size_bytes(max_size) < size_bytes(claim["spec"]["resources"]["requests"]["storage"])
+    # No hostPort, no hostPath, no root: only the proxy needs those.
+    assert "hostPort" not in main_port(statefulset)
+    assert all("hostPath" not in v for v in spec["volumes"])
+    assert "initContainers" not in spec
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["fsGroup"] == spec["securityContext"]["runAsGroup"]
+    assert hub["securityContext"]["readOnlyRootFilesystem"] is True
+    assert hub["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    # Drains take one hub pod at a time.
+    pdb = one(objects, "PodDisruptionBudget", "detour-hub")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"] == statefulset["spec"]["selector"]
+    # The node proxies: the hub's clients, still caching on their node.
+    assert peer_service(objects, daemonset, member=False) == "detour-hub"
+    assert one(objects, "Service", "detour-peers")  # unused here, and harmless
+    cache = next(v for v in pod_spec(objects, "DaemonSet")["volumes"] if v["name"] == "cache")
+    assert cache["hostPath"]["path"] == "/var/cache/detour"
+
+
+def size_bytes(text: str) -> float:
+    """``80GiB`` or ``100Gi``, in bytes."""
+    match = re.fullmatch(r"([0-9]+)([KMGT])i(?:B)?", text)
+    assert match, text
+    return int(match[1]) * 1024.0 ** ("KMGT".index(match[2]) + 1)
+
+
+HUB_CLIENTS = [
+    ("a node proxy", "detour", PROXY_LABELS, 7439, True),
+    ("another hub pod", "detour", HUB_LABELS, 7439, True),
+    ("Prometheus", "monitoring", PROMETHEUS_LABELS, 7439, True),
+    ("a node proxy, another port", "detour", PROXY_LABELS, 8080, False),
+    ("the webhook", "detour", WEBHOOK_LABELS, 7439, False),
+    ("a pod with the proxy's labels elsewhere", "default", PROXY_LABELS, 7439, False),
+    ("a workload", "default", {"app": "web"}, 7439, False),
+]
+
+
+@pytest.mark.parametrize("variant", ["hub", "all-components"])
+def test_the_hub_network_policy_admits_its_clients_and_peers(
+    renders: dict[str, list[dict[str, Any]]], variant: str
+) -> None:
+    objects = renders[variant]
+    policy = one(objects, "NetworkPolicy", "detour-hub")
+    statefulset = one(objects, "StatefulSet")
+    assert policy["metadata"]["namespace"] == statefulset["metadata"]["namespace"]
+    assert policy["spec"]["podSelector"] == statefulset["spec"]["selector"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert "ipBlock" not in json.dumps(policy)
+    for who, namespace, labels, port, expected in HUB_CLIENTS:
+        assert admits(policy, namespace, labels, port) is expected, who
+    # The proxies' own policy does not select the hub pods: each has its own.
+    proxy_policy = one(objects, "NetworkPolicy", "detour-proxy")
+    assert not selects(proxy_policy["spec"]["podSelector"], spec_labels(statefulset))
+
+
+@pytest.mark.parametrize(
+    ("variant", "kind", "peers"),
+    [
+        ("default", "DaemonSet", "dns:detour-peers.detour.svc:7439"),
+        ("hub", "DaemonSet", "dns:detour-hub.detour.svc:7439"),
+        ("hub", "StatefulSet", "dns:detour-hub.detour.svc:7439"),
+    ],
+)
+def test_the_cluster_settings_load_as_the_pods_get_them(
+    renders: dict[str, list[dict[str, Any]]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    variant: str,
+    kind: str,
+    peers: str,
+) -> None:
+    """The ConfigMap's config with the pod's DETOUR_* variables, as `detour serve` reads them."""
+    objects = renders[variant]
+    for name, value in pod_env(one(objects, kind)).items():
+        if name.startswith("DETOUR_"):
+            monkeypatch.setenv(name, value)
+    settings = load_settings(embedded_config(objects, tmp_path))
+    assert settings.cluster.peers == peers
+    assert settings.cluster.advertise == f"{POD_IP}:7439"
+    assert settings.cluster.refresh == 10.0
 
 
 # -- webhook certificates --------------------------------------------------------------------
