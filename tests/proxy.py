@@ -90,9 +90,7 @@ async def start_process(config: dict[str, Any], workdir: Path) -> Proxy:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
     session = aiohttp.ClientSession()
-    proxy = Proxy(
-        f"http://{host}:{port}", Path(config["cache"]["dir"]), session, process, log_path
-    )
+    proxy = Proxy(f"http://{host}:{port}", Path(config["cache"]["dir"]), session, process, log_path)
     deadline = time.monotonic() + 20
     while True:
         try:
