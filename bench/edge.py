@@ -41,7 +41,7 @@ Each mode runs ``--repeat`` times (3) and the median is reported, as a markdown 
 README's format, with the mirror's blob GETs (from its access log) and every pull's check.
 Detour's warnings and errors during each rollout are counted and the first few printed.
 
-    .venv/bin/python bench/edge.py                          # all modes, 3 runs each (~6 min)
+    .venv/bin/python bench/edge.py                          # all modes, 3 runs each (~3 min)
     .venv/bin/python bench/edge.py --modes solo,distribution --repeat 1
     .venv/bin/python bench/edge.py --json edge.json --keep  # keep the temp dir with every log
 
