@@ -672,11 +672,14 @@ class BlobFetch:
         # Headers went out in prepare(); the body goes file → socket in the kernel.
         try:
             await asyncio.get_running_loop().sendfile(transport, source, offset, limit - offset)
-        except ConnectionError:
-            # loop.sendfile leaves the file position after the last byte it sent, even when
-            # it fails (and where the previous call left it, if it sent none).
+        except (ConnectionError, RuntimeError) as exc:
+            # The client hung up: a reset mid-send, or (asyncio's RuntimeError) a transport
+            # already closing. loop.sendfile leaves the file position after the last byte it
+            # sent, even when it fails (and where the previous call left it, if it sent none).
+            if isinstance(exc, RuntimeError) and not transport.is_closing():
+                raise
             fields["bytes"] = max(offset, source.tell())
-            raise
+            raise ConnectionResetError("client went away") from exc
         fields["bytes"] = limit
 
 
