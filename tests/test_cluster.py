@@ -17,11 +17,12 @@ from typing import Any
 
 import pytest
 
-from proxy.cluster import Peering, blob_key, rendezvous
+from proxy.cluster import Peering, blob_key, rendezvous, tag_key
 from proxy.metrics import Metrics
+from proxy.reference import ImageName
 from proxy.settings import ClusterSettings
-from tests.images import ACCEPT_ALL, PushedImage, push_image, unique_repo
-from tests.proxy import Proxy
+from tests.images import ACCEPT_ALL, PushedImage, get_manifest, push_image, unique_repo
+from tests.proxy import Proxy, wait_cached
 from tests.registry import Registry
 from tests.relay import Relay
 
@@ -39,15 +40,20 @@ async def start_site(
     tmp_path: Path,
     peers: list[str],
     nodes: list[str] | None = None,
+    tag_ttl: str | None = None,
     **upstream: Any,
 ) -> list[Proxy]:
     """One ``detour serve`` per address of ``nodes`` (default: every peer), each advertising
-    its own address, all sending docker.io/ to ``mirror_host``."""
+    its own address, all sending docker.io/ to ``mirror_host``; ``tag_ttl`` is
+    ``cache.tag_ttl`` (default: Detour's)."""
     started = []
     for address in nodes or peers:
+        cache: dict[str, Any] = {"dir": str(tmp_path / address.replace(":", "_"))}
+        if tag_ttl is not None:
+            cache["tag_ttl"] = tag_ttl
         config: dict[str, Any] = {
             "listen": address,
-            "cache": {"dir": str(tmp_path / address.replace(":", "_"))},
+            "cache": cache,
             "redirects": [{"src": "docker.io/", "to": f"{mirror_host}/docker-mirror/"}],
             "registries": {mirror_host: {"insecure": True}},
             "cluster": {"peers": peers, "advertise": address},
@@ -112,9 +118,10 @@ async def test_every_node_pulling_at_once_costs_the_mirror_one_get_each(
         f"/v2/docker-mirror/library/{name}/blobs/{b.digest}" for b in image.blobs
     }
     entries = await registry.wait_paths(mark, at_least=len(expected))
-    gets = Counter(e for e in entries if e in expected)
+    ours = [e for e in entries if f"/library/{name}/" in e]  # the registry is shared
+    gets = Counter(e for e in ours if e in expected)
     assert gets == dict.fromkeys(expected, 1)  # one GET each, for the whole site
-    assert len(entries) == len(expected)  # and nothing else went to the mirror
+    assert len(ours) == len(expected)  # and nothing else went to the mirror
     served = sum(
         [
             await node.metric("detour_cache_requests_total", kind="blob", result="peer")
@@ -217,3 +224,82 @@ async def test_the_peer_set_is_a_gauge(
     peers = node_addresses(count)
     (node,) = await start_site(detour_process, registry.host, tmp_path, peers, nodes=peers[:1])
     assert await node.metric("detour_peers") == count
+
+
+def site_keys(name: str, image: PushedImage) -> list[str]:
+    """What a pull of ``name:v1`` asks the owners for: the tag, then each blob."""
+    return [tag_key(ImageName.from_path(name, None), "v1")] + [
+        blob_key(b.digest) for b in image.blobs
+    ]
+
+
+@pytest.mark.parametrize("tag_ttl", [None, "1s"], ids=["tag-fresh", "tag-expired"])
+async def test_with_the_wan_down_a_node_gets_what_it_lacks_from_the_owners(
+    detour_process: StartProxy, registry: Registry, tmp_path: Path, tag_ttl: str | None
+) -> None:
+    """A pulls; the mirror goes down; C, which never pulled, pulls the same tag and gets
+    every byte from the owners' caches. With the tag past ``tag_ttl`` on its owner, the owner
+    can't revalidate it and serves it stale: C still pulls."""
+    name = unique_repo("offline").split("/")[1]
+    image = push_image(
+        registry, f"docker-mirror/library/{name}", "v1", layers=5, layer_size=256 * 1024
+    )
+    peers = node_addresses(3)
+    nodes = await start_site(detour_process, registry.host, tmp_path, peers, tag_ttl=tag_ttl)
+    by_peer = dict(zip(peers, nodes, strict=True))
+    keys = site_keys(name, image)
+    owner = {key: rendezvous(peers, key)[0] for key in keys}
+    tag_owner = owner[keys[0]]
+    a, c = (peer for peer in peers if peer != tag_owner)  # neither owns the tag
+
+    await pull(by_peer[a], name, image)
+    for blob in image.blobs:  # each owner has its blobs on disk (A too: it cached them all)
+        assert await wait_cached(by_peer[owner[blob_key(blob.digest)]].cache_dir, blob.digest)
+    if tag_ttl is not None:
+        await asyncio.sleep(1.5)  # the tag record is now older than tag_ttl everywhere
+    registry.stop()  # the WAN is down (the fixture brings it back)
+
+    await pull(by_peer[c], name, image)
+    node_c, owner_node = by_peer[c], by_peer[tag_owner]
+    asked = sum(1 for key in keys if owner[key] != c)  # what C did not own was asked for
+    assert asked >= 1
+    assert await node_c.metric("detour_peer_requests_total", result="served") == asked
+    for result in ("failed", "skipped"):
+        assert await node_c.metric("detour_peer_requests_total", result=result) == 0
+    owned_blobs = sum(1 for b in image.blobs if owner[blob_key(b.digest)] != c)
+    served_blobs = await node_c.metric("detour_cache_requests_total", kind="blob", result="peer")
+    assert served_blobs == owned_blobs
+    # The tag's owner answered from its cache: within tag_ttl a hit, after it stale.
+    result = "hit" if tag_ttl is None else "stale"
+    served = await owner_node.metric("detour_cache_requests_total", kind="manifest", result=result)
+    assert served == 1
+    stale = [line for line in owner_node.log_lines() if "tag_served_stale" in line]
+    assert len(stale) == (0 if tag_ttl is None else 1)
+
+
+async def test_a_tag_resolves_the_same_on_every_node_during_a_rollout(
+    detour_process: StartProxy, registry: Registry, tmp_path: Path
+) -> None:
+    """The tag moves upstream after the first node pulled it: within tag_ttl every other node
+    gets the digest the first one got (its owner's), not a mix of old and new."""
+    name = unique_repo("rollout").split("/")[1]
+    repo = f"docker-mirror/library/{name}"
+    first = push_image(registry, repo, "v1", layers=2, layer_size=64 * 1024)
+    peers = node_addresses(3)
+    nodes = await start_site(detour_process, registry.host, tmp_path, peers, tag_ttl="1h")
+    await pull(nodes[0], name, first)
+    for blob in first.blobs:  # every blob's owner holds it, as in the tag case below
+        owner = nodes[peers.index(rendezvous(peers, blob_key(blob.digest))[0])]
+        assert await wait_cached(owner.cache_dir, blob.digest)
+
+    moved = push_image(registry, repo, "v1", layers=2, layer_size=64 * 1024)
+    upstream = get_manifest(registry, repo, "v1")
+    assert upstream.headers["docker-content-digest"] == moved.digest != first.digest
+
+    mark = registry.mark()
+    for node in nodes[1:]:
+        await pull(node, name, first)  # the first digest's manifest and blobs, byte for byte
+        url = f"{node.url}/v2/{name}/manifests/v1"
+        async with node.session.head(url, headers={"Accept": ACCEPT_ALL}) as response:
+            assert response.headers["Docker-Content-Digest"] == first.digest
+    assert await registry.wait_paths(mark) == []  # nobody asked the mirror what v1 means now
