@@ -199,6 +199,19 @@ def _upstream_digest(answer: UpstreamResponse) -> Digest | None:
         ) from None
 
 
+def _confirmed_at(answer: UpstreamResponse) -> float:
+    """When the upstream last confirmed what ``answer`` says of a tag: now, unless the answer
+    came from a peer's record (the tag's owner, proxy.cluster) that says how old it is."""
+    now = time.time()
+    if not answer.upstream.peer:
+        return now
+    try:
+        age = float(answer.headers.get("Age", "0"))
+    except ValueError:
+        return now
+    return now - max(0.0, age)
+
+
 def manifest_response(manifest: StoredManifest) -> web.Response:
     """The manifest's bytes with its own media type (aiohttp sends no body for HEAD)."""
     return web.Response(
@@ -243,9 +256,16 @@ class Manifests:
         request[LOG]["cache"] = result
         self._metrics.cache_requests.labels("manifest", result).inc()
 
-    def _serve(self, request: web.Request, manifest: StoredManifest, source: str) -> web.Response:
+    def _serve(
+        self, request: web.Request, manifest: StoredManifest, source: str, age: float = 0.0
+    ) -> web.Response:
+        """``age``: for a tag served from its record, seconds since the upstream last confirmed
+        it, sent as ``Age`` so that a peer asking its owner keeps the record's real age."""
         request[LOG]["source"] = source
-        return manifest_response(manifest)
+        response = manifest_response(manifest)
+        if age >= 1:
+            response.headers["Age"] = str(int(age))
+        return response
 
     async def _write(self, write: Awaitable[None], kind: str, **fields: str) -> bool:
         """Whether a cache write went through. A disk that refuses it is counted and logged,
@@ -301,7 +321,7 @@ class Manifests:
         record, cached = found
         if record.age() < self._tag_ttl:
             self._count(request, "hit")
-            return self._serve(request, cached, "cache")
+            return self._serve(request, cached, "cache", record.age())
 
         try:
             answer = await self._upstream.open(
@@ -317,7 +337,7 @@ class Manifests:
                 raise  # the upstream refused us: relayed, never served stale
             self._count(request, "stale")
             log.warning("tag_served_stale", name=str(route.name), tag=tag, reason=exc.message)
-            return self._serve(request, cached, "cache")
+            return self._serve(request, cached, "cache", record.age())
         async with answer:
             request[LOG]["upstream"] = answer.where
             if answer.status == 404:
@@ -328,7 +348,7 @@ class Manifests:
             digest = _upstream_digest(answer)
         if digest == cached.digest:
             if not answer.private:
-                record = TagRecord(digest, cached.media_type, time.time())
+                record = TagRecord(digest, cached.media_type, _confirmed_at(answer))
                 confirming = self._store.put_tag(route.name, tag, record, variant)
                 await self._write(confirming, "tag", name=str(route.name), tag=tag)
             self._count(request, "revalidated")
@@ -407,7 +427,7 @@ class Manifests:
             # An index is what the tag means; a single manifest may be one platform's,
             # narrowed for a client that takes no index: kept for that Accept only.
             variant = None if media_type in INDEX_TYPES else accept.variant
-            record = TagRecord(manifest.digest, media_type, time.time())
+            record = TagRecord(manifest.digest, media_type, _confirmed_at(answer))
             recording = self._store.put_tag(route.name, reference, record, variant)
             await self._write(recording, "tag", name=str(route.name), tag=reference)
         return fetched

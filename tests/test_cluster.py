@@ -303,3 +303,28 @@ async def test_a_tag_resolves_the_same_on_every_node_during_a_rollout(
         async with node.session.head(url, headers={"Accept": ACCEPT_ALL}) as response:
             assert response.headers["Docker-Content-Digest"] == first.digest
     assert await registry.wait_paths(mark) == []  # nobody asked the mirror what v1 means now
+
+
+async def test_a_tag_from_its_owner_keeps_its_age(
+    detour_process: StartProxy, registry: Registry, tmp_path: Path
+) -> None:
+    """A node that gets a tag from its owner keeps the owner's record's age (the ``Age``
+    header), so the tag is revalidated tag_ttl after the upstream last confirmed it, not
+    tag_ttl after the node first asked: a moved tag reaches every node within tag_ttl."""
+    name = unique_repo("age").split("/")[1]
+    repo = f"docker-mirror/library/{name}"
+    first = push_image(registry, repo, "v1", layers=1, layer_size=4096)
+    peers = node_addresses(3)
+    owner_address = rendezvous(peers, tag_key(f"docker.io/library/{name}", "v1"))[0]
+    nodes = await start_site(detour_process, registry.host, tmp_path, peers, tag_ttl="4s")
+    owner = nodes[peers.index(owner_address)]
+    late = next(node for node in nodes if node is not owner)
+    await pull(owner, name, first)  # the owner's record: confirmed now
+    await asyncio.sleep(2.5)
+    await pull(late, name, first)  # from the owner's record, 2.5 s old
+    moved = push_image(registry, repo, "v1", layers=1, layer_size=4096)
+    await asyncio.sleep(2.0)  # 4.5 s after the upstream confirmed it; 2 s after `late` asked
+    url = f"{late.url}/v2/{name}/manifests/v1"
+    async with late.session.get(url, headers={"Accept": ACCEPT_ALL}) as response:
+        assert response.status == 200
+        assert response.headers["Docker-Content-Digest"] == moved.digest
