@@ -49,6 +49,8 @@ from tests.registry import Registry
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+DEFAULT_CONFIG = ROOT / "deploy" / "detour.default.yaml"
+IMAGE_WORKFLOW = ROOT / ".github" / "workflows" / "image.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "detour-dashboard.json"
 StartProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
 
@@ -104,6 +106,92 @@ def test_dockerfile_final_stage_contract() -> None:
     assert "/var/cache/detour" in final["RUN"]
 
 
+def test_the_image_serves_with_no_arguments() -> None:
+    """``docker run IMAGE``: the CMD's config file is in the image, from the build context."""
+    final = dict(dockerfile_stages()[-1])
+    cmd = json.loads(final["CMD"])
+    config_path = cmd[cmd.index("--config") + 1]
+    *flags, source, target = final["COPY"].split()
+    assert (source, target) == (str(DEFAULT_CONFIG.relative_to(ROOT)), config_path)
+    assert flags == ["--chmod=0644"]  # root's, readable by the image's user
+    # .dockerignore sends it to the builder (everything not named there stays out).
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert patterns[0] == "*"
+    assert f"!{source}" in patterns
+
+
+def test_the_dockerfile_builds_for_every_platform() -> None:
+    """linux/amd64 and linux/arm64 from the same Dockerfile: multi-arch bases, no stage pinned
+    to one platform, nothing fetched per architecture."""
+    lines = (ROOT / "Dockerfile").read_text().splitlines()
+    assert lines[0] == "# syntax=docker/dockerfile:1"  # RUN --mount, COPY --chmod: BuildKit
+    for stage in dockerfile_stages():
+        keyword, args = stage[0]
+        assert keyword == "FROM"
+        assert args.split()[0] == "python:3.11-slim", args  # a multi-arch official image
+        assert "--platform" not in args
+        text = " ".join(f"{keyword} {args}" for keyword, args in stage)
+        assert not re.search(r"amd64|x86_64|arm64|aarch64|armv", text), text
+        assert not re.search(r"\b(curl|wget|ADD)\b", text), text
+
+
+def test_the_image_default_config() -> None:
+    """deploy/detour.default.yaml: every address on the proxy's port (EXPOSEd, health-checked),
+    the cache in the directory the image gives its user, and no rules: each name from its own
+    registry."""
+    settings = load_settings(DEFAULT_CONFIG)
+    assert settings.listen == "0.0.0.0:7439"
+    final = dict(dockerfile_stages()[-1])
+    assert "7439" in final["EXPOSE"].split()
+    assert f"install -d -o 10001 -g 10001 -m 0750 {settings.cache.dir} " in final["RUN"] + " "
+    assert settings.redirects == []
+    rules = Rules.from_settings(settings)
+    for name, registry in [("nats", "docker.io"), ("ghcr.io/nats-io/nack", "ghcr.io")]:
+        (upstream,) = rules.route(ImageName.parse(name)).upstreams
+        assert (upstream.registry, upstream.insecure) == (registry, False)
+    assert settings.docker_config is None
+
+
+async def test_the_image_default_config_serves(detour_process: StartProxy, tmp_path: Path) -> None:
+    """As ``docker run`` starts it, with the port and the cache directory moved."""
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    config["listen"] = "127.0.0.1:0"
+    config["cache"]["dir"] = str(tmp_path / "cache")
+    proxy = await detour_process(config)
+    for path in ("/healthz", "/readyz", "/v2/"):
+        async with proxy.session.get(f"{proxy.url}{path}") as response:
+            assert response.status == 200, path
+
+
+def test_the_image_workflow_builds_both_platforms_on_a_tag() -> None:
+    workflow = yaml.safe_load(IMAGE_WORKFLOW.read_text())
+    assert workflow[True] == {"push": {"tags": ["v*"]}}  # YAML 1.1 reads the key on as True
+    assert workflow["permissions"] == {"contents": "read", "packages": "write"}
+    (job,) = workflow["jobs"].values()
+    steps = {step["uses"].split("@")[0]: step for step in job["steps"]}
+    assert list(steps) == [
+        "actions/checkout",
+        "docker/setup-qemu-action",
+        "docker/setup-buildx-action",
+        "docker/login-action",
+        "docker/metadata-action",
+        "docker/build-push-action",
+    ]
+    login = steps["docker/login-action"]["with"]
+    assert login["registry"] == "ghcr.io"
+    assert login["password"] == "${{ secrets.GITHUB_TOKEN }}"
+    build = steps["docker/build-push-action"]["with"]
+    assert set(build["platforms"].split(",")) == {"linux/amd64", "linux/arm64"}
+    assert build["push"] is True
+    meta = steps["docker/metadata-action"]
+    assert build["tags"] == f"${{{{ steps.{meta['id']}.outputs.tags }}}}"
+    assert meta["with"]["images"].startswith("ghcr.io/")
+
+
 # -- docker compose --------------------------------------------------------------------------
 
 
@@ -126,6 +214,25 @@ def compose_config_path() -> Path:
 def seed_args() -> dict[str, str]:
     command = compose()["services"]["seed"]["command"]
     return {command[i].removeprefix("--"): str(command[i + 1]) for i in range(0, len(command), 2)}
+
+
+def test_compose_file_is_read_by_compose_v1_and_v2() -> None:
+    """No top-level name: (Compose v1 rejects it) nor version: (v2 calls it obsolete); Debian's
+    docker-compose (v1) checks the rest against the Compose Specification, where installed."""
+    assert set(compose()) == {"services", "volumes"}
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("docker-compose (Compose v1) is not installed: apt-get install docker-compose")
+    result = subprocess.run(
+        [binary, "--file", str(COMPOSE_FILE), "--project-name", "detour", "config"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert set(yaml.safe_load(result.stdout)["services"]) == set(compose()["services"])
 
 
 def test_compose_services_ports_and_order() -> None:
@@ -349,6 +456,16 @@ def test_the_layout_renders(renders: dict[str, list[dict[str, Any]]]) -> None:
         assert images == {"detour:0.1.0"}  # one image, one tag, init containers included
 
 
+def test_every_workload_runs_on_linux_nodes(renders: dict[str, list[dict[str, Any]]]) -> None:
+    """The image is built for linux/amd64 and linux/arm64 (kubelet pulls the node's own); the
+    proxy tolerates every taint, so only this keeps it off Windows nodes."""
+    for name, objects in renders.items():
+        for o in objects:
+            if o["kind"] in WORKLOADS:
+                spec = o["spec"]["template"]["spec"]
+                assert spec["nodeSelector"] == {"kubernetes.io/os": "linux"}, (name, o["kind"])
+
+
 def test_every_object_matches_the_kubernetes_schemas(
     renders: dict[str, list[dict[str, Any]]],
 ) -> None:
@@ -453,10 +570,14 @@ def test_the_webhook_fails_open_and_spares_system_namespaces(
     assert hook["admissionReviewVersions"] == ["v1"]
     assert {"operations": ["CREATE"], "resources": ["pods"]}.items() <= hook["rules"][0].items()
     assert hook["rules"][1]["resources"] == ["pods/ephemeralcontainers"]
-    (expression,) = hook["namespaceSelector"]["matchExpressions"]
-    assert expression["key"] == "kubernetes.io/metadata.name"
-    assert expression["operator"] == "NotIn"
-    assert {"kube-system", "detour"} <= set(expression["values"])
+    # Not kube-system, not Detour's own namespace (by its label), not one labelled to be
+    # skipped; every other.
+    own = one(objects, "Namespace")
+    assert not selects(hook["namespaceSelector"], namespace_labels(own))
+    assert not selects(hook["namespaceSelector"], namespace_labels("kube-system"))
+    assert not selects(hook["namespaceSelector"], namespace_labels("web", skip=True))
+    assert selects(hook["namespaceSelector"], namespace_labels("default"))
+    assert selects(hook["namespaceSelector"], namespace_labels("web"))
     assert hook["objectSelector"]["matchExpressions"] == [
         {"key": "detour.io/skip", "operator": "NotIn", "values": ["true"]}
     ]
@@ -481,6 +602,18 @@ def test_the_webhook_fails_open_and_spares_system_namespaces(
     } in webhook["env"]
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert webhook["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def namespace_labels(namespace: dict[str, Any] | str, skip: bool = False) -> dict[str, str]:
+    """A namespace's labels as the API server has them: its own (of a rendered Namespace), and
+    kubernetes.io/metadata.name, which the API server sets to its name."""
+    if isinstance(namespace, str):
+        namespace = {"metadata": {"name": namespace, "labels": {}}}
+    labels = dict(namespace["metadata"].get("labels", {}))
+    if skip:
+        labels["detour.io/skip"] = "true"
+    labels["kubernetes.io/metadata.name"] = namespace["metadata"]["name"]
+    return labels
 
 
 def spec_labels(workload: dict[str, Any]) -> dict[str, str]:
@@ -600,6 +733,18 @@ def test_monitoring_overlay_selects_the_services(
         (endpoint,) = monitor["spec"]["endpoints"]
         assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
         assert endpoint["path"] == "/metrics"
+        # Every sample carries the node its pod runs on (the dashboard's per-node panels).
+        assert {
+            "sourceLabels": ["__meta_kubernetes_pod_node_name"],
+            "targetLabel": "node",
+        } in endpoint["relabelings"]
+        # The Endpoints of the ServiceMonitor's own namespace (the operator's default), which
+        # is the Service's, whatever the namespace is.
+        assert "namespaceSelector" not in monitor["spec"]
+        assert monitor["metadata"]["namespace"] == service["metadata"]["namespace"]
+        if "tlsConfig" in endpoint:  # the webhook: a name its certificate has, either path
+            names = service_names(service["metadata"]["name"], service["metadata"]["namespace"])
+            assert endpoint["tlsConfig"]["serverName"] in names
     headless = one(objects, "Service", "detour-proxy-metrics")
     assert headless["spec"]["clusterIP"] == "None"
     assert headless["spec"]["selector"] == spec_labels(one(objects, "DaemonSet"))
@@ -732,6 +877,170 @@ def test_the_webhook_network_policy_admits_the_api_server_from_anywhere(
     for namespace, labels in [("kube-system", {}), ("default", {"app": "web"}), ("x", {})]:
         assert admits(policy, namespace, labels, port["containerPort"])
         assert not admits(policy, namespace, labels, 7439)
+
+
+# -- The namespace ---------------------------------------------------------------------------
+
+# Label values that say what an object is part of, not where it is.
+_PART_OF_LABELS = {"app.kubernetes.io/name", "app.kubernetes.io/part-of"}
+
+
+def strings(
+    value: Any, path: tuple[str | int, ...] = ()
+) -> Iterator[tuple[tuple[str | int, ...], str]]:
+    """Every string in a rendered object, with its path."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from strings(item, (*path, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from strings(item, (*path, index))
+    elif isinstance(value, str):
+        yield path, value
+
+
+def namespace_leftovers(objects: list[dict[str, Any]], old: str) -> list[str]:
+    """Where the rendered objects still name the namespace ``old``: as a value of its own (a
+    namespace field, a selector's value, a list item), inside a DNS name (``<service>.<old>``,
+    ``.<old>.svc``) or as a ``<old>/<name>`` reference."""
+    found = []
+    for o in objects:
+        for path, value in strings(o):
+            if value == old:
+                if path[-1] in _PART_OF_LABELS:
+                    continue
+                if path == ("metadata", "name") and o["kind"] != "Namespace":
+                    continue  # an object called detour (the webhook configuration)
+            elif not re.search(rf"\.{old}(\.svc\b|$)|^{old}/", value, re.MULTILINE):
+                continue
+            found.append(f"{o['kind']} {o['metadata']['name']} {'.'.join(map(str, path))}: {value}")
+    return found
+
+
+def check_namespace(objects: list[dict[str, Any]], namespace: str) -> None:
+    """Everything in ``namespace``, and every reference to Detour's namespace points there."""
+    assert namespace != "detour"
+    assert namespace_leftovers(objects, "detour") == []
+    assert one(objects, "Namespace")["metadata"]["name"] == namespace
+    for o in objects:
+        if o["kind"] not in ("Namespace", "MutatingWebhookConfiguration"):
+            assert o["metadata"]["namespace"] == namespace, (o["kind"], o["metadata"]["name"])
+    # The API server calls the webhook's Service there and checks the certificate's names.
+    mwc = one(objects, "MutatingWebhookConfiguration")
+    (hook,) = mwc["webhooks"]
+    reference = hook["clientConfig"]["service"]
+    service = one(objects, "Service", reference["name"])
+    assert reference["namespace"] == service["metadata"]["namespace"] == namespace
+    certificate = one(objects, "Certificate", "detour-webhook")
+    assert certificate["spec"]["dnsNames"] == service_names(reference["name"], namespace)
+    annotation = mwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"]
+    assert annotation == f"{namespace}/{certificate['metadata']['name']}"
+    # The webhook skips its own namespace, and only because of what it is, not its old name.
+    own = one(objects, "Namespace")
+    assert not selects(hook["namespaceSelector"], namespace_labels(own))
+    assert selects(hook["namespaceSelector"], namespace_labels("detour"))
+    # The ServiceMonitors watch their own namespace; the webhook's serverName is a name its
+    # certificate has.
+    for monitor in (o for o in objects if o["kind"] == "ServiceMonitor"):
+        assert "namespaceSelector" not in monitor["spec"]
+        for endpoint in monitor["spec"]["endpoints"]:
+            if "tlsConfig" in endpoint:
+                assert endpoint["tlsConfig"]["serverName"] in certificate["spec"]["dnsNames"]
+    # The NetworkPolicies admit the proxies of this namespace, not of the old one, and
+    # Prometheus from its own.
+    proxy_policy = one(objects, "NetworkPolicy", "detour-proxy")
+    assert admits(proxy_policy, namespace, PROXY_LABELS, 7439)
+    assert not admits(proxy_policy, "detour", PROXY_LABELS, 7439)
+    hub_policy = one(objects, "NetworkPolicy", "detour-hub")
+    assert admits(hub_policy, namespace, PROXY_LABELS, 7439)
+    assert not admits(hub_policy, "detour", HUB_LABELS, 7439)
+    # The proxies and the hub find their peers there.
+    statefulset = one(objects, "StatefulSet")
+    assert peer_service(objects, statefulset, member=True) == "detour-hub"
+    assert (
+        cluster_env(statefulset)["DETOUR_CLUSTER__PEERS"] == f"dns:detour-hub.{namespace}.svc:7439"
+    )
+
+
+@pytest.mark.parametrize("where", ["an overlay", "the base"])
+def test_one_namespace_setting_moves_everything(tmp_path: Path, where: str) -> None:
+    """The namespace is set in one place, base/kustomization.yaml, and an overlay's namespace:
+    overrides it; either way no object or reference keeps the old one (every component
+    included, cert-manager's certificate names too)."""
+    if where == "an overlay":
+        objects = render(write_overlay(tmp_path / "edge", COMPONENTS, namespace="edge"))
+    else:
+        copy = tmp_path / "kubernetes"
+        shutil.copytree(KUBERNETES, copy)
+        base = copy / "base" / "kustomization.yaml"
+        text = base.read_text()
+        assert text.count("\nnamespace: detour\n") == 1
+        base.write_text(text.replace("\nnamespace: detour\n", "\nnamespace: edge\n"))
+        overlay = tmp_path / "overlay"
+        overlay.mkdir()
+        (overlay / "kustomization.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                    "kind": "Kustomization",
+                    "resources": ["../kubernetes/base"],
+                    "components": [f"../kubernetes/components/{c}" for c in COMPONENTS],
+                }
+            )
+        )
+        objects = render(overlay)
+    check_namespace(objects, "edge")
+
+
+def readme_overlay() -> str:
+    """The README's "An overlay of your own" kustomization, as written there."""
+    text = (KUBERNETES / "README.md").read_text()
+    (block,) = re.findall(r"```yaml\n(# my-cluster/kustomization\.yaml\n.*?)```", text, re.DOTALL)
+    return str(block)
+
+
+def test_the_readme_overlay_of_your_own(tmp_path: Path) -> None:
+    """Rendered as the README has it, with its paths pointed at this checkout: the image, the
+    namespace (everything follows), the ServiceMonitors' label for kube-prometheus-stack, and
+    Prometheus' namespace in the proxies' NetworkPolicy."""
+    overlay = tmp_path / "my-cluster"
+    overlay.mkdir()
+    vendored = os.path.relpath(KUBERNETES, overlay) + "/"
+    (overlay / "kustomization.yaml").write_text(
+        readme_overlay().replace("../detour/deploy/kubernetes/", vendored)
+    )
+    shutil.copy(KUBERNETES / "base" / "detour.yaml", overlay / "detour.yaml")
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    objects = render(overlay)
+
+    namespace = kustomization["namespace"]
+    assert namespace_leftovers(objects, "detour") == []
+    assert {o["metadata"].get("namespace", namespace) for o in objects} == {namespace}
+    mwc = one(objects, "MutatingWebhookConfiguration")
+    assert mwc["webhooks"][0]["clientConfig"]["service"]["namespace"] == namespace
+    certificate = one(objects, "Certificate", "detour-webhook")
+    assert certificate["spec"]["dnsNames"] == service_names("detour-webhook", namespace)
+
+    images = {c["image"] for o in objects if o["kind"] in WORKLOADS for c in pod_containers(o)}
+    assert images == {"registry.example.com/platform/detour:0.1.0"}
+
+    monitors = [o for o in objects if o["kind"] == "ServiceMonitor"]
+    assert len(monitors) == 2
+    for monitor in monitors:
+        labels = monitor["metadata"]["labels"]
+        assert labels["release"] == "prometheus"
+        assert labels["app.kubernetes.io/name"] == "detour"  # added to, not replaced
+
+    policy = one(objects, "NetworkPolicy", "detour-proxy")
+    prometheus = {"app.kubernetes.io/name": "prometheus"}
+    assert admits(policy, "observability", prometheus, 7439)
+    assert not admits(policy, "monitoring", prometheus, 7439)
+    assert admits(policy, namespace, PROXY_LABELS, 7439)
+
+
+def pod_containers(workload: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = workload["spec"]["template"]["spec"]
+    return [*spec.get("initContainers", []), *spec["containers"]]
 
 
 # -- The cluster tier ------------------------------------------------------------------------
