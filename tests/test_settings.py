@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.settings import ConfigError, load_settings
+from proxy.settings import ConfigError, load_settings, unknown_environment
 
 SCENARIO = """
 listen: 0.0.0.0:7439
@@ -49,21 +49,79 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 @pytest.mark.parametrize(
-    ("text", "named"),
+    ("text", "line", "named"),
     [
-        ("redirects:\n  - src: docker.io/\n", "redirects.0.to"),
-        ("redirects:\n  - src: nats\n    to: m.local/x\n", "redirects.0.src"),
-        ("redirects:\n  - src: docker.io\n    to: m.local/UPPER\n", "redirects.0.to"),
-        ("cache:\n  tag_ttl: forever\n", "cache.tag_ttl"),
-        ("cache:\n  dirr: /x\n", "cache.dirr"),
-        ("listen: 0.0.0.0:99999\n", "listen"),
-        ("registries:\n  ghcr.io: {username: u}\n", "registries.ghcr.io"),
-        ("log_level: loud\n", "log_level"),
+        ("redirects:\n  - src: docker.io/\n", 2, "redirects.0.to"),
+        ("redirects:\n  - src: nats\n    to: m.local/x\n", 2, "redirects.0.src"),
+        ("redirects:\n  - src: docker.io\n    to: m.local/UPPER\n", 3, "redirects.0.to"),
+        ("cache:\n  tag_ttl: forever\n", 2, "cache.tag_ttl"),
+        ("cache:\n  dirr: /x\n", 2, "cache.dirr"),
+        ("listen: 0.0.0.0:99999\n", 1, "listen"),
+        ("registries:\n  ghcr.io: {username: u}\n", 2, "registries.ghcr.io"),
+        ("log_level: loud\n", 1, "log_level"),
     ],
 )
-def test_bad_config_names_the_key(tmp_path: Path, text: str, named: str) -> None:
-    with pytest.raises(ConfigError, match=rf"(?m)^  {named}: "):
+def test_bad_config_names_the_file_line_and_key(
+    tmp_path: Path, text: str, line: int, named: str
+) -> None:
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}/detour.yaml:{line}: {named}: "):
         load_settings(write(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "cache:\n\tdir: /x\n",
+            "detour.yaml:2: found character '\\t' that cannot start any "
+            "token (YAML is indented with spaces, not tabs)",
+        ),
+        (
+            "- a\n- b\n",
+            "detour.yaml:1: expected settings (key: value) at the top level, not a list",
+        ),
+        ("cache:\n  dir: [x\n", "detour.yaml:3: expected ',' or ']', but got '<stream end>'"),
+        ("cache:\n  dri: /x\n", "detour.yaml:2: cache.dri: unknown setting; did you mean 'dir'?"),
+        (
+            "upstrem:\n  read_timeout: 5s\n",
+            "detour.yaml:1: upstrem: unknown setting; did you mean 'upstream'?",
+        ),
+    ],
+)
+def test_unreadable_config_is_one_line_with_its_line(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text))
+    assert str(caught.value) == f"{tmp_path}/{message}"
+
+
+def test_a_bad_environment_variable_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DETOUR_REDIRECTS", "[{")
+    with pytest.raises(ConfigError, match=r"^environment DETOUR_REDIRECTS: not valid JSON: "):
+        load_settings(write(tmp_path, SCENARIO))
+    monkeypatch.delenv("DETOUR_REDIRECTS")
+    monkeypatch.setenv("DETOUR_CACHE__TAG_TTL", "forever")
+    with pytest.raises(ConfigError, match=r"^environment DETOUR_CACHE__TAG_TTL: cache.tag_ttl: "):
+        load_settings(write(tmp_path, SCENARIO))
+
+
+def test_environment_variables_that_set_nothing_are_named_with_the_nearest() -> None:
+    environ = {
+        "DETOUR_CACHE_DIR": "/data",  # one underscore: ignored by pydantic, so said here
+        "DETOUR_LISTN": "0.0.0.0:7439",
+        "DETOUR_CACHE__DIR": "/data",
+        "DETOUR_REGISTRIES__GHCR.IO__INSECURE": "true",
+        "DETOUR_PEERS_SERVICE_HOST": "10.96.0.10",  # Kubernetes' service links: not ours
+        "DETOUR_PORT_7439_TCP_ADDR": "10.96.0.11",
+        "HOME": "/root",
+    }
+    assert unknown_environment(environ) == [
+        "environment DETOUR_CACHE_DIR sets no setting; did you mean DETOUR_CACHE__DIR?",
+        "environment DETOUR_LISTN sets no setting; did you mean DETOUR_LISTEN?",
+    ]
 
 
 def test_detour_serve_refuses_a_bad_config_at_start(tmp_path: Path) -> None:
