@@ -77,16 +77,20 @@ class AccessLog(AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time_: float) -> None:
         fields: dict[str, Any] = dict(request.get(LOG, {}))
-        if request.path in ("/healthz", "/readyz", "/metrics"):
-            return
         # Body bytes: streamed responses count their own (sendfile bypasses aiohttp's count);
         # for the rest, what the response declared.
         sent = fields.pop("bytes", None)
         if sent is None:
             sent = 0 if request.method == "HEAD" else response.content_length or 0
-        source = fields.get("source")
-        if source is not None and isinstance(request, web.Request):
-            request.app[METRICS].bytes_served.labels(source).inc(sent)
+        # The one place per-request metrics are recorded, for every request that reached the
+        # app (error_middleware gave it its LOG). One the HTTP parser refused (_ProtocolErrors)
+        # never did: it has no app, so no metrics to count it in.
+        if isinstance(request, web.Request) and LOG in request and "refused" not in fields:
+            request.app[METRICS].request_finished(
+                request.method, request.path, response.status, time_, fields.get("source"), sent
+            )
+        if request.path in ("/healthz", "/readyz", "/metrics"):
+            return
         # podman, docker and skopeo try TLS first on an insecure registry: routine, so debug.
         emit = log.debug if fields.get("refused") == TLS_ON_PLAIN_PORT else log.info
         emit(

@@ -1,4 +1,10 @@
-"""Prometheus metrics, on a registry of the app's own (so several apps can share a process)."""
+"""Prometheus metrics, on a registry of the app's own (so several apps can share a process).
+
+Names follow Prometheus' conventions: counters end in ``_total`` (prometheus_client adds it),
+byte quantities in ``_bytes``, durations in ``_seconds``. Every label has a bounded set of
+values, and the series of the known values of labelled counters exist from the start, at 0,
+so that ``increase()`` and ``rate()`` see the first event.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,58 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from proxy import __version__
+
 # Upstream latencies: from a few ms on a LAN mirror to the connect timeout.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Client requests: a cached manifest in a millisecond to a large blob streamed for minutes.
+_REQUEST_BUCKETS = (*_LATENCY_BUCKETS, 60.0, 120.0, 300.0, 600.0)
+
+# The label values each labelled counter is initialised with.
+CACHE_RESULTS = {
+    "blob": ("hit", "miss", "peer", "joined", "bypass"),
+    "manifest": ("hit", "miss", "peer", "joined", "revalidated", "stale", "bypass"),
+}
+CACHE_WRITE_FAILURES = ("disk_full", "read_only", "io_error", "too_large", "no_room")
+PEER_RESULTS = ("served", "failed", "skipped")
+ENDED_FETCHES = ("abandoned", "too_slow")
+SOURCES = ("cache", "upstream")
+DIGEST_KINDS = ("blob", "manifest")
+TOKEN_OUTCOMES = ("issued", "refused", "error")
+UPSTREAM_FAILURES = ("error", "timeout", "refused")  # the statuses that are not HTTP's
+OTHER = "other"
+
+# Client requests: the endpoint kind and the method, each from a fixed set.
+REQUEST_KINDS = (
+    "manifests",
+    "blobs",
+    "tags",
+    "referrers",
+    "api_root",
+    "metrics",
+    "health",
+    OTHER,
+)
+REQUEST_METHODS = ("GET", "HEAD", OTHER)
+
+
+def endpoint_kind(path: str) -> str:
+    """The kind of endpoint a request path names, one of :data:`REQUEST_KINDS`."""
+    if path in ("/v2", "/v2/"):
+        return "api_root"
+    if path.startswith("/v2/"):
+        parts = path[4:].split("/")
+        if len(parts) >= 3 and parts[0]:
+            if parts[-2] in ("manifests", "blobs", "referrers"):
+                return parts[-2]
+            if parts[-2:] == ["tags", "list"]:
+                return "tags"
+        return OTHER
+    if path == "/metrics":
+        return "metrics"
+    if path in ("/healthz", "/readyz"):
+        return "health"
+    return OTHER
 
 
 @dataclass
@@ -18,10 +74,29 @@ class Metrics:
     known_registries: frozenset[str] = frozenset()
 
     def registry_label(self, registry: str) -> str:
-        return registry if registry in self.known_registries else "other"
+        return registry if registry in self.known_registries else OTHER
 
     def __post_init__(self) -> None:
         r = self.registry
+        self.build_info = Gauge(
+            "detour_build_info",
+            "Always 1; the running Detour's version in its label.",
+            ["version"],
+            registry=r,
+        )
+        self.http_requests = Counter(
+            "detour_http_requests",
+            "Client requests answered, by method (GET, HEAD, other), endpoint kind and status.",
+            ["method", "kind", "status"],
+            registry=r,
+        )
+        self.http_duration = Histogram(
+            "detour_http_request_duration_seconds",
+            "Time from a client request's arrival to the end of its response.",
+            ["method", "kind"],
+            buckets=_REQUEST_BUCKETS,
+            registry=r,
+        )
         self.cache_requests = Counter(
             "detour_cache_requests",
             "Manifest and blob requests by cache result "
@@ -42,8 +117,8 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.bytes_served = Counter(
-            "detour_bytes_served",
+        self.served_bytes = Counter(
+            "detour_served_bytes",
             "Body bytes sent to clients, by source (cache, upstream).",
             ["source"],
             registry=r,
@@ -110,6 +185,41 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self._initialise()
+
+    def _initialise(self) -> None:
+        """Create every series whose label values are known in advance, at 0."""
+        self.build_info.labels(__version__).set(1)
+        for kind, results in CACHE_RESULTS.items():
+            for result in results:
+                self.cache_requests.labels(kind, result)
+        for reason in CACHE_WRITE_FAILURES:
+            self.cache_write_failures.labels(reason)
+        for result in PEER_RESULTS:
+            self.peer_requests.labels(result)
+        for reason in ENDED_FETCHES:
+            self.ended_fetches.labels(reason)
+        for source in SOURCES:
+            self.served_bytes.labels(source)
+        for registry in sorted(self.known_registries | {OTHER}):
+            for kind in DIGEST_KINDS:
+                self.verify_failures.labels(kind, registry)
+            for outcome in TOKEN_OUTCOMES:
+                self.token_requests.labels(registry, outcome)
+            for status in UPSTREAM_FAILURES:
+                self.upstream_requests.labels(registry, status)
+
+    def request_finished(
+        self, method: str, path: str, status: int, seconds: float, source: str | None, sent: int
+    ) -> None:
+        """Count a client request once its response is finished (see ``proxy.app.AccessLog``):
+        by method, endpoint kind and status, its duration, and its body bytes by source."""
+        method = method if method in ("GET", "HEAD") else OTHER
+        kind = endpoint_kind(path)
+        self.http_requests.labels(method, kind, str(status)).inc()
+        self.http_duration.labels(method, kind).observe(seconds)
+        if source is not None:
+            self.served_bytes.labels(source).inc(sent)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -1470,7 +1470,7 @@ def test_dashboard_uses_real_metrics_and_labels() -> None:
     # The panels the issue asks for are there.
     assert {
         "detour_cache_requests_total",
-        "detour_bytes_served_total",
+        "detour_served_bytes_total",
         "detour_upstream_requests_total",
         "detour_upstream_request_duration_seconds_bucket",
         "detour_webhook_images_rewritten_total",
