@@ -75,6 +75,10 @@ class AccessLog(AbstractAccessLogger):
     """One structlog line per request: name, reference, cache result, upstream, status, bytes,
     duration. Header values are never logged, so neither are credentials."""
 
+    # The app's metrics, for requests that never reach the app (the HTTP parser refused them);
+    # set by _serve on the class it gives the server.
+    metrics: Metrics | None = None
+
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time_: float) -> None:
         fields: dict[str, Any] = dict(request.get(LOG, {}))
         # Body bytes: streamed responses count their own (sendfile bypasses aiohttp's count);
@@ -82,11 +86,14 @@ class AccessLog(AbstractAccessLogger):
         sent = fields.pop("bytes", None)
         if sent is None:
             sent = 0 if request.method == "HEAD" else response.content_length or 0
-        # The one place per-request metrics are recorded, for every request that reached the
-        # app (error_middleware gave it its LOG). One the HTTP parser refused (_ProtocolErrors)
-        # never did: it has no app, so no metrics to count it in.
-        if isinstance(request, web.Request) and LOG in request and "refused" not in fields:
-            request.app[METRICS].request_finished(
+        # The one place per-request metrics are recorded: for every request, those the HTTP
+        # parser refused (_ProtocolErrors) included, which have no app but this class's.
+        reached_app = (
+            isinstance(request, web.Request) and LOG in request and "refused" not in fields
+        )
+        metrics = request.app[METRICS] if reached_app else self.metrics
+        if metrics is not None:
+            metrics.request_finished(
                 request.method, request.path, response.status, time_, fields.get("source"), sent
             )
         if request.path in ("/healthz", "/readyz", "/metrics"):
@@ -183,7 +190,10 @@ class _Server(web.Server):
 
 
 async def _serve(app: web.Application, host: str, port: int) -> None:
-    runner = web.AppRunner(app, access_log_class=AccessLog, handle_signals=True)
+    class ServerAccessLog(AccessLog):
+        metrics = app[METRICS]
+
+    runner = web.AppRunner(app, access_log_class=ServerAccessLog, handle_signals=True)
     await runner.setup()
     assert runner.server is not None
     runner.server.__class__ = _Server  # aiohttp offers no hook for parser errors

@@ -187,6 +187,26 @@ async def test_every_request_is_counted_by_method_kind_and_status(
     assert set(served) == {(("source", "cache"),), (("source", "upstream"),)}
 
 
+async def test_requests_the_http_parser_refuses_are_counted_too(
+    detour_process: MakeProxy, registry: Registry, tmp_path: Path
+) -> None:
+    proxy = await detour_process(scenario(registry, tmp_path / "cache"))
+    host, port = proxy.host.split(":")
+    for garbage in (b"\x01\x02 nonsense\r\n\r\n", b"GET / HTTP/1.1\r\n" + b"X: " + b"a" * 9000):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(garbage + b"\r\n\r\n")
+        await reader.read()  # the 400, then the proxy closes
+        writer.close()
+    for _ in range(50):  # the access log runs once the answer is out
+        refused = await proxy.metric(
+            "detour_http_requests_total", method="other", kind="other", status="400"
+        )
+        if refused == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert refused == 2
+
+
 @pytest.mark.parametrize(
     ("path", "kind"),
     [
