@@ -24,14 +24,14 @@ import enum
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Callable
+import zlib
+from array import array
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
-from aiohttp.web_request import BaseRequest
 
 from proxy.cache import BlobWriter, CacheStore, cache_write_failed
 from proxy.errors import (
@@ -672,51 +672,249 @@ class BlobFetch:
         # Headers went out in prepare(); the body goes file → socket in the kernel.
         try:
             await asyncio.get_running_loop().sendfile(transport, source, offset, limit - offset)
-        except (ConnectionError, RuntimeError) as exc:
-            # The client hung up: a reset mid-send, or (asyncio's RuntimeError) a transport
-            # already closing. loop.sendfile leaves the file position after the last byte it
-            # sent, even when it fails (and where the previous call left it, if it sent none).
-            if isinstance(exc, RuntimeError) and not transport.is_closing():
-                raise
+        except ConnectionError:
+            # loop.sendfile leaves the file position after the last byte it sent, even when
+            # it fails (and where the previous call left it, if it sent none).
             fields["bytes"] = max(offset, source.tell())
-            raise ConnectionResetError("client went away") from exc
+            raise
         fields["bytes"] = limit
 
 
-class _PinnedFile(web.FileResponse):
-    """A cached blob sent with sendfile (and Range), unpinned once it has been sent."""
+# ----------------------------------------------------------------------------- hits
+#
+# A hit is verified as it is sent. Once a fetch has put a blob in the cache (its bytes hashed
+# as they were written, and the digest matched), the file is read back in the background and
+# a CRC-32 of each of its HIT_CHUNK_BYTES chunks kept in memory (:class:`_Checksums`). A hit
+# checks each chunk against its CRC in a worker thread before sendfile sends it, the next chunk
+# checked while this one goes out: a file that changed (bit rot, a failing disk, a stray
+# writer, a truncation) is caught before a wrong byte leaves; the response is aborted with only
+# right bytes sent (a client that resumes it with a Range gets the rest from a fresh copy), and
+# the entry is dropped. A blob without checksums (the first hit after a restart) is hashed
+# (sha256) as it is sent, its last byte held back until the digest matches, as on a miss; that
+# pass takes its checksums for the next hits.
 
-    def __init__(self, path: Path, store: CacheStore, *, headers: dict[str, str]) -> None:
-        super().__init__(path, headers=headers)
-        self._pinned: Path | None = path
-        self._store = store
+HIT_CHUNK_BYTES = 32 << 20  # sent with one sendfile, and checked, at a time
+HASH_READ_BYTES = 1 << 20  # one read of the checking thread
+# Without checksums, a blob this small (configs, small layers) is hashed before its headers go
+# out, so a bad copy is a miss the client never notices.
+VERIFY_FIRST_BYTES = 8 << 20
+CHECKSUMS_KEPT = 65536  # blobs whose chunk checksums are kept (the oldest go first)
+CORRUPT = "cached blob corrupt"  # the access log's ``aborted`` when a hit fails its check
+CACHE_LABEL = "cache"  # detour_digest_mismatches_total's registry for the cache's own files
+_UNREADABLE = -1
 
-    async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
+
+@dataclass(frozen=True, slots=True)
+class _Checksums:
+    """CRC-32 of each chunk of a cached file, taken from bytes known to be right: read back
+    just after the fetch that verified them wrote them, or in a pass whose sha256 matched."""
+
+    identity: tuple[int, int]  # (st_dev, st_ino): a file fetched again is another file
+    size: int
+    crcs: array[int]
+
+
+class _Corrupt(Exception):
+    """A cached blob that does not match its digest, its checksums or its size."""
+
+
+class _CachedFile:
+    """A cached blob opened for one response (:class:`Blobs` pins its entry meanwhile).
+
+    The file stays open, so what is checked and what is sent are one file even if the entry is
+    evicted or replaced meanwhile. ``size`` is the size at open: the response promises that,
+    and a file that shrinks under it fails. Reads for checking use ``pread`` in a worker
+    thread (the file position is sendfile's), one job at a time; :meth:`close` waits for it.
+    """
+
+    def __init__(self, path: Path, digest: Digest, known: _Checksums | None) -> None:
+        self.path = path
+        self.digest = digest
+        self.file: IO[bytes] = open(path, "rb", buffering=0)  # noqa: SIM115 (see close)
+        stat = os.fstat(self.file.fileno())
+        self.identity = (stat.st_dev, stat.st_ino)
+        self.size = stat.st_size
+        # Checksums taken from this very file (another one, fetched again since, is hashed
+        # whole); at another size than then, it changed: cut short, or written to.
+        same_file = known is not None and known.identity == self.identity
+        self.checksums = known if same_file else None
+        self.verified = False  # the whole file hashed, and it matched
+        self.hashed = 0
+        self.last = b""  # the final byte, as it was hashed: sent from here
+        self._hasher = digest.hasher()
+        self._crcs: array[int] = array("I")
+        self._buffer = bytearray(min(HASH_READ_BYTES, max(1, self.size)))
+        self._job: asyncio.Future[int] | None = None
+
+    # Blocking, in a worker thread. Errors are return values: a job nobody awaits any more
+    # (its response was aborted) must not leave an exception behind.
+
+    def _read(self, offset: int, count: int, digest: bool) -> tuple[int, int]:
+        """CRC-32 of ``count`` bytes from ``offset`` and how many there were (fewer: the file
+        ended); with ``digest``, they go into the sha256 too."""
+        fd, view = self.file.fileno(), memoryview(self._buffer)
+        done = crc = 0
+        while done < count:
+            n = os.preadv(fd, [view[: min(len(view), count - done)]], offset + done)
+            if n == 0:
+                break
+            if digest:
+                self._hasher.update(view[:n])
+            crc = zlib.crc32(view[:n], crc)
+            done += n
+            if offset + done == self.size:
+                self.last = bytes(view[n - 1 : n])
+        return done, crc
+
+    def _hash_job(self, count: int) -> int:
         try:
-            return await super().prepare(request)
-        finally:
-            self._unpin()
+            done, crc = self._read(self.hashed, count, digest=True)
+        except OSError:
+            return _UNREADABLE
+        if done == count:
+            self._crcs.append(crc)
+        return done
 
-    async def _sendfile(
-        self, request: BaseRequest, fobj: IO[Any], offset: int, count: int
-    ) -> AbstractStreamWriter:
+    def _crc_job(self, index: int) -> int:
+        offset = index * HIT_CHUNK_BYTES
+        count = min(HIT_CHUNK_BYTES, self.size - offset)
         try:
-            return await super()._sendfile(request, fobj, offset, count)
-        except ConnectionError:
-            # The client hung up. loop.sendfile leaves the file position after the last byte
-            # it sent, even when it fails.
-            fields = request.get(LOG)
-            if fields is not None:
-                fields.update(aborted=CLIENT_DISCONNECTED, bytes=max(0, fobj.tell() - offset))
-            raise
+            done, crc = self._read(offset, count, digest=False)
+        except OSError:
+            return _UNREADABLE
+        self._crcs.append(crc)
+        return int(done == count)
 
-    def _unpin(self) -> None:
-        if self._pinned is not None:
-            self._store.unpin(self._pinned)
-            self._pinned = None
+    def _check_job(self, index: int) -> int:
+        assert self.checksums is not None
+        if index >= len(self.checksums.crcs):
+            return 0
+        offset = index * HIT_CHUNK_BYTES
+        count = min(HIT_CHUNK_BYTES, self.size - offset)
+        try:
+            done, crc = self._read(offset, count, digest=False)
+        except OSError:
+            return _UNREADABLE
+        return int(done == count and crc == self.checksums.crcs[index])
 
-    def __del__(self) -> None:  # never prepared (the client left first): still unpin
-        self._unpin()
+    def _submit(self, job: Callable[[int], int], arg: int) -> asyncio.Future[int]:
+        # Submitted now, not when the loop next runs a task: a sendfile can keep the loop
+        # busy for a whole chunk, and the job is meant to run alongside it.
+        assert self._job is None or self._job.done()
+        self._job = asyncio.get_running_loop().run_in_executor(None, job, arg)
+        return self._job
+
+    # On the event loop.
+
+    def hash_next(self, count: int) -> Awaitable[None]:
+        """Start hashing the next ``count`` bytes (a chunk, or the rest) now; the awaitable
+        raises :class:`_Corrupt` if the file is short of them or, at its end, wrong."""
+        return self._hashed(self._submit(self._hash_job, count), count)
+
+    async def _hashed(self, job: asyncio.Future[int], count: int) -> None:
+        done = await job
+        if done == _UNREADABLE:
+            raise _Corrupt("unreadable")
+        self.hashed += done
+        if done < count:
+            raise _Corrupt(f"the file shrank to {self.hashed} bytes from {self.size}")
+        if self.hashed == self.size:
+            if self._hasher.hexdigest() != self.digest.hex:
+                raise _Corrupt("does not match its digest")
+            self.verified = True
+            self.checksums = _Checksums(self.identity, self.size, self._crcs)
+
+    async def verify(self) -> None:
+        """Hash the whole file, a chunk per job (a big file does not hold a worker thread
+        that fetches need); raise :class:`_Corrupt` if it is wrong."""
+        if self.size == 0:
+            await self.hash_next(0)
+        while not self.verified:
+            await self.hash_next(min(HIT_CHUNK_BYTES, self.size - self.hashed))
+
+    async def take_checksums(self) -> None:
+        """Take the checksums of a file just verified by the fetch that wrote it, a chunk per
+        job; raise :class:`_Corrupt` if it is short of its size, or unreadable."""
+        for index in range((self.size + HIT_CHUNK_BYTES - 1) // HIT_CHUNK_BYTES):
+            if await self._submit(self._crc_job, index) != 1:
+                raise _Corrupt("unreadable, or short of its size, once in the cache")
+        self.checksums = _Checksums(self.identity, self.size, self._crcs)
+
+    def check(self, index: int) -> Awaitable[None]:
+        """Start checking chunk ``index`` against its checksum now; the awaitable raises
+        :class:`_Corrupt` if it does not match."""
+        return self._checked(self._submit(self._check_job, index), index)
+
+    async def _checked(self, job: asyncio.Future[int], index: int) -> None:
+        result = await job
+        if result != 1:
+            where = f"chunk {index} (from byte {index * HIT_CHUNK_BYTES})"
+            reason = "unreadable" if result == _UNREADABLE else "does not match its checksum"
+            raise _Corrupt(f"{where} {reason}")
+
+    def close(self) -> None:
+        """Close the file, once the job reading it (if any) is done."""
+        if self._job is not None and not self._job.done():
+            self._job.add_done_callback(lambda _: self.file.close())
+        else:
+            self.file.close()
+
+    def still_in_place(self) -> bool:
+        """Whether the cache's file at ``path`` is still the one this opened."""
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return False
+        return (stat.st_dev, stat.st_ino) == self.identity
+
+
+def _byte_range(request: web.Request, size: int) -> tuple[int, int] | None:
+    """The bytes ``[start, end)`` a ``Range`` header asks for, or None if they can't be had
+    (416). One range, parsed by aiohttp as for its file responses. ``If-Range`` needs no
+    check: a blob is named by its digest, so every validator a client holds is still true."""
+    try:
+        asked = request.http_range
+    except ValueError:
+        return None
+    start, stop = asked.start, asked.stop
+    if start is None:
+        return 0, size
+    if start < 0:  # bytes=-N: the last N
+        start, stop = max(0, size + start), size
+    elif stop is None or stop > size:
+        stop = size
+    if start >= size:
+        return None
+    return start, stop
+
+
+async def _sendfile(
+    request: web.Request, cached: _CachedFile, end: int, fields: dict[str, Any], first: int = 0
+) -> None:
+    """Send the file from ``first + fields["bytes"]`` up to ``end``, counting them in
+    ``fields["bytes"]``, file → socket in the kernel."""
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("client went away")
+    offset = first + fields["bytes"]
+    try:
+        sent = await asyncio.get_running_loop().sendfile(
+            transport, cached.file, offset, end - offset
+        )
+    except ConnectionError:
+        # loop.sendfile leaves the file position after the last byte it sent, even when it
+        # fails (and where the previous call left it, if it sent none).
+        fields["bytes"] = max(offset, cached.file.tell()) - first
+        raise
+    fields["bytes"] = offset + sent - first
+    if sent < end - offset:
+        raise _Corrupt(f"the file shrank to {offset + sent} bytes from {cached.size}")
+
+
+def _first_byte(request: web.Request, size: int) -> int:
+    """Where the response starts: 0, or the start of the Range asked for."""
+    wanted = _byte_range(request, size) if request.headers.get("Range") else None
+    return 0 if wanted is None else wanted[0]
 
 
 class Blobs:
@@ -737,6 +935,9 @@ class Blobs:
         self._slots = slots
         self._inflight: dict[Digest, BlobFetch] = {}
         self._tasks: dict[asyncio.Task[None], BlobFetch] = {}
+        self._checksums: dict[Path, _Checksums] = {}  # oldest first
+        self._checking: dict[Path, asyncio.Task[None]] = {}  # just cached, being hashed
+        self._stuck: set[tuple[int, int]] = set()  # corrupt files the disk kept
 
     async def close(self) -> None:
         """Stop fetching; fetches already verified may finish putting their blob in the cache."""
@@ -748,6 +949,10 @@ class Blobs:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        for check in list(self._checking.values()):
+            check.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await check
 
     def _count(self, request: web.Request, result: str) -> None:
         request[LOG]["cache"] = result
@@ -761,19 +966,17 @@ class Blobs:
         client_auth: str | None,
     ) -> web.StreamResponse:
         path = self._store.blob_path(digest)
-        if path.is_file():
-            self._count(request, "hit")
-            request[LOG]["source"] = "cache"
-            return self._from_disk(path, digest)
+        cached = await self._open_cached(request, path, digest)
+        if cached is not None:
+            return await self._from_disk(request, cached)
         shared = client_auth is None  # a client's own credentials fetch for it alone
         fetch = self._inflight.get(digest) if shared else None
         if fetch is not None and fetch.state is _State.VERIFIED:
             # Verified, being made durable: in the cache in a moment.
             await fetch.finished()
-            if fetch.committed:
-                self._count(request, "hit")
-                request[LOG]["source"] = "cache"
-                return self._from_disk(path, digest)
+            cached = await self._open_cached(request, path, digest) if fetch.committed else None
+            if cached is not None:
+                return await self._from_disk(request, cached)
             fetch = None
         if fetch is None or fetch.spilled:
             fetch = self._start(route, digest, client_auth, shared=shared)
@@ -791,19 +994,210 @@ class Blobs:
             finally:
                 fetch.waiting -= 1
             request[LOG].update(upstream=fetch.source, source="cache")
-            if fetch.committed:
-                return self._from_disk(path, digest)
-            # Verified but not kept (the disk is full): the whole blob, as a 200, is a valid
-            # answer to a Range request.
+            cached = await self._open_cached(request, path, digest) if fetch.committed else None
+            if cached is not None:
+                return await self._send_cached(request, cached)
+            # Verified but not kept (the disk is full), or gone since: the whole blob, as a
+            # 200, is a valid answer to a Range request.
             fetch = self._start(route, digest, client_auth, shared=False)
         response = await fetch.serve(request, fetch.join(request))
         request[LOG].update(upstream=fetch.source, source="upstream")
         return response
 
-    def _from_disk(self, path: Path, digest: Digest) -> web.FileResponse:
-        self._store.touch(path)
+    async def _open_cached(
+        self, request: web.Request, path: Path, digest: Digest
+    ) -> _CachedFile | None:
+        """The cached blob, opened and pinned for a response, with its first chunk checked
+        (or, without checksums, the whole file hashed if it is small or a Range is asked
+        for). None if it is not there (never cached, or evicted or dropped since) or failed
+        that check: the caller fetches it as on a miss, and the client never knows."""
+        checking = self._checking.get(path)
+        if checking is not None:  # just fetched, being hashed: its checksums are on the way
+            await asyncio.wait({checking})
+        try:
+            cached = _CachedFile(path, digest, self._checksums.get(path))
+        except FileNotFoundError:
+            return None
+        if cached.identity in self._stuck:
+            cached.close()
+            return None
         self._store.pin(path)
-        return _PinnedFile(path, self._store, headers=blob_headers(digest, None))
+        try:
+            await self._check_first(request, cached)
+        except _Corrupt as exc:
+            self._corrupt(cached, exc)
+            self._release(cached)
+            return None
+        except BaseException:
+            self._release(cached)
+            raise
+        self._store.touch(path)
+        return cached
+
+    async def _check_first(self, request: web.Request, cached: _CachedFile) -> None:
+        """What is checked before the headers go out; raise :class:`_Corrupt` if it fails."""
+        known = cached.checksums
+        if known is not None:
+            if known.size != cached.size:
+                raise _Corrupt(f"its size changed from {known.size} to {cached.size}")
+            if cached.size:
+                await cached.check(_first_byte(request, cached.size) // HIT_CHUNK_BYTES)
+        elif request.headers.get("Range") or cached.size <= VERIFY_FIRST_BYTES:
+            # A 206 can't be verified as it is sent: the whole file is hashed first.
+            await cached.verify()
+            self._remember(cached)
+
+    async def _from_disk(self, request: web.Request, cached: _CachedFile) -> web.StreamResponse:
+        self._count(request, "hit")
+        request[LOG]["source"] = "cache"
+        return await self._send_cached(request, cached)
+
+    async def _send_cached(self, request: web.Request, cached: _CachedFile) -> web.StreamResponse:
+        """Send a cached blob (whole, or the Range asked for), then close and unpin it.
+
+        On a check that fails after the headers went out, the connection is aborted (no
+        client takes what it got for a whole blob) and the entry dropped, so the next request
+        fetches it again.
+        """
+        fields = request[LOG]
+        try:
+            headers = blob_headers(cached.digest, cached.size)
+            headers["Accept-Ranges"] = "bytes"
+            status, first, end = 200, 0, cached.size
+            if request.headers.get("Range"):
+                wanted = _byte_range(request, cached.size)
+                if wanted is None:
+                    return web.Response(
+                        status=416, headers={"Content-Range": f"bytes */{cached.size}"}
+                    )
+                (first, end), status = wanted, 206
+                headers["Content-Length"] = str(end - first)
+                headers["Content-Range"] = f"bytes {first}-{end - 1}/{cached.size}"
+            response = web.StreamResponse(status=status, headers=headers)
+            await response.prepare(request)
+            fields["bytes"] = 0  # kept current as bytes go out, for the access log
+            try:
+                if cached.checksums is not None and not cached.verified:
+                    await self._send_checked(request, cached, first, end, fields)
+                elif not cached.verified:
+                    await self._send_hashing(request, response, cached, fields)
+                    self._remember(cached)
+                elif end > first:
+                    await _sendfile(request, cached, end, fields, first)
+            except _Corrupt as exc:
+                # Bytes already went out under a 200: abort, so the client can't take them
+                # as whole.
+                fields["aborted"] = CORRUPT
+                if request.transport is not None:
+                    request.transport.abort()
+                self._corrupt(cached, exc)
+                return response
+            except ConnectionError:
+                # The client hung up (kubelet cancels pulls routinely). It got a 200 and
+                # fields["bytes"].
+                fields["aborted"] = CLIENT_DISCONNECTED
+                response.force_close()
+                return response
+            except asyncio.CancelledError:
+                fields["aborted"] = "cancelled"
+                raise
+            await response.write_eof()
+            return response
+        finally:
+            self._release(cached)
+
+    @staticmethod
+    async def _send_checked(
+        request: web.Request, cached: _CachedFile, first: int, end: int, fields: dict[str, Any]
+    ) -> None:
+        """Bytes ``[first, end)``, each chunk sent once it matched its checksum (the first
+        was checked before the headers), the next checked while this one goes out."""
+        index = first // HIT_CHUNK_BYTES
+        while first + fields["bytes"] < end:
+            stop = min(end, (index + 1) * HIT_CHUNK_BYTES)
+            checking = cached.check(index + 1) if stop < end else None
+            try:
+                await _sendfile(request, cached, stop, fields, first)
+            finally:
+                if checking is not None:
+                    await checking  # raises if the next chunk is wrong: it is not sent
+            index += 1
+
+    @staticmethod
+    async def _send_hashing(
+        request: web.Request,
+        response: web.StreamResponse,
+        cached: _CachedFile,
+        fields: dict[str, Any],
+    ) -> None:
+        """Without checksums: all but the last byte with sendfile while a worker thread hashes
+        the same chunk; the last byte, as it was hashed, once the digest matches."""
+        held = cached.size - 1
+        while not cached.verified:
+            count = min(HIT_CHUNK_BYTES, cached.size - cached.hashed)
+            end = min(cached.hashed + count, held)
+            hashing = cached.hash_next(count)
+            try:
+                if end > fields["bytes"]:
+                    await _sendfile(request, cached, end, fields)
+            finally:
+                await hashing
+        await response.write(cached.last)
+        fields["bytes"] = cached.size
+
+    def _release(self, cached: _CachedFile) -> None:
+        cached.close()
+        self._store.unpin(cached.path)
+
+    def _remember(self, cached: _CachedFile) -> None:
+        """Keep the checksums a whole verified pass over the file took, for its next hits."""
+        if cached.checksums is None:
+            return
+        self._checksums.pop(cached.path, None)
+        self._checksums[cached.path] = cached.checksums
+        if len(self._checksums) > CHECKSUMS_KEPT:
+            del self._checksums[next(iter(self._checksums))]
+
+    def _check_committed(self, digest: Digest) -> None:
+        """A blob a fetch just verified and moved into the cache: take the checksums its hits
+        are checked against, in the background, from the file as it was written."""
+        path = self._store.blob_path(digest)
+        if path in self._checking:
+            return
+        task = asyncio.get_running_loop().create_task(self._check_file(path, digest))
+        self._checking[path] = task
+        task.add_done_callback(lambda _: self._checking.pop(path, None))
+
+    async def _check_file(self, path: Path, digest: Digest) -> None:
+        try:
+            cached = _CachedFile(path, digest, None)
+        except OSError:
+            return  # evicted already, or unreadable: its first hit will see
+        try:
+            await cached.take_checksums()
+        except _Corrupt as exc:
+            self._corrupt(cached, exc)
+        else:
+            self._remember(cached)
+        finally:
+            cached.close()
+
+    def _corrupt(self, cached: _CachedFile, exc: _Corrupt) -> None:
+        """A cached blob that is not what its name says (bit rot, a failing disk, a stray
+        writer): counted, logged, and dropped, so the next request fetches it again. One the
+        disk won't let go of (read-only) is passed over from then on: a miss every time."""
+        # Counted with the upstreams' mismatches, under the registry label "cache".
+        self._metrics.verify_failures.labels("blob", CACHE_LABEL).inc()
+        self._checksums.pop(cached.path, None)
+        if cached.still_in_place() and not self._store.drop(cached.path):
+            self._stuck.add(cached.identity)
+        log.error(
+            "cached_blob_corrupt",
+            digest=str(cached.digest),
+            reason=str(exc),
+            size=cached.size,
+            action="dropped; fetched again on the next request",
+        )
 
     async def _head_while_fetching(
         self, request: web.Request, fetch: BlobFetch
@@ -834,6 +1228,8 @@ class Blobs:
         def done(_: asyncio.Task[None]) -> None:
             self._tasks.pop(task, None)
             self._forget(fetch)
+            if fetch.committed:
+                self._check_committed(fetch.digest)
 
         task.add_done_callback(done)
         return fetch

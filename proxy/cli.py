@@ -95,6 +95,33 @@ def _warm(args: argparse.Namespace) -> int:
     )
 
 
+def _cache_verify(args: argparse.Namespace) -> int:
+    from proxy.cache import verify_cache
+
+    root: Path = args.dir
+    if not ((root / "blobs").is_dir() or (root / "manifests").is_dir()):
+        print(f"detour: {root} is not a cache directory (no blobs/ or manifests/)", file=sys.stderr)
+        return 2
+    check = verify_cache(root, threads=args.threads)
+    for entry in check.bad:
+        action = "dropped" if entry.deleted else "bad"
+        print(f"{action} {entry.path.relative_to(root)}: {entry.reason}")
+    summary = f"checked {check.blobs} blobs, {check.manifests} manifests; dropped {check.dropped}"
+    if len(check.bad) > check.dropped:
+        summary += f"; could not delete {len(check.bad) - check.dropped}"
+    if check.leftovers:
+        summary += f"; removed {len(check.leftovers)} leftover temp files"
+    print(summary)
+    return 1 if check.bad else 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="detour",
@@ -178,6 +205,26 @@ def build_parser() -> argparse.ArgumentParser:
         "image", nargs="+", metavar="IMAGE", help="image references, e.g. nats:2.10.26-alpine"
     )
     warm.set_defaults(func=_warm)
+    cache = commands.add_parser(
+        "cache", help="Look after a cache directory.", description="Look after a cache directory."
+    )
+    cache_commands = cache.add_subparsers(dest="cache_command", required=True, metavar="COMMAND")
+    verify = cache_commands.add_parser(
+        "verify",
+        help="Check every blob and manifest against its digest; delete what is wrong.",
+        description="Hash every blob and manifest under DIR (cache.dir) against the digest it "
+        "is named for, delete each that does not match, and temp files left by an interrupted "
+        "run. Safe while the proxy runs: what it deletes is a miss there, fetched again. "
+        "Exit 0 if all was good, 1 if anything was dropped, 2 for a bad argument.",
+    )
+    verify.add_argument("dir", type=Path, metavar="DIR", help="the cache directory (cache.dir)")
+    verify.add_argument(
+        "--threads",
+        type=_positive,
+        default=4,
+        help="files hashed at once (default: %(default)s)",
+    )
+    verify.set_defaults(func=_cache_verify)
     return parser
 
 
