@@ -88,10 +88,9 @@ class AccessLog(AbstractAccessLogger):
             sent = 0 if request.method == "HEAD" else response.content_length or 0
         # The one place per-request metrics are recorded: for every request, those the HTTP
         # parser refused (_ProtocolErrors) included, which have no app but this class's.
-        reached_app = (
-            isinstance(request, web.Request) and LOG in request and "refused" not in fields
-        )
-        metrics = request.app[METRICS] if reached_app else self.metrics
+        metrics = self.metrics
+        if isinstance(request, web.Request) and LOG in request and "refused" not in fields:
+            metrics = request.app[METRICS]  # it reached the app: error_middleware gave it LOG
         if metrics is not None:
             metrics.request_finished(
                 request.method, request.path, response.status, time_, fields.get("source"), sent
