@@ -43,7 +43,7 @@ from proxy.errors import (
     UpstreamUnreachable,
 )
 from proxy.logs import CLIENT_DISCONNECTED, LOG, get_logger
-from proxy.metrics import Metrics
+from proxy.metrics import CACHE, Metrics
 from proxy.reference import Digest
 from proxy.rules import Route
 from proxy.settings import Settings
@@ -700,7 +700,6 @@ HASH_READ_BYTES = 1 << 20  # one read of the checking thread
 VERIFY_FIRST_BYTES = 8 << 20
 CHECKSUMS_KEPT = 65536  # blobs whose chunk checksums are kept (the oldest go first)
 CORRUPT = "cached blob corrupt"  # the access log's ``aborted`` when a hit fails its check
-CACHE_LABEL = "cache"  # detour_digest_mismatches_total's registry for the cache's own files
 _UNREADABLE = -1
 
 
@@ -1187,7 +1186,7 @@ class Blobs:
         writer): counted, logged, and dropped, so the next request fetches it again. One the
         disk won't let go of (read-only) is passed over from then on: a miss every time."""
         # Counted with the upstreams' mismatches, under the registry label "cache".
-        self._metrics.verify_failures.labels("blob", CACHE_LABEL).inc()
+        self._metrics.verify_failures.labels("blob", CACHE).inc()
         self._checksums.pop(cached.path, None)
         if cached.still_in_place() and not self._store.drop(cached.path):
             self._stuck.add(cached.identity)

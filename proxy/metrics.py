@@ -32,6 +32,7 @@ DIGEST_KINDS = ("blob", "manifest")
 TOKEN_OUTCOMES = ("issued", "refused", "error")
 UPSTREAM_FAILURES = ("error", "timeout", "refused")  # the statuses that are not HTTP's
 OTHER = "other"
+CACHE = "cache"  # the registry label of a cache file that failed its check
 
 # Client requests: the endpoint kind and the method, each from a fixed set.
 REQUEST_KINDS = (
@@ -201,6 +202,7 @@ class Metrics:
             self.ended_fetches.labels(reason)
         for source in SOURCES:
             self.served_bytes.labels(source)
+        self.verify_failures.labels("blob", CACHE)  # the cache's own files (proxy.blobs)
         for registry in sorted(self.known_registries | {OTHER}):
             for kind in DIGEST_KINDS:
                 self.verify_failures.labels(kind, registry)

@@ -63,7 +63,8 @@ def per_registry(registries: set[str]) -> dict[str, set[Labels]]:
     return {
         "detour_digest_mismatches_total": {
             (("kind", k), ("registry", r)) for k in DIGEST_KINDS for r in registries
-        },
+        }
+        | {(("kind", "blob"), ("registry", "cache"))},  # the cache's own files
         "detour_token_requests_total": {
             (("outcome", o), ("registry", r)) for o in TOKEN_OUTCOMES for r in registries
         },
