@@ -8,6 +8,7 @@ import ipaddress
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -70,18 +71,8 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     metrics.cache_max_size.set(settings.cache.max_size or 0)
     credentials = CredentialStore(settings.registries, settings.docker_config)
     egress = EgressPolicy.from_settings(settings)
-    session = aiohttp.ClientSession(
-        timeout=client_timeout(settings.upstream.connect_timeout, settings.upstream.read_timeout),
-        auto_decompress=False,
-        read_bufsize=READ_BUFFER_BYTES,
-        # Every address connected to passes the egress policy (see proxy.egress).
-        connector=aiohttp.TCPConnector(
-            limit=settings.upstream.max_connections,
-            limit_per_host=settings.upstream.max_connections_per_host,
-            ttl_dns_cache=300,
-            resolver=GuardedResolver(egress),
-        ),
-    )
+    # Every address connected to passes the egress policy (see proxy.egress).
+    session = _session(settings, ttl_dns_cache=300, resolver=GuardedResolver(egress))
     peering = Peering(settings.cluster, metrics, egress)
     peer_session = _peer_session(settings) if peering.enabled else None
     upstream = UpstreamClient(
@@ -109,6 +100,21 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
             await peer_session.close()
 
 
+def _session(settings: Settings, **connector: Any) -> aiohttp.ClientSession:
+    """A client session with the upstream settings' timeouts and connection limits."""
+    upstream = settings.upstream
+    return aiohttp.ClientSession(
+        timeout=client_timeout(upstream.connect_timeout, upstream.read_timeout),
+        auto_decompress=False,
+        read_bufsize=READ_BUFFER_BYTES,
+        connector=aiohttp.TCPConnector(
+            limit=upstream.max_connections,
+            limit_per_host=upstream.max_connections_per_host,
+            **connector,
+        ),
+    )
+
+
 def _peer_session(settings: Settings) -> aiohttp.ClientSession:
     """The connections to the site's other Detours: from the advertised address when it is an
     IP address, which is how they know a peer (on a node it is the pod's address anyway)."""
@@ -117,13 +123,4 @@ def _peer_session(settings: Settings) -> aiohttp.ClientSession:
         host = settings.cluster.advertise.rpartition(":")[0].strip("[]")
         with contextlib.suppress(ValueError):
             local = (str(ipaddress.ip_address(host)), 0)
-    return aiohttp.ClientSession(
-        timeout=client_timeout(settings.upstream.connect_timeout, settings.upstream.read_timeout),
-        auto_decompress=False,
-        read_bufsize=READ_BUFFER_BYTES,
-        connector=aiohttp.TCPConnector(
-            limit=settings.upstream.max_connections,
-            limit_per_host=settings.upstream.max_connections_per_host,
-            local_addr=local,
-        ),
-    )
+    return _session(settings, local_addr=local)

@@ -11,7 +11,9 @@ All fixtures are plain (sync) fixtures and work from ``async def`` tests under p
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -139,6 +141,28 @@ def make_registry() -> Iterator[Callable[..., Registry]]:
     yield make
     for registry in made:
         registry.close()
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """A factory of real file systems of a bounded size for the cache (``tmpfs("8m")``), each
+    unmounted after the test. Mounting needs root: the test is skipped without it."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounts: list[Path] = []
+
+    def make(size: str) -> Path:
+        mount = tmp_path / f"tmpfs-{len(mounts)}"
+        mount.mkdir()
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], check=True
+        )
+        mounts.append(mount)
+        return mount
+
+    yield make
+    for mount in mounts:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 @pytest.fixture

@@ -13,8 +13,7 @@ import hashlib
 import os
 import shutil
 import socket
-import subprocess
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +37,9 @@ def digest_of(index: int) -> str:
 
 
 @pytest.fixture
-def cache_disk(tmp_path: Path) -> Iterator[Path]:
+def cache_disk(tmpfs: Callable[[str], Path]) -> Path:
     """A real 64 MiB file system (tmpfs) for the cache."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], check=True)
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    return tmpfs("64m")
 
 
 class Hostile:
@@ -203,15 +196,9 @@ async def test_150_distinct_cold_blobs_at_once_fit_in_bounded_memory(
 
 
 @pytest.fixture
-def full_disk(tmp_path: Path) -> Iterator[Path]:
+def full_disk(tmpfs: Callable[[str], Path]) -> Path:
     """A 1 MiB file system (tmpfs) for the cache, to be filled by the test."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "full"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    return tmpfs("1m")
 
 
 async def test_on_a_full_disk_a_slow_client_is_cut_off_and_the_rest_go_on(
