@@ -73,6 +73,28 @@ def add_tags(registry: Registry, repo: str, digest: str, count: int) -> list[str
     return tags
 
 
+async def proxy_before(
+    manifests: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    aiohttp_server: Any,
+    make_proxy: MakeProxy,
+    tmp_path: Path,
+) -> tuple[Proxy, Any]:
+    """Detour in front of a small upstream of the test's own that answers manifests with
+    ``manifests``, as docker.io's mirror: the proxy, and the upstream's server."""
+    app = web.Application()
+    app.router.add_get("/v2/{name:.+}/manifests/{reference}", manifests)
+    upstream = await aiohttp_server(app, host="127.0.0.1")
+    host = f"127.0.0.1:{upstream.port}"
+    proxy = await make_proxy(
+        {
+            "cache": {"dir": str(tmp_path / "cache")},
+            "redirects": [{"src": "docker.io/", "to": f"{host}/mirror/"}],
+            "registries": {host: {"insecure": True}},
+        }
+    )
+    return proxy, upstream
+
+
 async def mismatches(proxy: Proxy) -> float:
     async with proxy.session.get(f"{proxy.url}/metrics") as response:
         samples = parse_metrics(await response.text())
@@ -159,17 +181,7 @@ async def test_a_manifest_over_the_limit_is_a_502_naming_it_not_a_mismatch(
         await response.write_eof()
         return response
 
-    app = web.Application()
-    app.router.add_get("/v2/{name:.+}/manifests/{reference}", manifest)
-    upstream = await aiohttp_server(app, host="127.0.0.1")
-    host = f"127.0.0.1:{upstream.port}"
-    proxy = await make_proxy(
-        {
-            "cache": {"dir": str(tmp_path / "cache")},
-            "redirects": [{"src": "docker.io/", "to": f"{host}/mirror/"}],
-            "registries": {host: {"insecure": True}},
-        }
-    )
+    proxy, _ = await proxy_before(manifest, aiohttp_server, make_proxy, tmp_path)
     for reference in ("v1", digest):
         async with proxy.session.get(f"{proxy.url}/v2/huge/manifests/{reference}") as response:
             assert response.status == 502
@@ -314,17 +326,7 @@ async def test_without_a_digest_header_a_manifest_is_still_read_whole_and_checke
         await response.write_eof()
         return response
 
-    app = web.Application()
-    app.router.add_get("/v2/{name:.+}/manifests/{reference}", manifest)
-    upstream = await aiohttp_server(app, host="127.0.0.1")
-    host = f"127.0.0.1:{upstream.port}"
-    proxy = await make_proxy(
-        {
-            "cache": {"dir": str(tmp_path / "cache")},
-            "redirects": [{"src": "docker.io/", "to": f"{host}/mirror/"}],
-            "registries": {host: {"insecure": True}},
-        }
-    )
+    proxy, upstream = await proxy_before(manifest, aiohttp_server, make_proxy, tmp_path)
     async with proxy.session.get(f"{proxy.url}/v2/app/manifests/whole") as response:
         assert response.status == 200
         assert await response.read() == image.manifest
