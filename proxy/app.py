@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -18,12 +21,19 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from proxy import handlers
+from proxy import __version__, handlers
+from proxy.admin import add_admin_routes
 from proxy.errors import BadRequest, DetourError, NotFound, Unsupported, oci_error_body
 from proxy.logs import CLIENT_DISCONNECTED, LOG, configure_logging, get_logger
 from proxy.metrics import Metrics
 from proxy.services import METRICS, SETTINGS, services_ctx
-from proxy.settings import Settings, named_registries, split_host_port
+from proxy.settings import (
+    ConfigError,
+    Settings,
+    named_registries,
+    split_host_port,
+    unknown_environment,
+)
 
 log = get_logger("detour")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -126,6 +136,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/metrics", handlers.metrics)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
+    add_admin_routes(app)  # /_detour/cache: loopback only
     return app
 
 
@@ -189,24 +200,70 @@ class _Server(web.Server):
 
 
 async def _serve(app: web.Application, host: str, port: int) -> None:
+    """Serve ``app`` on ``host:port`` until SIGTERM or SIGINT. A cache directory that can't be
+    used, or an address that can't be listened on, is a :class:`ConfigError` of one line."""
+
     class ServerAccessLog(AccessLog):
         metrics = app[METRICS]
 
     runner = web.AppRunner(app, access_log_class=ServerAccessLog, handle_signals=True)
-    await runner.setup()
-    assert runner.server is not None
-    runner.server.__class__ = _Server  # aiohttp offers no hook for parser errors
     try:
-        await web.TCPSite(runner, host, port).start()
+        try:
+            await runner.setup()  # services_ctx: the cache directory is opened here
+        except OSError as exc:
+            error = _cache_dir_error(app[SETTINGS].cache.dir, exc)
+            if error is None:
+                raise
+            raise error from None
+        assert runner.server is not None
+        runner.server.__class__ = _Server  # aiohttp offers no hook for parser errors
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as exc:
+            address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            raise ConfigError(f"cannot listen on {address}: {_os_reason(exc)}") from None
         await asyncio.Event().wait()  # until SIGTERM or SIGINT
     finally:
         await runner.cleanup()
 
 
+def _os_reason(exc: OSError) -> str:
+    """The OS's words for ``exc``, without the library's decoration: ``Address already in
+    use``."""
+    if isinstance(exc, socket.gaierror) or not exc.errno or exc.errno < 0:
+        return exc.strerror or str(exc)
+    return os.strerror(exc.errno)
+
+
+def _cache_dir_error(cache_dir: Path, exc: OSError) -> ConfigError | None:
+    """A :class:`ConfigError` naming ``cache.dir`` for a failure under it; None for any other
+    (raised as it is: a bug must not read as bad input)."""
+    name = exc.filename
+    where = Path(os.fsdecode(name)) if isinstance(name, (str, bytes)) else None
+    if where is None or not where.is_relative_to(cache_dir):
+        return None
+    detail = f" ({where})" if where != cache_dir else ""
+    return ConfigError(f"cache directory {cache_dir}: {_os_reason(exc)}{detail}")
+
+
 def run(settings: Settings) -> None:
     configure_logging(settings.log_level)
     host, port = split_host_port(settings.listen, 7439)
-    log.info("starting", listen=settings.listen, cache_dir=str(settings.cache.dir))
+    for problem in unknown_environment(os.environ):
+        log.warning("environment_ignored", problem=problem)
+    fields: dict[str, Any] = {
+        "version": __version__,
+        "listen": settings.listen,
+        "cache_dir": str(settings.cache.dir),
+        "cache_max_size": settings.cache.max_size,  # bytes; null: no limit
+        "rules": len(settings.redirects),
+        "registries": sorted(named_registries(settings)),
+    }
+    peers = settings.cluster.peers
+    if peers:
+        fields["peers"] = peers if isinstance(peers, str) else len(peers)
+        fields["advertise"] = settings.cluster.advertise
+    log.info("starting", **fields)
     started = time.monotonic()
     with contextlib.suppress(web.GracefulExit, KeyboardInterrupt):
         asyncio.run(_serve(create_app(settings), host, port))

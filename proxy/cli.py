@@ -3,14 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from proxy.settings import ConfigError, Settings, load_settings
+from proxy import __version__
+from proxy.errors import DigestInvalid, NameInvalid, TagInvalid
+from proxy.settings import ConfigError, Settings, load_settings, unknown_environment
+
+if TYPE_CHECKING:
+    from proxy.reference import Reference
+
+# Reference parsing's errors: a bad image reference on the command line.
+_BAD_REFERENCE = (NameInvalid, TagInvalid, DigestInvalid)
+
+
+def _error(message: str) -> None:
+    """Each line of ``message`` on stderr, as ``detour: ...``."""
+    for line in message.splitlines() or [""]:
+        print(f"detour: {line}", file=sys.stderr)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    """The settings from ``--config`` and the environment, after a warning for each
+    ``DETOUR_*`` variable that sets nothing (a misspelt one is otherwise silently ignored)."""
+    for problem in unknown_environment(os.environ):
+        _error(f"warning: {problem}")
     path: Path | None = args.config
     return load_settings(path)
 
@@ -37,11 +58,16 @@ def _resolve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     prefix = settings.webhook.prefix
     image: str = args.image
-    if image.startswith(prefix + "/"):  # as the webhook wrote it: read it as the proxy will
-        written = Reference.parse(image)
-        name = ImageName.from_path(written.name.repository)
-        image = str(Reference(name, written.tag, written.digest))
-    print(describe_resolution(settings, image))
+    try:
+        reference = Reference.parse(image)
+        if image.startswith(prefix + "/"):  # as the webhook wrote it: read it as the proxy will
+            name = ImageName.from_path(reference.name.repository)
+            reference = Reference(name, reference.tag, reference.digest)
+            image = str(reference)
+    except _BAD_REFERENCE as exc:
+        _error(f"invalid image reference {args.image!r}: {exc}")
+        return 2
+    print(describe_resolution(settings, image, owners=_owners(settings, reference)))
     try:
         print(f"path:   {rewrite_image(image, prefix)}")
     except ValueError:
@@ -49,28 +75,95 @@ def _resolve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _containerd_hosts(args: argparse.Namespace) -> int:
-    from proxy.hosts import hosts_files, write_hosts_files
+def _owners(settings: Settings, reference: Reference) -> list[str] | str | None:
+    """With ``cluster.peers``, the peers from the owner of ``reference``'s tag (or manifest
+    digest) down; a ``dns:`` set is resolved here, once, and if it does not resolve, a note
+    saying so. None without peers."""
+    import asyncio
 
-    files = hosts_files(_settings(args), args.endpoint)
-    if not files:
-        print("detour: no redirect rules, so no hosts.toml to write", file=sys.stderr)
+    from proxy.cluster import Peering, manifest_key, rendezvous, tag_key
+    from proxy.logs import configure_logging
+    from proxy.metrics import Metrics
+
+    spec = settings.cluster.peers
+    if not spec:
+        return None
+    peers: Sequence[str] = spec if isinstance(spec, list) else []
+    if isinstance(spec, str):
+        configure_logging("error", stream="stderr")  # stdout is the answer
+        peering = Peering(settings.cluster, Metrics())
+        with contextlib.suppress(TimeoutError):
+            asyncio.run(asyncio.wait_for(peering.refresh(), timeout=10))
+        if not peering.peers:
+            return f"({spec} not resolved here)"
+        peers = peering.peers
+    if reference.digest is not None:
+        key = manifest_key(reference.digest)
+    else:
+        key = tag_key(reference.name, reference.tag or "latest")
+    return rendezvous(peers, key)
+
+
+def _containerd_hosts(args: argparse.Namespace) -> int:
+    from proxy.hosts import Mode, check_endpoint, hosts_files, remove_hosts_files, write_hosts_files
+
+    out: Path = args.out
+    if args.remove:
+        try:
+            removed = remove_hosts_files(out)
+        except OSError as exc:
+            _error(f"cannot remove from {out}: {exc}")
+            return 1
+        for outcome in removed:
+            print(f"{outcome.action} {outcome.path}")
+        if not removed:
+            print(f"detour: nothing of Detour's in {out}", file=sys.stderr)
         return 0
     try:
-        results = write_hosts_files(files, args.out)
-    except OSError as exc:
-        print(f"detour: cannot write into {args.out}: {exc}", file=sys.stderr)
+        endpoint = check_endpoint(args.endpoint)
+    except ValueError as exc:
+        _error(str(exc))
+        return 2
+    settings = _settings(args)
+    files = hosts_files(settings, endpoint)
+    if not files:
+        where = args.config or "the settings"
+        _error(
+            f"{where}: no redirect rules and no registries, so no registry for containerd to "
+            "send to Detour: no hosts.toml written"
+        )
         return 1
-    for hosts, (path, changed) in zip(files, results, strict=True):
-        state = "wrote" if changed else "unchanged"
-        print(f"{state} {path}: {hosts.registry} -> {hosts.endpoint}, then {hosts.server}")
-    return 0
+    mode = Mode.APPEND if args.append else Mode.OVERWRITE if args.overwrite else Mode.KEEP
+    try:
+        outcomes = write_hosts_files(files, out, mode)
+    except OSError as exc:
+        _error(f"cannot write into {out}: {exc}")
+        return 1
+    kept = 0
+    for hosts, outcome in zip(files, outcomes, strict=True):
+        if outcome.action == "kept":
+            kept += 1
+            _error(
+                f"kept {outcome.path}: {outcome.reason}; --append adds Detour to it, "
+                "--overwrite replaces it"
+            )
+        else:
+            print(
+                f"{outcome.action} {outcome.path}: {hosts.registry} -> {hosts.endpoint}, "
+                f"then {hosts.server}"
+            )
+    return 1 if kept else 0
 
 
 def _webhook_certs(args: argparse.Namespace) -> int:
     from proxy.certs import generate, write
 
-    certs = generate(args.namespace, args.service, days=args.days)
+    try:
+        # It refuses a namespace or service that is not a DNS label before making any key.
+        certs = generate(args.namespace, args.service, days=args.days)
+    except ValueError as exc:
+        _error(str(exc))
+        return 2
     try:
         paths = write(certs, args.out)
     except OSError as exc:
@@ -84,8 +177,29 @@ def _webhook_certs(args: argparse.Namespace) -> int:
 
 
 def _warm(args: argparse.Namespace) -> int:
-    from proxy.warm import run_warm
+    from proxy.hosts import check_endpoint
+    from proxy.reference import Reference
+    from proxy.warm import Platform, run_warm
 
+    # Every argument is checked before anything starts.
+    for image in args.image:
+        try:
+            Reference.parse(image)
+        except _BAD_REFERENCE as exc:
+            _error(f"invalid image reference {image!r}: {exc}")
+            return 2
+    if args.platform is not None:
+        try:
+            Platform.parse(args.platform)
+        except ValueError as exc:
+            _error(str(exc))
+            return 2
+    if args.endpoint is not None:
+        try:
+            check_endpoint(args.endpoint)
+        except ValueError:
+            _error(f"invalid endpoint {args.endpoint!r}: expected e.g. http://127.0.0.1:7439")
+            return 2
     return run_warm(
         args.image,
         _settings(args),
@@ -127,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="detour",
         description="A pull-through registry cache that redirects images to reachable mirrors.",
     )
+    parser.add_argument("--version", action="version", version=f"detour {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -153,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     resolve.set_defaults(func=_resolve)
     hosts = command(
         "containerd-hosts",
-        "Write containerd hosts.toml files sending each redirected registry to the proxy.",
+        "Write containerd hosts.toml files sending each registry a rule's src or registries "
+        "names to the proxy, then to the registry itself.",
     )
     hosts.add_argument(
         "--endpoint",
@@ -165,6 +281,24 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         required=True,
         help="containerd's registry config_path, e.g. /etc/containerd/certs.d",
+    )
+    existing = hosts.add_mutually_exclusive_group()
+    existing.add_argument(
+        "--append",
+        action="store_true",
+        help="add the proxy as the first host of a hosts.toml that Detour did not write, "
+        "keeping its server and hosts (default: keep such a file as it is, and exit 1)",
+    )
+    existing.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a hosts.toml that Detour did not write",
+    )
+    existing.add_argument(
+        "--remove",
+        action="store_true",
+        help="delete every hosts.toml under --out that Detour wrote and take out what "
+        "--append added, whatever the settings name now (for uninstalling)",
     )
     hosts.set_defaults(func=_containerd_hosts)
     certs = commands.add_parser(
@@ -229,14 +363,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit code. A configuration or start-up error, or a bad image
+    reference, is printed as ``detour: ...`` lines (no traceback) and exits 2."""
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
     except ConfigError as exc:
-        print(f"detour: {exc}", file=sys.stderr)
+        _error(str(exc))
         return 2
-    except ValueError as exc:  # a bad image reference on the command line
-        print(f"detour: {exc}", file=sys.stderr)
+    except _BAD_REFERENCE as exc:  # an image reference on the command line
+        _error(str(exc))
         return 2
     return code
 

@@ -94,8 +94,14 @@ class Rules:
         return self._upstream(name.registry, name.repository, origin=False)
 
 
-def describe_resolution(settings: Settings, image: str) -> str:
-    """The operator's "why did it go there": the normalized name and its upstreams, in order."""
+def describe_resolution(
+    settings: Settings, image: str, *, owners: Sequence[str] | str | None = None
+) -> str:
+    """The operator's "why did it go there": the normalized name and its upstreams, in order.
+
+    ``owners``, with ``cluster.peers`` set: the peers from the owner of the image's tag (or
+    manifest digest, for a reference by digest) down, in rendezvous order
+    (:func:`proxy.cluster.rendezvous`), or a note on why they are not known."""
     reference = Reference.parse(image)
     route = Rules.from_settings(settings).route(reference.name)
     lines = [f"image:  {reference}", f"name:   {route.name}"]
@@ -103,6 +109,18 @@ def describe_resolution(settings: Settings, image: str) -> str:
         lines.append("rule:   (none: the origin registry)")
     else:
         lines.append(f"rule:   {route.rule.src}/ -> {', '.join(t + '/' for t in route.rule.to)}")
+    if isinstance(owners, str):
+        lines.append(f"owner:  {owners}")
+    elif owners:
+        about = [f"of this {'manifest' if reference.digest is not None else 'tag'}"]
+        if owners[0] == settings.cluster.advertise:
+            about.append("this instance")
+        if len(owners) > 1:
+            about.append(f"next in line {owners[1]}")
+        lines.append(f"owner:  {owners[0]}  ({'; '.join(about)})")
+        lines.append(
+            f"        each blob and manifest: the peer its digest ranks first of the {len(owners)}"
+        )
     lines.append("upstreams, in order:")
     for index, upstream in enumerate(route.upstreams, 1):
         note = "  (origin)" if upstream.origin else ""
