@@ -668,7 +668,7 @@ async def test_the_configmap_config_starts_the_proxy(
 
 
 def test_mirror_mode_init_container_writes_hosts_toml(
-    renders: dict[str, list[dict[str, Any]]], tmp_path: Path
+    renders: dict[str, list[dict[str, Any]]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The init container's own arguments, with its two paths moved into tmp_path."""
     objects = renders["containerd-mirror"]
@@ -688,14 +688,28 @@ def test_mirror_mode_init_container_writes_hosts_toml(
     out = tmp_path / "certs.d"
     args[args.index("--config") + 1] = str(config)
     args[args.index("--out") + 1] = str(out)
-    assert main(args) == 0  # the shipped config has no rules yet: nothing written, no error
+    # The shipped config has no rules yet: nothing to mirror, said loudly, nothing written.
+    assert main(args) == 1
+    assert "no redirect rules and no registries" in capsys.readouterr().err
     assert not out.exists()
     data = yaml.safe_load(config.read_text())
-    data["redirects"] = [{"src": "docker.io/", "to": "mirror.example/hub/"}]
+    data["redirects"] = [
+        {"src": "docker.io/", "to": "mirror.example/hub/"},
+        {"src": "ghcr.io/", "to": "mirror.example/ghcr/"},
+    ]
     config.write_text(yaml.safe_dump(data))
+    # Another tool's hosts.toml for ghcr.io is kept, with Detour added as its first host.
+    theirs = (
+        'server = "https://ghcr.io"\n\n[host."https://other.example"]\n  capabilities = ["pull"]\n'
+    )
+    (out / "ghcr.io").mkdir(parents=True)
+    (out / "ghcr.io" / "hosts.toml").write_text(theirs)
     assert main(args) == 0
     text = (out / "docker.io" / "hosts.toml").read_text()
     assert '[host."http://127.0.0.1:7439"]' in text
+    appended = (out / "ghcr.io" / "hosts.toml").read_text()
+    assert appended.index('[host."http://127.0.0.1:7439"]') < appended.index("other.example")
+    assert 'server = "https://ghcr.io"' in appended
 
 
 def test_cert_manager_overlay_wires_the_certificate(
