@@ -457,7 +457,9 @@ def _describe(
         prefixes = [loc[:n] for n in range(len(loc), 0, -1)]
         variable = next((_env_name(at) for at in prefixes if _env_name(at) in os.environ), None)
         known = [at for at in prefixes if at in lines]
-        if variable is not None:
+        if path is not None and loc in lines:  # the file names this very key
+            out.append(f"{path}:{lines[loc]}: {key}: {message}")
+        elif variable is not None:
             out.append(f"environment {variable}: {key}: {message}")
         elif path is not None and known:
             out.append(f"{path}:{lines[known[0]]}: {key}: {message}")

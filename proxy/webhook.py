@@ -85,10 +85,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
+import socket
 import ssl
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
@@ -886,11 +888,19 @@ def run_webhook(settings: Settings) -> None:
         prefix=policy.prefix,
         ignore_namespaces=sorted(policy.ignore_namespaces),
     )
-    web.run_app(
-        app,
-        host=host,
-        port=port,
-        ssl_context=ssl_context,
-        access_log=None,
-        print=None,
-    )
+    try:
+        web.run_app(
+            app,
+            host=host,
+            port=port,
+            ssl_context=ssl_context,
+            access_log=None,
+            print=None,
+        )
+    except OSError as exc:
+        listening = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
+        if not isinstance(exc, socket.gaierror) and exc.errno not in listening:
+            raise  # not the listen address: a bug must not read as bad input
+        gai = isinstance(exc, socket.gaierror)
+        reason = (exc.strerror or str(exc)) if gai or not exc.errno else os.strerror(exc.errno)
+        raise ConfigError(f"cannot listen on {hook.listen}: {reason}") from None

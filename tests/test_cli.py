@@ -258,3 +258,21 @@ def test_resolve_resolves_a_dns_peer_set_once(
     assert lines[3].split()[1] in ("127.0.0.1:7439", "[::1]:7439")
     lines = resolve(tmp_path, capsys, "nats:2.10", {"peers": "dns:detour-peers.invalid:7439"})
     assert lines[3] == "owner:  (dns:detour-peers.invalid:7439 not resolved here)"
+
+
+def test_the_webhook_with_its_port_in_use_is_one_line_with_exit_2(
+    tmp_path: Path, listening: int
+) -> None:
+    pki = tmp_path / "tls"
+    made = detour("webhook-certs", "--out", str(pki))
+    assert made.returncode == 0, made.stderr
+    config = tmp_path / "detour.yaml"
+    config.write_text(
+        f"webhook:\n  listen: 127.0.0.1:{listening}\n"
+        f"  tls_cert: {pki}/tls.crt\n  tls_key: {pki}/tls.key\n  namespace: detour\n"
+    )
+    done = detour("webhook", "--config", str(config))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        f"detour: cannot listen on 127.0.0.1:{listening}: Address already in use"
+    ]
