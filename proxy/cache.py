@@ -401,6 +401,62 @@ class CacheStore:
             return False
         return True
 
+    def in_use(self, path: Path) -> bool:
+        """Whether a reader has the entry pinned (it is being sent, or will be by a fetch)."""
+        return self._pins.get(path, 0) > 0
+
+    async def remove(self, paths: Iterable[Path]) -> Removal:
+        """Delete files an operator asked to remove (``detour cache rm`` and ``prune``): tag
+        records, manifests, blobs, in the order given, each forgotten by the index as it goes.
+
+        A pinned entry is left alone (``busy``): its pin may be a fetch's reader that opens the
+        file by its path later. Each other file is first renamed into ``tmp/``, in the event
+        loop, with nothing in between its pin check and the rename, so from that moment every
+        request is a miss that fetches it again, while a response already sending it keeps its
+        open file; the renamed files are then deleted in a worker thread (or, after a crash, at
+        the next start). ``total`` drops by what the index counted for each one. The event loop
+        is let go every ``_REMOVE_BATCH`` files (a rename takes some 25 µs).
+        """
+        removal = Removal()
+        with contextlib.suppress(OSError):  # then each rename fails, and says why
+            self.tmp.mkdir(parents=True, exist_ok=True)
+        trash: list[Path] = []
+        for done, path in enumerate(paths, start=1):
+            if done % _REMOVE_BATCH == 0:
+                await asyncio.sleep(0)
+            if self.in_use(path):
+                removal.busy.append(path)
+                continue
+            hidden = self.tmp / f"{path.name[:16]}.{os.urandom(6).hex()}.removed"
+            try:
+                size = path.stat().st_size
+                os.rename(path, hidden)
+            except FileNotFoundError:
+                self.total -= self._entries.pop(path, 0)  # gone already: forget it too
+                continue
+            except OSError as exc:
+                removal.failed.append((path, exc.strerror or str(exc)))
+                continue
+            self.total -= self._entries.pop(path, 0)
+            removal.removed.append((path, size))
+            trash.append(hidden)
+        if trash:
+            await asyncio.to_thread(delete_files, trash)
+        return removal
+
+
+_REMOVE_BATCH = 256
+
+
+@dataclass
+class Removal:
+    """What :meth:`CacheStore.remove` did: the files removed (with their sizes), those left
+    because a reader has them pinned, and those the disk would not let go of."""
+
+    removed: list[tuple[Path, int]] = field(default_factory=list)
+    busy: list[Path] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+
 
 # --------------------------------------------------------------------------- detour cache verify
 

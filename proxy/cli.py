@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from proxy import __version__
 from proxy.errors import DigestInvalid, NameInvalid, TagInvalid
+from proxy.inventory import add_cache_commands
 from proxy.settings import ConfigError, Settings, load_settings, unknown_environment
 
 if TYPE_CHECKING:
@@ -359,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="files hashed at once (default: %(default)s)",
     )
     verify.set_defaults(func=_cache_verify)
+    add_cache_commands(cache_commands)  # ls, rm, prune (proxy.inventory)
     return parser
 
 
