@@ -25,7 +25,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.cache import CacheStore
-from proxy.errors import BadRequest, ClientError, DetourError, ManifestUnknown
+from proxy.errors import AdminDenied, BadRequest, DetourError, ManifestUnknown
 from proxy.inventory import ADMIN_PATH, NotCached, check_target, execute, parse_age, scan
 from proxy.logs import LOG, get_logger
 from proxy.services import SERVICES
@@ -36,13 +36,6 @@ ADMIN_LOCK = web.AppKey("admin_lock", asyncio.Lock)
 # How long ``rm`` waits for a reader to finish with an entry it removes (a blob being sent);
 # one still pinned then is left, and reported busy.
 REMOVE_WAIT_SECONDS = 10.0
-
-
-class AdminDenied(ClientError):
-    """An admin request from anywhere but the loopback address."""
-
-    status = 403
-    code = "DENIED"
 
 
 def from_loopback(remote: str | None) -> bool:

@@ -341,7 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     warm.set_defaults(func=_warm)
     cache = commands.add_parser(
-        "cache", help="Look after a cache directory.", description="Look after a cache directory."
+        "cache",
+        help="Look after the cache: list, remove, prune, verify.",
+        description="Look after the cache: list, remove, prune, verify.",
     )
     cache_commands = cache.add_subparsers(dest="cache_command", required=True, metavar="COMMAND")
     verify = cache_commands.add_parser(

@@ -17,8 +17,9 @@ place that turns them into the OCI error body ``{"errors": [{"code", "message", 
     │   ├── NotFound                 404     UNSUPPORTED       (no such endpoint)
     │   ├── BadRequest               4xx     UNSUPPORTED       (HTTP the parser refused)
     │   ├── UpstreamDenied           401/403/429 as the upstream said, challenge relayed
-    │   └── RegistryDenied           403     DENIED            (a registry or address the
-    │                                                           operator did not allow)
+    │   ├── RegistryDenied           403     DENIED            (a registry or address the
+    │   │                                                       operator did not allow)
+    │   └── AdminDenied              403     DENIED            (cache admin, not from loopback)
     └── UpstreamError                5xx     (the upstream failed us; never the client's fault)
         ├── UpstreamUnreachable      502     UNAVAILABLE       (dns, refused, tls, connect, ...)
         ├── UpstreamTimeout          504     UNAVAILABLE       (timeout)
@@ -141,6 +142,13 @@ class UpstreamDenied(ClientError):
 class RegistryDenied(ClientError):
     """The client named a registry, or a loop back through this Detour, that the operator's
     settings do not let Detour contact; the message says which setting would."""
+
+    status = 403
+    code = "DENIED"
+
+
+class AdminDenied(ClientError):
+    """A cache admin request (``/_detour/cache``) from anywhere but the loopback address."""
 
     status = 403
     code = "DENIED"
