@@ -234,7 +234,7 @@ def test_tls_settings_that_contradict_each_other_are_refused(
 ) -> None:
     path = tmp_path / "detour.yaml"
     path.write_text(json.dumps({"registries": {"mirror.example": conf}}))
-    with pytest.raises(ConfigError, match=r"\n  registries\.mirror\.example: "):
+    with pytest.raises(ConfigError, match=rf"^{path}:1: registries\.mirror\.example: "):
         load_settings(path)
 
 
