@@ -11,6 +11,8 @@ All fixtures are plain (sync) fixtures and work from ``async def`` tests under p
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 import subprocess
@@ -20,8 +22,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 
 from proxy.app import create_app
+from proxy.logs import configure_logging
 from proxy.settings import Settings
 from tests.containerd import CONTAINERD_BIN, CTR_BIN, Containerd
 from tests.proxy import Proxy, start_process, stop_process
@@ -141,6 +145,28 @@ def make_registry() -> Iterator[Callable[..., Registry]]:
     yield make
     for registry in made:
         registry.close()
+
+
+ReadLogs = Callable[[], list[dict[str, Any]]]
+
+
+@pytest.fixture
+def logs(capsys: pytest.CaptureFixture[str]) -> Iterator[ReadLogs]:
+    """Detour's JSON log lines written since the last call, from an in-process proxy
+    (structlog set up as ``detour serve`` does)."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    configure_logging("info")
+
+    def read() -> list[dict[str, Any]]:
+        out, err = capsys.readouterr()
+        lines = (out + err).splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    yield read
+    structlog.reset_defaults()
+    root.handlers[:], level = saved
+    root.setLevel(level)
 
 
 @pytest.fixture

@@ -6,19 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
-import logging
 import os
 import subprocess
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 
-from proxy.logs import configure_logging
 from tests.images import ACCEPT_ALL, PushedImage, delete_manifest, push_image, unique_repo
 from tests.proxy import Proxy, scenario, wait_cached
 from tests.registry import Registry
@@ -68,24 +64,6 @@ class Disk:
 @pytest.fixture(params=["full", "read_only"])
 def disk(request: pytest.FixtureRequest, tmpfs: Callable[[str], Path]) -> Disk:
     return Disk(tmpfs("8m"), request.param)
-
-
-@pytest.fixture
-def logs(capsys: pytest.CaptureFixture[str]) -> Iterator[Callable[[], list[dict[str, Any]]]]:
-    """Detour's JSON log lines written since the last call (structlog set up as in `serve`)."""
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
-    configure_logging("info")
-
-    def read() -> list[dict[str, Any]]:
-        out, err = capsys.readouterr()
-        lines = (out + err).splitlines()
-        return [json.loads(line) for line in lines if line.startswith("{")]
-
-    yield read
-    structlog.reset_defaults()
-    root.handlers[:], level = saved
-    root.setLevel(level)
 
 
 @dataclass

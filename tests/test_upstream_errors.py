@@ -6,26 +6,23 @@ over https with a private CA."""
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from http.client import HTTPSConnection
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 from aiohttp import web
 
-from proxy.logs import configure_logging
 from proxy.settings import ConfigError, RegistrySettings, load_settings
 from proxy.upstream import registry_tls
+from tests.conftest import ReadLogs
 from tests.images import ACCEPT_ALL, Client, PushedImage, Response, build_image, unique_repo
 from tests.images import upload_image as _upload_image
 from tests.proxy import Proxy
 from tests.registry import Registry
 
 MakeProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
-ReadLogs = Callable[[], list[dict[str, Any]]]
 UNTRUSTED = "certificate verify failed: unable to get local issuer certificate"
 
 
@@ -60,24 +57,6 @@ def mirror_config(
         "registries": registries or {},
         "upstream": upstream,
     }
-
-
-@pytest.fixture
-def logs(capsys: pytest.CaptureFixture[str]) -> Iterator[ReadLogs]:
-    """Detour's JSON log lines written since the last call (structlog set up as in `serve`)."""
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
-    configure_logging("info")
-
-    def read() -> list[dict[str, Any]]:
-        out, err = capsys.readouterr()
-        lines = (out + err).splitlines()
-        return [json.loads(line) for line in lines if line.startswith("{")]
-
-    yield read
-    structlog.reset_defaults()
-    root.handlers[:], level = saved
-    root.setLevel(level)
 
 
 def failures(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
