@@ -433,36 +433,50 @@ class BlobFetch:
             return
 
     async def _store_chunks(self, writer: BlobWriter, chunks: asyncio.Queue[bytes | None]) -> None:
-        """Hash and write each chunk (or, spilled, hand it to the readers), in order. After a
-        failure it keeps taking chunks, so the receiving loop never blocks on a dead consumer,
-        and the loop stops at its next chunk."""
+        """Hash and write each chunk (or, spilled, hand it to the readers), in order, then the
+        last partial block ``O_DIRECT`` held back. After a failure it keeps taking chunks, so
+        the receiving loop never blocks on a dead consumer, and the loop stops at its next
+        chunk."""
         loop = asyncio.get_running_loop()
         while (chunk := await chunks.get()) is not None:
             if self._storing_failure is not None:
                 continue
             hashed = loop.run_in_executor(None, writer.update, chunk)
             try:
+                spilled = b""  # bytes the file does not have, for the readers' queues
                 if not self.spilled and self.size is None and not self._private:
                     # No length announced: room is made chunk by chunk, under max_size.
                     if self._store.reserve(len(chunk)):
                         self._reserved += len(chunk)
                     else:
                         self._spill(None, "no_room")
+                        spilled = writer.unwritten() + chunk
                 if not self.spilled:
                     try:
                         await loop.run_in_executor(None, writer.write, chunk)
                     except OSError as exc:
                         self._spill(exc)
-                    else:
-                        self.on_disk = writer.on_disk
-                if self.spilled:
-                    await self._deliver(chunk)
+                        spilled = writer.unwritten()
+                    finally:
+                        self.on_disk = writer.on_disk  # part of a refused write may be there
+                elif not spilled:
+                    spilled = chunk
+                if spilled:
+                    await self._deliver(spilled)
             except Exception as exc:
                 self._storing_failure = (
                     exc if isinstance(exc, DetourError) else UpstreamInvalid("blob store failed")
                 )
             finally:
                 await hashed
+            self._notify()
+        if self._storing_failure is None and not self.spilled:
+            try:
+                await loop.run_in_executor(None, writer.finish)
+            except OSError as exc:
+                self._spill(exc)
+                await self._deliver(writer.unwritten())
+            self.on_disk = writer.on_disk
             self._notify()
         if self._storing_failure is not None:
             raise self._storing_failure
