@@ -74,11 +74,13 @@ USER_AGENT = "detour-bench"
 HASH_BATCH = 8 * MIB  # the aiohttp client hashes in a worker thread, this much at a time
 PUSH_CHUNK = 8 * MIB
 
-TargetKey = Literal["detour", "peer", "mirror"]
+TargetKey = Literal["detour", "base", "peer", "mirror"]
 CACHES: tuple[TargetKey, ...] = ("detour", "peer")
 ALL_TARGETS: tuple[TargetKey, ...] = ("detour", "peer", "mirror")
+DETOURS: tuple[TargetKey, ...] = ("detour", "base")  # this tree's, and --baseline's
 LABELS: dict[TargetKey, str] = {
     "detour": "Detour",
+    "base": "Detour baseline",
     "peer": "distribution proxy",
     "mirror": "mirror direct",
 }
@@ -247,6 +249,25 @@ def first_line(argv: Sequence[str]) -> str:
         return "unavailable"
     text = (done.stdout or done.stderr).decode(errors="replace").strip()
     return text.splitlines()[0] if text else "unavailable"
+
+
+def tree_revision(tree: Path) -> str:
+    """The short commit of a source tree (``+`` if its proxy/ has changes), or, for a tree
+    that is not a git checkout (a ``git archive`` export), its directory's name."""
+
+    def git(*args: str) -> subprocess.CompletedProcess[str] | None:
+        try:
+            return subprocess.run(
+                ["git", "-C", str(tree), *args], capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+
+    head = git("rev-parse", "--short", "HEAD")
+    if head is None or head.returncode != 0:
+        return tree.name
+    status = git("status", "--porcelain", "--", "proxy")
+    return head.stdout.strip() + ("+" if status is not None and status.stdout.strip() else "")
 
 
 # ------------------------------------------------------------------------------- mirror access log
@@ -671,6 +692,8 @@ class Options:
     profile: Path | None
     json_path: Path | None = None
     keep: bool = False
+    baseline: Path | None = None  # another source tree's Detour, run beside this one
+    baseline_ramfs: bool = False  # its cache on a ramfs, which refuses O_DIRECT
 
     @property
     def blob_size(self) -> int:
@@ -695,8 +718,15 @@ class Bench:
         self.o = options
         self.dir = workdir
         self.mirror_port, self.peer_port, self.detour_port = (free_port() for _ in range(3))
+        self.base_port = free_port()
         self.peer_root = workdir / "peer-storage"
         self.detour_cache = workdir / "detour-cache"
+        self.base_cache = workdir / "base-cache"
+        self.ramfs: Path | None = None
+        self.caches: tuple[TargetKey, ...] = CACHES
+        if options.baseline is not None:
+            self.caches = ("detour", "base", "peer")
+        self.all_targets: tuple[TargetKey, ...] = (*self.caches, "mirror")
         self.mirror = Service(
             "mirror",
             ["docker-registry", "serve", str(self._registry_config("mirror", self.mirror_port))],
@@ -718,9 +748,21 @@ class Bench:
             cwd=REPO_ROOT,
         )
         self.services = [self.mirror, self.peer, self.detour]
+        self.base: Service | None = None
+        if options.baseline is not None:
+            # python -m proxy from the baseline's directory imports the baseline's package.
+            config = self._detour_config("base", self.base_port, self.base_cache)
+            self.base = Service(
+                "base",
+                [sys.executable, "-m", "proxy", "serve", "--config", str(config)],
+                workdir / "base.log",
+                cwd=options.baseline,
+            )
+            self.services.append(self.base)
         self.mirror_log = AccessLog(self.mirror.log_path)
         self.targets: dict[TargetKey, Target] = {
             "detour": Target("detour", f"http://127.0.0.1:{self.detour_port}/v2/{DETOUR_NAME}"),
+            "base": Target("base", f"http://127.0.0.1:{self.base_port}/v2/{DETOUR_NAME}"),
             "peer": Target("peer", f"http://127.0.0.1:{self.peer_port}/v2/{MIRROR_REPO}"),
             "mirror": Target("mirror", f"http://127.0.0.1:{self.mirror_port}/v2/{MIRROR_REPO}"),
         }
@@ -756,15 +798,17 @@ class Bench:
         path.write_text(json.dumps(config, indent=2))  # YAML is a superset of JSON
         return path
 
-    def _detour_config(self) -> Path:
+    def _detour_config(
+        self, name: str = "detour", port: int | None = None, cache: Path | None = None
+    ) -> Path:
         mirror = f"127.0.0.1:{self.mirror_port}"
         config = {
-            "listen": f"127.0.0.1:{self.detour_port}",
-            "cache": {"dir": str(self.detour_cache), "tag_ttl": "5m"},
+            "listen": f"127.0.0.1:{port or self.detour_port}",
+            "cache": {"dir": str(cache or self.detour_cache), "tag_ttl": "5m"},
             "redirects": [{"src": "docker.io/", "to": f"{mirror}/docker-mirror/"}],
             "registries": {mirror: {"insecure": True}},
         }
-        path = self.dir / "detour.yml"
+        path = self.dir / f"{name}.yml"
         path.write_text(json.dumps(config, indent=2))
         return path
 
@@ -781,6 +825,20 @@ class Bench:
             f"peer pid {self.peer.pid} :{self.peer_port}, "
             f"detour pid {self.detour.pid} :{self.detour_port}; logs in {self.dir}"
         )
+        if self.base is not None:
+            if self.o.baseline_ramfs:
+                self.ramfs = self.dir / "ramfs"
+                self.ramfs.mkdir()
+                subprocess.run(["mount", "-t", "ramfs", "ramfs", str(self.ramfs)], check=True)
+                self.base_cache.symlink_to(self.ramfs)
+            self.base.start()
+            self.base.wait_ready(f"http://127.0.0.1:{self.base_port}/healthz")
+            log(f"baseline detour pid {self.base.pid} :{self.base_port} ({self.o.baseline})")
+
+    def unmount(self) -> None:
+        if self.ramfs is not None:
+            subprocess.run(["umount", "-l", str(self.ramfs)], check=False)
+            self.ramfs = None
 
     def push(self) -> None:
         o, c = self.o, self.content
@@ -795,7 +853,7 @@ class Bench:
 
         c.image = pusher.image()
         c.mirror_blob = blob(o.blob_size)
-        for key in CACHES:
+        for key in self.caches:
             c.cold[key] = [blob(o.blob_size) for _ in range(o.repeat)] if "blob" in o.phases else []
             c.herd[key] = [blob(o.herd_size) for _ in range(o.repeat)] if "herd" in o.phases else []
             if "rss" in o.phases:
@@ -817,8 +875,9 @@ class Bench:
 
     def cached_path(self, key: TargetKey, digest: str) -> Path:
         hex_digest = digest.split(":", 1)[1]
-        if key == "detour":
-            return self.detour_cache / "blobs" / "sha256" / hex_digest[:2] / hex_digest
+        if key in DETOURS:
+            cache = self.detour_cache if key == "detour" else self.base_cache
+            return cache / "blobs" / "sha256" / hex_digest[:2] / hex_digest
         return (
             self.peer_root
             / "docker/registry/v2/blobs/sha256"
@@ -898,6 +957,8 @@ class Bench:
             clients["curl"] = CurlClient()
         try:
             self.details["clients"] = await self.choose_client(clients)
+            if self.o.baseline is not None:
+                self.details["baseline_revision"] = tree_revision(self.o.baseline)
             speed = await asyncio.to_thread(write_speed, self.dir, self.o.blob_size)
             self.details["write_gbps"] = speed
             log(f"writing a new {self.o.blob_mib} MiB file here: {speed:.2f} GB/s")
@@ -940,8 +1001,8 @@ class Bench:
     async def phase_blob(self) -> None:
         assert self.client is not None
         size = self.o.blob_size
-        hits_from_cache: dict[str, list[bool]] = {k: [] for k in CACHES}
-        cold_upstream: dict[str, list[int]] = {k: [] for k in CACHES}
+        hits_from_cache: dict[str, list[bool]] = {k: [] for k in self.caches}
+        cold_upstream: dict[str, list[int]] = {k: [] for k in self.caches}
         for r in range(self.o.repeat):
             result = await self.client.fetch(
                 self.targets["mirror"].blob(self.content.mirror_blob), verify=False
@@ -951,7 +1012,7 @@ class Bench:
                 self.record("blob_hit_gbps", "mirror", size / result.seconds / GB)
             else:
                 self.error("blob mirror", result.problem(size))
-            for key in rotated(CACHES, r):
+            for key in rotated(self.caches, r):
                 digest = self.content.cold[key][r]
                 url = self.targets[key].blob(digest)
                 mark = self.mirror_log.mark()
@@ -993,9 +1054,9 @@ class Bench:
 
     async def phase_herd(self) -> None:
         size = self.o.herd_size
-        verified: dict[str, list[bool]] = {k: [] for k in ALL_TARGETS}
+        verified: dict[str, list[bool]] = {k: [] for k in self.all_targets}
         for r in range(self.o.repeat):
-            for key in rotated(ALL_TARGETS, r):
+            for key in rotated(self.all_targets, r):
                 digest = self.content.mirror_herd if key == "mirror" else self.content.herd[key][r]
                 outcome = await self._herd(key, digest, size)
                 self.record("herd_wall_s", key, outcome["wall"])
@@ -1050,7 +1111,7 @@ class Bench:
     async def phase_manifest(self) -> None:
         references = {"digest": self.content.image, "tag": TAG}
         broken: set[tuple[str, str]] = set()
-        for key in ALL_TARGETS:  # warm every cache, check what it serves
+        for key in self.all_targets:  # warm every cache, check what it serves
             for kind, reference in references.items():
                 problem = await self._check_manifest(self.targets[key].manifest(reference))
                 if problem is not None:
@@ -1058,7 +1119,7 @@ class Bench:
                     self.error(f"manifest {key} by {kind}", problem)
         runs: dict[str, list[dict[str, Any]]] = {}
         for r in range(self.o.repeat):
-            for key in rotated(ALL_TARGETS, r):
+            for key in rotated(self.all_targets, r):
                 for kind, reference in references.items():
                     if (key, kind) in broken:
                         continue
@@ -1103,8 +1164,10 @@ class Bench:
         client = self.client
         size = self.o.blob_size
         services = {"detour": self.detour, "peer": self.peer}
+        if self.base is not None:
+            services["base"] = self.base
         phase: dict[str, Any] = {}
-        for key in CACHES:
+        for key in self.caches:
             service = services[key]
             cold, warm = self.content.rss_cold[key], self.content.rss_warm[key]
             first = await client.fetch(self.targets[key].blob(warm), verify=False)
@@ -1153,6 +1216,8 @@ class Bench:
             "peer": self.peer,
             "mirror": self.mirror,
         }
+        if self.base is not None:
+            services["base"] = self.base
         for key, service in services.items():
             hwm = service.status_kib("VmHWM")
             if hwm is not None:
@@ -1170,13 +1235,16 @@ class Bench:
             ]
         except aiohttp.ClientError as exc:
             self.details["detour_upstream_requests"] = [f"unavailable: {exc}"]
-        problems = [
-            line
-            for line in self.detour.log_path.read_text(errors="replace").splitlines()
-            if '"level": "error"' in line or '"level": "warning"' in line or "Traceback" in line
-        ]
-        self.details["detour_log_problems"] = problems[:50]
-        self.details["detour_log_problem_count"] = len(problems)
+        for detour in (self.detour, self.base):
+            if detour is None:
+                continue
+            problems = [
+                line
+                for line in detour.log_path.read_text(errors="replace").splitlines()
+                if '"level": "error"' in line or '"level": "warning"' in line or "Traceback" in line
+            ]
+            self.details[f"{detour.name}_log_problems"] = problems[:50]
+            self.details[f"{detour.name}_log_problem_count"] = len(problems)
 
 
 # ------------------------------------------------------------------------------- report
@@ -1188,15 +1256,16 @@ class Row:
     metric: str
     fmt: str
     better: Literal["higher", "lower", ""]
-    targets: tuple[TargetKey, ...] = ALL_TARGETS
+    targets: tuple[TargetKey, ...] = ("detour", "base", "peer", "mirror")
 
 
+CACHE_ROW: tuple[TargetKey, ...] = ("detour", "base", "peer")
 ROWS = (
     Row("cold blob GET, GB/s", "blob_cold_gbps", ".2f", "higher"),
     Row("hit blob GET, GB/s", "blob_hit_gbps", ".2f", "higher"),
     Row("herd: wall time, s", "herd_wall_s", ".2f", "lower"),
-    Row("herd: upstream GETs of the blob", "herd_upstream_gets", ".0f", "lower", CACHES),
-    Row("herd: upstream HEADs of the blob", "herd_upstream_heads", ".0f", "lower", CACHES),
+    Row("herd: upstream GETs of the blob", "herd_upstream_gets", ".0f", "lower", CACHE_ROW),
+    Row("herd: upstream HEADs of the blob", "herd_upstream_heads", ".0f", "lower", CACHE_ROW),
     Row("manifest by digest, req/s", "manifest_digest_rps", ".0f", "higher"),
     Row("manifest by digest, p99 ms", "manifest_digest_p99_ms", ".2f", "lower"),
     Row(
@@ -1204,7 +1273,7 @@ ROWS = (
         "manifest_digest_upstream",
         ".2f",
         "lower",
-        CACHES,
+        CACHE_ROW,
     ),
     Row("manifest by tag, req/s", "manifest_tag_rps", ".0f", "higher"),
     Row("manifest by tag, p99 ms", "manifest_tag_p99_ms", ".2f", "lower"),
@@ -1213,10 +1282,10 @@ ROWS = (
         "manifest_tag_upstream",
         ".2f",
         "lower",
-        CACHES,
+        CACHE_ROW,
     ),
-    Row("streaming: peak RSS, MiB", "rss_peak_mib", ".0f", "lower", CACHES),
-    Row("streaming: aggregate GB/s", "rss_aggregate_gbps", ".2f", "higher", CACHES),
+    Row("streaming: peak RSS, MiB", "rss_peak_mib", ".0f", "lower", CACHE_ROW),
+    Row("streaming: aggregate GB/s", "rss_aggregate_gbps", ".2f", "higher", CACHE_ROW),
     Row("whole run: VmHWM, MiB", "rss_run_hwm_mib", ".0f", "lower"),
 )
 
@@ -1232,32 +1301,42 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}"
 
 
-def table(samples: Samples, options: Options) -> str:
+def table(
+    samples: Samples,
+    options: Options,
+    keys: Sequence[TargetKey] = ALL_TARGETS,
+    labels: dict[TargetKey, str] = LABELS,
+) -> str:
     herd = f"{options.herd_clients}x {options.herd_mib} MiB"
     stream = f"{options.rss_clients} cold + {options.rss_clients} hit, {options.blob_mib} MiB"
+    ratios = [("peer", "Detour/peer"), ("mirror", "Detour/mirror")]
+    if "base" in keys:
+        ratios.insert(0, ("base", "Detour/baseline"))
     lines = [
-        f"| metric (median of {options.repeat}) | Detour | distribution proxy | mirror direct "
-        "| Detour/peer | Detour/mirror |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"| metric (median of {options.repeat}) | "
+        + " | ".join(labels[k] for k in keys)
+        + " | "
+        + " | ".join(name for _, name in ratios)
+        + " |",
+        "|---|" + "---:|" * (len(keys) + len(ratios)),
     ]
     for row in ROWS:
         if row.metric not in samples:
             continue
-        values = {k: median(samples, row.metric, k) for k in ALL_TARGETS}
+        values = {k: median(samples, row.metric, k) for k in keys}
         cells = [
             "—" if k not in row.targets or values[k] is None else format(values[k], row.fmt)
-            for k in ALL_TARGETS
+            for k in keys
         ]
-        mirror_ratio = ratio(values["detour"], values["mirror"]) if "mirror" in row.targets else "—"
+        cells += [
+            ratio(values["detour"], values[k]) if k in row.targets else "—" for k, _ in ratios
+        ]
         label = row.label.replace("herd:", f"herd ({herd}):").replace(
             "streaming:", f"streaming ({stream}):"
         )
         if row.better:
             label += f" ({row.better} is better)"
-        lines.append(
-            f"| {label} | {' | '.join(cells)} | {ratio(values['detour'], values['peer'])} "
-            f"| {mirror_ratio} |"
-        )
+        lines.append(f"| {label} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
@@ -1311,7 +1390,13 @@ def report(bench: Bench, env: dict[str, str], options: Options) -> str:
         )
     if options.profile is not None:
         out.append("**Profiled run (py-spy attached to Detour): numbers are not comparable.**")
-    out += ["", table(bench.samples, options), ""]
+    labels = dict(LABELS)
+    if options.baseline is not None:
+        labels["base"] = f"Detour {d.get('baseline_revision', 'baseline')}" + (
+            " (cache on ramfs: buffered)" if options.baseline_ramfs else ""
+        )
+        out.append(f"Baseline: {labels['base']}, from {options.baseline}.")
+    out += ["", table(bench.samples, options, bench.all_targets, labels), ""]
     checks = d.get("checks", {})
     notes = []
     if "herd_all_verified" in checks:
@@ -1334,6 +1419,8 @@ def report(bench: Bench, env: dict[str, str], options: Options) -> str:
     if d.get("detour_upstream_requests"):
         notes.append(f"Detour /metrics: {'; '.join(d['detour_upstream_requests'])}")
     notes.append(f"Detour log warnings/errors: {d.get('detour_log_problem_count', 0)}")
+    if options.baseline is not None:
+        notes.append(f"baseline log warnings/errors: {d.get('base_log_problem_count', 0)}")
     out += [f"- {n}" for n in notes]
     if d["errors"]:
         out += ["", "## Errors", ""] + [f"- {e}" for e in d["errors"]]
@@ -1373,6 +1460,18 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument(
         "--only", nargs="+", choices=PHASES, default=list(PHASES), help="phases to run"
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another source tree (a git worktree of HEAD, say) whose Detour runs beside this "
+        "one, measured in the same run: an A/B in one table",
+    )
+    parser.add_argument(
+        "--baseline-ramfs",
+        action="store_true",
+        help="the baseline's cache on a ramfs, which refuses O_DIRECT: with --baseline .  this "
+        "tree's buffered writes beside its direct ones (needs root)",
+    )
     parser.add_argument("--json", type=Path, help="write every sample and check here")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, storage)")
     parser.add_argument(
@@ -1396,6 +1495,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         profile=args.profile,
         json_path=args.json,
         keep=args.keep,
+        baseline=args.baseline.resolve() if args.baseline is not None else None,
+        baseline_ramfs=args.baseline_ramfs,
     )
 
 
@@ -1414,6 +1515,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGHUP, _raise_interrupt)
     env = environment()
+    if options.baseline is not None and not (options.baseline / "proxy").is_dir():
+        print(f"bench: {options.baseline} holds no proxy/ package", file=sys.stderr)
+        return 2
     workdir = Path(tempfile.mkdtemp(prefix="detour-bench-"))
     bench = Bench(options, workdir)
     code = 0
@@ -1453,6 +1557,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         kill_children()
         for service in reversed(bench.services):
             service.stop()
+        bench.unmount()
         if options.keep:
             log(f"kept {workdir}")
         else:
