@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import base64
 import datetime
+import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,18 +99,29 @@ def generate(
     _check_dns_label(service, "service")
     if days < 1:
         raise ValueError("days must be at least 1")
+    names = service_names(service, namespace)
+    return issue(f"{service}.{namespace} webhook CA", names, days=days, now=now, common=names[2])
+
+
+def issue(
+    ca_name: str,
+    names: Sequence[str],
+    *,
+    days: int,
+    now: datetime.datetime | None = None,
+    common: str | None = None,
+) -> WebhookCertificates:
+    """A new CA called ``ca_name`` and a serving certificate it signs for ``names`` (host names,
+    or IP addresses), valid ``days``, its common name ``common`` (default: the first name)."""
     now = now or datetime.datetime.now(datetime.UTC)
     start = now - _BACKDATE
-
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name(
-        [x509.NameAttribute(NameOID.COMMON_NAME, f"{service}.{namespace} webhook CA")]
-    )
+    issuer = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ca_name)])
     ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
     ca = (
         x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
+        .subject_name(issuer)
+        .issuer_name(issuer)
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
@@ -118,19 +131,23 @@ def generate(
         .add_extension(ca_ski, critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-
+    sans: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            sans.append(x509.DNSName(name))
     key = ec.generate_private_key(ec.SECP256R1())
-    names = service_names(service, namespace)
     not_after = now + datetime.timedelta(days=days)
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[2])]))
-        .issuer_name(ca_name)
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common or names[0])]))
+        .issuer_name(issuer)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(not_after)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), False)
+        .add_extension(x509.SubjectAlternativeName(sans), False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(ca=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)

@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import http.client
-import ipaddress
 import json
 import re
 import shutil
@@ -50,11 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
+from proxy.certs import WebhookCertificates, issue
 from tests.token_issuer import TokenIssuer
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
@@ -75,60 +69,11 @@ def free_port() -> int:
         return port
 
 
-@dataclass(frozen=True, slots=True)
-class ServingCertificates:
-    """A private CA and a serving certificate (with its key) that it signed, all PEM."""
-
-    ca_pem: bytes
-    cert_pem: bytes
-    key_pem: bytes
-
-
-def make_certificates(names: Sequence[str] = ("127.0.0.1",)) -> ServingCertificates:
-    """A fresh CA (P-256) and a one-day server certificate for ``names``."""
-    now = datetime.datetime.now(datetime.UTC)
-    start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "detour test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    sans: list[x509.GeneralName] = []
-    for name in names:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(name)))
-        except ValueError:
-            sans.append(x509.DNSName(name))
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    return ServingCertificates(
-        ca_pem=ca.public_bytes(serialization.Encoding.PEM),
-        cert_pem=cert.public_bytes(serialization.Encoding.PEM),
-        key_pem=key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-    )
+def make_certificates(names: Sequence[str] = ("127.0.0.1",)) -> WebhookCertificates:
+    """A fresh private CA and a one-day serving certificate it signs for ``names`` (host names
+    or IP addresses), as ``detour webhook-certs`` makes them: ``ca_pem``, ``cert_pem``,
+    ``key_pem``."""
+    return issue("detour test CA", names, days=1)
 
 
 @dataclass(frozen=True, slots=True)
