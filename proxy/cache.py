@@ -25,7 +25,7 @@ import os
 import tempfile
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,7 +94,7 @@ def cache_write_failed(
 
 
 DIRECT_ALIGN = 4096  # O_DIRECT: buffer address, length and file offset, multiples of this
-DIRECT_BUFFER_BYTES = 1 << 20  # a blob writer's aligned buffer: the most one write sends
+DIRECT_BUFFER_BYTES = 512 * 1024  # a blob writer's aligned buffer (a chunk and a block fit)
 
 
 class BlobWrites:
@@ -169,6 +169,7 @@ class BlobWriter:
         self._direct = False
         self._buffer: mmap.mmap | None = None  # O_DIRECT: bytes [on_disk, on_disk + _held)
         self._held = 0
+        self._refused = b""  # the rest of the write the disk refused
         try:
             fd, name = tempfile.mkstemp(
                 dir=tmp_dir, prefix=f"{digest.hex[:16]}.", suffix=".partial"
@@ -190,37 +191,36 @@ class BlobWriter:
         """Whether this file is being written with ``O_DIRECT``."""
         return self._direct
 
-    def write(self, chunks: Sequence[bytes]) -> None:
-        """Append ``chunks`` to the file (blocking)."""
+    def write(self, data: bytes) -> None:
         if self._fd is None:
             raise self.failure or OSError("blob writer is closed")
+        view = memoryview(data)
         try:
             if self._buffer is None and not self._direct:
-                views = [memoryview(chunk) for chunk in chunks]
-                while views:
-                    written = os.pwritev(self._fd, views, self.on_disk)
+                while view:
+                    written = os.pwrite(self._fd, view, self.on_disk)
                     self.on_disk += written
-                    while views and written >= len(views[0]):
-                        written -= len(views.pop(0))
-                    if views:
-                        views[0] = views[0][written:]
+                    view = view[written:]
                 return
             if self._buffer is None:
                 self._buffer = mmap.mmap(-1, DIRECT_BUFFER_BYTES)  # page-aligned
             buffer = self._buffer
-            for chunk in chunks:
-                view = memoryview(chunk)
-                while view:
-                    count = min(len(view), len(buffer) - self._held)
-                    buffer[self._held : self._held + count] = view[:count]
-                    self._held += count
-                    view = view[count:]
-                    if self._held == len(buffer):
-                        self._write_held()
-            self._write_held()
+            while view:
+                count = min(len(view), len(buffer) - self._held)
+                buffer[self._held : self._held + count] = view[:count]
+                self._held += count
+                view = view[count:]
+                self._write_held()
         except OSError as exc:
             self.failure = exc
+            self._refused = bytes(view)
             raise
+
+    def unwritten(self) -> bytes:
+        """The bytes given to :meth:`write` that are not in the file: the last partial block
+        held back by ``O_DIRECT``, and after a failure the rest of the refused write."""
+        held = self._buffer[: self._held] if self._buffer is not None else b""
+        return held + self._refused
 
     def _write_held(self) -> None:
         """Write the held bytes: the whole blocks of them with ``O_DIRECT``, else all."""
@@ -268,11 +268,9 @@ class BlobWriter:
                 raise
         self._buffer = None
 
-    def update(self, chunks: Sequence[bytes]) -> None:
-        """Hash ``chunks`` (blocking)."""
-        for chunk in chunks:
-            self._hasher.update(chunk)
-            self.size += len(chunk)
+    def update(self, data: bytes) -> None:
+        self._hasher.update(data)
+        self.size += len(data)
 
     def matches(self, expected_size: int | None = None) -> bool:
         if expected_size is not None and expected_size != self.size:
