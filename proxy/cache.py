@@ -117,18 +117,20 @@ class BlobWrites:
     def accepted(self) -> None:
         if not self._logged:
             self._logged = True
-            log.info("cache_blob_writes", dir=str(self.root), mode="direct")
+            self._log(mode="direct")
 
     def refused(self, exc: OSError) -> None:
         if self.direct:
             self.direct = False
             self._logged = True
-            log.info(
-                "cache_blob_writes",
-                dir=str(self.root),
-                mode="buffered",
-                reason=f"O_DIRECT refused: {exc.strerror or exc}",
-            )
+            self._log(mode="buffered", reason=f"O_DIRECT refused: {exc.strerror or exc}")
+
+    def _log(self, **fields: str) -> None:
+        # A logger of its own, not the module's: structlog caches a logger's configuration on
+        # its first use, and this line, the first of a normal blob write, would otherwise pin
+        # the module's logger to whatever configuration was current then (an in-process
+        # ``detour`` command's, which logs errors only, in the tests).
+        get_logger("detour.cache").info("cache_blob_writes", dir=str(self.root), **fields)
 
 
 def _set_direct(fd: int, on: bool) -> None:
