@@ -25,7 +25,7 @@ import os
 import tempfile
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,7 +94,7 @@ def cache_write_failed(
 
 
 DIRECT_ALIGN = 4096  # O_DIRECT: buffer address, length and file offset, multiples of this
-DIRECT_BUFFER_BYTES = 512 * 1024  # a blob writer's aligned buffer (a chunk and a block fit)
+DIRECT_BUFFER_BYTES = 1 << 20  # a blob writer's aligned buffer: the most one write sends
 
 
 class BlobWrites:
@@ -117,20 +117,18 @@ class BlobWrites:
     def accepted(self) -> None:
         if not self._logged:
             self._logged = True
-            self._log(mode="direct")
+            log.info("cache_blob_writes", dir=str(self.root), mode="direct")
 
     def refused(self, exc: OSError) -> None:
         if self.direct:
             self.direct = False
             self._logged = True
-            self._log(mode="buffered", reason=f"O_DIRECT refused: {exc.strerror or exc}")
-
-    def _log(self, **fields: str) -> None:
-        # A logger of its own, not the module's: structlog caches a logger's configuration on
-        # its first use, and this line, the first of a normal blob write, would otherwise pin
-        # the module's logger to whatever configuration was current then (an in-process
-        # ``detour`` command's, which logs errors only, in the tests).
-        get_logger("detour.cache").info("cache_blob_writes", dir=str(self.root), **fields)
+            log.info(
+                "cache_blob_writes",
+                dir=str(self.root),
+                mode="buffered",
+                reason=f"O_DIRECT refused: {exc.strerror or exc}",
+            )
 
 
 def _set_direct(fd: int, on: bool) -> None:
@@ -171,7 +169,6 @@ class BlobWriter:
         self._direct = False
         self._buffer: mmap.mmap | None = None  # O_DIRECT: bytes [on_disk, on_disk + _held)
         self._held = 0
-        self._refused = b""  # the rest of the write the disk refused
         try:
             fd, name = tempfile.mkstemp(
                 dir=tmp_dir, prefix=f"{digest.hex[:16]}.", suffix=".partial"
@@ -193,36 +190,37 @@ class BlobWriter:
         """Whether this file is being written with ``O_DIRECT``."""
         return self._direct
 
-    def write(self, data: bytes) -> None:
+    def write(self, chunks: Sequence[bytes]) -> None:
+        """Append ``chunks`` to the file (blocking)."""
         if self._fd is None:
             raise self.failure or OSError("blob writer is closed")
-        view = memoryview(data)
         try:
             if self._buffer is None and not self._direct:
-                while view:
-                    written = os.pwrite(self._fd, view, self.on_disk)
+                views = [memoryview(chunk) for chunk in chunks]
+                while views:
+                    written = os.pwritev(self._fd, views, self.on_disk)
                     self.on_disk += written
-                    view = view[written:]
+                    while views and written >= len(views[0]):
+                        written -= len(views.pop(0))
+                    if views:
+                        views[0] = views[0][written:]
                 return
             if self._buffer is None:
                 self._buffer = mmap.mmap(-1, DIRECT_BUFFER_BYTES)  # page-aligned
             buffer = self._buffer
-            while view:
-                count = min(len(view), len(buffer) - self._held)
-                buffer[self._held : self._held + count] = view[:count]
-                self._held += count
-                view = view[count:]
-                self._write_held()
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    count = min(len(view), len(buffer) - self._held)
+                    buffer[self._held : self._held + count] = view[:count]
+                    self._held += count
+                    view = view[count:]
+                    if self._held == len(buffer):
+                        self._write_held()
+            self._write_held()
         except OSError as exc:
             self.failure = exc
-            self._refused = bytes(view)
             raise
-
-    def unwritten(self) -> bytes:
-        """The bytes given to :meth:`write` that are not in the file: the last partial block
-        held back by ``O_DIRECT``, and after a failure the rest of the refused write."""
-        held = self._buffer[: self._held] if self._buffer is not None else b""
-        return held + self._refused
 
     def _write_held(self) -> None:
         """Write the held bytes: the whole blocks of them with ``O_DIRECT``, else all."""
@@ -270,9 +268,11 @@ class BlobWriter:
                 raise
         self._buffer = None
 
-    def update(self, data: bytes) -> None:
-        self._hasher.update(data)
-        self.size += len(data)
+    def update(self, chunks: Sequence[bytes]) -> None:
+        """Hash ``chunks`` (blocking)."""
+        for chunk in chunks:
+            self._hasher.update(chunk)
+            self.size += len(chunk)
 
     def matches(self, expected_size: int | None = None) -> bool:
         if expected_size is not None and expected_size != self.size:

@@ -13,6 +13,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from structlog.typing import FilteringBoundLogger
 
 # Per-request fields for the access log line: name, reference, cache result, upstream, ...
 LOG = web.RequestKey("log", dict[str, Any])
@@ -75,9 +76,13 @@ def configure_logging(level: str = "info", *, stream: str = "stdout") -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.PrintLoggerFactory(out),  # type: ignore[arg-type]
-        cache_logger_on_first_use=True,
+        # Not cached: a cached logger keeps the configuration current at its first use, so a
+        # second ``configure_logging`` (an in-process command after a server, in the tests)
+        # would leave some modules' loggers at the old level. A log line costs a bind more.
+        cache_logger_on_first_use=False,
     )
 
 
-def get_logger(name: str) -> Any:
-    return structlog.get_logger(name)
+def get_logger(name: str) -> FilteringBoundLogger:
+    logger: FilteringBoundLogger = structlog.get_logger(name)
+    return logger

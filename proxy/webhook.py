@@ -97,11 +97,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, NotRequired, Required, TypedDict, cast
 
-import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
-from proxy.logs import configure_logging
+from proxy.logs import configure_logging, get_logger
 from proxy.reference import Reference, parse_json
 from proxy.settings import ConfigError, Settings, WebhookSettings, split_host_port
 
@@ -150,7 +149,7 @@ OUTCOMES: Final = (
     "abandoned",
 )
 
-_log = structlog.get_logger("detour.webhook")
+_log = get_logger("detour.webhook")
 
 
 # --- Wire formats ---------------------------------------------------------------------------
