@@ -2,9 +2,12 @@
 
 A miss starts a :class:`BlobFetch`, a background task that streams the upstream body into a
 temp file, hashing as it writes. Every client of that blob (the first and any that arrive
-while it runs) tails the growing file and sends bytes as they land, so:
+while it runs) is sent each chunk from memory as it arrives from the upstream, while the same
+chunk is hashed and written alongside; a client that falls behind the fetch's in-memory window
+of the last chunks reads the file instead, so the fetch never waits for one. So:
 
 * concurrent requests for a missing blob share one upstream GET;
+* a client that keeps up goes at the upstream's pace, not the cache disk's;
 * a client that disconnects does not cancel the fetch others, or the cache, still want;
 * the final byte of a response is held back until the digest and size are verified; on a
   mismatch the file is discarded and every client's connection is aborted, so no client ever
@@ -22,10 +25,13 @@ import asyncio
 import contextlib
 import enum
 import os
+import queue
 import socket
 import struct
+import threading
 import zlib
 from array import array
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +58,11 @@ from proxy.upstream import UpstreamClient, UpstreamResponse
 CHUNK_BYTES = 256 * 1024
 MAX_RESUMES = 3
 CLOSE_GRACE_SECONDS = 10.0  # at shutdown, for verified blobs to reach the cache
-PIPELINE_CHUNKS = 4  # received chunks waiting to be hashed and written
-SPILL_QUEUE_CHUNKS = 4  # per reader, after a spill: at most this many chunks in memory
+PIPELINE_CHUNKS = 4  # received chunks waiting to be hashed, and to be written
+STORE_BATCH_BYTES = 1 << 20  # at most this much of them hashed, or written, at once
+# The last bytes received, kept in memory for the clients that keep up (and, after a spill,
+# for every client): a fetch holds at most this, plus the chunks not yet on disk.
+WINDOW_BYTES = 8 * CHUNK_BYTES
 NEARLY_DONE = 0.9  # a fetch this far along goes on for the cache when its clients leave
 BLOB_CONTENT_TYPE = "application/octet-stream"
 
@@ -80,9 +89,9 @@ def _unknown(digest: Digest) -> BlobUnknown:
 
 @dataclass(eq=False)
 class _Reader:
-    """One client of a fetch. After a spill its bytes come through ``queue``."""
+    """One client of a fetch."""
 
-    queue: asyncio.Queue[bytes | None] | None = None
+    position: int = 0  # bytes sent to it
     gone: bool = False
     too_slow: bool = False  # cut off for holding a spilled fetch back
     # The client's connection: one that closed while waiting for the fetch's first bytes
@@ -152,12 +161,117 @@ class FetchSlots:
                 del self._registries[registry]  # names a client invents don't pile up
 
 
+class _Lane:
+    """A thread that runs ``job`` on the chunks put to it, in order, taking what has queued up
+    (up to ``STORE_BATCH_BYTES``) at once: the hashing, or the writing, of one fetch.
+
+    It goes from one chunk to the next without waiting for the event loop; the loop waits for
+    it only when ``PIPELINE_CHUNKS`` are waiting, and is woken only then. A job that raises
+    is not run again: ``error`` holds what it raised, and later chunks are only counted.
+    """
+
+    def __init__(self, name: str, job: Callable[[list[bytes]], None]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._job = job
+        self._chunks: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._put = 0  # chunks put (on the loop)
+        self._done = 0  # chunks done (in the thread)
+        self._closed = False
+        self._stopped = False
+        self._wanted = False  # the loop waits for a chunk to be done
+        self._waiting: asyncio.Future[None] | None = None
+        self.error: Exception | None = None
+        self.ended: asyncio.Future[None] = self._loop.create_future()  # the thread is gone
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    async def put(self, chunk: bytes) -> None:
+        await self._room(PIPELINE_CHUNKS)
+        self._put += 1
+        self._chunks.put(chunk)
+
+    async def close(self) -> None:
+        """Wait until every chunk put is done; the thread ends."""
+        self._closed = True
+        self._chunks.put(None)
+        await self._room(1)
+
+    @property
+    def busy(self) -> bool:
+        """Whether the thread may still run a job (or is about to end)."""
+        return not self.ended.done() and not (self._closed and self._done == self._put)
+
+    def stop(self) -> None:
+        """End the thread without waiting: it runs no job after the one it may be running."""
+        self._stopped = True
+        self._chunks.put(None)
+
+    async def _room(self, limit: int) -> None:
+        while self._put - self._done >= limit:
+            waiting = self._waiting = self._loop.create_future()
+            self._wanted = True
+            if self._put - self._done < limit:  # done meanwhile
+                self._wanted = False
+                return
+            await waiting
+
+    def _wake(self) -> None:
+        if self._waiting is not None and not self._waiting.done():
+            self._waiting.set_result(None)
+
+    def _end(self) -> None:
+        if not self.ended.done():
+            self.ended.set_result(None)
+
+    def _run(self) -> None:
+        try:
+            self._work()
+        finally:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._end)
+
+    def _work(self) -> None:
+        end = False
+        while not end:
+            batch: list[bytes] = []
+            size = 0
+            chunk = self._chunks.get()
+            while True:
+                if chunk is None:
+                    end = True
+                    break
+                batch.append(chunk)
+                size += len(chunk)
+                if size >= STORE_BATCH_BYTES:
+                    break
+                try:
+                    chunk = self._chunks.get_nowait()
+                except queue.Empty:
+                    break
+            if not batch:
+                continue
+            if self.error is None and not self._stopped:
+                try:
+                    self._job(batch)
+                except Exception as exc:
+                    self.error = exc
+            self._done += len(batch)
+            if self._wanted:
+                self._wanted = False
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                    self._loop.call_soon_threadsafe(self._wake)
+
+
 class BlobFetch:
-    """One upstream fetch of one blob, into a temp file that its clients tail.
+    """One upstream fetch of one blob, into a temp file, and to its clients from memory.
+
+    Each chunk received joins the fetch's *window*: the last ``WINDOW_BYTES`` received, and
+    every chunk not yet on disk. A client whose position is in the window is sent its bytes
+    from there; one behind it reads the temp file, up to ``on_disk``, until it catches up. The
+    fetch waits for the disk (a bounded pipeline) but never for a client.
 
     If the disk refuses a write (full, or an I/O error) the fetch *spills*: it stops writing,
-    keeps hashing, and hands the rest of the bytes to the clients it has through bounded
-    in-memory queues (the slowest client sets the pace, so memory stays flat). A spilled fetch
+    keeps hashing, and keeps each chunk in the window until every client has it, waiting for
+    the slowest (cut off after ``upstream.slow_client``), so memory stays flat. A spilled fetch
     takes no new clients and caches nothing; it is still verified to the last byte.
     """
 
@@ -189,10 +303,13 @@ class BlobFetch:
         self.state = _State.OPENING
         self.error: DetourError | None = None
         self.size: int | None = None
-        self.written = 0  # bytes received and hashed
-        self.on_disk = 0  # bytes in the temp file, which readers tail
+        self.received = 0  # bytes received from the upstream
+        self._window: deque[bytes] = deque()  # the last chunks received, oldest first
+        self._window_start = 0  # the offset of its first byte
+        self._window_bytes = 0
         self.spilled = False
-        self._storing_failure: DetourError | None = None
+        self._hashing: _Lane | None = None
+        self._writing: _Lane | None = None
         self.source = ""
         self.committed = False
         self._writer: BlobWriter | None = None
@@ -205,6 +322,11 @@ class BlobFetch:
     def _notify(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+
+    @property
+    def on_disk(self) -> int:
+        """Bytes in the temp file, which readers behind the window read."""
+        return 0 if self._writer is None else self._writer.on_disk
 
     async def run(self) -> None:
         try:
@@ -219,9 +341,6 @@ class BlobFetch:
             self.state = _State.FAILED
         finally:
             self._done.set()
-            for reader in self._readers:
-                if reader.queue is not None:
-                    reader.queue.put_nowait(None)  # a slot is always free: see _deliver
             self._release_file()
             self._notify()
 
@@ -249,7 +368,7 @@ class BlobFetch:
         return any(reader.waiting for reader in self._readers) or self.waiting > 0
 
     def _nearly_done(self) -> bool:
-        return self.size is not None and self.written >= self.size * NEARLY_DONE
+        return self.size is not None and self.received >= self.size * NEARLY_DONE
 
     async def _fetch_watched(self) -> None:
         """The fetch, ended early when its clients are gone or the upstream crawls."""
@@ -285,7 +404,7 @@ class BlobFetch:
         loop = asyncio.get_running_loop()
         tick = min(1.0, limits.abandon_after / 4, limits.rate_window / 4)
         idle_since: float | None = None
-        window_start, window_bytes = loop.time(), self.written
+        window_start, window_bytes = loop.time(), self.received
         while True:
             await asyncio.sleep(tick)
             if self.state is _State.VERIFIED:
@@ -298,12 +417,12 @@ class BlobFetch:
             elif now - idle_since >= limits.abandon_after and not self._nearly_done():
                 return "abandoned", f"no client for {limits.abandon_after:g}s"
             if self.state is not _State.RUNNING:
-                window_start, window_bytes = now, self.written  # the clock starts with bytes
+                window_start, window_bytes = now, self.received  # the clock starts with bytes
             elif now - window_start >= limits.rate_window:
-                rate = (self.written - window_bytes) / (now - window_start)
+                rate = (self.received - window_bytes) / (now - window_start)
                 if limits.min_rate is not None and rate < limits.min_rate:
                     return "too_slow", f"{rate:.0f} bytes/s, below upstream.min_rate"
-                window_start, window_bytes = now, self.written
+                window_start, window_bytes = now, self.received
 
     async def _open(self, offset: int) -> UpstreamResponse:
         headers = {"Range": f"bytes={offset}-"} if offset else {}
@@ -342,19 +461,25 @@ class BlobFetch:
                 self._spill(None, "no_room")
         self.state = _State.RUNNING
         self._notify()
-        # Receiving, hashing and writing overlap: the network loop runs ahead of the storing
-        # task by up to PIPELINE_CHUNKS, and each chunk is hashed and written in two threads.
-        chunks: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=PIPELINE_CHUNKS)
-        storing = asyncio.create_task(self._store_chunks(writer, chunks))
+        # Receiving, hashing and writing overlap: the network loop runs ahead of the hashing
+        # and of the writing by up to PIPELINE_CHUNKS each, and each goes at its own pace in
+        # a thread of its own.
+        name = self.digest.hex[:12]
+        hashing = self._hashing = _Lane(f"hash {name}", writer.update)
+        writing = self._writing = _Lane(f"write {name}", writer.write)
         try:
-            await self._receive(response, chunks)
-            await chunks.put(None)
-            await storing
+            await self._receive(response)
+            await hashing.close()
+            if hashing.error is not None:
+                raise self._store_failed(hashing.error)
+            await writing.close()  # spilled, what it has left is skipped or, at most, written
+            if not self.spilled:
+                await self._finish_file(writer)
         finally:
-            if not storing.done():
-                storing.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await storing
+            hashing.stop()
+            writing.stop()
+            # Not a moment for a write to go on into a file about to be closed and deleted.
+            await asyncio.wait({writing.ended}, timeout=CLOSE_GRACE_SECONDS)
         if not writer.matches(self.size):
             self._metrics.verify_failures.labels(
                 "blob", self._metrics.registry_label(self.route.upstreams[0].registry)
@@ -363,7 +488,7 @@ class BlobFetch:
                 "blob_digest_mismatch",
                 digest=str(self.digest),
                 upstream=self.source,
-                size=self.written,
+                size=self.received,
                 expected_size=self.size,
             )
             raise UpstreamInvalid(
@@ -373,9 +498,13 @@ class BlobFetch:
         # Verified: clients get their last byte now. Making the file durable (fsync, rename)
         # is for the cache, and happens after.
         self.state = _State.VERIFIED
-        self._notify()
         if private or not writer.complete_on_disk:
+            # Not kept: the file goes now, unless a client behind the window still reads it.
+            if all(reader.position >= self.on_disk for reader in self._readers):
+                self._discard()
+            self._notify()
             return
+        self._notify()
         try:
             await asyncio.get_running_loop().run_in_executor(None, writer.sync)
             writer.commit()
@@ -386,30 +515,33 @@ class BlobFetch:
         self._store.admit(writer.final, writer.size, self._reserved)
         self._reserved = 0
 
-    async def _receive(
-        self, response: UpstreamResponse, chunks: asyncio.Queue[bytes | None]
-    ) -> None:
-        """The body into ``chunks``, resuming with a Range request when the upstream drops."""
+    async def _receive(self, response: UpstreamResponse) -> None:
+        """The body into the window, to be hashed and written, resuming with a Range request
+        when the upstream drops."""
         resumes = 0
         while True:
             try:
                 async with response:
                     async for chunk in response.chunks(CHUNK_BYTES):
-                        if self._storing_failure is not None:
-                            raise self._storing_failure
-                        self.written += len(chunk)
-                        if self.size is not None and self.written > self.size:
+                        self.received += len(chunk)
+                        if self.size is not None and self.received > self.size:
                             raise UpstreamInvalid(
                                 "upstream sent more bytes than announced",
                                 {"upstream": self.source},
                             )
-                        if self.size is None and self.written > self._limits.max_blob_size:
+                        if self.size is None and self.received > self._limits.max_blob_size:
                             raise UpstreamInvalid(
                                 "upstream blob of no announced length is larger than "
                                 f"cache.max_blob_size ({self._limits.max_blob_size} bytes)",
                                 {"upstream": self.source},
                             )
-                        await chunks.put(chunk)
+                        if self.spilled:
+                            await self._room()
+                        self._window.append(chunk)
+                        self._window_bytes += len(chunk)
+                        self._trim()
+                        self._notify()  # the clients that keep up send it now
+                        await self._store_chunk(chunk)
             except UpstreamError as exc:
                 # Dropped mid-blob: resume from the byte reached, a bounded number of times.
                 if isinstance(exc, UpstreamInvalid) or resumes >= MAX_RESUMES:
@@ -420,69 +552,114 @@ class BlobFetch:
                 log.warning(
                     "blob_resume",
                     digest=str(self.digest),
-                    offset=self.written,
+                    offset=self.received,
                     attempt=resumes,
                     error=exc.message,
                 )
-                response = await self._open(self.written)
+                response = await self._open(self.received)
                 continue
-            if self.size is not None and self.written < self.size and resumes < MAX_RESUMES:
+            if self.size is not None and self.received < self.size and resumes < MAX_RESUMES:
                 resumes += 1
-                response = await self._open(self.written)
+                response = await self._open(self.received)
                 continue
             return
 
-    async def _store_chunks(self, writer: BlobWriter, chunks: asyncio.Queue[bytes | None]) -> None:
-        """Hash and write each chunk (or, spilled, hand it to the readers), in order, then the
-        last partial block ``O_DIRECT`` held back. After a failure it keeps taking chunks, so
-        the receiving loop never blocks on a dead consumer, and the loop stops at its next
-        chunk."""
+    async def _store_chunk(self, chunk: bytes) -> None:
+        """Hand a chunk to the hashing and (spilled: not) the writing, after making room for it
+        if the upstream announced no length."""
+        hashing, writing = self._hashing, self._writing
+        assert hashing is not None
+        assert writing is not None
+        if hashing.error is not None:
+            raise self._store_failed(hashing.error)
+        await hashing.put(chunk)
+        if self.spilled:
+            return
+        if writing.error is not None:
+            self._write_failed(writing.error)
+            return
+        if self.size is None and not self._private:
+            # No length announced: room is made chunk by chunk, under max_size.
+            if not self._store.reserve(len(chunk)):
+                self._spill(None, "no_room")
+                return
+            self._reserved += len(chunk)
+        await writing.put(chunk)
+
+    async def _finish_file(self, writer: BlobWriter) -> None:
+        """After the writing: the last partial block ``O_DIRECT`` held back."""
+        assert self._writing is not None
+        if self._writing.error is not None:
+            self._write_failed(self._writing.error)
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, writer.finish)
+        except OSError as exc:
+            self._spill(exc)
+        self._trim()
+
+    def _write_failed(self, exc: Exception) -> None:
+        if not isinstance(exc, OSError):
+            raise self._store_failed(exc)
+        self._spill(exc)
+
+    def _store_failed(self, exc: Exception) -> DetourError:
+        log.error("blob_store_crashed", digest=str(self.digest), error=repr(exc))
+        return UpstreamInvalid("blob store failed")
+
+    def _trim(self) -> None:
+        """Let go of the oldest chunks of the window that nobody needs from memory: past the
+        last ``WINDOW_BYTES``, those on disk; spilled, those every client has, or on disk."""
+        floor, keep = self.on_disk, WINDOW_BYTES
+        if self.spilled:
+            floor = max(floor, min((r.position for r in self._readers), default=self.received))
+            keep = 0
+        window = self._window
+        while window and self._window_bytes - len(window[0]) >= keep:
+            end = self._window_start + len(window[0])
+            if end > floor:
+                break
+            self._window_bytes -= len(window[0])
+            self._window_start = end
+            window.popleft()
+
+    def _window_views(self, start: int, end: int) -> list[memoryview]:
+        """Bytes ``[start, end)`` of the window (``start`` in it), in views of its chunks."""
+        views = []
+        offset = self._window_start
+        for chunk in self._window:
+            stop = offset + len(chunk)
+            if stop > start:
+                views.append(memoryview(chunk)[max(0, start - offset) : min(end, stop) - offset])
+            offset = stop
+            if offset >= end:
+                break
+        return views
+
+    async def _room(self) -> None:
+        """Spilled: wait for the window to have room, that is for the slowest client to take
+        its oldest chunk; a client that holds the others back for ``slow_client`` is cut off."""
         loop = asyncio.get_running_loop()
-        while (chunk := await chunks.get()) is not None:
-            if self._storing_failure is not None:
-                continue
-            hashed = loop.run_in_executor(None, writer.update, chunk)
+        deadline = loop.time() + self._limits.slow_client
+        while True:
+            self._trim()
+            if not self._readers:
+                raise UpstreamInvalid("no client left for an uncached blob")
+            if self._window_bytes < WINDOW_BYTES:
+                return
+            changed = self._changed
             try:
-                spilled = b""  # bytes the file does not have, for the readers' queues
-                if not self.spilled and self.size is None and not self._private:
-                    # No length announced: room is made chunk by chunk, under max_size.
-                    if self._store.reserve(len(chunk)):
-                        self._reserved += len(chunk)
-                    else:
-                        self._spill(None, "no_room")
-                        spilled = writer.unwritten() + chunk
-                if not self.spilled:
-                    try:
-                        await loop.run_in_executor(None, writer.write, chunk)
-                    except OSError as exc:
-                        self._spill(exc)
-                        spilled = writer.unwritten()
-                    finally:
-                        self.on_disk = writer.on_disk  # part of a refused write may be there
-                elif not spilled:
-                    spilled = chunk
-                if spilled:
-                    await self._deliver(spilled)
-            except Exception as exc:
-                self._storing_failure = (
-                    exc if isinstance(exc, DetourError) else UpstreamInvalid("blob store failed")
-                )
-            finally:
-                await hashed
-            self._notify()
-        if self._storing_failure is None and not self.spilled:
-            try:
-                await loop.run_in_executor(None, writer.finish)
-            except OSError as exc:
-                self._spill(exc)
-                await self._deliver(writer.unwritten())
-            self.on_disk = writer.on_disk
-            self._notify()
-        if self._storing_failure is not None:
-            raise self._storing_failure
+                async with asyncio.timeout_at(deadline):
+                    await changed.wait()  # a client took bytes, or left
+            except TimeoutError:
+                needed = self._window_start + len(self._window[0])
+                for reader in list(self._readers):
+                    if reader.position < needed:
+                        self._cut_off(reader)
+                deadline = loop.time() + self._limits.slow_client
 
     def _spill(self, exc: OSError | None, reason: str = "") -> None:
-        """Stop writing; hand the rest of the bytes to the clients from memory. ``exc`` is the
+        """Stop writing; the clients get the rest of the bytes from memory. ``exc`` is the
         disk's refusal; without one, ``reason`` says why the blob is not kept."""
         if exc is not None:
             self._cache_write_failed(exc)
@@ -490,8 +667,6 @@ class BlobFetch:
             self._metrics.cache_write_failures.labels(reason).inc()
             log.info("blob_not_cached", digest=str(self.digest), reason=reason, size=self.size)
         self.spilled = True
-        for reader in self._readers:
-            reader.queue = asyncio.Queue(maxsize=SPILL_QUEUE_CHUNKS)
         self._on_spill(self)
 
     def _cache_write_failed(self, exc: OSError) -> None:
@@ -499,45 +674,31 @@ class BlobFetch:
             self._metrics, exc, "blob", "streaming without caching", digest=str(self.digest)
         )
 
-    async def _deliver(self, chunk: bytes) -> None:
-        if not self._readers:
-            raise UpstreamInvalid("no client left for an uncached blob")
-        loop = asyncio.get_running_loop()
-        for reader in list(self._readers):
-            if not reader.gone and reader.queue is not None:
-                # Keep one slot free for the end marker that run() puts without waiting.
-                deadline = loop.time() + self._limits.slow_client
-                while reader.queue.qsize() >= SPILL_QUEUE_CHUNKS - 1 and not reader.gone:
-                    try:  # the reader took a chunk, or left
-                        async with asyncio.timeout_at(deadline):
-                            await self._changed.wait()
-                    except TimeoutError:
-                        self._cut_off(reader)
-                if not reader.gone:
-                    reader.queue.put_nowait(chunk)
-        if not self._readers:
-            raise UpstreamInvalid("no client left for an uncached blob")
-
     def _cut_off(self, reader: _Reader) -> None:
         """A client too slow to keep up with a spilled fetch: the others go on without it."""
-        assert reader.queue is not None
         reader.too_slow = True
         self._readers.discard(reader)
         reader.gone = True
-        while not reader.queue.empty():
-            reader.queue.get_nowait()
-        reader.queue.put_nowait(None)
+        self._notify()
         if reader.transport is not None:
             _reset(reader.transport)
         log.warning("slow_client_cut_off", digest=str(self.digest), after=self._limits.slow_client)
 
     def _release_file(self) -> None:
         """Delete the temp file once nobody needs it (a committed one has moved away)."""
-        finished = self._done.is_set()
-        if finished and self._writer is not None and not self.committed and not self._readers:
+        if self._done.is_set() and not self.committed and not self._readers:
+            self._discard()
+
+    def _discard(self) -> None:
+        writing = self._writing
+        if writing is not None and writing.busy:
+            # Its file is not closed under a write: deleted once the writing thread is gone.
+            writing.ended.add_done_callback(lambda _: self._discard())
+            return
+        if self._writer is not None:
             self._writer.discard()
-            self._store.release(self._reserved)
-            self._reserved = 0
+        self._store.release(self._reserved)
+        self._reserved = 0
 
     # --------------------------------------------------------------------- the clients
 
@@ -557,7 +718,7 @@ class BlobFetch:
         """Wait for the upstream's answer; raise its error if it failed before any bytes."""
         while self.state is _State.OPENING:
             await self._changed.wait()
-        if self.state is _State.FAILED and self.written == 0:
+        if self.state is _State.FAILED and self.received == 0:
             assert self.error is not None
             raise self.error
 
@@ -593,7 +754,7 @@ class BlobFetch:
             return open(writer.path, "rb", buffering=0)
         except FileNotFoundError:
             if not self.committed:
-                raise
+                return None  # not kept, and deleted: every byte comes from memory
             return open(writer.final, "rb", buffering=0)
 
     async def _stream(
@@ -608,18 +769,26 @@ class BlobFetch:
                 changed = self._changed
                 if self.state is _State.FAILED:
                     raise self.error or UpstreamInvalid("blob fetch failed")
-                limit = self.on_disk
+                if reader.too_slow:
+                    raise UpstreamTimeout(
+                        "client too slow for a blob streamed from memory (the cache disk is "
+                        "full); resume with a Range request"
+                    )
+                limit = self._window_start + self._window_bytes  # every byte received so far
                 if self.state is not _State.VERIFIED and self.size is not None:
                     limit = min(limit, self.size - 1)  # the last byte waits for verification
-                if fields["bytes"] < limit and source is not None:
-                    await self._send(request, response, source, limit, fields)
-                elif self.spilled:
-                    await self._stream_spilled(response, reader, fields)
-                    break
-                elif self.state is _State.VERIFIED:
-                    break
-                else:
+                if reader.position >= limit:
+                    if self.state is _State.VERIFIED:
+                        break
                     await changed.wait()
+                elif reader.position >= self._window_start:
+                    await self._send_window(response, reader, limit, fields)
+                elif source is not None and reader.position < self.on_disk:
+                    # Behind the window: from the file, catching up.
+                    await self._send(request, response, source, min(limit, self.on_disk), fields)
+                    reader.position = fields["bytes"]
+                else:
+                    raise UpstreamInvalid("blob bytes neither in memory nor on disk")
         except DetourError as exc:
             # Bytes already went out under a 200: abort, so the client can't take them as whole.
             fields["aborted"] = exc.message
@@ -638,29 +807,16 @@ class BlobFetch:
         await response.write_eof()
         return response
 
-    async def _stream_spilled(
-        self, response: web.StreamResponse, reader: _Reader, fields: dict[str, Any]
+    async def _send_window(
+        self, response: web.StreamResponse, reader: _Reader, limit: int, fields: dict[str, Any]
     ) -> None:
-        """The bytes after the spill, from this reader's queue, holding the last chunk back
-        until the fetch is verified."""
-        assert reader.queue is not None
-        held: bytes | None = None
-        while (chunk := await reader.queue.get()) is not None:
-            self._notify()  # a slot is free: the fetch may go on
-            if held is not None:
-                await response.write(held)
-                fields["bytes"] += len(held)
-            held = chunk
-        if reader.too_slow:
-            raise UpstreamTimeout(
-                "client too slow for a blob streamed from memory (the cache disk is full); "
-                "resume with a Range request"
-            )
-        if self.state is not _State.VERIFIED:
-            raise self.error or UpstreamInvalid("blob fetch failed")
-        if held is not None:
-            await response.write(held)
-            fields["bytes"] += len(held)
+        """Send the window's bytes from the reader's position up to ``limit``, as the socket
+        takes them (the views keep their chunks alive if the window lets go of them)."""
+        for view in self._window_views(reader.position, limit):
+            await response.write(view)
+            reader.position = fields["bytes"] = reader.position + len(view)
+            if self.spilled:
+                self._notify()  # the fetch may be waiting for this client
 
     @staticmethod
     async def _send(

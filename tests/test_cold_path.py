@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -17,8 +18,10 @@ import pytest
 from tests.images import Client, unique_repo
 from tests.proxy import Proxy, blob_path, scenario, wait_cached
 from tests.registry import Registry
+from tests.relay import Relay
 
 StartProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
+MakeProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
 KiB = 1024
 MiB = 1024 * KiB
 # A blob of whole 4 KiB blocks, one with a last partial block, one smaller than a block.
@@ -88,3 +91,80 @@ async def test_blobs_are_cached_whole_and_verified_in_either_write_mode(
     # The mode is logged once, at info, when the first blob is written.
     assert [(r["mode"], r["level"]) for r in write_modes(proxy)] == [(mode, "info")]
     assert await proxy.metric("detour_cache_requests_total", kind="blob", result="miss") == 3
+
+
+async def raw_get(proxy: Proxy, path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A GET from a client with a 64 KiB receive buffer (set before connecting), so the kernel
+    can't take a blob off Detour's hands faster than the client reads it; its headers read."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * KiB)
+    sock.setblocking(False)
+    host, port = proxy.host.split(":")
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    return reader, writer
+
+
+async def test_a_stalled_client_does_not_hold_the_fetch_back(
+    make_proxy: MakeProxy, registry: Registry, cache_dir: tuple[str, Path]
+) -> None:
+    """The fetch goes on at the upstream's pace while a client stops reading; the client,
+    left behind the fetch's window, gets the rest from the file, and every byte right."""
+    _, directory = cache_dir
+    repo = f"docker-mirror/library/{unique_repo('stall').split('/')[1]}"
+    data = os.urandom(16 * MiB)
+    digest = Client(registry).push_blob(repo, data)
+    proxy = await make_proxy(scenario(registry, directory))
+    name = repo.removeprefix("docker-mirror/library/")
+    reader, writer = await raw_get(proxy, f"/v2/{name}/blobs/{digest}")
+    try:
+        got = bytearray(await reader.readexactly(64 * KiB))
+        # Stalled: the fetch finishes and the blob is cached meanwhile.
+        assert await wait_cached(directory, digest, limit=10)
+        got += await reader.readexactly(len(data) - len(got))
+    finally:
+        writer.close()
+    assert bytes(got) == data
+
+
+async def test_a_client_that_joins_late_catches_up(
+    make_proxy: MakeProxy, registry: Registry, cache_dir: tuple[str, Path]
+) -> None:
+    """A client that joins a fetch 4 MiB in (past the window in memory) reads the start from
+    the file and the rest as it arrives; one upstream GET for both."""
+    _, directory = cache_dir
+    repo = f"docker-mirror/library/{unique_repo('late').split('/')[1]}"
+    data = os.urandom(12 * MiB)
+    digest = Client(registry).push_blob(repo, data)
+    async with Relay(registry, rate=8 * MiB) as relay:
+        config = scenario(registry, directory)
+        config["redirects"] = [{"src": "docker.io/", "to": f"{relay.host}/docker-mirror/"}]
+        config["registries"] = {relay.host: {"insecure": True}}
+        proxy = await make_proxy(config)
+        name = repo.removeprefix("docker-mirror/library/")
+        url = f"{proxy.url}/v2/{name}/blobs/{digest}"
+        mark = registry.mark()
+
+        async def first() -> bytes:
+            async with proxy.session.get(url) as response:
+                body = bytearray()
+                async for chunk in response.content.iter_any():
+                    body += chunk
+                    if len(body) >= 4 * MiB and not joined.is_set():
+                        joined.set()
+                return bytes(body)
+
+        async def late() -> bytes:
+            await joined.wait()
+            async with proxy.session.get(url) as response:
+                return await response.read()
+
+        joined = asyncio.Event()
+        bodies = await asyncio.gather(first(), late())
+    assert list(bodies) == [data, data]
+    entries = await registry.wait_entries(mark, at_least=1)
+    assert [e.method for e in entries if digest in e.path] == ["GET"]
+    assert await proxy.metric("detour_cache_requests_total", kind="blob", result="joined") == 1
