@@ -29,7 +29,6 @@ import queue
 import socket
 import struct
 import threading
-import zlib
 from array import array
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -37,9 +36,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import xxhash
 from aiohttp import web
 
-from proxy.cache import BlobWriter, CacheStore, cache_write_failed
+from proxy.cache import (
+    CHECKED_CHUNK_BYTES,
+    BlobWriter,
+    CacheStore,
+    Checksums,
+    cache_write_failed,
+)
 from proxy.errors import (
     BlobUnknown,
     DetourError,
@@ -312,6 +318,7 @@ class BlobFetch:
         self._writing: _Lane | None = None
         self.source = ""
         self.committed = False
+        self.checksums: Checksums | None = None  # once committed: for its hits' checks
         self._writer: BlobWriter | None = None
         self._readers: set[_Reader] = set()
         self._changed = asyncio.Event()
@@ -512,6 +519,7 @@ class BlobFetch:
             self._cache_write_failed(exc)
             return
         self.committed = True
+        self.checksums = writer.checksums
         self._store.admit(writer.final, writer.size, self._reserved)
         self._reserved = 0
 
@@ -852,18 +860,19 @@ class BlobFetch:
 
 # ----------------------------------------------------------------------------- hits
 #
-# A hit is verified as it is sent. Once a fetch has put a blob in the cache (its bytes hashed
-# as they were written, and the digest matched), the file is read back in the background and
-# a CRC-32 of each of its HIT_CHUNK_BYTES chunks kept in memory (:class:`_Checksums`). A hit
-# checks each chunk against its CRC in a worker thread before sendfile sends it, the next chunk
-# checked while this one goes out: a file that changed (bit rot, a failing disk, a stray
-# writer, a truncation) is caught before a wrong byte leaves; the response is aborted with only
-# right bytes sent (a client that resumes it with a Range gets the rest from a fresh copy), and
-# the entry is dropped. A blob without checksums (the first hit after a restart) is hashed
-# (sha256) as it is sent, its last byte held back until the digest matches, as on a miss; that
-# pass takes its checksums for the next hits.
+# A hit is verified as it is sent. A fetch that puts a blob in the cache takes an XXH3-64 of
+# each of its HIT_CHUNK_BYTES chunks from the very bytes whose digest it verified, and they are
+# kept in memory (:class:`Checksums`). A hit checks each chunk against its sum in a worker
+# thread before sendfile sends it, the next chunk checked while this one goes out: a file that
+# changed (bit rot, a failing disk, a stray writer, a truncation) is caught before a wrong byte
+# leaves; the response is aborted with only right bytes sent (a client that resumes it with a
+# Range gets the rest from a fresh copy), and the entry is dropped. A blob without checksums
+# (the first hit after a restart) is hashed (sha256) as it is sent, its last byte held back
+# until the digest matches, as on a miss; that pass takes its checksums for the next hits.
+# XXH3 rather than CRC-32: four times as fast here (24 vs 6 GB/s), so checking a hit costs a
+# sixth of a core at the mirror's pace instead of most of one.
 
-HIT_CHUNK_BYTES = 32 << 20  # sent with one sendfile, and checked, at a time
+HIT_CHUNK_BYTES = CHECKED_CHUNK_BYTES  # sent with one sendfile, and checked, at a time
 HASH_READ_BYTES = 1 << 20  # one read of the checking thread
 # Without checksums, a blob this small (configs, small layers) is hashed before its headers go
 # out, so a bad copy is a miss the client never notices.
@@ -871,16 +880,6 @@ VERIFY_FIRST_BYTES = 8 << 20
 CHECKSUMS_KEPT = 65536  # blobs whose chunk checksums are kept (the oldest go first)
 CORRUPT = "cached blob corrupt"  # the access log's ``aborted`` when a hit fails its check
 _UNREADABLE = -1
-
-
-@dataclass(frozen=True, slots=True)
-class _Checksums:
-    """CRC-32 of each chunk of a cached file, taken from bytes known to be right: read back
-    just after the fetch that verified them wrote them, or in a pass whose sha256 matched."""
-
-    identity: tuple[int, int]  # (st_dev, st_ino): a file fetched again is another file
-    size: int
-    crcs: array[int]
 
 
 class _Corrupt(Exception):
@@ -896,7 +895,7 @@ class _CachedFile:
     thread (the file position is sendfile's), one job at a time; :meth:`close` waits for it.
     """
 
-    def __init__(self, path: Path, digest: Digest, known: _Checksums | None) -> None:
+    def __init__(self, path: Path, digest: Digest, known: Checksums | None) -> None:
         self.path = path
         self.digest = digest
         self.file: IO[bytes] = open(path, "rb", buffering=0)  # noqa: SIM115 (see close)
@@ -911,7 +910,7 @@ class _CachedFile:
         self.hashed = 0
         self.last = b""  # the final byte, as it was hashed: sent from here
         self._hasher = digest.hasher()
-        self._crcs: array[int] = array("I")
+        self._sums: array[int] = array("Q")
         self._buffer = bytearray(min(HASH_READ_BYTES, max(1, self.size)))
         self._job: asyncio.Future[int] | None = None
 
@@ -919,52 +918,43 @@ class _CachedFile:
     # (its response was aborted) must not leave an exception behind.
 
     def _read(self, offset: int, count: int, digest: bool) -> tuple[int, int]:
-        """CRC-32 of ``count`` bytes from ``offset`` and how many there were (fewer: the file
-        ended); with ``digest``, they go into the sha256 too."""
+        """How many of ``count`` bytes from ``offset`` there were (fewer: the file ended), and
+        their XXH3-64; with ``digest``, they go into the sha256 too."""
         fd, view = self.file.fileno(), memoryview(self._buffer)
-        done = crc = 0
+        done = 0
+        chunk_sum = xxhash.xxh3_64()
         while done < count:
             n = os.preadv(fd, [view[: min(len(view), count - done)]], offset + done)
             if n == 0:
                 break
             if digest:
                 self._hasher.update(view[:n])
-            crc = zlib.crc32(view[:n], crc)
+            chunk_sum.update(view[:n])
             done += n
             if offset + done == self.size:
                 self.last = bytes(view[n - 1 : n])
-        return done, crc
+        return done, chunk_sum.intdigest()
 
     def _hash_job(self, count: int) -> int:
         try:
-            done, crc = self._read(self.hashed, count, digest=True)
+            done, chunk_sum = self._read(self.hashed, count, digest=True)
         except OSError:
             return _UNREADABLE
         if done == count:
-            self._crcs.append(crc)
+            self._sums.append(chunk_sum)
         return done
-
-    def _crc_job(self, index: int) -> int:
-        offset = index * HIT_CHUNK_BYTES
-        count = min(HIT_CHUNK_BYTES, self.size - offset)
-        try:
-            done, crc = self._read(offset, count, digest=False)
-        except OSError:
-            return _UNREADABLE
-        self._crcs.append(crc)
-        return int(done == count)
 
     def _check_job(self, index: int) -> int:
         assert self.checksums is not None
-        if index >= len(self.checksums.crcs):
+        if index >= len(self.checksums.sums):
             return 0
         offset = index * HIT_CHUNK_BYTES
         count = min(HIT_CHUNK_BYTES, self.size - offset)
         try:
-            done, crc = self._read(offset, count, digest=False)
+            done, chunk_sum = self._read(offset, count, digest=False)
         except OSError:
             return _UNREADABLE
-        return int(done == count and crc == self.checksums.crcs[index])
+        return int(done == count and chunk_sum == self.checksums.sums[index])
 
     def _submit(self, job: Callable[[int], int], arg: int) -> asyncio.Future[int]:
         # Submitted now, not when the loop next runs a task: a sendfile can keep the loop
@@ -991,7 +981,7 @@ class _CachedFile:
             if self._hasher.hexdigest() != self.digest.hex:
                 raise _Corrupt("does not match its digest")
             self.verified = True
-            self.checksums = _Checksums(self.identity, self.size, self._crcs)
+            self.checksums = Checksums(self.identity, self.size, self._sums)
 
     async def verify(self) -> None:
         """Hash the whole file, a chunk per job (a big file does not hold a worker thread
@@ -1000,14 +990,6 @@ class _CachedFile:
             await self.hash_next(0)
         while not self.verified:
             await self.hash_next(min(HIT_CHUNK_BYTES, self.size - self.hashed))
-
-    async def take_checksums(self) -> None:
-        """Take the checksums of a file just verified by the fetch that wrote it, a chunk per
-        job; raise :class:`_Corrupt` if it is short of its size, or unreadable."""
-        for index in range((self.size + HIT_CHUNK_BYTES - 1) // HIT_CHUNK_BYTES):
-            if await self._submit(self._crc_job, index) != 1:
-                raise _Corrupt("unreadable, or short of its size, once in the cache")
-        self.checksums = _Checksums(self.identity, self.size, self._crcs)
 
     def check(self, index: int) -> Awaitable[None]:
         """Start checking chunk ``index`` against its checksum now; the awaitable raises
@@ -1104,8 +1086,7 @@ class Blobs:
         self._slots = slots
         self._inflight: dict[Digest, BlobFetch] = {}
         self._tasks: dict[asyncio.Task[None], BlobFetch] = {}
-        self._checksums: dict[Path, _Checksums] = {}  # oldest first
-        self._checking: dict[Path, asyncio.Task[None]] = {}  # just cached, being hashed
+        self._checksums: dict[Path, Checksums] = {}  # oldest first
         self._stuck: set[tuple[int, int]] = set()  # corrupt files the disk kept
 
     async def close(self) -> None:
@@ -1118,10 +1099,6 @@ class Blobs:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for check in list(self._checking.values()):
-            check.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await check
 
     def _count(self, request: web.Request, result: str) -> None:
         request[LOG]["cache"] = result
@@ -1180,9 +1157,6 @@ class Blobs:
         (or, without checksums, the whole file hashed if it is small or a Range is asked
         for). None if it is not there (never cached, or evicted or dropped since) or failed
         that check: the caller fetches it as on a miss, and the client never knows."""
-        checking = self._checking.get(path)
-        if checking is not None:  # just fetched, being hashed: its checksums are on the way
-            await asyncio.wait({checking})
         try:
             cached = _CachedFile(path, digest, self._checksums.get(path))
         except FileNotFoundError:
@@ -1320,36 +1294,14 @@ class Blobs:
 
     def _remember(self, cached: _CachedFile) -> None:
         """Keep the checksums a whole verified pass over the file took, for its next hits."""
-        if cached.checksums is None:
-            return
-        self._checksums.pop(cached.path, None)
-        self._checksums[cached.path] = cached.checksums
+        if cached.checksums is not None:
+            self._keep(cached.checksums, cached.path)
+
+    def _keep(self, checksums: Checksums, path: Path) -> None:
+        self._checksums.pop(path, None)
+        self._checksums[path] = checksums
         if len(self._checksums) > CHECKSUMS_KEPT:
             del self._checksums[next(iter(self._checksums))]
-
-    def _check_committed(self, digest: Digest) -> None:
-        """A blob a fetch just verified and moved into the cache: take the checksums its hits
-        are checked against, in the background, from the file as it was written."""
-        path = self._store.blob_path(digest)
-        if path in self._checking:
-            return
-        task = asyncio.get_running_loop().create_task(self._check_file(path, digest))
-        self._checking[path] = task
-        task.add_done_callback(lambda _: self._checking.pop(path, None))
-
-    async def _check_file(self, path: Path, digest: Digest) -> None:
-        try:
-            cached = _CachedFile(path, digest, None)
-        except OSError:
-            return  # evicted already, or unreadable: its first hit will see
-        try:
-            await cached.take_checksums()
-        except _Corrupt as exc:
-            self._corrupt(cached, exc)
-        else:
-            self._remember(cached)
-        finally:
-            cached.close()
 
     def _corrupt(self, cached: _CachedFile, exc: _Corrupt) -> None:
         """A cached blob that is not what its name says (bit rot, a failing disk, a stray
@@ -1397,8 +1349,8 @@ class Blobs:
         def done(_: asyncio.Task[None]) -> None:
             self._tasks.pop(task, None)
             self._forget(fetch)
-            if fetch.committed:
-                self._check_committed(fetch.digest)
+            if fetch.committed and fetch.checksums is not None:
+                self._keep(fetch.checksums, self._store.blob_path(fetch.digest))
 
         task.add_done_callback(done)
         return fetch

@@ -24,11 +24,14 @@ import mmap
 import os
 import tempfile
 import time
+from array import array
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import xxhash
 
 from proxy.errors import UpstreamInvalid
 from proxy.files import write_atomic
@@ -136,6 +139,49 @@ def _set_direct(fd: int, on: bool) -> None:
     fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
 
 
+CHECKED_CHUNK_BYTES = 32 << 20  # a cached blob's bytes are checked on its hits in chunks of this
+
+
+@dataclass(frozen=True, slots=True)
+class Checksums:
+    """An XXH3-64 of each ``CHECKED_CHUNK_BYTES`` chunk of one cached file, taken from bytes
+    known to be right (those a fetch verified as it wrote them, or a pass whose sha256
+    matched); a hit checks each chunk against its sum before sending it."""
+
+    identity: tuple[int, int]  # (st_dev, st_ino): a file fetched again is another file
+    size: int
+    sums: array[int]
+
+
+class ChunkSums:
+    """The per-chunk sums of :class:`Checksums`, taken as a stream of bytes goes by."""
+
+    def __init__(self) -> None:
+        self.sums: array[int] = array("Q")
+        self._hash = xxhash.xxh3_64()
+        self._in = 0  # bytes of the current chunk hashed
+
+    def update(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            take = min(len(view), CHECKED_CHUNK_BYTES - self._in)
+            self._hash.update(view[:take])
+            self._in += take
+            view = view[take:]
+            if self._in == CHECKED_CHUNK_BYTES:
+                self.sums.append(self._hash.intdigest())
+                self._hash.reset()
+                self._in = 0
+
+    def finish(self) -> array[int]:
+        """The sums, the last (partial) chunk's included."""
+        if self._in:
+            self.sums.append(self._hash.intdigest())
+            self._hash.reset()
+            self._in = 0
+        return self.sums
+
+
 class BlobWriter:
     """A blob being written: hashed as it is written, moved into place only once verified.
 
@@ -162,6 +208,8 @@ class BlobWriter:
         self.size = 0  # bytes hashed
         self.on_disk = 0  # bytes in the temp file
         self._hasher = digest.hasher()
+        self.chunk_sums = ChunkSums()  # for the hits' checks, once the digest matched
+        self.checksums: Checksums | None = None  # once committed
         self._fd: int | None = None
         self.path: Path | None = None
         self.failure: OSError | None = None
@@ -272,6 +320,7 @@ class BlobWriter:
         """Hash ``chunks`` (blocking)."""
         for chunk in chunks:
             self._hasher.update(chunk)
+            self.chunk_sums.update(chunk)
             self.size += len(chunk)
 
     def matches(self, expected_size: int | None = None) -> bool:
@@ -292,6 +341,8 @@ class BlobWriter:
         """Move into place; the caller has checked :meth:`matches` and called :meth:`sync`."""
         assert self._fd is not None
         assert self.path is not None
+        stat = os.fstat(self._fd)
+        self.checksums = Checksums((stat.st_dev, stat.st_ino), self.size, self.chunk_sums.finish())
         os.close(self._fd)
         self._fd = None
         self._buffer = None
