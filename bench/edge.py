@@ -32,8 +32,9 @@ Modes (``--modes``):
   ``cluster`` section;
 * ``kill``: as ``peers``, and one node's Detour is SIGKILLed ``--kill-after`` (1 s) into the
   rollout; the other nodes must still get a verified image. By default the node killed is the
-  one that owns the most image bytes (rendezvous order, from ``proxy.cluster``), so that fetches
-  are under way through it when it dies; ``--kill-node N`` picks one;
+  one that owns the most image bytes (rendezvous order, from
+  ``proxy.cluster.peering``), so that fetches are under way through it when it dies;
+  ``--kill-node N`` picks one;
 * ``distribution``: distribution's proxy mode per node (``docker-registry`` with
   ``proxy.remoteurl`` = the mirror) on ``:7439`` instead of Detour.
 
@@ -620,7 +621,7 @@ class EdgeBench:
         peers = [f"{node_address(i)}:{PORT}" for i in range(1, self.o.nodes + 1)]
         owned = dict.fromkeys(peers, 0)
         try:  # looked up when run: the bench follows the feature's own hashing
-            cluster = importlib.import_module("proxy.cluster")
+            cluster = importlib.import_module("proxy.cluster.peering")
             ranked = [cluster.rendezvous(peers, cluster.blob_key(d)) for d in self.blobs]
         except (ImportError, AttributeError):
             return self.o.nodes

@@ -1,5 +1,5 @@
 import sys
 
-from proxy.cli import main
+from proxy.tools.cli import main
 
 sys.exit(main())

@@ -202,7 +202,7 @@ class Metrics:
             self.ended_fetches.labels(reason)
         for source in SOURCES:
             self.served_bytes.labels(source)
-        self.verify_failures.labels("blob", CACHE)  # the cache's own files (proxy.blobs)
+        self.verify_failures.labels("blob", CACHE)  # the cache's own files (proxy.core.blobs)
         for registry in sorted(self.known_registries | {OTHER}):
             for kind in DIGEST_KINDS:
                 self.verify_failures.labels(kind, registry)
@@ -214,7 +214,7 @@ class Metrics:
     def request_finished(
         self, method: str, path: str, status: int, seconds: float, source: str | None, sent: int
     ) -> None:
-        """Count a client request once its response is finished (see ``proxy.app.AccessLog``):
+        """Count a client request once its response is finished (see ``proxy.core.app.AccessLog``):
         by method, endpoint kind and status, its duration, and its body bytes by source."""
         method = method if method in ("GET", "HEAD") else OTHER
         kind = endpoint_kind(path)

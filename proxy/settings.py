@@ -101,8 +101,8 @@ class RegistrySettings(_Section):
     (a mirror with a private CA); ``tls_verify: false`` accepts any certificate from it. Both
     apply to the registry's own API host; a host it redirects to is verified as usual unless it
     has an entry of its own. The file is read when the proxy starts
-    (:func:`proxy.upstream.registry_tls`), not here: the webhook reads the same settings without
-    mounting the CA.
+    (:func:`proxy.core.upstream.registry_tls`), not here: the webhook reads the same settings
+    without mounting the CA.
     """
 
     insecure: bool = False  # plain http
@@ -218,7 +218,7 @@ def _peer_address(value: str) -> str:
 
 
 class ClusterSettings(_Section):
-    """The Detours of a site, each blob, manifest and tag owned by one (see proxy.cluster)."""
+    """The Detours of a site, each blob, manifest and tag owned by one (proxy.cluster.peering)."""
 
     # host:port of each peer, or one string "dns:<name>:<port>" whose A/AAAA records are the
     # peers (a headless Service over the DaemonSet's ready pods).
@@ -244,7 +244,7 @@ class ClusterSettings(_Section):
 
 
 class WebhookSettings(_Section):
-    """``detour webhook``: the mutating admission webhook (see :mod:`proxy.webhook`)."""
+    """``detour webhook``: the mutating admission webhook (see :mod:`proxy.webhook.server`)."""
 
     listen: Listen = "0.0.0.0:8443"
     tls_cert: Path = Path("/tls/tls.crt")

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from proxy.certs import WebhookCertificates, issue
+from proxy.webhook.certs import WebhookCertificates, issue
 from tests.token_issuer import TokenIssuer
 
 REGISTRY_BIN = "/usr/bin/docker-registry"

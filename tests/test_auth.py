@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.auth import Challenge, CredentialStore, load_docker_config, parse_challenges
+from proxy.core.auth import Challenge, CredentialStore, load_docker_config, parse_challenges
 from proxy.settings import ConfigError, RegistrySettings
 
 HUB = (

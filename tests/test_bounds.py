@@ -29,7 +29,7 @@ from tests.relay import Relay
 MakeProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
 StartProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
 MiB = 1024 * 1024
-CHUNK = 256 * 1024  # proxy.blobs.CHUNK_BYTES: the most a write can go past a reservation
+CHUNK = 256 * 1024  # proxy.core.blobs.CHUNK_BYTES: the most a write can go past a reservation
 
 
 def digest_of(index: int) -> str:

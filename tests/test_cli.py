@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-import proxy.rules
+import proxy.core.rules
 from proxy import __version__
-from proxy.cli import main
-from proxy.cluster import manifest_key, rendezvous, tag_key
+from proxy.cluster.peering import manifest_key, rendezvous, tag_key
 from proxy.reference import ImageName
+from proxy.tools.cli import main
 from tests.proxy import Proxy
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -153,7 +153,7 @@ def test_a_bug_is_not_reported_as_bad_input(
     def broken(*_: object, **__: object) -> str:
         raise ValueError("a bug")
 
-    monkeypatch.setattr(proxy.rules, "describe_resolution", broken)
+    monkeypatch.setattr(proxy.core.rules, "describe_resolution", broken)
     with pytest.raises(ValueError, match="a bug"):
         main(["resolve", "nats:2.10"])
 

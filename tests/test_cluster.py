@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from proxy.cluster import Peering, blob_key, rendezvous, tag_key
+from proxy.cluster.peering import Peering, blob_key, rendezvous, tag_key
 from proxy.metrics import Metrics
 from proxy.reference import ImageName
 from proxy.settings import ClusterSettings

@@ -34,7 +34,7 @@ import aiohttp
 import pytest
 import yaml
 
-from proxy.cluster import blob_key, rendezvous
+from proxy.cluster.peering import blob_key, rendezvous
 from tests.images import PushedImage, build_image, unique_repo, upload_image
 from tests.proxy import Proxy, blob_path, stop_process, wait_cached
 from tests.registry import Registry

@@ -36,13 +36,13 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from prometheus_client.metrics import MetricWrapperBase
 
-from proxy.certs import generate, service_names, write
-from proxy.cli import main
+from proxy.core.rules import Rules
 from proxy.metrics import Metrics
 from proxy.reference import ImageName
-from proxy.rules import Rules
 from proxy.settings import Settings, load_settings, split_host_port
-from proxy.webhook import WebhookMetrics
+from proxy.tools.cli import main
+from proxy.webhook.certs import generate, service_names, write
+from proxy.webhook.server import WebhookMetrics
 from tests.proxy import Proxy, free_port
 from tests.registry import Registry
 

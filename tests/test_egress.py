@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from proxy.egress import EgressPolicy
+from proxy.core.egress import EgressPolicy
 from proxy.errors import RegistryDenied
 from tests.images import push_image, unique_repo
 from tests.proxy import Proxy, scenario
@@ -283,7 +283,7 @@ async def test_a_loop_between_detours_ends_at_once(
 ) -> None:
     """Two proxies, each the other's mirror (a misconfiguration): the request carries each
     one's Via, and the first to see itself again refuses, instead of looping."""
-    from proxy.app import create_app
+    from proxy.core.app import create_app
     from proxy.settings import Settings
 
     ports = [free_port(), free_port()]

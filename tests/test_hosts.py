@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.cli import main
-from proxy.hosts import (
+from proxy.settings import Settings
+from proxy.tools.cli import main
+from proxy.tools.hosts import (
     APPEND_BEGIN,
     APPEND_END,
     HEADER,
@@ -31,7 +32,6 @@ from proxy.hosts import (
     strip_host,
     write_hosts_files,
 )
-from proxy.settings import Settings
 from tests.containerd import Containerd
 from tests.images import push_image, unique_repo
 from tests.proxy import Proxy, free_port, parse_metrics

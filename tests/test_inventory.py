@@ -23,10 +23,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.admin import from_loopback
-from proxy.cache import CacheStore, StoredManifest, TagRecord
+from proxy.core.admin import from_loopback
+from proxy.core.cache import CacheStore, StoredManifest, TagRecord
+from proxy.core.inventory import NotCached, scan
 from proxy.files import write_atomic
-from proxy.inventory import NotCached, scan
 from proxy.reference import Digest, ImageName
 from tests.images import (
     ACCEPT_ALL,

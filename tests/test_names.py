@@ -20,9 +20,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.cli import main
 from proxy.settings import Settings
-from proxy.webhook import create_webhook_app
+from proxy.tools.cli import main
+from proxy.webhook.server import create_webhook_app
 from tests.images import ACCEPT_ALL, push_image, unique_repo
 from tests.proxy import Proxy
 from tests.registry import Registry

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
+from proxy.core.rules import Rules, describe_resolution
 from proxy.reference import ImageName
-from proxy.rules import Rules, describe_resolution
 from proxy.settings import Settings
 
 SCENARIO: list[dict[str, Any]] = [

@@ -19,10 +19,10 @@ import pytest
 import yaml
 from aiohttp import web
 
-from proxy.cli import main
 from proxy.reference import Digest
 from proxy.settings import Settings
-from proxy.warm import Failed, Platform, Warmed, human_bytes, warm
+from proxy.tools.cli import main
+from proxy.tools.warm import Failed, Platform, Warmed, human_bytes, warm
 from tests.images import (
     ACCEPT_ALL,
     OCI_MANIFEST,

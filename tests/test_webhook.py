@@ -40,9 +40,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from prometheus_client.parser import text_string_to_metric_families
 
-import proxy.webhook
+import proxy.webhook.server
 from proxy.settings import ConfigError, WebhookSettings, load_settings
-from proxy.webhook import (
+from proxy.webhook.server import (
     MAX_EXPANSION,
     ORIGINAL_IMAGES_ANNOTATION,
     ImageRewrite,
@@ -1020,7 +1020,7 @@ async def _stall(
 async def test_large_reviews_wait_their_turn_and_slow_senders_lose_it(
     tmp_path: Path, pki: Pki, secret: MountedSecret, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(proxy.webhook, "BODY_TIMEOUT", 2.0)
+    monkeypatch.setattr(proxy.webhook.server, "BODY_TIMEOUT", 2.0)
     async with serve_webhook(tmp_path, pki, secret, "  max_concurrent: 2\n") as hook:
         # Two senders that stop after a byte hold both turns for large reviews.
         stalled = [await _stall(hook, MiB) for _ in range(2)]

@@ -84,8 +84,8 @@ class EgressPolicy:
         self._peers: frozenset[tuple[str, int]] = frozenset()
 
     def set_peers(self, peers: Iterable[str]) -> None:
-        """The site's other Detours (``host:port``, kept current by proxy.cluster): reachable
-        on their own addresses and ports, as if named."""
+        """The site's other Detours (``host:port``, kept current by proxy.cluster.peering):
+        reachable on their own addresses and ports, as if named."""
         found = set()
         for peer in peers:
             host, _, port = peer.rpartition(":")

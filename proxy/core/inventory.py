@@ -1,6 +1,6 @@
 """What a cache directory holds, by image: ``detour cache ls``, ``rm`` and ``prune``.
 
-Tags are stored hashed on disk (see :mod:`proxy.cache`), so the inventory is read back from
+Tags are stored hashed on disk (see :mod:`proxy.core.cache`), so the inventory is read back from
 the files: each ``tags/`` record names its image (``name:tag``, and for a narrowed answer the
 ``Accept`` it was kept for) and the digest it resolved to; each manifest names the manifests
 (an index's children) and blobs it is made of. From that graph:
@@ -16,7 +16,7 @@ the files: each ``tags/`` record names its image (``name:tag``, and for a narrow
 Removing (:meth:`Inventory.plan_remove`, :meth:`Inventory.plan_prune`) takes the tag records
 asked for and every manifest and blob that nothing left behind still reaches, so a blob shared
 with another image stays. The plan is carried out by :meth:`CacheStore.remove`: by the running
-proxy's own store (``--endpoint``, through :mod:`proxy.admin`), so its size accounting stays
+proxy's own store (``--endpoint``, through :mod:`proxy.core.admin`), so its size accounting stays
 right, or on the files of a directory no proxy is serving.
 """
 
@@ -46,9 +46,9 @@ from pydantic import TypeAdapter, ValidationError
 from proxy.reference import Digest, Reference, parse_json
 from proxy.settings import Duration, Settings, load_settings, split_host_port
 
-if TYPE_CHECKING:  # proxy.cache (metrics, logging) is imported where it is used: `detour`
+if TYPE_CHECKING:  # proxy.core.cache (metrics, logging) is imported where it is used: `detour`
     # builds these commands' parser for every command, and starts faster without it.
-    from proxy.cache import CacheStore, Removal
+    from proxy.core.cache import CacheStore, Removal
 
 Kind = Literal["manifest", "blob"]
 Key = tuple[Kind, str]  # ("manifest" | "blob", digest): one cache entry
@@ -169,7 +169,7 @@ def _references(body: bytes) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 def _read_manifest(path: Path, digest: str) -> CachedManifest | None:
-    from proxy.cache import MANIFEST_MAX_BYTES
+    from proxy.core.cache import MANIFEST_MAX_BYTES
 
     try:
         with path.open("rb") as file:
@@ -631,7 +631,7 @@ def _short(digest: str) -> str:
 
 def format_listing(document: dict[str, Any]) -> str:
     """``ls``'s table: one line per image and untagged entry, then the totals."""
-    from proxy.warm import human_bytes
+    from proxy.tools.warm import human_bytes
 
     rows = [("IMAGE", "DIGEST", "SIZE", "UNIQUE", "LAST USED")]
     for entry in document["images"] + document["untagged"]:
@@ -677,7 +677,7 @@ def _count(number: int, noun: str) -> str:
 
 def format_result(outcome: dict[str, Any]) -> list[str]:
     """``rm``'s and ``prune``'s report: what was removed, freed, kept."""
-    from proxy.warm import human_bytes
+    from proxy.tools.warm import human_bytes
 
     counts = Counter(entry["kind"] for entry in outcome["removed"])
     lines = [f"removed {target}" for target in outcome["targets"]]
@@ -725,7 +725,7 @@ def _carry_out(args: argparse.Namespace, steps: Sequence[tuple[str, str, Planner
                 f"the Detour at {running} serves {root}: use --endpoint {running}, so that "
                 "it removes the files itself and its size accounting stays right"
             )
-    from proxy.cache import CacheStore
+    from proxy.core.cache import CacheStore
 
     outcomes: list[dict[str, Any]] = []
     missed = 0

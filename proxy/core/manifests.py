@@ -27,7 +27,7 @@ The tag policy, for ``GET``/``HEAD /v2/<name>/manifests/<tag>``:
 
 A disk that refuses a write (full, read-only, failing) is never an error for the client: the
 manifest is served without being cached, and the failure counted and logged
-(:func:`proxy.cache.cache_write_failed`). A tag whose confirmation can't be recorded is
+(:func:`proxy.core.cache.cache_write_failed`). A tag whose confirmation can't be recorded is
 revalidated again on its next request; once the disk takes writes again, the next miss is
 cached.
 """
@@ -42,13 +42,15 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from proxy.cache import (
+from proxy.core.cache import (
     MANIFEST_MAX_BYTES,
     CacheStore,
     StoredManifest,
     TagRecord,
     cache_write_failed,
 )
+from proxy.core.rules import Route
+from proxy.core.upstream import UpstreamClient, UpstreamResponse
 from proxy.errors import (
     DetourError,
     ManifestUnknown,
@@ -60,8 +62,6 @@ from proxy.errors import (
 from proxy.logs import LOG, get_logger
 from proxy.metrics import Metrics
 from proxy.reference import Digest, ImageName
-from proxy.rules import Route
-from proxy.upstream import UpstreamClient, UpstreamResponse
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -201,7 +201,7 @@ def _upstream_digest(answer: UpstreamResponse) -> Digest | None:
 
 def _confirmed_at(answer: UpstreamResponse) -> float:
     """When the upstream last confirmed what ``answer`` says of a tag: now, unless the answer
-    came from a peer's record (the tag's owner, proxy.cluster) that says how old it is."""
+    came from a peer's record (the tag's owner, proxy.cluster.peering) that says how old it is."""
     now = time.time()
     if not answer.upstream.peer:
         return now
@@ -232,7 +232,7 @@ class _Fetched:
     manifest: StoredManifest
     where: str  # the upstream that answered
     private: bool  # fetched with the client's own credentials: never stored
-    peer: bool  # the site's owner of it answered (proxy.cluster)
+    peer: bool  # the site's owner of it answered (proxy.cluster.peering)
 
 
 class Manifests:

@@ -4,7 +4,7 @@ Warming is an ordinary pull through Detour, so it follows the same redirect rule
 auth, verification and cache directory as any client's pull:
 
 * without an endpoint, Detour is started in this process from the settings
-  (:func:`proxy.app.create_app` on 127.0.0.1, an ephemeral port) and stopped at the end: for
+  (:func:`proxy.core.app.create_app` on 127.0.0.1, an ephemeral port) and stopped at the end: for
   preloading before the proxy runs (a staging machine, an initContainer);
 * with an endpoint (``http://127.0.0.1:7439``), an already running proxy does the work: use
   this while the proxy runs: a second Detour on the same cache directory would delete the
@@ -31,9 +31,8 @@ from typing import Any, NotRequired, TypedDict
 import aiohttp
 from aiohttp import web
 
-from proxy.cache import MANIFEST_MAX_BYTES
-from proxy.logs import configure_logging
-from proxy.manifests import (
+from proxy.core.cache import MANIFEST_MAX_BYTES
+from proxy.core.manifests import (
     DEFAULT_ACCEPT,
     DOCKER_LIST,
     DOCKER_MANIFEST,
@@ -41,6 +40,7 @@ from proxy.manifests import (
     OCI_MANIFEST,
     manifest_media_type,
 )
+from proxy.logs import configure_logging
 from proxy.reference import Digest, ImageName, Reference, parse_json
 from proxy.settings import ConfigError, Settings
 
@@ -476,7 +476,7 @@ async def _read_capped(response: aiohttp.ClientResponse, limit: int, where: str)
 @contextlib.asynccontextmanager
 async def _in_process(settings: Settings) -> AsyncIterator[str]:
     """Detour itself, from ``settings``, on 127.0.0.1 at an ephemeral port, for the duration."""
-    from proxy.app import create_app
+    from proxy.core.app import create_app
 
     runner = web.AppRunner(create_app(settings), access_log=None, handle_signals=False)
     try:

@@ -33,7 +33,7 @@ class Upstream:
     repository: str
     insecure: bool = False
     origin: bool = False  # the name's own registry, not a mirror
-    peer: bool = False  # another Detour of the site (proxy.cluster): registry is its host:port
+    peer: bool = False  # another Detour of the site (its registry is the peer's host:port)
 
     @property
     def base_url(self) -> str:
@@ -101,7 +101,7 @@ def describe_resolution(
 
     ``owners``, with ``cluster.peers`` set: the peers from the owner of the image's tag (or
     manifest digest, for a reference by digest) down, in rendezvous order
-    (:func:`proxy.cluster.rendezvous`), or a note on why they are not known."""
+    (:func:`proxy.cluster.peering.rendezvous`), or a note on why they are not known."""
     reference = Reference.parse(image)
     route = Rules.from_settings(settings).route(reference.name)
     lines = [f"image:  {reference}", f"name:   {route.name}"]

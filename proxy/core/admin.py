@@ -2,12 +2,12 @@
 
 ::
 
-    GET    /_detour/cache                       the inventory (proxy.inventory) and the index's
+    GET    /_detour/cache                       the inventory (proxy.core.inventory) and the index's
                                                 total; ?summary=1: only the directory and total
     DELETE /_detour/cache/<image or digest>     remove it (Inventory.plan_remove)
     POST   /_detour/cache/prune?older_than=30d  remove what was not used for that long
 
-Removals go through the proxy's own :class:`~proxy.cache.CacheStore`, one at a time, so its
+Removals go through the proxy's own :class:`~proxy.core.cache.CacheStore`, one at a time, so its
 index, and with it eviction and ``detour_cache_size_bytes``, stays right, and a file is never
 taken from under a reader that has it pinned (see :meth:`CacheStore.remove`).
 
@@ -24,11 +24,11 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.cache import CacheStore
+from proxy.core.cache import CacheStore
+from proxy.core.inventory import ADMIN_PATH, NotCached, check_target, execute, parse_age, scan
+from proxy.core.services import SERVICES
 from proxy.errors import AdminDenied, BadRequest, DetourError, ManifestUnknown
-from proxy.inventory import ADMIN_PATH, NotCached, check_target, execute, parse_age, scan
 from proxy.logs import LOG, get_logger
-from proxy.services import SERVICES
 
 log = get_logger("detour.admin")
 
@@ -124,7 +124,7 @@ def _log(outcome: dict[str, Any]) -> None:
 
 
 def add_admin_routes(app: web.Application) -> None:
-    """Register the admin endpoints (from :func:`proxy.app.create_app`)."""
+    """Register the admin endpoints (from :func:`proxy.core.app.create_app`)."""
     app[ADMIN_LOCK] = asyncio.Lock()
     app.router.add_get(ADMIN_PATH, listing)
     app.router.add_post(f"{ADMIN_PATH}/prune", prune)

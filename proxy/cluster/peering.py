@@ -9,9 +9,9 @@ while streaming it to its client. The owner's answer comes over the same registr
 nothing new can go wrong in between: digests are checked on the node as on any upstream.
 
 * **Routes.** :meth:`Peering.route` puts the owner, and the next peer in rendezvous order, in
-  front of a route's upstreams (:class:`~proxy.rules.Upstream` with ``peer=True``); the upstream
-  client tries them in order and skips one that failed lately, so an owner that refuses, times
-  out or breaks mid-stream costs one attempt, and the next peer, then the upstream, serve.
+  front of a route's upstreams (:class:`~proxy.core.rules.Upstream` with ``peer=True``); the
+  upstream client tries them in order and skips one that failed lately, so an owner that refuses,
+  times out or breaks mid-stream costs one attempt, and the next peer, then the upstream, serve.
 * **Marking.** Requests to a peer carry :data:`PEER_HEADER`; one that arrives with it from an
   address in the peer set is a peer request and is never forwarded to another peer.
 * **Private content** (a request with the client's own credentials) never goes to a peer.
@@ -30,12 +30,12 @@ import socket
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import replace
 
-from proxy.egress import EgressPolicy
+from proxy.core.egress import EgressPolicy
+from proxy.core.rules import Route, Upstream
+from proxy.core.upstream import PEER_HEADER
 from proxy.logs import get_logger
 from proxy.metrics import Metrics
-from proxy.rules import Route, Upstream
 from proxy.settings import ClusterSettings
-from proxy.upstream import PEER_HEADER
 
 __all__ = ["PEER_HEADER", "Peering", "rendezvous"]
 

@@ -39,13 +39,15 @@ from typing import IO, Any
 import xxhash
 from aiohttp import web
 
-from proxy.cache import (
+from proxy.core.cache import (
     CHECKED_CHUNK_BYTES,
     BlobWriter,
     CacheStore,
     Checksums,
     cache_write_failed,
 )
+from proxy.core.rules import Route
+from proxy.core.upstream import UpstreamClient, UpstreamResponse
 from proxy.errors import (
     BlobUnknown,
     DetourError,
@@ -57,9 +59,7 @@ from proxy.errors import (
 from proxy.logs import CLIENT_DISCONNECTED, LOG, get_logger
 from proxy.metrics import CACHE, Metrics
 from proxy.reference import Digest
-from proxy.rules import Route
 from proxy.settings import Settings
-from proxy.upstream import UpstreamClient, UpstreamResponse
 
 CHUNK_BYTES = 256 * 1024
 MAX_RESUMES = 3
@@ -1126,7 +1126,7 @@ class Blobs:
             fetch = None
         if fetch is None or fetch.spilled:
             fetch = self._start(route, digest, client_auth, shared=shared)
-            # A miss asked first of the site's owner of the blob (proxy.cluster) is "peer".
+            # A miss asked first of the site's owner of the blob (proxy.cluster.peering) is "peer".
             asked_peer = bool(route.upstreams) and route.upstreams[0].peer
             self._count(request, "bypass" if not shared else "peer" if asked_peer else "miss")
         else:

@@ -13,17 +13,17 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from proxy.auth import CredentialStore
-from proxy.blobs import Blobs, FetchLimits, FetchSlots
-from proxy.cache import CacheStore, delete_files
-from proxy.cluster import Peering
-from proxy.egress import EgressPolicy, GuardedResolver
+from proxy.cluster.peering import Peering
+from proxy.core.auth import CredentialStore
+from proxy.core.blobs import Blobs, FetchLimits, FetchSlots
+from proxy.core.cache import CacheStore, delete_files
+from proxy.core.egress import EgressPolicy, GuardedResolver
+from proxy.core.manifests import Manifests
+from proxy.core.rules import Rules
+from proxy.core.upstream import UpstreamClient, client_timeout, registry_tls
 from proxy.logs import get_logger
-from proxy.manifests import Manifests
 from proxy.metrics import Metrics
-from proxy.rules import Rules
 from proxy.settings import Settings
-from proxy.upstream import UpstreamClient, client_timeout, registry_tls
 
 log = get_logger("detour")
 
@@ -71,7 +71,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     metrics.cache_max_size.set(settings.cache.max_size or 0)
     credentials = CredentialStore(settings.registries, settings.docker_config)
     egress = EgressPolicy.from_settings(settings)
-    # Every address connected to passes the egress policy (see proxy.egress).
+    # Every address connected to passes the egress policy (see proxy.core.egress).
     session = _session(settings, ttl_dns_cache=300, resolver=GuardedResolver(egress))
     peering = Peering(settings.cluster, metrics, egress)
     peer_session = _peer_session(settings) if peering.enabled else None

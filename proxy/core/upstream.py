@@ -1,6 +1,6 @@
 """The upstream client: one request, tried against a route's mirrors in order, with auth.
 
-For each upstream of a :class:`~proxy.rules.Route`:
+For each upstream of a :class:`~proxy.core.rules.Route`:
 
 1. Send the request, with a cached bearer token, Basic credentials already known to be
    wanted, or (passthrough) the client's own ``Authorization`` when no credentials are
@@ -50,7 +50,7 @@ import aiohttp
 from yarl import URL
 
 from proxy import __version__
-from proxy.auth import (
+from proxy.core.auth import (
     Challenge,
     Credentials,
     CredentialStore,
@@ -60,7 +60,8 @@ from proxy.auth import (
     parse_challenges,
     token_from_response,
 )
-from proxy.egress import AddressRefused, EgressPolicy
+from proxy.core.egress import AddressRefused, EgressPolicy
+from proxy.core.rules import Route, Upstream
 from proxy.errors import (
     DetourError,
     RegistryDenied,
@@ -73,13 +74,12 @@ from proxy.errors import (
 from proxy.logs import get_logger
 from proxy.metrics import Metrics
 from proxy.reference import api_host, parse_json
-from proxy.rules import Route, Upstream
 from proxy.settings import ConfigError, RegistrySettings, UpstreamSettings
 
 log = get_logger("detour.upstream")
 
 USER_AGENT = f"detour/{__version__}"
-# Marks a request from one of the site's Detours to another (see proxy.cluster).
+# Marks a request from one of the site's Detours to another (see proxy.cluster.peering).
 PEER_HEADER = "X-Detour-Peer"
 # The Via header of the client request being served, if any: what this proxy sends upstream
 # carries it on, with its own entry added, so a loop through Detours is seen wherever it closes.
@@ -337,7 +337,7 @@ class UpstreamClient:
         peer_name: str = "client",
     ) -> None:
         self._session = session
-        # Requests to the site's other Detours (proxy.cluster): their own connections, from
+        # Requests to the site's other Detours (proxy.cluster.peering): their own connections, from
         # this instance's advertised address, which is how a peer knows a peer.
         self._peer_session = peer_session or session
         self._peer_name = peer_name
@@ -584,7 +584,7 @@ class UpstreamClient:
     ) -> aiohttp.ClientResponse:
         """One request, following redirects; ``auth`` never leaves the first origin.
 
-        Every hop must pass the egress policy (:mod:`proxy.egress`). The first hop is the
+        Every hop must pass the egress policy (:mod:`proxy.core.egress`). The first hop is the
         client's choice, unless ``chosen_by_upstream`` (a token realm): refused, it is a 403
         that names the setting to change. A redirect is the upstream's choice: it may go only
         to http(s), never from https to http, and a refused one is a bad reply (502).

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from proxy import __version__
+from proxy.core.inventory import add_cache_commands
 from proxy.errors import DigestInvalid, NameInvalid, TagInvalid
-from proxy.inventory import add_cache_commands
 from proxy.settings import ConfigError, Settings, load_settings, unknown_environment
 
 if TYPE_CHECKING:
@@ -38,23 +38,23 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from proxy.app import run
+    from proxy.core.app import run
 
     run(_settings(args))
     return 0
 
 
 def _webhook(args: argparse.Namespace) -> int:
-    from proxy.webhook import run_webhook
+    from proxy.webhook.server import run_webhook
 
     run_webhook(_settings(args))
     return 0
 
 
 def _resolve(args: argparse.Namespace) -> int:
+    from proxy.core.rules import describe_resolution
     from proxy.reference import ImageName, Reference
-    from proxy.rules import describe_resolution
-    from proxy.webhook import rewrite_image
+    from proxy.webhook.server import rewrite_image
 
     settings = _settings(args)
     prefix = settings.webhook.prefix
@@ -82,7 +82,7 @@ def _owners(settings: Settings, reference: Reference) -> list[str] | str | None:
     saying so. None without peers."""
     import asyncio
 
-    from proxy.cluster import Peering, manifest_key, rendezvous, tag_key
+    from proxy.cluster.peering import Peering, manifest_key, rendezvous, tag_key
     from proxy.logs import configure_logging
     from proxy.metrics import Metrics
 
@@ -106,7 +106,13 @@ def _owners(settings: Settings, reference: Reference) -> list[str] | str | None:
 
 
 def _containerd_hosts(args: argparse.Namespace) -> int:
-    from proxy.hosts import Mode, check_endpoint, hosts_files, remove_hosts_files, write_hosts_files
+    from proxy.tools.hosts import (
+        Mode,
+        check_endpoint,
+        hosts_files,
+        remove_hosts_files,
+        write_hosts_files,
+    )
 
     out: Path = args.out
     if args.remove:
@@ -157,7 +163,7 @@ def _containerd_hosts(args: argparse.Namespace) -> int:
 
 
 def _webhook_certs(args: argparse.Namespace) -> int:
-    from proxy.certs import generate, write
+    from proxy.webhook.certs import generate, write
 
     try:
         # It refuses a namespace or service that is not a DNS label before making any key.
@@ -178,9 +184,9 @@ def _webhook_certs(args: argparse.Namespace) -> int:
 
 
 def _warm(args: argparse.Namespace) -> int:
-    from proxy.hosts import check_endpoint
     from proxy.reference import Reference
-    from proxy.warm import Platform, run_warm
+    from proxy.tools.hosts import check_endpoint
+    from proxy.tools.warm import Platform, run_warm
 
     # Every argument is checked before anything starts.
     for image in args.image:
@@ -211,7 +217,7 @@ def _warm(args: argparse.Namespace) -> int:
 
 
 def _cache_verify(args: argparse.Namespace) -> int:
-    from proxy.cache import verify_cache
+    from proxy.core.cache import verify_cache
 
     root: Path = args.dir
     if not ((root / "blobs").is_dir() or (root / "manifests").is_dir()):
@@ -362,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="files hashed at once (default: %(default)s)",
     )
     verify.set_defaults(func=_cache_verify)
-    add_cache_commands(cache_commands)  # ls, rm, prune (proxy.inventory)
+    add_cache_commands(cache_commands)  # ls, rm, prune (proxy.core.inventory)
     return parser
 
 

@@ -19,8 +19,12 @@ from urllib.parse import urlencode
 from aiohttp import web
 from yarl import URL
 
-from proxy.cache import MANIFEST_MAX_BYTES
-from proxy.cluster import blob_key, manifest_key, tag_key
+from proxy.cluster.peering import blob_key, manifest_key, tag_key
+from proxy.core.cache import MANIFEST_MAX_BYTES
+from proxy.core.manifests import OCI_INDEX
+from proxy.core.rules import Route
+from proxy.core.services import SERVICES
+from proxy.core.upstream import INCOMING_VIA, PEER_HEADER
 from proxy.errors import (
     BadRequest,
     NameUnknown,
@@ -31,7 +35,6 @@ from proxy.errors import (
     UpstreamInvalid,
 )
 from proxy.logs import LOG, get_logger
-from proxy.manifests import OCI_INDEX
 from proxy.reference import (
     Digest,
     ImageName,
@@ -40,9 +43,6 @@ from proxy.reference import (
     parse_manifest_reference,
     validate_tag,
 )
-from proxy.rules import Route
-from proxy.services import SERVICES
-from proxy.upstream import INCOMING_VIA, PEER_HEADER
 
 log = get_logger("detour.handlers")
 
@@ -135,7 +135,7 @@ async def api(request: web.Request) -> web.StreamResponse:
 
 
 def _through_peers(request: web.Request, route: Route, key: str, client_auth: str | None) -> Route:
-    """The route with the owner of the blob, manifest or tag in front (see proxy.cluster),
+    """The route with the owner of the blob, manifest or tag in front (see proxy.cluster.peering),
     unless the request comes from a peer (never forwarded again) or carries the client's own
     credentials (private content never travels between peers)."""
     peering = request.app[SERVICES].peering

@@ -549,7 +549,7 @@ class CacheStore:
 
     def tag(self, name: ImageName, tag: str, variant: str | None = None) -> TagRecord | None:
         """What ``name:tag`` resolved to: the tag's own record, or with ``variant`` the answer
-        narrowed for one ``Accept`` (see :attr:`proxy.manifests.Accept.variant`)."""
+        narrowed for one ``Accept`` (see :attr:`proxy.core.manifests.Accept.variant`)."""
         try:
             data = json.loads(self._tag_path(name, tag, variant).read_bytes())
             if (data["name"], data["tag"], data.get("variant")) != (str(name), tag, variant):

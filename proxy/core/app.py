@@ -21,12 +21,13 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from proxy import __version__, handlers
-from proxy.admin import add_admin_routes
+from proxy import __version__
+from proxy.core import handlers
+from proxy.core.admin import add_admin_routes
+from proxy.core.services import METRICS, SETTINGS, services_ctx
 from proxy.errors import BadRequest, DetourError, NotFound, Unsupported, oci_error_body
 from proxy.logs import CLIENT_DISCONNECTED, LOG, configure_logging, get_logger
 from proxy.metrics import Metrics
-from proxy.services import METRICS, SETTINGS, services_ctx
 from proxy.settings import (
     ConfigError,
     Settings,

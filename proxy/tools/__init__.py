@@ -1,0 +1,1 @@
+"""The operator commands: the ``detour`` CLI, ``warm`` and ``containerd-hosts``."""
