@@ -24,9 +24,10 @@ import aiohttp
 import pytest
 
 from proxy.core.admin import from_loopback
-from proxy.core.cache import CacheStore, StoredManifest, TagRecord
+from proxy.core.cache import CacheStore, TagRecord
 from proxy.core.inventory import NotCached, scan
 from proxy.files import write_atomic
+from proxy.oci import StoredManifest
 from proxy.reference import Digest, ImageName
 from tests.images import (
     ACCEPT_ALL,

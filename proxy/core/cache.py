@@ -37,18 +37,10 @@ from proxy.errors import UpstreamInvalid
 from proxy.files import write_atomic
 from proxy.logs import get_logger
 from proxy.metrics import Metrics
+from proxy.oci import MANIFEST_MAX_BYTES, StoredManifest
 from proxy.reference import Digest, ImageName
 
-MANIFEST_MAX_BYTES = 4 * 1024 * 1024  # distribution's own limit
-
 log = get_logger("detour.cache")
-
-
-@dataclass(frozen=True, slots=True)
-class StoredManifest:
-    digest: Digest
-    media_type: str
-    body: bytes
 
 
 @dataclass(frozen=True, slots=True)

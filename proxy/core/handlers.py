@@ -20,8 +20,6 @@ from aiohttp import web
 from yarl import URL
 
 from proxy.cluster.peering import blob_key, manifest_key, tag_key
-from proxy.core.cache import MANIFEST_MAX_BYTES
-from proxy.core.manifests import OCI_INDEX
 from proxy.core.rules import Route
 from proxy.core.services import SERVICES
 from proxy.core.upstream import INCOMING_VIA, PEER_HEADER
@@ -35,6 +33,7 @@ from proxy.errors import (
     UpstreamInvalid,
 )
 from proxy.logs import LOG, get_logger
+from proxy.oci import MANIFEST_MAX_BYTES, OCI_INDEX
 from proxy.reference import (
     Digest,
     ImageName,

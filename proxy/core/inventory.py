@@ -43,6 +43,7 @@ from urllib.request import ProxyHandler, Request, build_opener
 
 from pydantic import TypeAdapter, ValidationError
 
+from proxy.oci import MANIFEST_MAX_BYTES
 from proxy.reference import Digest, Reference, parse_json
 from proxy.settings import Duration, Settings, load_settings, split_host_port
 
@@ -169,8 +170,6 @@ def _references(body: bytes) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 def _read_manifest(path: Path, digest: str) -> CachedManifest | None:
-    from proxy.core.cache import MANIFEST_MAX_BYTES
-
     try:
         with path.open("rb") as file:
             stat = os.fstat(file.fileno())

@@ -35,48 +35,35 @@ cached.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from aiohttp import web
 
-from proxy.core.cache import (
-    MANIFEST_MAX_BYTES,
-    CacheStore,
-    StoredManifest,
-    TagRecord,
-    cache_write_failed,
-)
+from proxy.core.cache import CacheStore, TagRecord, cache_write_failed
 from proxy.core.rules import Route
 from proxy.core.upstream import UpstreamClient, UpstreamResponse
 from proxy.errors import (
     DetourError,
     ManifestUnknown,
-    ManifestUnsupported,
     UpstreamDenied,
     UpstreamError,
     UpstreamInvalid,
 )
 from proxy.logs import LOG, get_logger
 from proxy.metrics import Metrics
-from proxy.reference import Digest, ImageName
-
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
-MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST}) | INDEX_TYPES
-SCHEMA1_TYPES = frozenset(
-    {
-        "application/vnd.docker.distribution.manifest.v1+prettyjws",
-        "application/vnd.docker.distribution.manifest.v1+json",
-    }
+from proxy.oci import (
+    DEFAULT_ACCEPT,
+    INDEX_TYPES,
+    MANIFEST_MAX_BYTES,
+    SCHEMA1_TYPES,
+    StoredManifest,
+    check_manifest,
+    manifest_media_type,
+    schema1_refused,
 )
-# What we ask for when the client does not say.
-DEFAULT_ACCEPT = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST))
+from proxy.reference import Digest, ImageName
 
 log = get_logger("detour.manifests")
 
@@ -124,67 +111,6 @@ class Accept:
         if self.header is None or self.types >= INDEX_TYPES:
             return None
         return ",".join(sorted(self.types))
-
-
-def _schema1(media_type: str) -> ManifestUnsupported:
-    return ManifestUnsupported(
-        "the upstream offers only a schema1 manifest, which Detour does not serve "
-        "(its digest cannot be verified); push the image with a current client",
-        {"mediaType": media_type},
-    )
-
-
-def manifest_media_type(content_type: str, body: bytes | None) -> str:
-    """A manifest's media type: its ``Content-Type``, unless that is generic and the body
-    names its own ``mediaType``."""
-    declared = content_type.split(";", 1)[0].strip()
-    generic = ("application/json", "text/plain", "application/octet-stream")
-    if declared and declared not in generic:
-        return declared
-    if body is not None:
-        try:
-            sniffed = json.loads(body).get("mediaType")
-        except (ValueError, AttributeError, RecursionError):
-            sniffed = None
-        if isinstance(sniffed, str) and sniffed:
-            return sniffed
-    return declared or "application/json"
-
-
-def check_manifest(content_type: str, body: bytes, where: str) -> str:
-    """The media type of a manifest the upstream sent, once it is known to be one: a JSON
-    object of a known manifest media type (or a schema1 manifest, refused)."""
-    if content_type.split(";", 1)[0].strip() in SCHEMA1_TYPES:
-        raise _schema1(content_type)
-    try:
-        document = json.loads(body)
-    except (ValueError, RecursionError):
-        document = None
-    if not isinstance(document, dict):
-        raise UpstreamInvalid(
-            "upstream sent a manifest that is not a JSON object", {"upstream": where}
-        )
-    if document.get("schemaVersion") == 1:
-        raise _schema1(content_type)
-    media_type = manifest_media_type(content_type, body)
-    if media_type not in MANIFEST_TYPES:
-        # An OCI manifest or index may leave out mediaType and come as application/json.
-        if "manifests" in document:
-            media_type = OCI_INDEX
-        elif "config" in document and "layers" in document:
-            media_type = OCI_MANIFEST
-        else:
-            raise UpstreamInvalid(
-                "upstream sent a document of an unknown manifest media type",
-                {"upstream": where, "mediaType": media_type[:100]},
-            )
-    named = document.get("mediaType")
-    if named is not None and named != media_type:
-        raise UpstreamInvalid(
-            "upstream manifest names another media type than its Content-Type",
-            {"upstream": where, "mediaType": str(named)[:100], "contentType": media_type[:100]},
-        )
-    return media_type
 
 
 def _upstream_digest(answer: UpstreamResponse) -> Digest | None:
@@ -439,7 +365,7 @@ class Manifests:
             raise answer.refusal(_unknown(str(reference)))
         content_type = answer.headers.get("Content-Type", "")
         if content_type.split(";", 1)[0].strip() in SCHEMA1_TYPES:
-            raise _schema1(content_type)
+            raise schema1_refused(content_type)
         announced = _upstream_digest(answer)
         if isinstance(reference, Digest) and announced not in (None, reference):
             self._mismatch(answer, reference)

@@ -50,6 +50,7 @@ import aiohttp
 from yarl import URL
 
 from proxy import __version__
+from proxy.bodies import read_capped
 from proxy.core.auth import (
     Challenge,
     Credentials,
@@ -258,18 +259,16 @@ class UpstreamResponse:
         length = self.response.content_length
         if length is not None and length > limit:
             raise self._too_large(what, limit)
-        body = bytearray()
         with transport_errors(self.where):
-            while chunk := await self.response.content.read(limit + 1 - len(body)):
-                body += chunk
-                if len(body) > limit:
-                    raise self._too_large(what, limit)
+            body = await read_capped(self.response.content, limit)
+        if body is None:
+            raise self._too_large(what, limit)
         if length is not None and len(body) != length:
             raise UpstreamInvalid(
                 f"upstream {what} was cut short",
                 {"upstream": self.where, "expected": length, "received": len(body)},
             )
-        return bytes(body)
+        return body
 
     def _too_large(self, what: str, limit: int) -> UpstreamInvalid:
         return UpstreamInvalid(

@@ -26,21 +26,25 @@ import platform as _host
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NotRequired, TypedDict
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from proxy.core.cache import MANIFEST_MAX_BYTES
-from proxy.core.manifests import (
+from proxy.logs import configure_logging
+from proxy.oci import (
     DEFAULT_ACCEPT,
     DOCKER_LIST,
     DOCKER_MANIFEST,
+    MANIFEST_MAX_BYTES,
     OCI_INDEX,
     OCI_MANIFEST,
+    Descriptor,
+    ImageIndex,
+    ImageManifest,
+    PlatformSpec,
     manifest_media_type,
 )
-from proxy.logs import configure_logging
 from proxy.reference import Digest, ImageName, Reference, parse_json
 from proxy.settings import ConfigError, Settings
 
@@ -71,33 +75,6 @@ _MACHINES: dict[str, tuple[str, str | None]] = {
 
 
 # --------------------------------------------------------------------------- wire formats
-
-
-class PlatformSpec(TypedDict):
-    architecture: str
-    os: str
-    variant: NotRequired[str]
-
-
-class Descriptor(TypedDict):
-    mediaType: str
-    digest: str
-    size: int
-    platform: NotRequired[PlatformSpec]
-    urls: NotRequired[list[str]]
-
-
-class ImageManifest(TypedDict):
-    schemaVersion: int
-    mediaType: NotRequired[str]
-    config: Descriptor
-    layers: list[Descriptor]
-
-
-class ImageIndex(TypedDict):
-    schemaVersion: int
-    mediaType: NotRequired[str]
-    manifests: list[Descriptor]
 
 
 # --------------------------------------------------------------------------- values

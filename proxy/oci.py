@@ -1,0 +1,127 @@
+"""The OCI (and Docker v2) formats Detour reads: manifest media types, the stored manifest,
+the JSON shapes of manifests and indexes, and the check that a body is a manifest Detour serves.
+
+Shared by the proxy (:mod:`proxy.core.manifests`) and the tools (:mod:`proxy.tools.warm`), so
+neither imports the other to know what a manifest is.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import NotRequired, TypedDict
+
+from proxy.errors import ManifestUnsupported, UpstreamInvalid
+from proxy.reference import Digest
+
+MANIFEST_MAX_BYTES = 4 * 1024 * 1024  # distribution's own limit
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
+MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST}) | INDEX_TYPES
+SCHEMA1_TYPES = frozenset(
+    {
+        "application/vnd.docker.distribution.manifest.v1+prettyjws",
+        "application/vnd.docker.distribution.manifest.v1+json",
+    }
+)
+# What we ask for when the client does not say.
+DEFAULT_ACCEPT = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST))
+
+
+@dataclass(frozen=True, slots=True)
+class StoredManifest:
+    digest: Digest
+    media_type: str
+    body: bytes
+
+
+class PlatformSpec(TypedDict):
+    architecture: str
+    os: str
+    variant: NotRequired[str]
+
+
+class Descriptor(TypedDict):
+    mediaType: str
+    digest: str
+    size: int
+    platform: NotRequired[PlatformSpec]
+    urls: NotRequired[list[str]]
+
+
+class ImageManifest(TypedDict):
+    schemaVersion: int
+    mediaType: NotRequired[str]
+    config: Descriptor
+    layers: list[Descriptor]
+
+
+class ImageIndex(TypedDict):
+    schemaVersion: int
+    mediaType: NotRequired[str]
+    manifests: list[Descriptor]
+
+
+def schema1_refused(media_type: str) -> ManifestUnsupported:
+    return ManifestUnsupported(
+        "the upstream offers only a schema1 manifest, which Detour does not serve "
+        "(its digest cannot be verified); push the image with a current client",
+        {"mediaType": media_type},
+    )
+
+
+def manifest_media_type(content_type: str, body: bytes | None) -> str:
+    """A manifest's media type: its ``Content-Type``, unless that is generic and the body
+    names its own ``mediaType``."""
+    declared = content_type.split(";", 1)[0].strip()
+    generic = ("application/json", "text/plain", "application/octet-stream")
+    if declared and declared not in generic:
+        return declared
+    if body is not None:
+        try:
+            sniffed = json.loads(body).get("mediaType")
+        except (ValueError, AttributeError, RecursionError):
+            sniffed = None
+        if isinstance(sniffed, str) and sniffed:
+            return sniffed
+    return declared or "application/json"
+
+
+def check_manifest(content_type: str, body: bytes, where: str) -> str:
+    """The media type of a manifest the upstream sent, once it is known to be one: a JSON
+    object of a known manifest media type (or a schema1 manifest, refused)."""
+    if content_type.split(";", 1)[0].strip() in SCHEMA1_TYPES:
+        raise schema1_refused(content_type)
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        document = None
+    if not isinstance(document, dict):
+        raise UpstreamInvalid(
+            "upstream sent a manifest that is not a JSON object", {"upstream": where}
+        )
+    if document.get("schemaVersion") == 1:
+        raise schema1_refused(content_type)
+    media_type = manifest_media_type(content_type, body)
+    if media_type not in MANIFEST_TYPES:
+        # An OCI manifest or index may leave out mediaType and come as application/json.
+        if "manifests" in document:
+            media_type = OCI_INDEX
+        elif "config" in document and "layers" in document:
+            media_type = OCI_MANIFEST
+        else:
+            raise UpstreamInvalid(
+                "upstream sent a document of an unknown manifest media type",
+                {"upstream": where, "mediaType": media_type[:100]},
+            )
+    named = document.get("mediaType")
+    if named is not None and named != media_type:
+        raise UpstreamInvalid(
+            "upstream manifest names another media type than its Content-Type",
+            {"upstream": where, "mediaType": str(named)[:100], "contentType": media_type[:100]},
+        )
+    return media_type
