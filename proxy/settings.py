@@ -244,7 +244,7 @@ class ClusterSettings(_Section):
 
 
 class WebhookSettings(_Section):
-    """``detour webhook``: the mutating admission webhook (see :mod:`proxy.webhook.server`)."""
+    """``detour webhook``: the mutating admission webhook (see :mod:`proxy.webhook`)."""
 
     listen: Listen = "0.0.0.0:8443"
     tls_cert: Path = Path("/tls/tls.crt")

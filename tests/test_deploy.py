@@ -41,8 +41,8 @@ from proxy.metrics import Metrics
 from proxy.reference import ImageName
 from proxy.settings import Settings, load_settings, split_host_port
 from proxy.tools.cli import main
+from proxy.webhook import WebhookMetrics
 from proxy.webhook.certs import generate, service_names, write
-from proxy.webhook.server import WebhookMetrics
 from tests.proxy import Proxy, free_port
 from tests.registry import Registry
 

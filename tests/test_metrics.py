@@ -35,7 +35,7 @@ from proxy.metrics import (
     endpoint_kind,
 )
 from proxy.settings import Settings
-from proxy.webhook.server import WebhookMetrics, create_webhook_app
+from proxy.webhook import WebhookMetrics, create_webhook_app
 from tests.images import ACCEPT_ALL, push_image, unique_repo
 from tests.proxy import Proxy, parse_metrics, scenario
 from tests.registry import Registry

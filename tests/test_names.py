@@ -22,7 +22,7 @@ import pytest
 
 from proxy.settings import Settings
 from proxy.tools.cli import main
-from proxy.webhook.server import create_webhook_app
+from proxy.webhook import create_webhook_app
 from tests.images import ACCEPT_ALL, push_image, unique_repo
 from tests.proxy import Proxy
 from tests.registry import Registry

@@ -45,7 +45,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _webhook(args: argparse.Namespace) -> int:
-    from proxy.webhook.server import run_webhook
+    from proxy.webhook import run_webhook
 
     run_webhook(_settings(args))
     return 0
@@ -54,7 +54,7 @@ def _webhook(args: argparse.Namespace) -> int:
 def _resolve(args: argparse.Namespace) -> int:
     from proxy.core.rules import describe_resolution
     from proxy.reference import ImageName, Reference
-    from proxy.webhook.server import rewrite_image
+    from proxy.webhook import rewrite_image
 
     settings = _settings(args)
     prefix = settings.webhook.prefix
