@@ -31,22 +31,24 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from proxy.bodies import read_capped
 from proxy.logs import configure_logging
 from proxy.oci import (
     DEFAULT_ACCEPT,
-    DOCKER_LIST,
     DOCKER_MANIFEST,
+    INDEX_TYPES,
     MANIFEST_MAX_BYTES,
-    OCI_INDEX,
     OCI_MANIFEST,
     Descriptor,
     ImageIndex,
     ImageManifest,
     PlatformSpec,
+    StoredManifest,
     manifest_media_type,
 )
 from proxy.reference import Digest, ImageName, Reference, parse_json
 from proxy.settings import ConfigError, Settings
+from proxy.tools.hosts import check_endpoint
 
 CONCURRENCY = 4  # blob downloads in flight per image
 CHUNK_BYTES = 1 << 20
@@ -56,7 +58,6 @@ USER_AGENT = "detour-warm"
 # The proxy may be silent for a while when it retries and resumes upstream; be patient.
 CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300)
 
-INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
 IMAGE_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
 # Layers that live outside the registry (Windows base layers); a registry does not serve them.
 _FOREIGN_MARKERS = ("foreign", "nondistributable")
@@ -270,13 +271,6 @@ def refusal(status: int, body: bytes) -> str:
 # --------------------------------------------------------------------------- warming
 
 
-@dataclass(frozen=True, slots=True)
-class _Manifest:
-    digest: Digest
-    media_type: str
-    body: bytes
-
-
 class _Warmer:
     """Warms images through the proxy at ``base`` (``http://host:port``)."""
 
@@ -317,7 +311,7 @@ class _Warmer:
     async def _collect(
         self,
         name: ImageName,
-        manifest: _Manifest,
+        manifest: StoredManifest,
         blobs: dict[str, Descriptor],
         platforms: list[str],
         depth: int,
@@ -357,7 +351,7 @@ class _Warmer:
 
     async def _manifest(
         self, name: ImageName, reference: str, digest: Digest | None, *, child: bool = False
-    ) -> _Manifest:
+    ) -> StoredManifest:
         """GET a manifest through the proxy; check its bytes against the digest it claims.
 
         Errors name the manifest only for an index's children: the image names the top one.
@@ -378,7 +372,7 @@ class _Warmer:
         actual = Digest.of(body, expected.algorithm if expected else "sha256")
         if expected is not None and actual != expected:
             raise WarmError(f"{where}the manifest's bytes do not match {expected}")
-        return _Manifest(actual, manifest_media_type(content_type, body), body)
+        return StoredManifest(actual, manifest_media_type(content_type, body), body)
 
     async def _blobs(self, name: ImageName, descriptors: list[Descriptor]) -> list[int]:
         """Fetch every blob, a few at a time; report how many failed and the first reason."""
@@ -440,14 +434,11 @@ def _transport(exc: aiohttp.ClientError) -> str:
 
 
 async def _read_capped(response: aiohttp.ClientResponse, limit: int, where: str) -> bytes:
-    chunks: list[bytes] = []
-    total = 0
-    async for chunk in response.content.iter_chunked(CHUNK_BYTES):
-        total += len(chunk)
-        if total > limit:
-            raise WarmError(f"{where}response larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    """The whole body (:func:`proxy.bodies.read_capped`); :class:`WarmError` past ``limit``."""
+    body = await read_capped(response.content, limit)
+    if body is None:
+        raise WarmError(f"{where}response larger than {limit} bytes")
+    return body
 
 
 @contextlib.asynccontextmanager
@@ -478,13 +469,6 @@ def _reference(text: str) -> Reference:
         raise ValueError(f"invalid image reference {text!r}: {exc}") from None
 
 
-def _endpoint_url(endpoint: str) -> str:
-    url = endpoint.strip().rstrip("/")
-    if not url.startswith(("http://", "https://")) or "/" in url.split("://", 1)[1]:
-        raise ValueError(f"invalid endpoint {endpoint!r}: expected e.g. http://127.0.0.1:7439")
-    return url
-
-
 async def warm(
     images: Sequence[str],
     settings: Settings | None = None,
@@ -506,7 +490,7 @@ async def warm(
     if platform is not None and all_platforms:
         raise ValueError("give a platform or all platforms, not both")
     refs = [_reference(text) for text in images]  # every typo, before any download
-    base = _endpoint_url(endpoint) if endpoint is not None else None
+    base = check_endpoint(endpoint) if endpoint is not None else None
     if base is None and settings is None:
         raise ValueError("warming needs settings (to start Detour) or an endpoint")
     wanted = None if all_platforms else (platform or Platform.host())
