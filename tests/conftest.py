@@ -30,7 +30,7 @@ from proxy.settings import Settings
 from tests.containerd import CONTAINERD_BIN, CTR_BIN, Containerd
 from tests.proxy import Proxy, start_process, stop_process
 from tests.registry import REGISTRY_BIN, AuthMode, Registry
-from tests.registry import free_port as _free_port
+from tests.support import free_port as _free_port
 from tests.token_issuer import TokenIssuer
 
 _TOOLS = {

@@ -45,11 +45,10 @@ import contextlib
 import shutil
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.registry import free_port
+from tests.support import Daemon, free_port
 
 CONTAINERD_BIN = "/usr/bin/containerd"
 CTR_BIN = "/usr/bin/ctr"
@@ -95,7 +94,12 @@ class Containerd:
         self.hosts_dir = self.dir / "hosts.d"
         self.config_path = self.dir / "config.toml"
         self.log_path = self.dir / "containerd.log"
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._daemon = Daemon(
+            "containerd",
+            [CONTAINERD_BIN, "--config", str(self.config_path)],
+            self.log_path,
+            grace=10,
+        )
         plugins = ", ".join(f'"{p}"' for p in _DISABLED_PLUGINS)
         self.config_path.write_text(
             f"""version = 2
@@ -120,45 +124,24 @@ disabled_plugins = [{plugins}]
 
     def start(self, timeout: float = 10.0) -> None:
         """Start the daemon and wait until ``ctr version`` answers (blocking, ~50 ms)."""
-        if self._proc is not None:
+        if self._daemon.running:
             return
-        with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(
-                [CONTAINERD_BIN, "--config", str(self.config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
+
+        def ready() -> bool:
+            if not Path(self.address).exists():
+                return False
+            probe = subprocess.run(
+                [CTR_BIN, "--address", self.address, "version"],
+                capture_output=True,
+                check=False,
+                timeout=timeout,
             )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._proc.poll() is not None:
-                code, self._proc = self._proc.returncode, None
-                raise RuntimeError(f"containerd exited with {code}:\n{self.log_text()}")
-            if Path(self.address).exists():
-                probe = subprocess.run(
-                    [CTR_BIN, "--address", self.address, "version"],
-                    capture_output=True,
-                    check=False,
-                    timeout=timeout,
-                )
-                if probe.returncode == 0:
-                    return
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"containerd did not start in {timeout}s:\n{self.log_text()}")
-            time.sleep(0.02)
+            return probe.returncode == 0
+
+        self._daemon.start(ready, timeout)
 
     def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        self._daemon.stop()
 
     def close(self) -> None:
         """Stop the daemon and delete its directory."""
@@ -173,10 +156,7 @@ disabled_plugins = [{plugins}]
         self.close()
 
     def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return self._daemon.log_text()
 
     # -- ctr --------------------------------------------------------------------------------
 

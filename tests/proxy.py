@@ -17,6 +17,18 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.registry import Registry
+from tests.support import Daemon, free_port, stop_child
+
+__all__ = [
+    "Proxy",
+    "blob_path",
+    "free_port",
+    "parse_metrics",
+    "scenario",
+    "start_process",
+    "stop_process",
+    "wait_cached",
+]
 
 
 def scenario(mirror: Registry, cache_dir: Path, **extra: Any) -> dict[str, Any]:
@@ -66,12 +78,6 @@ class Proxy:
         return self.log_path.read_text().splitlines()
 
 
-def free_port() -> int:
-    from tests.registry import free_port as _free_port
-
-    return _free_port()
-
-
 async def start_process(config: dict[str, Any], workdir: Path) -> Proxy:
     """``python -m proxy serve --config FILE`` on its ``listen`` port, or a free one if that is
     missing or 0, ready when /healthz answers."""
@@ -82,38 +88,38 @@ async def start_process(config: dict[str, Any], workdir: Path) -> Proxy:
     path = workdir / "detour.yaml"
     path.write_text(yaml.safe_dump(config))
     log_path = workdir / "detour.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(  # noqa: ASYNC220 (starts it; never waits)
-            [sys.executable, "-m", "proxy", "serve", "--config", str(path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+    daemon = Daemon(
+        "detour",
+        [sys.executable, "-m", "proxy", "serve", "--config", str(path)],
+        log_path,
+        grace=15,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        fresh_log=True,
+        own_session=False,
+        interval=0.05,
+    )
     session = aiohttp.ClientSession()
-    proxy = Proxy(f"http://{host}:{port}", Path(config["cache"]["dir"]), session, process, log_path)
-    deadline = time.monotonic() + 20
-    while True:
+    url = f"http://{host}:{port}"
+
+    async def healthy() -> bool:
         try:
-            async with session.get(f"{proxy.url}/healthz") as response:
-                if response.status == 200:
-                    return proxy
+            async with session.get(f"{url}/healthz") as response:
+                return response.status == 200
         except aiohttp.ClientError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            await session.close()
-            raise RuntimeError(f"detour did not start:\n{log_path.read_text()}")
-        await asyncio.sleep(0.05)
+            return False
+
+    try:
+        await daemon.start_async(healthy, 20)
+    except RuntimeError:
+        await session.close()
+        raise
+    return Proxy(url, Path(config["cache"]["dir"]), session, daemon.proc, log_path)
 
 
 async def stop_process(proxy: Proxy, sig: int = signal.SIGTERM) -> int:
+    """Stop ``detour serve`` with ``sig`` (SIGKILL after 15 s): its exit code."""
     assert proxy.process is not None
-    if proxy.process.poll() is None:
-        proxy.process.send_signal(sig)
-    try:
-        code = await asyncio.to_thread(proxy.process.wait, 15)
-    except subprocess.TimeoutExpired:
-        proxy.process.kill()
-        code = proxy.process.wait()
+    code = await asyncio.to_thread(stop_child, proxy.process, 15, sig)
     await proxy.session.close()
     return code
 

@@ -37,7 +37,6 @@ import json
 import re
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -49,7 +48,10 @@ from pathlib import Path
 from typing import Literal
 
 from proxy.webhook.certs import WebhookCertificates, issue
+from tests.support import Daemon, free_port
 from tests.token_issuer import TokenIssuer
+
+__all__ = ["REGISTRY_BIN", "AccessEntry", "AuthMode", "Registry", "free_port", "make_certificates"]
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
 AuthMode = Literal["none", "htpasswd", "token"]
@@ -59,14 +61,6 @@ _ACCESS_LINE = re.compile(
     r'^(?P<remote>\S+) \S+ (?P<user>\S+) \[(?P<time>[^\]]+)\] "(?P<method>\S+) (?P<path>\S+) '
     r'(?P<proto>[^"]+)" (?P<status>\d{3}) (?P<size>\d+|-) "(?P<referer>[^"]*)" "(?P<agent>[^"]*)"$'
 )
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def make_certificates(names: Sequence[str] = ("127.0.0.1",)) -> WebhookCertificates:
@@ -129,7 +123,9 @@ class Registry:
                 self._own_issuer = True
             issuer.start()
             self.issuer = issuer
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._daemon = Daemon(
+            "registry", [REGISTRY_BIN, "serve", str(self.config_path)], self.log_path, grace=5
+        )
         self._frozen = False
         self._log_offset = 0
         self._entries: list[AccessEntry] = []
@@ -199,7 +195,7 @@ class Registry:
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._daemon.running
 
     @property
     def frozen(self) -> bool:
@@ -209,27 +205,8 @@ class Registry:
         """Start (or restart) on the same port and storage; return once ``GET /v2/`` answers."""
         if self.running:
             return
-        with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(
-                [REGISTRY_BIN, "serve", str(self.config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-            )
         self._frozen = False
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._proc.poll() is not None:
-                code = self._proc.returncode
-                self._proc = None
-                raise RuntimeError(f"registry exited with {code}:\n{self.log_text()}")
-            if self._probe():
-                return
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"registry did not answer in {timeout}s:\n{self.log_text()}")
-            time.sleep(0.02)
+        self._daemon.start(self._probe, timeout)
 
     def client_ssl(self, *, check_hostname: bool = True) -> ssl.SSLContext:
         """A client context trusting this registry's CA (and only it)."""
@@ -256,29 +233,19 @@ class Registry:
 
     def stop(self) -> None:
         """Kill the process (connections are refused afterwards). Storage is kept."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if self._frozen:
+        if self._frozen and self._daemon.proc is not None:
             with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGCONT)
-            self._frozen = False
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+                self._daemon.send_signal(signal.SIGCONT)
+        self._frozen = False
+        self._daemon.stop()
 
     def freeze(self) -> None:
         """SIGSTOP: the kernel still accepts connections, nothing answers (upstream timeout)."""
-        assert self._proc is not None, "registry not running"
-        self._proc.send_signal(signal.SIGSTOP)
+        self._daemon.send_signal(signal.SIGSTOP)
         self._frozen = True
 
     def thaw(self) -> None:
-        assert self._proc is not None, "registry not running"
-        self._proc.send_signal(signal.SIGCONT)
+        self._daemon.send_signal(signal.SIGCONT)
         self._frozen = False
 
     def close(self) -> None:
@@ -297,10 +264,7 @@ class Registry:
         self.close()
 
     def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return self._daemon.log_text()
 
     # -- access log -------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from tests.images import (
     push_index,
     unique_repo,
 )
-from tests.proxy import Proxy, scenario
+from tests.proxy import Proxy, blob_path, scenario
 from tests.registry import Registry
 
 MakeProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
@@ -96,7 +96,7 @@ async def test_blob_miss_then_hit(proxy: Proxy, registry: Registry) -> None:
             assert response.headers["Content-Length"] == str(layer.size)
     assert await proxy.metric("detour_cache_requests_total", kind="blob", result="miss") == 1
     assert await proxy.metric("detour_cache_requests_total", kind="blob", result="hit") == 1
-    cached = proxy.cache_dir / "blobs" / "sha256" / layer.digest[7:9] / layer.digest[7:]
+    cached = blob_path(proxy.cache_dir, layer.digest)
     assert hashlib.sha256(cached.read_bytes()).hexdigest() == layer.digest[7:]
     # Range requests on a hit.
     async with proxy.session.get(url, headers={"Range": "bytes=10-19"}) as response:

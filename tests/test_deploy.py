@@ -24,7 +24,6 @@ import ssl
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -43,8 +42,9 @@ from proxy.settings import Settings, load_settings, split_host_port
 from proxy.tools.cli import main
 from proxy.webhook import WebhookMetrics
 from proxy.webhook.certs import generate, service_names, write
-from tests.proxy import Proxy, free_port
+from tests.proxy import Proxy
 from tests.registry import Registry
+from tests.support import Daemon, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -1365,7 +1365,7 @@ def test_webhook_certs_command(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 @pytest.fixture
 def webhook_process(tmp_path: Path) -> Iterator[Callable[[Path], tuple[int, Path]]]:
-    processes: list[subprocess.Popen[bytes]] = []
+    daemons: list[Daemon] = []
 
     def start(certs: Path) -> tuple[int, Path]:
         port = free_port()
@@ -1382,30 +1382,27 @@ def webhook_process(tmp_path: Path) -> Iterator[Callable[[Path], tuple[int, Path
             )
         )
         log = tmp_path / "webhook.log"
-        with log.open("wb") as handle:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "proxy", "webhook", "--config", str(config)],
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-            )
-        processes.append(process)
-        deadline = time.monotonic() + 20
-        while True:
+        daemon = Daemon(
+            "detour webhook",
+            [sys.executable, "-m", "proxy", "webhook", "--config", str(config)],
+            log,
+            grace=10,
+            fresh_log=True,
+            own_session=False,
+            interval=0.05,
+        )
+        daemons.append(daemon)
+
+        def listening() -> bool:
             with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    return port, log
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"detour webhook did not start:\n{log.read_text()}")
-            time.sleep(0.05)
+                return sock.connect_ex(("127.0.0.1", port)) == 0
+
+        daemon.start(listening, 20)
+        return port, log
 
     yield start
-    for process in processes:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    for daemon in daemons:
+        daemon.stop()
 
 
 def https_get(port: int, ca: Path, server_name: str, path: str) -> bytes:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from tests.images import Blob, push_image, unique_repo
-from tests.proxy import Proxy, scenario, wait_cached
+from tests.proxy import Proxy, blob_path, scenario, wait_cached
 from tests.registry import Registry
 
 MakeProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
@@ -35,8 +35,7 @@ async def get(proxy: Proxy, name: str, digest: str) -> tuple[int, bytes]:
 
 
 def cached(proxy: Proxy, digest: str) -> bool:
-    hexpart = digest.removeprefix("sha256:")
-    return (proxy.cache_dir / "blobs" / "sha256" / hexpart[:2] / hexpart).is_file()
+    return blob_path(proxy.cache_dir, digest).is_file()
 
 
 async def test_a_full_disk_streams_without_caching(

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.images import ACCEPT_ALL, PushedImage, push_image, unique_repo
-from tests.proxy import Proxy, scenario
+from tests.proxy import Proxy, blob_path, scenario
 from tests.registry import Registry
 
 MakeProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
@@ -38,8 +38,7 @@ async def settled_usage(proxy: Proxy) -> int:
 
 
 def cached(proxy: Proxy, digest: str) -> bool:
-    hexpart = digest.removeprefix("sha256:")
-    return (proxy.cache_dir / "blobs" / "sha256" / hexpart[:2] / hexpart).is_file()
+    return blob_path(proxy.cache_dir, digest).is_file()
 
 
 def images(registry: Registry, count: int, size: int) -> list[tuple[str, PushedImage]]:
