@@ -42,18 +42,17 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import proxy.webhook.server
 from proxy.settings import ConfigError, WebhookSettings, load_settings
-from proxy.webhook.server import (
-    MAX_EXPANSION,
+from proxy.webhook import create_webhook_app, rewrite_image
+from proxy.webhook.review import parse_cost
+from proxy.webhook.rewrite import (
     ORIGINAL_IMAGES_ANNOTATION,
     ImageRewrite,
     Policy,
     build_patch,
-    build_ssl_context,
-    create_webhook_app,
-    parse_cost,
     plan_pod,
-    rewrite_image,
 )
+from proxy.webhook.server import MAX_EXPANSION
+from proxy.webhook.tls import build_ssl_context
 
 PREFIX = "localhost:7439"
 HEX = "3f2c8b1e0a9d47c6b5e4f3a2d1c0b9a8f7e6d5c4b3a2918273645566778899aa"

@@ -11,7 +11,7 @@ with every name the Service is reached by::
 It writes ``ca.crt``, ``tls.crt`` and ``tls.key`` (the key mode 0600), each atomically: a temp
 file beside it, fsynced, then ``os.replace``. The CA's key is never written: to renew, run the
 command again and replace both the Secret and the ``caBundle``. The webhook picks up a rotated
-Secret without a restart (see :mod:`proxy.webhook.server`).
+Secret without a restart (see :mod:`proxy.webhook.tls`).
 """
 
 from __future__ import annotations
