@@ -39,13 +39,8 @@ from typing import IO, Any
 import xxhash
 from aiohttp import web
 
-from proxy.core.cache import (
-    CHECKED_CHUNK_BYTES,
-    BlobWriter,
-    CacheStore,
-    Checksums,
-    cache_write_failed,
-)
+from proxy.core.blob_writer import CHECKED_CHUNK_BYTES, BlobWriter, Checksums
+from proxy.core.cache import CacheStore, cache_write_failed
 from proxy.core.rules import Route
 from proxy.core.upstream import UpstreamClient, UpstreamResponse
 from proxy.errors import (
@@ -513,14 +508,11 @@ class BlobFetch:
             return
         self._notify()
         try:
-            await asyncio.get_running_loop().run_in_executor(None, writer.sync)
-            writer.commit()
+            self.checksums = await self._store.commit_blob(writer, self._reserved)
         except OSError as exc:  # verified, but the disk would not keep it: served, not cached
             self._cache_write_failed(exc)
             return
         self.committed = True
-        self.checksums = writer.checksums
-        self._store.admit(writer.final, writer.size, self._reserved)
         self._reserved = 0
 
     async def _receive(self, response: UpstreamResponse) -> None:
@@ -756,14 +748,13 @@ class BlobFetch:
 
     def _open_file(self, writer: BlobWriter) -> IO[bytes] | None:
         """The file this fetch writes, wherever it is now (committed: in the cache)."""
-        if writer.path is None:
-            return None
-        try:
-            return open(writer.path, "rb", buffering=0)
-        except FileNotFoundError:
-            if not self.committed:
-                return None  # not kept, and deleted: every byte comes from memory
-            return open(writer.final, "rb", buffering=0)
+        # Moved into the cache meanwhile (the final file holds the same verified bytes), or
+        # not kept and deleted: then every byte comes from memory.
+        for path in (writer.path, writer.final):
+            if path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    return open(path, "rb", buffering=0)
+        return None
 
     async def _stream(
         self, request: web.Request, reader: _Reader, source: IO[bytes] | None

@@ -1,0 +1,286 @@
+"""Writing one blob into the cache: hashed (sha256, and a sum per chunk for its hits) as it
+is written to a temp file, moved into place only once verified.
+
+Blob files are written with ``O_DIRECT`` where the file system takes it (see
+:class:`BlobWrites`), through a page-aligned buffer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import mmap
+import os
+import tempfile
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import xxhash
+
+from proxy.logs import get_logger
+from proxy.reference import Digest
+
+log = get_logger("detour.cache")
+
+DIRECT_ALIGN = 4096  # O_DIRECT: buffer address, length and file offset, multiples of this
+DIRECT_BUFFER_BYTES = 1 << 20  # a blob writer's aligned buffer: the most one write sends
+
+
+class BlobWrites:
+    """How a cache directory's blob files are written, logged once when it is first known.
+
+    Blobs are written with ``O_DIRECT`` where the file system takes it (ext4, xfs, btrfs, tmpfs
+    since Linux 6.6): new bytes go to the disk without passing through the page cache, so a
+    cold blob is written at the disk's pace rather than at the pace new page cache can be had
+    (on a VM that backs its memory lazily, a third of it), and a layer the node's runtime keeps
+    a copy of anyway does not crowd the workloads' page cache. Where ``O_DIRECT`` is refused
+    (ramfs, some overlay and network file systems), at open or at the first write, blobs are
+    written through the page cache from then on.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.direct = True  # until the file system refuses it
+        self._logged = False
+
+    def accepted(self) -> None:
+        if not self._logged:
+            self._logged = True
+            log.info("cache_blob_writes", dir=str(self.root), mode="direct")
+
+    def refused(self, exc: OSError) -> None:
+        if self.direct:
+            self.direct = False
+            self._logged = True
+            log.info(
+                "cache_blob_writes",
+                dir=str(self.root),
+                mode="buffered",
+                reason=f"O_DIRECT refused: {exc.strerror or exc}",
+            )
+
+
+def _set_direct(fd: int, on: bool) -> None:
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
+
+
+CHECKED_CHUNK_BYTES = 32 << 20  # a cached blob's bytes are checked on its hits in chunks of this
+
+
+@dataclass(frozen=True, slots=True)
+class Checksums:
+    """An XXH3-64 of each ``CHECKED_CHUNK_BYTES`` chunk of one cached file, taken from bytes
+    known to be right (those a fetch verified as it wrote them, or a pass whose sha256
+    matched); a hit checks each chunk against its sum before sending it."""
+
+    identity: tuple[int, int]  # (st_dev, st_ino): a file fetched again is another file
+    size: int
+    sums: array[int]
+
+
+class ChunkSums:
+    """The per-chunk sums of :class:`Checksums`, taken as a stream of bytes goes by."""
+
+    def __init__(self) -> None:
+        self.sums: array[int] = array("Q")
+        self._hash = xxhash.xxh3_64()
+        self._in = 0  # bytes of the current chunk hashed
+
+    def update(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            take = min(len(view), CHECKED_CHUNK_BYTES - self._in)
+            self._hash.update(view[:take])
+            self._in += take
+            view = view[take:]
+            if self._in == CHECKED_CHUNK_BYTES:
+                self.sums.append(self._hash.intdigest())
+                self._hash.reset()
+                self._in = 0
+
+    def finish(self) -> array[int]:
+        """The sums, the last (partial) chunk's included."""
+        if self._in:
+            self.sums.append(self._hash.intdigest())
+            self._hash.reset()
+            self._in = 0
+        return self.sums
+
+
+class BlobWriter:
+    """A blob being written: hashed as it is written, moved into place only once verified.
+
+    :meth:`write` (to the temp file) and :meth:`update` (the hash) are blocking and touch
+    separate state, so two worker threads can run them side by side, each call in the order of
+    the bytes. ``path`` may be opened for reading by others while the writer appends: the first
+    ``on_disk`` bytes are there.
+
+    With ``O_DIRECT`` (see :class:`BlobWrites`) each write goes through a page-aligned buffer
+    and only whole 4 KiB blocks reach the file; the last partial block is held back (``on_disk``
+    trails the bytes written by less than 4 KiB) until :meth:`finish` writes it without
+    ``O_DIRECT``.
+
+    When the disk refuses (full, or an I/O error), ``write`` raises ``OSError`` and writes
+    nothing more; hashing goes on, so the blob can still be verified as it streams by, but it
+    will not be cached. ``path`` is None when not even the temp file could be created.
+    """
+
+    def __init__(
+        self, digest: Digest, final: Path, tmp_dir: Path, writes: BlobWrites | None = None
+    ) -> None:
+        self.digest = digest
+        self.final = final
+        self.size = 0  # bytes hashed
+        self.on_disk = 0  # bytes in the temp file
+        self._hasher = digest.hasher()
+        self.chunk_sums = ChunkSums()  # for the hits' checks, once the digest matched
+        self.checksums: Checksums | None = None  # once committed
+        self._fd: int | None = None
+        self.path: Path | None = None
+        self.failure: OSError | None = None
+        self._writes = writes
+        self._direct = False
+        self._buffer: mmap.mmap | None = None  # O_DIRECT: bytes [on_disk, on_disk + _held)
+        self._held = 0
+        try:
+            fd, name = tempfile.mkstemp(
+                dir=tmp_dir, prefix=f"{digest.hex[:16]}.", suffix=".partial"
+            )
+        except OSError as exc:
+            self.failure = exc
+            return
+        self._fd, self.path = fd, Path(name)
+        if writes is not None and writes.direct:
+            try:
+                _set_direct(fd, True)
+            except OSError as exc:
+                writes.refused(exc)
+            else:
+                self._direct = True
+
+    @property
+    def direct(self) -> bool:
+        """Whether this file is being written with ``O_DIRECT``."""
+        return self._direct
+
+    def write(self, chunks: Sequence[bytes]) -> None:
+        """Append ``chunks`` to the file (blocking)."""
+        if self._fd is None:
+            raise self.failure or OSError("blob writer is closed")
+        try:
+            if self._buffer is None and not self._direct:
+                views = [memoryview(chunk) for chunk in chunks]
+                while views:
+                    written = os.pwritev(self._fd, views, self.on_disk)
+                    self.on_disk += written
+                    while views and written >= len(views[0]):
+                        written -= len(views.pop(0))
+                    if views:
+                        views[0] = views[0][written:]
+                return
+            if self._buffer is None:
+                self._buffer = mmap.mmap(-1, DIRECT_BUFFER_BYTES)  # page-aligned
+            buffer = self._buffer
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    count = min(len(view), len(buffer) - self._held)
+                    buffer[self._held : self._held + count] = view[:count]
+                    self._held += count
+                    view = view[count:]
+                    if self._held == len(buffer):
+                        self._write_held()
+            self._write_held()
+        except OSError as exc:
+            self.failure = exc
+            raise
+
+    def _write_held(self) -> None:
+        """Write the held bytes: the whole blocks of them with ``O_DIRECT``, else all."""
+        assert self._fd is not None
+        assert self._buffer is not None
+        buffer, fd = self._buffer, self._fd
+        whole = memoryview(buffer)
+        end = self._held - self._held % DIRECT_ALIGN if self._direct else self._held
+        done = 0
+        try:
+            while done < end:
+                try:
+                    done += os.pwrite(fd, whole[done:end], self.on_disk + done)
+                except OSError as exc:
+                    # Refused at the first write (the open took the flag): written through
+                    # the page cache instead, this file and the next.
+                    if exc.errno != errno.EINVAL or not self._direct or self.on_disk + done:
+                        raise
+                    _set_direct(fd, False)
+                    self._direct = False
+                    if self._writes is not None:
+                        self._writes.refused(exc)
+                    end = self._held
+            if done and self._direct and self._writes is not None:
+                self._writes.accepted()
+        finally:
+            if done:
+                buffer.move(0, done, self._held - done)
+                self._held -= done
+                self.on_disk += done
+
+    def finish(self) -> None:
+        """Write the last partial block held back by ``O_DIRECT`` (blocking): after the last
+        :meth:`write`, before :meth:`sync`."""
+        if self._fd is None:
+            raise self.failure or OSError("blob writer is closed")
+        if self._held:
+            try:
+                if self._direct:
+                    _set_direct(self._fd, False)
+                    self._direct = False
+                self._write_held()
+            except OSError as exc:
+                self.failure = exc
+                raise
+        self._buffer = None
+
+    def update(self, chunks: Sequence[bytes]) -> None:
+        """Hash ``chunks`` (blocking)."""
+        for chunk in chunks:
+            self._hasher.update(chunk)
+            self.chunk_sums.update(chunk)
+            self.size += len(chunk)
+
+    def matches(self, expected_size: int | None = None) -> bool:
+        if expected_size is not None and expected_size != self.size:
+            return False
+        return self._hasher.hexdigest() == self.digest.hex
+
+    @property
+    def complete_on_disk(self) -> bool:
+        return self.failure is None and self.on_disk == self.size
+
+    def commit(self) -> None:
+        """Flush to the disk and move into place (blocking: call from a worker thread); the
+        caller has checked :meth:`matches`."""
+        assert self._fd is not None
+        assert self.path is not None
+        os.fsync(self._fd)
+        stat = os.fstat(self._fd)
+        self.checksums = Checksums((stat.st_dev, stat.st_ino), self.size, self.chunk_sums.finish())
+        os.close(self._fd)
+        self._fd = None
+        self._buffer = None
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.path, self.final)
+
+    def discard(self) -> None:
+        # The aligned buffer is dropped, never closed: a worker thread may still hold a view.
+        self._buffer = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
