@@ -28,6 +28,7 @@ from proxy.core.app import create_app
 from proxy.logs import configure_logging
 from proxy.settings import Settings
 from tests.containerd import CONTAINERD_BIN, CTR_BIN, Containerd
+from tests.kustomize import render_every_layout
 from tests.proxy import Proxy, start_process, stop_process
 from tests.registry import REGISTRY_BIN, AuthMode, Registry
 from tests.support import free_port as _free_port
@@ -145,6 +146,13 @@ def make_registry() -> Iterator[Callable[..., Registry]]:
     yield make
     for registry in made:
         registry.close()
+
+
+@pytest.fixture(scope="session")
+def renders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+    """deploy/kubernetes rendered every way in (see ``tests.kustomize``), once for the
+    tests/test_deploy_* modules: ``{"default": objects, "hub": ..., "base+hub": ...}``."""
+    return render_every_layout(tmp_path_factory.mktemp("overlays"))
 
 
 ReadLogs = Callable[[], list[dict[str, Any]]]

@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: deploy/, Dockerfile, README.md
 LOG_TAIL_LINES = 60
 
 
