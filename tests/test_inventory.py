@@ -25,7 +25,8 @@ import pytest
 
 from proxy.core.admin import from_loopback
 from proxy.core.cache import CacheStore, TagRecord
-from proxy.core.inventory import NotCached, scan
+from proxy.core.inventory import scan
+from proxy.core.removals import NotCached, plan_prune, plan_remove
 from proxy.files import write_atomic
 from proxy.oci import StoredManifest
 from proxy.reference import Digest, ImageName
@@ -434,7 +435,7 @@ def _sizes(root: Path, digests: dict[str, str], *names: str) -> int:
 
 def _removed(root: Path, digests: dict[str, str], *targets: str) -> set[str]:
     """The entries (by their names above) and tags that removing ``targets`` takes."""
-    plan = scan(root).plan_remove(list(targets))
+    plan = plan_remove(scan(root), list(targets))
     names = {digest: name for name, digest in digests.items()}
     return {names[digest] for (_, digest), _ in plan.entries} | {tag.tag for tag in plan.tags}
 
@@ -474,9 +475,9 @@ async def test_what_rm_takes(tmp_path: Path) -> None:
     assert _removed(root, d, "app:gone") == _removed(root, d, d["C2"]) == {"gone"}
     for missing in ("app:3", "other:1", d["L3"], "sha256:" + "0" * 12):
         with pytest.raises(NotCached):
-            scan(root).plan_remove([missing])
+            plan_remove(scan(root), [missing])
     with pytest.raises(ValueError, match="invalid"):
-        scan(root).plan_remove(["App:1"])
+        plan_remove(scan(root), ["App:1"])
 
 
 async def test_what_prune_takes(tmp_path: Path) -> None:
@@ -489,7 +490,7 @@ async def test_what_prune_takes(tmp_path: Path) -> None:
     for name in ("I", "C1", "K1", "L1", "L2", "U", "L5", "O"):
         path = (inventory.blobs.get(d[name]) or inventory.manifests[d[name]].file).path
         os.utime(path, (old, old))
-    plan = scan(root).plan_prune(30 * DAY, in_use=lambda _: False)
+    plan = plan_prune(scan(root), 30 * DAY, in_use=lambda _: False)
     names = {digest: name for name, digest in d.items()}
     # K1 was C1's and U's, both old: it goes. L1 is M2's too, used since: it stays.
     pruned = {names[digest] for (_, digest), _ in plan.entries}
@@ -497,5 +498,5 @@ async def test_what_prune_takes(tmp_path: Path) -> None:
     assert [tag.tag for tag in plan.tags] == ["1"]
     # Anything being sent is in use: its image is not pruned (nor K1, which it reaches).
     pinned = inventory.blobs[d["L2"]].path
-    plan = scan(root).plan_prune(30 * DAY, in_use=lambda path: path == pinned)
+    plan = plan_prune(scan(root), 30 * DAY, in_use=lambda path: path == pinned)
     assert {names[digest] for (_, digest), _ in plan.entries} == {"U", "L5", "O"}

@@ -22,7 +22,8 @@ from aiohttp import web
 from proxy.reference import Digest
 from proxy.settings import Settings
 from proxy.tools.cli import main
-from proxy.tools.warm import Failed, Platform, Warmed, human_bytes, warm
+from proxy.tools.humanize import human_bytes
+from proxy.tools.warm import Failed, Platform, Warmed, warm
 from tests.images import (
     ACCEPT_ALL,
     OCI_MANIFEST,

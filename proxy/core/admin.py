@@ -4,7 +4,7 @@
 
     GET    /_detour/cache                       the inventory (proxy.core.inventory) and the index's
                                                 total; ?summary=1: only the directory and total
-    DELETE /_detour/cache/<image or digest>     remove it (Inventory.plan_remove)
+    DELETE /_detour/cache/<image or digest>     remove it (proxy.core.removals.plan_remove)
     POST   /_detour/cache/prune?older_than=30d  remove what was not used for that long
 
 Removals go through the proxy's own :class:`~proxy.core.cache.CacheStore`, one at a time, so its
@@ -25,7 +25,15 @@ from typing import Any
 from aiohttp import web
 
 from proxy.core.cache import CacheStore
-from proxy.core.inventory import ADMIN_PATH, NotCached, check_target, execute, parse_age, scan
+from proxy.core.inventory import ADMIN_PATH, scan
+from proxy.core.removals import (
+    NotCached,
+    check_target,
+    execute,
+    parse_age,
+    plan_prune,
+    plan_remove,
+)
 from proxy.core.services import SERVICES
 from proxy.errors import AdminDenied, BadRequest, DetourError, ManifestUnknown
 from proxy.logs import LOG, get_logger
@@ -87,7 +95,7 @@ async def remove(request: web.Request) -> web.Response:
     async with request.app[ADMIN_LOCK]:
         inventory = await asyncio.to_thread(scan, store.root)
         try:
-            plan = inventory.plan_remove([target])
+            plan = plan_remove(inventory, [target])
         except NotCached as exc:
             raise ManifestUnknown(str(exc), {"target": target[:300]}) from None
         outcome = await execute(store, plan, wait=REMOVE_WAIT_SECONDS)
@@ -106,7 +114,7 @@ async def prune(request: web.Request) -> web.Response:
         raise BadRequest(str(exc), {"older_than": text[:100]}) from None
     async with request.app[ADMIN_LOCK]:
         inventory = await asyncio.to_thread(scan, store.root)
-        plan = inventory.plan_prune(age, in_use=store.in_use)
+        plan = plan_prune(inventory, age, in_use=store.in_use)
         outcome = await execute(store, plan)
     _log(outcome)
     return web.json_response(outcome)

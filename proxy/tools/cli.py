@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from proxy import __version__
-from proxy.core.inventory import add_cache_commands
 from proxy.errors import DigestInvalid, NameInvalid, TagInvalid
 from proxy.settings import ConfigError, Settings, load_settings, unknown_environment
+from proxy.tools.cache_commands import add_cache_commands
 
 if TYPE_CHECKING:
     from proxy.reference import Reference
@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="files hashed at once (default: %(default)s)",
     )
     verify.set_defaults(func=_cache_verify)
-    add_cache_commands(cache_commands)  # ls, rm, prune (proxy.core.inventory)
+    add_cache_commands(cache_commands)  # ls, rm, prune (proxy.tools.cache_commands)
     return parser
 
 

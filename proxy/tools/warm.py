@@ -49,6 +49,7 @@ from proxy.oci import (
 from proxy.reference import Digest, ImageName, Reference, parse_json
 from proxy.settings import ConfigError, Settings
 from proxy.tools.hosts import check_endpoint
+from proxy.tools.humanize import counted, human_bytes
 
 CONCURRENCY = 4  # blob downloads in flight per image
 CHUNK_BYTES = 1 << 20
@@ -140,10 +141,9 @@ class Warmed:
 
     def line(self) -> str:
         where = f"; {', '.join(self.platforms)}" if self.platforms else ""
-        noun = "blob" if self.blobs == 1 else "blobs"
         return (
             f"warmed {self.image} {self.digest} "
-            f"({self.blobs} {noun}, {human_bytes(self.bytes)}{where})"
+            f"({counted(self.blobs, 'blob')}, {human_bytes(self.bytes)}{where})"
         )
 
 
@@ -157,18 +157,6 @@ class Failed:
 
 
 Outcome = Warmed | Failed
-
-
-def human_bytes(count: int) -> str:
-    """``12345678`` → ``12.3 MB`` (powers of 1000, as registries and docker show sizes)."""
-    if count < 1000:
-        return f"{count} B"
-    value = float(count)
-    for unit in ("kB", "MB", "GB", "TB"):
-        value /= 1000
-        if value < 999.95 or unit == "TB":
-            return f"{value:.1f} {unit}"
-    raise AssertionError("unreachable")
 
 
 # --------------------------------------------------------------------------- parsing
