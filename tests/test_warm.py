@@ -23,7 +23,8 @@ from proxy.reference import Digest
 from proxy.settings import Settings
 from proxy.tools.cli import main
 from proxy.tools.humanize import human_bytes
-from proxy.tools.warm import Failed, Platform, Warmed, warm
+from proxy.tools.platforms import Platform
+from proxy.tools.warm import Failed, Warmed, warm
 from tests.images import (
     ACCEPT_ALL,
     OCI_MANIFEST,

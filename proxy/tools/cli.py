@@ -184,20 +184,26 @@ def _webhook_certs(args: argparse.Namespace) -> int:
 
 
 def _warm(args: argparse.Namespace) -> int:
+    """0 when every image was warmed, 1 when any failed (the others are still warmed), 2 for a
+    bad reference, platform or endpoint (every one is checked before anything starts)."""
+    import asyncio
+
+    from proxy.logs import configure_logging
     from proxy.reference import Reference
     from proxy.tools.hosts import check_endpoint
-    from proxy.tools.warm import Platform, run_warm
+    from proxy.tools.platforms import Platform
+    from proxy.tools.warm import Failed, Outcome, Warmed, warm
 
-    # Every argument is checked before anything starts.
     for image in args.image:
         try:
             Reference.parse(image)
         except _BAD_REFERENCE as exc:
             _error(f"invalid image reference {image!r}: {exc}")
             return 2
+    wanted = None
     if args.platform is not None:
         try:
-            Platform.parse(args.platform)
+            wanted = Platform.parse(args.platform)
         except ValueError as exc:
             _error(str(exc))
             return 2
@@ -207,13 +213,48 @@ def _warm(args: argparse.Namespace) -> int:
         except ValueError:
             _error(f"invalid endpoint {args.endpoint!r}: expected e.g. http://127.0.0.1:7439")
             return 2
-    return run_warm(
-        args.image,
-        _settings(args),
-        endpoint=args.endpoint,
-        platform=args.platform,
-        all_platforms=args.all_platforms,
-    )
+    settings = _settings(args)
+    if args.endpoint is None:
+        configure_logging("warning", stream="stderr")  # stdout: one line per image
+
+    def report(outcome: Outcome) -> None:
+        stream = sys.stdout if isinstance(outcome, Warmed) else sys.stderr
+        print(outcome.line(), file=stream, flush=True)
+
+    try:
+        outcomes = asyncio.run(
+            warm(
+                args.image,
+                settings,
+                endpoint=args.endpoint,
+                platform=wanted,
+                all_platforms=args.all_platforms,
+                report=report,
+            )
+        )
+    except KeyboardInterrupt:
+        _error("warm interrupted")
+        return 130
+    warmed = sum(outcome.bytes for outcome in outcomes if isinstance(outcome, Warmed))
+    _warn_evicted(warmed, settings if args.endpoint is None else None)
+    failed = sum(isinstance(outcome, Failed) for outcome in outcomes)
+    if failed:
+        _error(f"{failed} of {len(outcomes)} images not warmed")
+        return 1
+    return 0
+
+
+def _warn_evicted(warmed: int, settings: Settings | None) -> None:
+    """Warn when Detour, started here from ``settings``, warmed more than its cache keeps."""
+    from proxy.tools.humanize import human_bytes
+
+    limit = settings.cache.max_size if settings is not None else None
+    if limit is not None and warmed > limit:
+        _error(
+            f"warning: warmed {human_bytes(warmed)} but cache.max_size is "
+            f"{human_bytes(limit)}: the least recently used blobs, maybe some warmed here, "
+            "were evicted"
+        )
 
 
 def _cache_verify(args: argparse.Namespace) -> int:

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import platform as _host
-import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +30,6 @@ import aiohttp
 from aiohttp import web
 
 from proxy.bodies import read_capped
-from proxy.logs import configure_logging
 from proxy.oci import (
     DEFAULT_ACCEPT,
     DOCKER_MANIFEST,
@@ -50,6 +47,7 @@ from proxy.reference import Digest, ImageName, Reference, parse_json
 from proxy.settings import ConfigError, Settings
 from proxy.tools.hosts import check_endpoint
 from proxy.tools.humanize import counted, human_bytes
+from proxy.tools.platforms import Platform, describe_platform
 
 CONCURRENCY = 4  # blob downloads in flight per image
 CHUNK_BYTES = 1 << 20
@@ -63,72 +61,11 @@ IMAGE_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
 # Layers that live outside the registry (Windows base layers); a registry does not serve them.
 _FOREIGN_MARKERS = ("foreign", "nondistributable")
 
-# platform.machine() → the OCI architecture and variant.
-_MACHINES: dict[str, tuple[str, str | None]] = {
-    "x86_64": ("amd64", None),
-    "amd64": ("amd64", None),
-    "aarch64": ("arm64", None),
-    "arm64": ("arm64", None),
-    "armv7l": ("arm", "v7"),
-    "armv6l": ("arm", "v6"),
-    "i386": ("386", None),
-    "i686": ("386", None),
-}
-
-
-# --------------------------------------------------------------------------- wire formats
-
-
 # --------------------------------------------------------------------------- values
 
 
 class WarmError(Exception):
     """One image could not be warmed; the message says why, for the operator."""
-
-
-@dataclass(frozen=True, slots=True)
-class Platform:
-    """``os/architecture[/variant]``, as ``--platform`` takes it."""
-
-    os: str
-    architecture: str
-    variant: str | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> Platform:
-        parts = text.strip().lower().split("/")
-        if not 2 <= len(parts) <= 3 or not all(parts):
-            raise ValueError(f"invalid platform {text!r}: expected os/arch[/variant]")
-        return cls(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
-
-    @classmethod
-    def host(cls) -> Platform:
-        """This machine's own: ``linux/amd64`` on x86_64, ``linux/arm64`` on aarch64."""
-        machine = _host.machine().lower()
-        architecture, variant = _MACHINES.get(machine, (machine, None))
-        return cls("linux", architecture, variant)
-
-    @classmethod
-    def of(cls, spec: PlatformSpec) -> Platform:
-        return cls(spec["os"].lower(), spec["architecture"].lower(), spec.get("variant"))
-
-    def _variant(self) -> str | None:
-        # arm64 images usually leave out the variant, which then means v8.
-        if self.architecture == "arm64" and self.variant is None:
-            return "v8"
-        return self.variant
-
-    def matches(self, other: Platform) -> bool:
-        """Whether ``other`` (a child's platform) is what this (the wanted one) asks for.
-
-        Without a variant here, any variant of the architecture matches.
-        """
-        if (self.os, self.architecture) != (other.os, other.architecture):
-            return False
-        return self.variant is None or self._variant() == other._variant()
-
-    def __str__(self) -> str:
-        return f"{self.os}/{self.architecture}" + (f"/{self.variant}" if self.variant else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,7 +256,7 @@ class _Warmer:
         children = parse_index(manifest.body, where)["manifests"]
         chosen = [child for child in children if self._chosen(child)]
         if not chosen:
-            offered = sorted({_describe_platform(child) for child in children})
+            offered = sorted({describe_platform(child) for child in children})
             raise WarmError(
                 f"no manifest for {self._wanted} in the index {manifest.digest} "
                 f"(it has {', '.join(offered) or 'none'}; try --platform or --all-platforms)"
@@ -328,7 +265,7 @@ class _Warmer:
             digest = _digest(child["digest"], where)
             fetched = await self._manifest(name, str(digest), digest, child=True)
             if "platform" in child:
-                platforms.append(_describe_platform(child))
+                platforms.append(describe_platform(child))
             await self._collect(name, fetched, blobs, platforms, depth + 1)
 
     def _chosen(self, child: Descriptor) -> bool:
@@ -410,11 +347,6 @@ class _Warmer:
         if hasher.hexdigest() != digest.hex:
             raise WarmError(f"{where}: the bytes received do not match the digest")
         return received
-
-
-def _describe_platform(desc: Descriptor) -> str:
-    spec = desc.get("platform")
-    return str(Platform.of(spec)) if spec is not None else "no platform"
 
 
 def _transport(exc: aiohttp.ClientError) -> str:
@@ -509,53 +441,3 @@ async def warm(
             if report is not None:
                 report(outcome)
     return outcomes
-
-
-def _print(outcome: Outcome) -> None:
-    if isinstance(outcome, Warmed):
-        print(outcome.line(), flush=True)
-    else:
-        print(outcome.line(), file=sys.stderr, flush=True)
-
-
-def run_warm(
-    images: Sequence[str],
-    settings: Settings,
-    *,
-    endpoint: str | None,
-    platform: str | None,
-    all_platforms: bool,
-) -> int:
-    """``detour warm``: 0 when every image was warmed, 1 when any failed (the others are
-    still warmed). A bad reference, platform or endpoint raises ValueError (exit 2)."""
-    wanted = Platform.parse(platform) if platform is not None else None
-    if endpoint is None:
-        configure_logging("warning", stream="stderr")  # stdout: one line per image
-    try:
-        outcomes = asyncio.run(
-            warm(
-                images,
-                settings,
-                endpoint=endpoint,
-                platform=wanted,
-                all_platforms=all_platforms,
-                report=_print,
-            )
-        )
-    except KeyboardInterrupt:
-        print("detour: warm interrupted", file=sys.stderr)
-        return 130
-    warmed = sum(outcome.bytes for outcome in outcomes if isinstance(outcome, Warmed))
-    limit = settings.cache.max_size
-    if endpoint is None and limit is not None and warmed > limit:
-        print(
-            f"detour: warning: warmed {human_bytes(warmed)} but cache.max_size is "
-            f"{human_bytes(limit)}: the least recently used blobs, maybe some warmed here, "
-            "were evicted",
-            file=sys.stderr,
-        )
-    failed = sum(isinstance(outcome, Failed) for outcome in outcomes)
-    if failed:
-        print(f"detour: {failed} of {len(outcomes)} images not warmed", file=sys.stderr)
-        return 1
-    return 0
