@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 
 import proxy.core.rules
+import proxy.tools.cache_commands
+import proxy.webhook
 from proxy import __version__
 from proxy.cluster.peering import manifest_key, rendezvous, tag_key
 from proxy.reference import ImageName
@@ -156,6 +158,62 @@ def test_a_bug_is_not_reported_as_bad_input(
     monkeypatch.setattr(proxy.core.rules, "describe_resolution", broken)
     with pytest.raises(ValueError, match="a bug"):
         main(["resolve", "nats:2.10"])
+
+
+def test_a_bug_in_resolve_s_path_form_is_not_read_as_an_ipv6_registry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only a rewritten form that is no reference prints "(none: ...)"; another error raises."""
+
+    def broken(*_: object, **__: object) -> str:
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(proxy.webhook, "rewrite_image", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["resolve", "nats:2.10"])
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["ls"], ["rm", "nats:2.10", "--dir"], ["prune", "--older-than", "30d"]],
+    ids=["ls", "rm", "prune"],
+)
+def test_a_bug_in_a_cache_command_is_not_reported_as_bad_input(
+    command: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    free_port: Callable[[], int],
+) -> None:
+    """``detour cache ls|rm|prune`` exit 2 for a bad argument; a ValueError from reading the
+    cache (a bug) is not one, and keeps its traceback."""
+    (tmp_path / "blobs").mkdir()
+
+    def broken(*_: object, **__: object) -> None:
+        raise ValueError("a bug")
+
+    monkeypatch.setenv("DETOUR_LISTEN", f"127.0.0.1:{free_port()}")  # no proxy serves it
+    monkeypatch.setattr(proxy.tools.cache_commands, "scan", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["cache", *command, str(tmp_path)])
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        (["ls", "/nonexistent"], "/nonexistent is not a cache directory"),
+        (["rm", "Nats:2.10"], "invalid repository name"),
+        (["rm", "nats:2.10", "--endpoint", "127.0.0.1:7439"], "invalid endpoint"),
+        (["prune", "--older-than", "soon", "--endpoint", "http://127.0.0.1:1"], "soon"),
+    ],
+    ids=["directory", "reference", "endpoint", "age"],
+)
+def test_a_cache_command_s_bad_argument_exits_2_in_one_line(
+    command: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["cache", *command]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("detour: ")
+    assert message in line
 
 
 @pytest.mark.parametrize("command", ["resolve", "webhook", "warm"])

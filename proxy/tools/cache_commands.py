@@ -41,6 +41,12 @@ from proxy.tools.humanize import counted, human_bytes
 _SHORT_HEX = 12  # the digits of a digest ``ls`` shows
 
 
+class BadArgument(Exception):
+    """What the command line asked for can't be done as asked (exit 2): a bad image reference,
+    digest, age, directory or endpoint. Raised only where such an argument is read, so that a
+    ``ValueError`` from anywhere else, a bug, keeps its traceback."""
+
+
 class EndpointError(Exception):
     """The running proxy could not be asked, or refused (the message says why; ``status``
     is its HTTP status, None if it did not answer)."""
@@ -55,7 +61,7 @@ def _endpoint_url(endpoint: str) -> str:
     try:
         return check_endpoint(endpoint)
     except ValueError:
-        raise ValueError(
+        raise BadArgument(
             f"invalid endpoint {endpoint!r}: expected e.g. http://127.0.0.1:7439"
         ) from None
 
@@ -92,10 +98,10 @@ def _oci_message(body: bytes) -> str:
 def _root(args: argparse.Namespace) -> Path:
     """The cache directory: DIR, or the settings' cache.dir."""
     if args.endpoint is not None and args.dir is not None:
-        raise ValueError("give DIR or --endpoint, not both")
+        raise BadArgument("give DIR or --endpoint, not both")
     root: Path = args.dir if args.dir is not None else _settings(args).cache.dir
     if not ((root / "blobs").is_dir() or (root / "manifests").is_dir()):
-        raise ValueError(f"{root} is not a cache directory (no blobs/ or manifests/)")
+        raise BadArgument(f"{root} is not a cache directory (no blobs/ or manifests/)")
     return root
 
 
@@ -213,7 +219,7 @@ def _carry_out(args: argparse.Namespace, steps: Sequence[tuple[str, str, Planner
         root = _root(args)
         running = _running_proxy(args, root)
         if running is not None:
-            raise ValueError(
+            raise BadArgument(
                 f"the Detour at {running} serves {root}: use --endpoint {running}, so that "
                 "it removes the files itself and its size accounting stays right"
             )
@@ -249,7 +255,10 @@ def _removing(target: str) -> Planner:
 def _rm(args: argparse.Namespace) -> int:
     targets: list[str] = args.target
     for target in targets:  # every typo, before anything is removed
-        check_target(target)
+        try:
+            check_target(target)
+        except ValueError as exc:  # the reference's NameInvalid, TagInvalid, DigestInvalid
+            raise BadArgument(str(exc)) from None
     return _carry_out(
         args,
         [("DELETE", f"{ADMIN_PATH}/{quote(t, safe='/:@')}", _removing(t)) for t in targets],
@@ -257,7 +266,10 @@ def _rm(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    age = parse_age(args.older_than)
+    try:
+        age = parse_age(args.older_than)
+    except ValueError as exc:
+        raise BadArgument(str(exc)) from None
     return _carry_out(
         args,
         [
@@ -280,7 +292,7 @@ def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
         except EndpointError as exc:
             print(f"detour: {exc}", file=sys.stderr)
             return 1
-        except ValueError as exc:  # a bad reference, age, directory or endpoint
+        except BadArgument as exc:
             print(f"detour: {exc}", file=sys.stderr)
             return 2
 

@@ -71,7 +71,7 @@ def _resolve(args: argparse.Namespace) -> int:
     print(describe_resolution(settings, image, owners=_owners(settings, reference)))
     try:
         print(f"path:   {rewrite_image(image, prefix)}")
-    except ValueError:
+    except _BAD_REFERENCE:  # the rewritten form is no reference: an IPv6 registry literal
         print("path:   (none: an IPv6 registry can't be spelled in path mode)")
     return 0
 
