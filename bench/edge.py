@@ -79,7 +79,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 from urllib.parse import urlsplit
 
-from run import (
+from common import (
     ACCEPT,
     DETOUR_NAME,
     DOCKER_CONFIG,
@@ -89,14 +89,12 @@ from run import (
     REPO_ROOT,
     TAG,
     USER_AGENT,
-    AccessLog,
-    Pusher,
-    Service,
-    blob_requests,
     first_line,
     log,
-    random_chunks,
 )
+from configs import detour_config, registry_config, write_config
+from mirror import AccessLog, Pusher, blob_requests, random_chunks
+from processes import Service
 
 MB = 1_000_000
 PORT = 7439  # every node's cache, as the DaemonSet's
@@ -508,46 +506,20 @@ class EdgeBench:
     # --------------------------------------------------------------------- setup
 
     def _registry_config(self, name: str, port: int, remote: str | None) -> Path:
-        """registry:2's default config (as bench/run.py), storage in our temp dir; with
+        """registry:2's default config (as bench/run.py's), storage in our temp dir; with
         ``remote``, distribution's proxy mode (``proxy.remoteurl``)."""
-        config: dict[str, Any] = {
-            "version": "0.1",
-            "log": {
-                "level": "info",
-                "formatter": "text",
-                "accesslog": {"disabled": False},
-                "fields": {"service": name},
-            },
-            "storage": {
-                "cache": {"blobdescriptor": "inmemory"},
-                "filesystem": {"rootdirectory": str(self.dir / f"{name}-storage")},
-                "delete": {"enabled": True},
-                "maintenance": {"uploadpurging": {"enabled": False}},
-            },
-            "http": {"addr": f"0.0.0.0:{port}", "secret": f"bench-{name}"},
-        }
-        if remote is not None:
-            config["proxy"] = {"remoteurl": remote}
-        path = self.dir / f"{name}.yml"
-        path.write_text(json.dumps(config, indent=2))  # YAML is a superset of JSON
-        return path
+        return registry_config(self.dir, name, f"0.0.0.0:{port}", remote)
 
     def _detour_config(self, name: str, index: int, peers: bool) -> Path:
         mirror = f"{MIRROR_ADDRESS}:{MIRROR_PORT}"
-        config: dict[str, Any] = {
-            "listen": f"0.0.0.0:{PORT}",  # the peers reach it on the LAN, the node on 127.0.0.1
-            "cache": {"dir": str(self.dir / f"{name}-cache"), "tag_ttl": "5m"},
-            "redirects": [{"src": "docker.io/", "to": f"{mirror}/docker-mirror/"}],
-            "registries": {mirror: {"insecure": True}},
-        }
+        # Listening on 0.0.0.0: the peers reach it on the LAN, the node on 127.0.0.1.
+        config = detour_config(mirror, f"0.0.0.0:{PORT}", self.dir / f"{name}-cache")
         if peers:
             config["cluster"] = {
                 "peers": [f"{node_address(i)}:{PORT}" for i in range(1, self.o.nodes + 1)],
                 "advertise": f"{node_address(index)}:{PORT}",
             }
-        path = self.dir / f"{name}.yml"
-        path.write_text(json.dumps(config, indent=2))
-        return path
+        return write_config(self.dir / f"{name}.yml", config)
 
     def start(self) -> None:
         remove_stale_namespaces()
