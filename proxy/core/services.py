@@ -15,8 +15,9 @@ from aiohttp import web
 
 from proxy.cluster.peering import Peering
 from proxy.core.auth import CredentialStore
-from proxy.core.blobs import Blobs, FetchLimits, FetchSlots
+from proxy.core.blobs import Blobs
 from proxy.core.cache import CacheStore, delete_files
+from proxy.core.download import FetchLimits, FetchSlots
 from proxy.core.egress import EgressPolicy, GuardedResolver
 from proxy.core.manifests import Manifests
 from proxy.core.rules import Rules
@@ -85,7 +86,9 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
         peer_session=peer_session,
         peer_name=settings.cluster.advertise or "client",
     )
-    slots = FetchSlots(settings.upstream.max_fetches, settings.upstream.max_fetches_per_registry)
+    slots = FetchSlots(
+        settings.upstream.max_fetches, settings.upstream.max_fetches_per_registry, metrics
+    )
     blobs = Blobs(store, upstream, metrics, FetchLimits.from_settings(settings), slots)
     manifests = Manifests(store, upstream, metrics, tag_ttl=settings.cache.tag_ttl)
     rules = Rules.from_settings(settings)

@@ -1,0 +1,116 @@
+"""A thread that runs a job on a fetch's chunks, in order, beside the event loop.
+
+A fetch hashes and writes each chunk it receives in two lanes of its own, so neither the
+hashing nor the disk holds the network loop back by more than ``PIPELINE_CHUNKS``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import threading
+from collections.abc import Callable
+
+PIPELINE_CHUNKS = 4  # received chunks waiting to be hashed, and to be written
+STORE_BATCH_BYTES = 1 << 20  # at most this much of them hashed, or written, at once
+
+
+class Lane:
+    """A thread that runs ``job`` on the chunks put to it, in order, taking what has queued up
+    (up to ``STORE_BATCH_BYTES``) at once: the hashing, or the writing, of one fetch.
+
+    It goes from one chunk to the next without waiting for the event loop; the loop waits for
+    it only when ``PIPELINE_CHUNKS`` are waiting, and is woken only then. A job that raises
+    is not run again: ``error`` holds what it raised, and later chunks are only counted.
+    """
+
+    def __init__(self, name: str, job: Callable[[list[bytes]], None]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._job = job
+        self._chunks: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._put = 0  # chunks put (on the loop)
+        self._done = 0  # chunks done (in the thread)
+        self._closed = False
+        self._stopped = False
+        self._wanted = False  # the loop waits for a chunk to be done
+        self._waiting: asyncio.Future[None] | None = None
+        self.error: Exception | None = None
+        self.ended: asyncio.Future[None] = self._loop.create_future()  # the thread is gone
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    async def put(self, chunk: bytes) -> None:
+        await self._room(PIPELINE_CHUNKS)
+        self._put += 1
+        self._chunks.put(chunk)
+
+    async def close(self) -> None:
+        """Wait until every chunk put is done; the thread ends."""
+        self._closed = True
+        self._chunks.put(None)
+        await self._room(1)
+
+    @property
+    def busy(self) -> bool:
+        """Whether the thread may still run a job (or is about to end)."""
+        return not self.ended.done() and not (self._closed and self._done == self._put)
+
+    def stop(self) -> None:
+        """End the thread without waiting: it runs no job after the one it may be running."""
+        self._stopped = True
+        self._chunks.put(None)
+
+    async def _room(self, limit: int) -> None:
+        while self._put - self._done >= limit:
+            waiting = self._waiting = self._loop.create_future()
+            self._wanted = True
+            if self._put - self._done < limit:  # done meanwhile
+                self._wanted = False
+                return
+            await waiting
+
+    def _wake(self) -> None:
+        if self._waiting is not None and not self._waiting.done():
+            self._waiting.set_result(None)
+
+    def _end(self) -> None:
+        if not self.ended.done():
+            self.ended.set_result(None)
+
+    def _run(self) -> None:
+        try:
+            self._work()
+        finally:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._end)
+
+    def _work(self) -> None:
+        end = False
+        while not end:
+            batch: list[bytes] = []
+            size = 0
+            chunk = self._chunks.get()
+            while True:
+                if chunk is None:
+                    end = True
+                    break
+                batch.append(chunk)
+                size += len(chunk)
+                if size >= STORE_BATCH_BYTES:
+                    break
+                try:
+                    chunk = self._chunks.get_nowait()
+                except queue.Empty:
+                    break
+            if not batch:
+                continue
+            if self.error is None and not self._stopped:
+                try:
+                    self._job(batch)
+                except Exception as exc:
+                    self.error = exc
+            self._done += len(batch)
+            if self._wanted:
+                self._wanted = False
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                    self._loop.call_soon_threadsafe(self._wake)

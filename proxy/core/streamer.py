@@ -1,0 +1,159 @@
+"""Sending a blob to one client of a :class:`~proxy.core.download.Download` as it arrives.
+
+A client whose position is in the fetch's window is sent its bytes from memory; one behind it
+(it joined late, or fell behind) reads the fetch's file, up to what is on disk, until it
+catches up. The last byte waits until the blob is verified. If the fetch fails after bytes went
+out under a 200, the connection is aborted, so no client takes what it got for a whole blob.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from typing import IO, Any
+
+from aiohttp import web
+
+from proxy.core.cache import CacheStore
+from proxy.core.download import Download, State
+from proxy.core.window import CHUNK_BYTES, Reader
+from proxy.errors import DetourError, UpstreamInvalid, UpstreamTimeout
+from proxy.logs import CLIENT_DISCONNECTED, LOG
+from proxy.reference import Digest
+
+BLOB_CONTENT_TYPE = "application/octet-stream"
+
+
+def blob_headers(digest: Digest, size: int | None) -> dict[str, str]:
+    headers = {"Docker-Content-Digest": str(digest), "Content-Type": BLOB_CONTENT_TYPE}
+    if size is not None:
+        headers["Content-Length"] = str(size)
+    return headers
+
+
+async def serve(
+    request: web.Request, fetch: Download, reader: Reader, store: CacheStore
+) -> web.StreamResponse:
+    """Stream the fetch to the client ``reader`` stands for; it leaves the fetch at the end."""
+    final = store.blob_path(fetch.digest)
+    store.pin(final)  # once committed, not evicted while this reader reads it
+    try:
+        await fetch.headers_ready()
+        source = _open_file(fetch)
+        try:
+            return await _stream(request, fetch, reader, source)
+        finally:
+            if source is not None:
+                source.close()
+    finally:
+        fetch.window.leave(reader)
+        store.unpin(final)
+        fetch.release_file()
+
+
+def _open_file(fetch: Download) -> IO[bytes] | None:
+    """The file the fetch writes, wherever it is now. Moved into the cache meanwhile, the final
+    file holds the same verified bytes; not kept and deleted, every byte comes from memory."""
+    for path in fetch.files:
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                return open(path, "rb", buffering=0)
+    return None
+
+
+async def _stream(
+    request: web.Request, fetch: Download, reader: Reader, source: IO[bytes] | None
+) -> web.StreamResponse:
+    response = web.StreamResponse(headers=blob_headers(fetch.digest, fetch.size))
+    await response.prepare(request)
+    fields = request[LOG]
+    fields["bytes"] = 0  # kept current as bytes go out, for the access log
+    window = fetch.window
+    try:
+        while True:
+            changed = window.changed
+            if fetch.state is State.FAILED:
+                raise fetch.error or UpstreamInvalid("blob fetch failed")
+            if reader.too_slow:
+                raise UpstreamTimeout(
+                    "client too slow for a blob streamed from memory (the cache disk is "
+                    "full); resume with a Range request"
+                )
+            limit = fetch.available()
+            if reader.position >= limit:
+                if fetch.state is State.VERIFIED:
+                    break
+                await changed.wait()
+            elif reader.position >= window.start:
+                await _send_window(fetch, response, reader, limit, fields)
+            elif source is not None and reader.position < fetch.on_disk:
+                # Behind the window: from the file, catching up.
+                await _send_file(request, response, source, min(limit, fetch.on_disk), fields)
+                reader.position = fields["bytes"]
+            else:
+                raise UpstreamInvalid("blob bytes neither in memory nor on disk")
+    except DetourError as exc:
+        # Bytes already went out under a 200: abort, so the client can't take them as whole.
+        fields["aborted"] = exc.message
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    except ConnectionError:
+        # The client hung up (kubelet cancels pulls routinely), or was cut off for being
+        # too slow. It got a 200 and fields["bytes"]; the fetch goes on for the cache.
+        fields["aborted"] = "too slow" if reader.too_slow else CLIENT_DISCONNECTED
+        response.force_close()
+        return response
+    except asyncio.CancelledError:
+        fields["aborted"] = "cancelled"
+        raise
+    await response.write_eof()
+    return response
+
+
+async def _send_window(
+    fetch: Download,
+    response: web.StreamResponse,
+    reader: Reader,
+    limit: int,
+    fields: dict[str, Any],
+) -> None:
+    """Send the window's bytes from the reader's position up to ``limit``, as the socket takes
+    them."""
+    for view in fetch.window.views(reader.position, limit):
+        await response.write(view)
+        reader.position = fields["bytes"] = reader.position + len(view)
+        if fetch.spilled:
+            fetch.window.notify()  # the fetch may be waiting for this client
+
+
+async def _send_file(
+    request: web.Request,
+    response: web.StreamResponse,
+    source: IO[bytes],
+    limit: int,
+    fields: dict[str, Any],
+) -> None:
+    """Send the file's bytes from ``fields["bytes"]`` up to ``limit``, counting them there."""
+    transport = request.transport
+    if transport is None:
+        raise ConnectionResetError("client went away")
+    offset = fields["bytes"]
+    if response.chunked:
+        while offset < limit:
+            data = os.pread(source.fileno(), min(limit - offset, CHUNK_BYTES), offset)
+            if not data:
+                raise UpstreamInvalid("cached bytes vanished")
+            await response.write(data)
+            fields["bytes"] = offset = offset + len(data)
+        return
+    # Headers went out in prepare(); the body goes file → socket in the kernel.
+    try:
+        await asyncio.get_running_loop().sendfile(transport, source, offset, limit - offset)
+    except ConnectionError:
+        # loop.sendfile leaves the file position after the last byte it sent, even when it
+        # fails (and where the previous call left it, if it sent none).
+        fields["bytes"] = max(offset, source.tell())
+        raise
+    fields["bytes"] = limit
