@@ -3,19 +3,17 @@
 Nested keys use ``__`` in the environment: ``DETOUR_CACHE__DIR=/data`` overrides ``cache.dir``;
 lists and maps take JSON: ``DETOUR_REDIRECTS='[{"src": "docker.io/", "to": "mirror.local/hub/"}]'``.
 A bad file is refused by :func:`load_settings` with :class:`ConfigError`, whose message names
-every offending key.
+every offending key (how is :mod:`proxy.config_errors`'s part; this module says what the
+settings are).
 """
 
 from __future__ import annotations
 
-import difflib
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, get_args, get_origin
+from typing import Annotated, Any
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -34,6 +32,14 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from proxy.config_errors import ConfigError as ConfigError
+from proxy.config_errors import (
+    KeyLines,
+    describe,
+    environment_error,
+    key_lines,
+    unknown_variables,
+)
 from proxy.reference import ImageName, canonical_registry, validate_repository
 
 _DURATION = re.compile(r"^\s*(?P<n>[0-9]+(?:\.[0-9]+)?)\s*(?P<unit>ms|s|m|h|d)?\s*$")
@@ -355,18 +361,14 @@ def named_registries(settings: Settings) -> frozenset[str]:
     return frozenset(named)
 
 
-class ConfigError(Exception):
-    """The configuration cannot be used; the message names the file, line and key of each
-    problem, one line each (``detour.yaml:7: cache.max_size: ...``)."""
-
-
 def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
-    """Load settings from ``path`` (YAML) and the environment."""
-    lines: dict[tuple[str | int, ...], int] = {}
+    """Load settings from ``path`` (YAML) and the environment; :class:`ConfigError` (see
+    :mod:`proxy.config_errors`) names each problem's file and line, or variable."""
+    lines: KeyLines = {}
     if path is not None:
         if not path.is_file():
             raise ConfigError(f"{path}: no such file")
-        lines = _key_lines(path)
+        lines = key_lines(path)
 
     class _FromFile(Settings):
         model_config = SettingsConfigDict(yaml_file=path)
@@ -374,135 +376,12 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     try:
         return _FromFile(**overrides)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, path, lines)) from None
+        raise ConfigError(describe(exc, Settings, path, lines)) from None
     except SettingsError as exc:  # a DETOUR_* variable that is not the JSON it must be
-        match = re.search(r'field "([^"]+)"', str(exc))
-        name = f"DETOUR_{match[1].upper()}" if match else "a DETOUR_* variable"
-        cause = f": {exc.__cause__}" if exc.__cause__ else ""
-        raise ConfigError(f"environment {name}: not valid JSON{cause}") from None
-
-
-def _key_lines(path: Path) -> dict[tuple[str | int, ...], int]:
-    """Each key's line in the YAML file, by its path; refuses a file that is not YAML, or
-    whose top level is not a mapping, with the line of the problem."""
-    try:
-        text = path.read_text()
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except OSError as exc:
-        raise ConfigError(f"{path}: {exc.strerror}") from None
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = f"{mark.line + 1}:" if mark is not None else ""
-        problem = exc.problem or exc.context or "not valid YAML"
-        hint = " (YAML is indented with spaces, not tabs)" if "'\\t'" in problem else ""
-        raise ConfigError(f"{path}:{line} {problem}{hint}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if root is None:
-        return {}
-    if not isinstance(root, yaml.MappingNode):
-        raise ConfigError(
-            f"{path}:{root.start_mark.line + 1}: expected settings (key: value) at the top "
-            f"level, not a {'list' if isinstance(root, yaml.SequenceNode) else 'value'}"
-        )
-    found: dict[tuple[str | int, ...], int] = {}
-
-    def walk(node: yaml.Node, at: tuple[str | int, ...]) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                here = (*at, str(key.value))
-                found[here] = key.start_mark.line + 1
-                walk(value, here)
-        elif isinstance(node, yaml.SequenceNode):
-            for index, item in enumerate(node.value):
-                found[(*at, index)] = item.start_mark.line + 1
-                walk(item, (*at, index))
-
-    walk(root, ())
-    return found
-
-
-def _fields_at(loc: tuple[str | int, ...]) -> list[str]:
-    """The setting names allowed under ``loc`` (for a did-you-mean), or none if unknown."""
-    model: Any = Settings
-    for part in loc:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
-        if field is None:
-            return []
-        annotation = field.annotation
-        while not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            args = [a for a in get_args(annotation) if a is not type(None)]
-            if not args:
-                return []
-            annotation = args[-1]  # list[X] and dict[str, X]: X; X | None: X
-        model = annotation
-    return list(model.model_fields)
-
-
-def _env_name(loc: tuple[str | int, ...]) -> str:
-    return "DETOUR_" + "__".join(str(part).upper() for part in loc)
-
-
-def _describe(
-    exc: ValidationError, path: Path | None, lines: dict[tuple[str | int, ...], int]
-) -> str:
-    out = []
-    for error in exc.errors():
-        loc = tuple(error["loc"])
-        key = ".".join(str(part) for part in loc) or "(top level)"
-        message = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "extra_forbidden" and isinstance(loc[-1], str):
-            close = difflib.get_close_matches(loc[-1], _fields_at(loc[:-1]), n=1)
-            message = f"unknown setting{f'; did you mean {close[0]!r}?' if close else ''}"
-        prefixes = [loc[:n] for n in range(len(loc), 0, -1)]
-        variable = next((_env_name(at) for at in prefixes if _env_name(at) in os.environ), None)
-        known = [at for at in prefixes if at in lines]
-        if path is not None and loc in lines:  # the file names this very key
-            out.append(f"{path}:{lines[loc]}: {key}: {message}")
-        elif variable is not None:
-            out.append(f"environment {variable}: {key}: {message}")
-        elif path is not None and known:
-            out.append(f"{path}:{lines[known[0]]}: {key}: {message}")
-        elif loc:
-            out.append(f"{key} ({_env_name(loc)} or its default): {message}")
-        else:
-            out.append(f"{path or 'settings'}: {message}")
-    return "\n".join(out)
-
-
-# Kubernetes sets <SERVICE>_SERVICE_HOST, <SERVICE>_PORT_7439_TCP and the like for every Service
-# of the namespace: a Service named detour-... makes DETOUR_* variables that are not settings.
-_SERVICE_LINK = re.compile(
-    r"_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_\w+)?)?)$"
-)
+        raise environment_error(exc) from None
 
 
 def unknown_environment(environ: Mapping[str, str]) -> list[str]:
     """A line for each ``DETOUR_*`` variable that sets nothing, with the nearest setting's
     variable: ``DETOUR_CACHE_DIR`` (one underscore) is otherwise silently ignored."""
-    valid: set[str] = set()
-    maps: set[str] = set()
-
-    def collect(model: Any, at: tuple[str, ...]) -> None:
-        for name, field in model.model_fields.items():
-            here = (*at, name)
-            valid.add(_env_name(here))
-            annotation = field.annotation
-            origin = get_origin(annotation)
-            if origin is dict:
-                maps.add(_env_name(here) + "__")
-            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-                collect(annotation, here)
-
-    collect(Settings, ())
-    found = []
-    for variable in sorted(environ):
-        upper = variable.upper()
-        if not upper.startswith("DETOUR_") or upper in valid or _SERVICE_LINK.search(upper):
-            continue
-        if any(upper.startswith(prefix) for prefix in maps):
-            continue
-        close = difflib.get_close_matches(upper, sorted(valid), n=1, cutoff=0.75)
-        hint = f"; did you mean {close[0]}?" if close else ""
-        found.append(f"environment {variable} sets no setting{hint}")
-    return found
+    return unknown_variables(Settings, environ)
