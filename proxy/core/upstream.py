@@ -43,7 +43,7 @@ import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, NotRequired, TypedDict, cast
 
 import aiohttp
@@ -239,7 +239,6 @@ class UpstreamResponse:
     upstream: Upstream
     response: aiohttp.ClientResponse
     private: bool  # fetched with the client's own credentials: never cache
-    attempts: list[Attempt] = field(default_factory=list)
 
     @property
     def status(self) -> int:
@@ -437,7 +436,7 @@ class UpstreamClient:
                 response.release()
                 continue
             self._count_peer(upstream, "served")
-            return UpstreamResponse(upstream, response, private, attempts)
+            return UpstreamResponse(upstream, response, private)
         detail = {"name": str(route.name), "attempts": attempts}
         if last_status == 429 and len(attempts) == 1:
             raise UpstreamDenied(429, "upstream rate limit reached", detail)
