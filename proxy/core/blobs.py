@@ -27,10 +27,11 @@ import contextlib
 
 from aiohttp import web
 
+from proxy.core.blob_body import blob_unknown
 from proxy.core.blob_sink import CLOSE_GRACE_SECONDS
 from proxy.core.cache import CacheStore
 from proxy.core.cached_file import CachedFile
-from proxy.core.download import Download, FetchLimits, FetchSlots, State, blob_unknown
+from proxy.core.download import Download, FetchLimits, FetchSlots, State
 from proxy.core.hits import Hits
 from proxy.core.rules import Route
 from proxy.core.streamer import blob_headers, serve

@@ -24,14 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+from proxy.core.blob_body import BlobBody
 from proxy.core.blob_sink import BlobSink
 from proxy.core.blob_writer import Checksums
 from proxy.core.cache import CacheStore
 from proxy.core.rules import Route
-from proxy.core.upstream import UpstreamClient, UpstreamResponse
-from proxy.core.window import CHUNK_BYTES, Reader, Window
+from proxy.core.upstream import UpstreamClient
+from proxy.core.watchdog import watch
+from proxy.core.window import Reader, Window
 from proxy.errors import (
-    BlobUnknown,
     DetourError,
     UpstreamError,
     UpstreamInvalid,
@@ -43,7 +44,6 @@ from proxy.metrics import Metrics
 from proxy.reference import Digest
 from proxy.settings import Settings
 
-MAX_RESUMES = 3
 NEARLY_DONE = 0.9  # a fetch this far along goes on for the cache when its clients leave
 
 log = get_logger("detour.blobs")
@@ -54,10 +54,6 @@ class State(enum.Enum):
     RUNNING = "running"
     VERIFIED = "verified"
     FAILED = "failed"
-
-
-def blob_unknown(digest: Digest) -> BlobUnknown:
-    return BlobUnknown("blob unknown to upstream", {"digest": str(digest)})
 
 
 @dataclass(frozen=True)
@@ -140,9 +136,7 @@ class Download:
     ) -> None:
         self.digest = digest
         self.route = route
-        self._client_auth = client_auth
         self._store = store
-        self._upstream = upstream
         self._metrics = metrics
         self._limits = limits
         self._slots = slots
@@ -151,13 +145,18 @@ class Download:
         self.state = State.OPENING
         self.error: DetourError | None = None
         self.size: int | None = None
-        self.received = 0  # bytes received from the upstream
         self.source = ""
+        self._body = BlobBody(digest, route, client_auth, upstream, limits.max_blob_size)
         self.committed = False
         self.checksums: Checksums | None = None  # once committed: for its hits' checks
         self.window = Window(str(digest), limits.slow_client)
         self._sink: BlobSink | None = None
         self._done = asyncio.Event()  # verified and committed (or not kept), or failed
+
+    @property
+    def received(self) -> int:
+        """Bytes received from the upstream."""
+        return self._body.received
 
     @property
     def spilled(self) -> bool:
@@ -205,7 +204,7 @@ class Download:
         if not self.interested():
             raise self._ended("abandoned", "every client left before the fetch began")
         fetching = asyncio.create_task(self._fetch())
-        watching = asyncio.create_task(self._watch())
+        watching = asyncio.create_task(watch(self, self._limits))
         try:
             await asyncio.wait({fetching, watching}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -226,69 +225,27 @@ class Download:
         error = UpstreamTimeout if reason == "too_slow" else UpstreamUnreachable
         return error(f"blob fetch ended: {words}", {"digest": str(self.digest)}, cause=reason)
 
-    async def _watch(self) -> tuple[str, str]:
-        """Why the fetch should end, once it should: nobody waits for it any more (after
-        ``abandon_after``, unless it is nearly done), or it ran slower than ``min_rate`` over a
-        ``rate_window``. Only while bytes are still coming."""
-        limits = self._limits
-        loop = asyncio.get_running_loop()
-        tick = min(1.0, limits.abandon_after / 4, limits.rate_window / 4)
-        idle_since: float | None = None
-        window_start, window_bytes = loop.time(), self.received
-        while True:
-            await asyncio.sleep(tick)
-            if self.state is State.VERIFIED:
-                await asyncio.Event().wait()  # done receiving: nothing left to watch
-            now = loop.time()
-            if self.interested():
-                idle_since = None
-            elif idle_since is None:
-                idle_since = now
-            elif now - idle_since >= limits.abandon_after and not self._nearly_done():
-                return "abandoned", f"no client for {limits.abandon_after:g}s"
-            if self.state is not State.RUNNING:
-                window_start, window_bytes = now, self.received  # the clock starts with bytes
-            elif now - window_start >= limits.rate_window:
-                rate = (self.received - window_bytes) / (now - window_start)
-                if limits.min_rate is not None and rate < limits.min_rate:
-                    return "too_slow", f"{rate:.0f} bytes/s, below upstream.min_rate"
-                window_start, window_bytes = now, self.received
-
-    async def _open(self, offset: int) -> UpstreamResponse:
-        headers = {"Range": f"bytes={offset}-"} if offset else {}
-        response = await self._upstream.open(
-            self.route,
-            "GET",
-            f"blobs/{self.digest}",
-            headers=headers,
-            client_auth=self._client_auth,
-        )
-        expected = 206 if offset else 200
-        if response.status != expected:
-            response.close()
-            raise response.refusal(blob_unknown(self.digest))
-        if offset and not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
-            response.close()
-            raise UpstreamInvalid("upstream cannot resume", {"upstream": response.where})
-        return response
-
     async def _fetch(self) -> None:
-        response = await self._open(0)
-        self.size = response.response.content_length
-        self.source = response.where
+        body = self._body
+        await body.open()
+        self.size, self.source = body.size, body.source
         sink = self._sink = BlobSink(
             self.digest,
             self._store,
             self._metrics,
             size=self.size,
-            private=response.private,
+            private=body.private,
             max_blob_size=self._limits.max_blob_size,
             on_spill=lambda: self._on_spill(self),
         )
         self.state = State.RUNNING
         self.window.notify()
         try:
-            await self._receive(response, sink)
+            async for chunk in body.chunks():
+                if sink.spilled:
+                    await self.window.room(sink.on_disk)
+                self.window.append(chunk, sink.on_disk, sink.spilled)
+                await sink.put(chunk)
             await sink.close()
             self.window.trim(sink.on_disk, sink.spilled)
         finally:
@@ -324,56 +281,6 @@ class Download:
             {"digest": str(self.digest), "upstream": self.source},
         )
 
-    async def _receive(self, response: UpstreamResponse, sink: BlobSink) -> None:
-        """The body into the window and the sink, resuming with a Range request when the
-        upstream drops."""
-        resumes = 0
-        while True:
-            try:
-                async with response:
-                    async for chunk in response.chunks(CHUNK_BYTES):
-                        self._count(len(chunk))
-                        if sink.spilled:
-                            await self.window.room(sink.on_disk)
-                        self.window.append(chunk, sink.on_disk, sink.spilled)
-                        await sink.put(chunk)
-            except UpstreamError as exc:
-                # Dropped mid-blob: resume from the byte reached, a bounded number of times.
-                if isinstance(exc, UpstreamInvalid) or resumes >= MAX_RESUMES:
-                    raise
-                resumes += 1
-                if response.upstream.peer:  # an owner that broke mid-stream: skip it a while
-                    self._upstream.mark_down(response.upstream)
-                log.warning(
-                    "blob_resume",
-                    digest=str(self.digest),
-                    offset=self.received,
-                    attempt=resumes,
-                    error=exc.message,
-                )
-                response = await self._open(self.received)
-                continue
-            if self.size is not None and self.received < self.size and resumes < MAX_RESUMES:
-                resumes += 1
-                response = await self._open(self.received)
-                continue
-            return
-
-    def _count(self, count: int) -> None:
-        """Count bytes received, refusing more than announced, or than the cache's largest
-        blob when nothing was announced."""
-        self.received += count
-        if self.size is not None and self.received > self.size:
-            raise UpstreamInvalid(
-                "upstream sent more bytes than announced", {"upstream": self.source}
-            )
-        if self.size is None and self.received > self._limits.max_blob_size:
-            raise UpstreamInvalid(
-                "upstream blob of no announced length is larger than "
-                f"cache.max_blob_size ({self._limits.max_blob_size} bytes)",
-                {"upstream": self.source},
-            )
-
     # ----------------------------------------------------------------- for the clients
 
     def join(self, transport: asyncio.Transport | None) -> Reader:
@@ -384,8 +291,17 @@ class Download:
     def interested(self) -> bool:
         return self.window.interested() or self.waiting > 0
 
-    def _nearly_done(self) -> bool:
+    def nearly_done(self) -> bool:
         return self.size is not None and self.received >= self.size * NEARLY_DONE
+
+    @property
+    def receiving(self) -> bool:
+        """Bytes are coming: the upstream answered, and the blob is not whole yet."""
+        return self.state is State.RUNNING
+
+    @property
+    def received_all(self) -> bool:
+        return self.state is State.VERIFIED
 
     def release_file(self) -> None:
         """Once the fetch is over and no client reads it: its window's memory goes, and its

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -35,7 +36,6 @@ READ_BUFFER_BYTES = 256 * 1024
 
 @dataclass(frozen=True)
 class Services:
-    settings: Settings
     metrics: Metrics
     store: CacheStore
     rules: Rules
@@ -63,7 +63,8 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
 
     def evicted(paths: list[Path]) -> None:
         metrics.evictions.inc(len(paths))
-        loop.run_in_executor(None, delete_files, paths)
+        deleting = loop.run_in_executor(None, delete_files, paths)
+        deleting.add_done_callback(functools.partial(_log_failed_deletion, len(paths)))
 
     store = CacheStore(settings.cache.dir, settings.cache.max_size, on_evict=evicted)
     await asyncio.to_thread(store.open)
@@ -92,7 +93,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     blobs = Blobs(store, upstream, metrics, FetchLimits.from_settings(settings), slots)
     manifests = Manifests(store, upstream, metrics, tag_ttl=settings.cache.tag_ttl)
     rules = Rules.from_settings(settings)
-    app[SERVICES] = Services(settings, metrics, store, rules, upstream, blobs, manifests, peering)
+    app[SERVICES] = Services(metrics, store, rules, upstream, blobs, manifests, peering)
     try:
         async with peering.running():
             yield
@@ -101,6 +102,28 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
         await session.close()
         if peer_session is not None:
             await peer_session.close()
+
+
+def _log_failed_deletion(files: int, deleting: asyncio.Future[None]) -> None:
+    """Log what went wrong deleting ``files`` evicted files in a worker thread: nothing else
+    awaits that, so without this an error there would be lost.
+
+    :func:`~proxy.core.cache.delete_files` ignores an ``OSError`` per file (gone already, or a
+    read-only disk), so what lands here is anything else it raises: a bug, or a path the OS
+    can't take (``ValueError`` for a NUL byte; the index's paths are built from digests, so
+    none has one). The files it had not reached stay on disk, out of the index, until the next
+    start indexes them again. One line, without a traceback: this runs on no request's behalf.
+    """
+    if deleting.cancelled():
+        return
+    error = deleting.exception()
+    if error is not None:
+        log.warning(
+            "evicted_files_not_deleted",
+            files=files,
+            error=f"{type(error).__name__}: {error}",
+            action="left on disk until the next start",
+        )
 
 
 def _session(settings: Settings, **connector: Any) -> aiohttp.ClientSession:

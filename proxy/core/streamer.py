@@ -15,9 +15,10 @@ from typing import IO, Any
 
 from aiohttp import web
 
+from proxy.core.blob_body import CHUNK_BYTES
 from proxy.core.cache import CacheStore
 from proxy.core.download import Download, State
-from proxy.core.window import CHUNK_BYTES, Reader
+from proxy.core.window import Reader
 from proxy.errors import DetourError, UpstreamInvalid, UpstreamTimeout
 from proxy.logs import CLIENT_DISCONNECTED, LOG
 from proxy.reference import Digest

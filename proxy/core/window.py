@@ -17,10 +17,10 @@ import struct
 from collections import deque
 from dataclasses import dataclass
 
+from proxy.core.blob_body import CHUNK_BYTES
 from proxy.errors import UpstreamInvalid
 from proxy.logs import get_logger
 
-CHUNK_BYTES = 256 * 1024  # the most one read from the upstream gives
 # The last bytes received, kept in memory for the clients that keep up (and, after a spill,
 # for every client): a fetch holds at most this, plus the chunks not yet on disk.
 WINDOW_BYTES = 8 * CHUNK_BYTES
