@@ -100,8 +100,10 @@ class Metrics:
         )
         self.cache_requests = Counter(
             "detour_cache_requests",
-            "Manifest and blob requests by cache result "
-            "(hit, miss, stale, revalidated, bypass: not cached because private).",
+            "Manifest and blob requests by cache result: hit; miss; peer (a miss asked of the "
+            "peer that owns it); joined (shared a fetch already under way); revalidated and "
+            "stale (manifests by tag: confirmed upstream, or served from the cache while the "
+            "upstream failed); bypass (not cached because private).",
             ["kind", "result"],
             registry=r,
         )
