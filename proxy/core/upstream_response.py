@@ -1,0 +1,94 @@
+"""An open response from one upstream, as the handlers read it.
+
+Its body is read through :func:`proxy.core.transport.transport_errors`, so a connection that
+drops mid-body is an upstream error like any other, and whole reads are capped: a body longer
+than the caller's limit is refused without reading more than one byte past it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+import aiohttp
+
+from proxy.bodies import read_capped
+from proxy.core.rules import Upstream
+from proxy.core.transport import transport_errors
+from proxy.errors import DetourError, UpstreamDenied, UpstreamInvalid
+
+
+@dataclass
+class UpstreamResponse:
+    """An open response from one upstream. Close it (``async with``) when done."""
+
+    upstream: Upstream
+    response: aiohttp.ClientResponse
+    private: bool  # fetched with the client's own credentials: never cache
+
+    @property
+    def status(self) -> int:
+        return self.response.status
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self.response.headers
+
+    @property
+    def where(self) -> str:
+        return f"{self.upstream.registry}/{self.upstream.repository}"
+
+    async def read(self, limit: int, what: str = "response") -> bytes:
+        """The whole body, read to its end (a body over a real link arrives in many reads),
+        refusing one longer than ``limit`` without reading more than ``limit + 1`` bytes."""
+        length = self.response.content_length
+        if length is not None and length > limit:
+            raise self._too_large(what, limit)
+        with transport_errors(self.where):
+            body = await read_capped(self.response.content, limit)
+        if body is None:
+            raise self._too_large(what, limit)
+        if length is not None and len(body) != length:
+            raise UpstreamInvalid(
+                f"upstream {what} was cut short",
+                {"upstream": self.where, "expected": length, "received": len(body)},
+            )
+        return body
+
+    def _too_large(self, what: str, limit: int) -> UpstreamInvalid:
+        return UpstreamInvalid(
+            f"upstream {what} is larger than Detour's limit of {limit} bytes",
+            {"upstream": self.where, "limit": limit},
+        )
+
+    async def chunks(self, size: int) -> AsyncIterator[bytes]:
+        with transport_errors(self.where):
+            async for chunk in self.response.content.iter_chunked(size):
+                yield chunk
+
+    def refusal(self, not_found: DetourError) -> DetourError:
+        """The error for an answer other than the one asked for: ``not_found`` for a 404, the
+        upstream's own refusal (and its challenge, for the client to answer) for a 401 or 403,
+        and a bad reply for anything else."""
+        if self.status == 404:
+            return not_found
+        if self.status in (401, 403):
+            challenge = self.headers.get("WWW-Authenticate")
+            return UpstreamDenied(
+                self.status,
+                "upstream refused access",
+                {"upstream": self.where},
+                headers={"WWW-Authenticate": challenge} if challenge else None,
+            )
+        return UpstreamInvalid(
+            f"upstream answered {self.status // 100}xx", {"upstream": self.where}, cause="http"
+        )
+
+    def close(self) -> None:
+        self.response.release()
+
+    async def __aenter__(self) -> UpstreamResponse:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        self.close()
