@@ -196,8 +196,34 @@ class _ProtocolErrors(RequestHandler):
 
 
 class _Server(web.Server):
+    """A :class:`web.Server` whose connections are :class:`_ProtocolErrors`; see
+    :func:`answer_parser_errors`, the one place that makes one."""
+
     def __call__(self) -> RequestHandler:
         return _ProtocolErrors(self, loop=self._loop, **self._kwargs)
+
+
+def answer_parser_errors(server: web.Server) -> None:
+    """Make ``server`` (a runner's, after ``setup()``) serve each connection with
+    :class:`_ProtocolErrors`, so the requests aiohttp's parser refuses get an OCI error body
+    and a log line of the right level.
+
+    aiohttp has no supported hook for this: ``web.Application`` builds its ``web.Server``
+    itself, ``web.Server.__call__`` (the protocol factory asyncio calls for each connection)
+    builds ``RequestHandler`` by name, and ``handler_args`` only passes keyword arguments to
+    it. So this swaps ``server``'s class for :class:`_Server`, whose ``__call__`` does what
+    aiohttp's does with our class, and relies on what aiohttp does not promise:
+
+    - a ``web.Server`` takes a ``__class__`` assignment (it declares no ``__slots__``);
+    - its private ``_loop``, the event loop, passed as ``RequestHandler(loop=...)``;
+    - its private ``_kwargs``, the rest of ``RequestHandler``'s keyword arguments
+      (``access_log_class``, ``debug`` and any ``handler_args``);
+    - ``RequestHandler.data_received(data)`` and ``RequestHandler.handle_error(request, status,
+      exc, message)``, overridden by :class:`_ProtocolErrors`.
+
+    tests/test_parser_errors.py checks each of these against the installed aiohttp.
+    """
+    server.__class__ = _Server
 
 
 async def _serve(app: web.Application, host: str, port: int) -> None:
@@ -217,7 +243,7 @@ async def _serve(app: web.Application, host: str, port: int) -> None:
                 raise
             raise error from None
         assert runner.server is not None
-        runner.server.__class__ = _Server  # aiohttp offers no hook for parser errors
+        answer_parser_errors(runner.server)
         try:
             await web.TCPSite(runner, host, port).start()
         except OSError as exc:
