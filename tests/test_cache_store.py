@@ -1,0 +1,105 @@
+"""The cache store on its own: a blob's way into the cache (CacheStore.commit_blob), and the
+index's space accounting and eviction. A real directory, real files; what is asserted is what
+is on disk and what the store counts, as ``/metrics`` and ``detour cache ls`` show it."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from proxy.core.blob_writer import CHECKED_CHUNK_BYTES, BlobWriter
+from proxy.core.cache import CacheStore
+from proxy.reference import Digest
+
+MiB = 1 << 20
+
+
+def blob(size: int) -> tuple[bytes, Digest]:
+    data = os.urandom(size)
+    return data, Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+
+
+async def store_at(root: Path, max_size: int | None = None) -> tuple[CacheStore, list[Path]]:
+    evicted: list[Path] = []
+
+    def evict(paths: list[Path]) -> None:
+        evicted.extend(paths)
+        for path in paths:
+            path.unlink()
+
+    store = CacheStore(root, max_size, on_evict=evict)
+    await asyncio.to_thread(store.open)
+    return store, evicted
+
+
+def written(store: CacheStore, data: bytes, digest: Digest) -> BlobWriter:
+    """A blob written and hashed as a fetch does it, not yet committed."""
+    writer = store.begin_blob(digest)
+    for offset in range(0, len(data), MiB):
+        chunk = data[offset : offset + MiB]
+        writer.update([chunk])
+        writer.write([chunk])
+    writer.finish()
+    assert writer.matches(len(data))
+    return writer
+
+
+async def test_a_committed_blob_is_in_place_indexed_and_summed(tmp_path: Path) -> None:
+    store, _ = await store_at(tmp_path / "cache", max_size=64 * MiB)
+    data, digest = blob(5 * MiB + 7)
+    assert store.reserve(len(data))
+    writer = written(store, data, digest)
+    checksums = await store.commit_blob(writer, len(data))
+    final = store.blob_path(digest)
+    assert final.read_bytes() == data
+    assert list(store.tmp.iterdir()) == []
+    assert (store.total, store.reserved) == (len(data), 0)
+    assert store.blob_size(digest) == len(data)
+    stat = final.stat()
+    assert checksums.identity == (stat.st_dev, stat.st_ino)  # the file as committed
+    assert checksums.size == len(data)
+    assert len(checksums.sums) == -(-len(data) // CHECKED_CHUNK_BYTES)
+
+
+async def test_a_commit_the_disk_refuses_leaves_nothing_indexed(tmp_path: Path) -> None:
+    store, _ = await store_at(tmp_path / "cache", max_size=64 * MiB)
+    data, digest = blob(1 * MiB)
+    assert store.reserve(len(data))
+    writer = written(store, data, digest)
+    # Where the blob's directory should be, a file: the move into place fails (as root too).
+    final = store.blob_path(digest)
+    final.parent.parent.mkdir(parents=True, exist_ok=True)
+    final.parent.write_bytes(b"")
+    with pytest.raises(FileExistsError):
+        await store.commit_blob(writer, len(data))
+    assert store.total == 0
+    assert store.reserved == len(data)  # the caller releases it with the discarded file
+    writer.discard()
+    store.release(len(data))
+    assert list(store.tmp.iterdir()) == []
+    assert store.reserved == 0
+
+
+async def test_the_least_recently_used_unpinned_blob_is_evicted(tmp_path: Path) -> None:
+    store, evicted = await store_at(tmp_path / "cache", max_size=3 * MiB)
+    paths = []
+    for _ in range(3):
+        data, digest = blob(1 * MiB)
+        assert store.reserve(len(data))
+        await store.commit_blob(written(store, data, digest), len(data))
+        paths.append(store.blob_path(digest))
+    oldest, middle, newest = paths
+    store.pin(oldest)  # being sent: not evicted
+    store.touch(middle)  # a hit: now the most recently used
+    data, digest = blob(1 * MiB)
+    assert store.reserve(len(data))  # room is made for it
+    assert evicted == [newest]
+    assert store.total + store.reserved <= 3 * MiB
+    store.unpin(oldest)
+    assert store.reserve(4 * MiB) is False  # more than max_size: never reserved
+    assert oldest.exists()
+    assert middle.exists()

@@ -1,0 +1,305 @@
+"""The blob download's state machine, driven directly: a Download against an upstream of the
+test's own (an aiohttp app that can cut a body short, send wrong bytes, or refuse), with a
+real CacheStore, UpstreamClient and Metrics. What is asserted is what an operator or a client
+would see: the state and error the clients get, what is in the cache directory, the space
+accounted, and the metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from proxy.core.auth import CredentialStore
+from proxy.core.blob_writer import CHECKED_CHUNK_BYTES
+from proxy.core.cache import CacheStore
+from proxy.core.download import Download, FetchLimits, FetchSlots, State
+from proxy.core.egress import EgressPolicy
+from proxy.core.rules import Route, Upstream
+from proxy.core.upstream import UpstreamClient
+from proxy.core.window import Reader
+from proxy.errors import BlobUnknown, UpstreamInvalid, UpstreamUnreachable
+from proxy.metrics import Metrics
+from proxy.reference import Digest, ImageName
+from proxy.settings import Settings
+
+KiB = 1024
+MiB = 1024 * KiB
+REPOSITORY = "lib/app"
+
+
+@dataclass
+class BlobServer:
+    """What the test's upstream serves, and what it was asked."""
+
+    data: bytes
+    cut_first_at: int | None = None  # the first answer ends (connection dropped) here
+    body: bytes | None = None  # sent instead of ``data`` (wrong bytes)
+    chunked: bool = False  # no Content-Length
+    status: int = 200
+    ranges: list[str | None] = field(default_factory=list)
+
+    async def blob(self, request: web.Request) -> web.StreamResponse:
+        wanted = request.headers.get("Range")
+        self.ranges.append(wanted)
+        if self.status != 200:
+            return web.Response(status=self.status)
+        body = self.data if self.body is None else self.body
+        start = int(wanted.removeprefix("bytes=").rstrip("-")) if wanted else 0
+        response = web.StreamResponse(status=206 if wanted else 200)
+        if wanted:
+            response.headers["Content-Range"] = f"bytes {start}-{len(body) - 1}/{len(body)}"
+        if self.chunked:
+            response.enable_chunked_encoding()
+        else:
+            response.content_length = len(body) - start
+        await response.prepare(request)
+        end = len(body)
+        if not wanted and self.cut_first_at is not None:
+            end = self.cut_first_at
+        for offset in range(start, end, 64 * KiB):
+            await response.write(body[offset : min(end, offset + 64 * KiB)])
+        if end < len(body):
+            assert request.transport is not None
+            request.transport.close()  # dropped mid-blob
+        return response
+
+
+@dataclass
+class Site:
+    upstream: BlobServer
+    server: TestServer
+    store: CacheStore
+    metrics: Metrics
+    client: UpstreamClient
+    route: Route
+    spilled: list[Download] = field(default_factory=list)
+
+    def download(self, digest: Digest, *, max_blob_size: int = 1 << 30) -> Download:
+        limits = FetchLimits(
+            max_blob_size=max_blob_size,
+            abandon_after=0.2,
+            min_rate=None,
+            rate_window=30.0,
+            slow_client=5.0,
+        )
+        return Download(
+            digest,
+            self.route,
+            None,
+            store=self.store,
+            upstream=self.client,
+            metrics=self.metrics,
+            limits=limits,
+            slots=FetchSlots(4, 2, self.metrics),
+            on_spill=self.spilled.append,
+        )
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.metrics.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+    def cached(self) -> list[Path]:
+        return sorted(p for p in (self.store.root / "blobs").rglob("*") if p.is_file())
+
+    def temp_files(self) -> list[Path]:
+        return sorted(self.store.tmp.iterdir())
+
+
+MakeSite = Callable[["BlobServer"], Awaitable["Site"]]
+
+
+@pytest.fixture
+async def site(tmp_path: Path) -> AsyncIterator[MakeSite]:
+    servers: list[TestServer] = []
+    sessions: list[aiohttp.ClientSession] = []
+
+    async def make(upstream: BlobServer) -> Site:
+        app = web.Application()
+        app.router.add_get(f"/v2/{REPOSITORY}/blobs/{{digest}}", upstream.blob)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        host = f"127.0.0.1:{server.port}"
+        settings = Settings.model_validate({"registries": {host: {"insecure": True}}})
+        metrics = Metrics(known_registries=frozenset({host}))
+        store = CacheStore(tmp_path / "cache")
+        await asyncio.to_thread(store.open)
+        session = aiohttp.ClientSession()
+        sessions.append(session)
+        client = UpstreamClient(
+            session,
+            settings.upstream,
+            CredentialStore(settings.registries, None),
+            metrics,
+            egress=EgressPolicy.from_settings(settings),
+        )
+        route = Route(
+            ImageName.parse(f"{host}/{REPOSITORY}"),
+            None,
+            (Upstream(host, REPOSITORY, insecure=True, origin=True),),
+        )
+        return Site(upstream, server, store, metrics, client, route)
+
+    yield make
+    for session in sessions:
+        await session.close()
+    for server in servers:
+        await server.close()
+
+
+def blob(size: int) -> tuple[bytes, Digest]:
+    data = os.urandom(size)
+    return data, Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+
+
+async def follow(download: Download, reader: Reader) -> bytes:
+    """A client reading the fetch through its window, as fast as bytes come: what it got
+    (all of the blob once verified; never the last byte of a blob that failed)."""
+    got = bytearray()
+    window = download.window
+    while True:
+        changed = window.changed
+        limit = download.available()
+        if window.start <= reader.position < limit:
+            for view in window.views(reader.position, limit):
+                got += view
+                reader.position += len(view)
+            window.notify()
+        elif download.state is State.FAILED or (
+            download.state is State.VERIFIED and reader.position >= limit
+        ):
+            return bytes(got)
+        else:
+            assert reader.position >= window.start, "a client that keeps up fell behind"
+            await changed.wait()
+
+
+async def run(download: Download) -> bytes:
+    """Run the fetch with one client reading it; what the client got."""
+    near, far = socket.socketpair()
+    transport, _ = await asyncio.get_running_loop().connect_accepted_socket(asyncio.Protocol, near)
+    reader = download.join(transport)
+    try:
+        running = asyncio.create_task(download.run())
+        got = await asyncio.wait_for(follow(download, reader), 30)
+        await asyncio.wait_for(running, 30)
+        return got
+    finally:
+        download.window.leave(reader)
+        download.release_file()
+        transport.close()
+        far.close()
+
+
+async def test_a_whole_blob_is_verified_and_committed(site: MakeSite) -> None:
+    data, digest = blob(3 * MiB + 123)
+    s = await site(BlobServer(data))
+    download = s.download(digest)
+    assert await run(download) == data
+    assert download.state is State.VERIFIED
+    assert download.committed
+    assert s.cached() == [s.store.blob_path(digest)]
+    assert s.store.blob_path(digest).read_bytes() == data
+    assert (s.store.total, s.store.reserved) == (len(data), 0)
+    assert download.checksums is not None
+    assert len(download.checksums.sums) == -(-len(data) // CHECKED_CHUNK_BYTES)
+    assert s.temp_files() == []
+    assert s.upstream.ranges == [None]
+
+
+async def test_a_body_cut_short_is_resumed_from_the_byte_reached(
+    site: MakeSite,
+) -> None:
+    data, digest = blob(2 * MiB)
+    s = await site(BlobServer(data, cut_first_at=640 * KiB))
+    download = s.download(digest)
+    assert await run(download) == data  # one unbroken stream for the client
+    assert download.state is State.VERIFIED, download.error
+    assert s.store.blob_path(digest).read_bytes() == data
+    assert s.upstream.ranges == [None, f"bytes={640 * KiB}-"]
+
+
+async def test_wrong_bytes_fail_the_fetch_and_nothing_is_kept(
+    site: MakeSite,
+) -> None:
+    data, digest = blob(1 * MiB)
+    s = await site(BlobServer(data, body=os.urandom(len(data))))
+    download = s.download(digest)
+    assert len(await run(download)) < len(data)  # the last byte never went out
+    assert download.state is State.FAILED
+    assert isinstance(download.error, UpstreamInvalid)
+    assert download.error.message == "upstream blob does not match its digest"
+    assert not download.committed
+    assert s.cached() == []
+    assert s.temp_files() == []
+    assert (s.store.total, s.store.reserved) == (0, 0)
+    host = s.route.upstreams[0].registry
+    assert s.metric("detour_digest_mismatches_total", kind="blob", registry=host) == 1
+
+
+async def test_a_blob_over_max_blob_size_is_verified_but_not_kept(
+    site: MakeSite,
+) -> None:
+    data, digest = blob(1 * MiB)
+    s = await site(BlobServer(data))
+    download = s.download(digest, max_blob_size=512 * KiB)
+    assert await run(download) == data  # streamed from memory
+    assert download.state is State.VERIFIED
+    assert download.spilled
+    assert s.spilled == [download]
+    assert not download.committed
+    assert s.cached() == []
+    assert s.temp_files() == []
+    assert s.metric("detour_cache_write_failures_total", reason="too_large") == 1
+
+
+async def test_no_length_and_more_than_max_blob_size_is_cut(
+    site: MakeSite,
+) -> None:
+    data, digest = blob(1 * MiB)
+    s = await site(BlobServer(data, chunked=True))
+    download = s.download(digest, max_blob_size=256 * KiB)
+    await run(download)
+    assert download.state is State.FAILED
+    assert isinstance(download.error, UpstreamInvalid)
+    assert "larger than cache.max_blob_size" in download.error.message
+    assert s.cached() == []
+    assert s.temp_files() == []
+    assert s.store.reserved == 0
+
+
+async def test_a_refusal_reaches_the_clients_before_any_byte(
+    site: MakeSite,
+) -> None:
+    data, digest = blob(4 * KiB)
+    s = await site(BlobServer(data, status=404))
+    download = s.download(digest)
+    await run(download)
+    assert download.state is State.FAILED
+    with pytest.raises(BlobUnknown):
+        await download.headers_ready()
+    assert s.cached() == []
+    assert s.temp_files() == []
+
+
+async def test_a_fetch_nobody_waits_for_ends_before_it_begins(
+    site: MakeSite,
+) -> None:
+    data, digest = blob(4 * KiB)
+    s = await site(BlobServer(data))
+    download = s.download(digest)
+    await asyncio.wait_for(download.run(), 10)  # no client
+    assert download.state is State.FAILED
+    assert isinstance(download.error, UpstreamUnreachable)
+    assert s.upstream.ranges == []  # the upstream was never asked
+    assert s.metric("detour_ended_blob_fetches_total", reason="abandoned") == 1
