@@ -22,7 +22,7 @@ import pytest
 from aiohttp import web
 
 from tests.images import Blob, Client, push_image, unique_repo
-from tests.proxy import Proxy, scenario
+from tests.proxy import Proxy, blob_path, scenario
 from tests.registry import Registry
 from tests.relay import Relay
 
@@ -259,3 +259,22 @@ async def _slow_client_on_a_full_disk(
         results = await asyncio.gather(*(fast() for _ in range(4)))
     assert results == [layer.data] * 4
     assert await slow_task < layer.size  # cut off, never handed a whole 200
+
+
+async def test_a_range_of_a_blob_too_large_to_cache_is_answered_whole(
+    make_proxy: StartProxy, registry: Registry, tmp_path: Path
+) -> None:
+    """A Range request for a cold blob over cache.max_blob_size (containerd resuming a big
+    layer) gets the whole blob as a 200, a valid answer to a Range request, never a 502."""
+    repo = f"docker-mirror/library/{unique_repo('range-big').split('/')[1]}"
+    data = os.urandom(3 * MiB)
+    digest = Client(registry).push_blob(repo, data)
+    config = scenario(registry, tmp_path / "cache")
+    config["cache"]["max_blob_size"] = "1MiB"
+    proxy = await make_proxy(config)
+    name = repo.removeprefix("docker-mirror/library/")
+    url = f"{proxy.url}/v2/{name}/blobs/{digest}"
+    async with proxy.session.get(url, headers={"Range": f"bytes={MiB}-"}) as response:
+        assert response.status == 200, await response.text()
+        assert await response.read() == data
+    assert not blob_path(tmp_path / "cache", digest).exists()

@@ -36,6 +36,7 @@ from proxy.core.hits import Hits
 from proxy.core.rules import Route
 from proxy.core.streamer import blob_headers, serve
 from proxy.core.upstream import UpstreamClient
+from proxy.errors import DetourError
 from proxy.logs import LOG
 from proxy.metrics import Metrics
 from proxy.reference import Digest
@@ -108,14 +109,19 @@ class Blobs:
             fetch.waiting += 1
             try:
                 await fetch.finished()
+            except DetourError:
+                # One that won't be cached (too large, or the disk is full) ends once only
+                # waiters are left: it has no bytes kept for them.
+                if not fetch.spilled:
+                    raise
             finally:
                 fetch.waiting -= 1
             request[LOG].update(upstream=fetch.source, source="cache")
             cached = await self._hits.open(request, digest) if fetch.committed else None
             if cached is not None:
                 return await self._hits.send(request, cached)
-            # Verified but not kept (the disk is full), or gone since: the whole blob, as a
-            # 200, is a valid answer to a Range request.
+            # Not kept (too large, the disk is full), or gone since: the whole blob, as a 200,
+            # is a valid answer to a Range request.
             fetch = self._start(route, digest, client_auth, shared=False)
         response = await serve(request, fetch, fetch.join(request.transport), self._store)
         request[LOG].update(upstream=fetch.source, source="upstream")
