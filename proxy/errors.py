@@ -16,17 +16,18 @@ place that turns them into the OCI error body ``{"errors": [{"code", "message", 
     │   ├── Unsupported              405     UNSUPPORTED       (push and delete methods)
     │   ├── NotFound                 404     UNSUPPORTED       (no such endpoint)
     │   ├── BadRequest               4xx     UNSUPPORTED       (HTTP the parser refused)
-    │   ├── UpstreamDenied           401/403/429 as the upstream said, challenge relayed
+    │   ├── UpstreamDenied           401/403 as the upstream said, challenge relayed
     │   ├── RegistryDenied           403     DENIED            (a registry or address the
     │   │                                                       operator did not allow)
     │   └── AdminDenied              403     DENIED            (cache admin, not from loopback)
     └── UpstreamError                5xx     (the upstream failed us; never the client's fault)
         ├── UpstreamUnreachable      502     UNAVAILABLE       (dns, refused, tls, connect, ...)
         ├── UpstreamTimeout          504     UNAVAILABLE       (timeout)
+        ├── UpstreamRateLimited      429     TOOMANYREQUESTS   (the only upstream said 429)
         └── UpstreamInvalid          502     UNAVAILABLE       (wrong digest, oversize, bad reply)
 
 An :class:`UpstreamError` carries a ``cause``, one short stable word for what failed (the words
-are listed in :mod:`proxy.core.upstream`), and a ``reason``, the failure in words without host
+are listed in :mod:`proxy.core.transport`), and a ``reason``, the failure in words without host
 names.
 When every upstream of a request failed, the detail lists each one tried: ``{"name", "attempts":
 [{"upstream", "cause", "error"[, "host"][, "status"]}, ...]}``.
@@ -123,7 +124,7 @@ class BadRequest(ClientError):
 
 
 class UpstreamDenied(ClientError):
-    """The upstream refused us (401, 403, 429); its status and challenge go to the client."""
+    """The upstream refused us (401, 403); its status and challenge go to the client."""
 
     def __init__(
         self,
@@ -135,9 +136,7 @@ class UpstreamDenied(ClientError):
     ) -> None:
         super().__init__(message, detail, headers=headers)
         self.status = status
-        self.code = {401: "UNAUTHORIZED", 403: "DENIED", 429: "TOOMANYREQUESTS"}.get(
-            status, "DENIED"
-        )
+        self.code = "UNAUTHORIZED" if status == 401 else "DENIED"
 
 
 class RegistryDenied(ClientError):
@@ -182,6 +181,15 @@ class UpstreamUnreachable(UpstreamError):
 class UpstreamTimeout(UpstreamError):
     status = 504
     cause = "timeout"
+
+
+class UpstreamRateLimited(UpstreamError):
+    """The upstream is limiting our rate: a failure of the upstream, not the client's (a tag
+    is served stale meanwhile), whose 429 is relayed so the client backs off."""
+
+    status = 429
+    code = "TOOMANYREQUESTS"
+    cause = "http"
 
 
 class UpstreamInvalid(UpstreamError):

@@ -216,7 +216,7 @@ class Metrics:
     def request_finished(
         self, method: str, path: str, status: int, seconds: float, source: str | None, sent: int
     ) -> None:
-        """Count a client request once its response is finished (see ``proxy.core.app.AccessLog``):
+        """Count a client request once it is answered (``proxy.core.app.metrics_middleware``):
         by method, endpoint kind and status, its duration, and its body bytes by source."""
         method = method if method in ("GET", "HEAD") else OTHER
         kind = endpoint_kind(path)

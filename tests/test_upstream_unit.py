@@ -232,7 +232,7 @@ OUTCOMES = [
     (_two_timeouts, "UpstreamTimeout", 504, "every upstream timed out", ["timeout"] * 2),
     (_named_503, "UpstreamUnreachable", 502, "quay.io answered 503 Service Unavailable", ["http"]),
     (_unnamed_503, "UpstreamUnreachable", 502, "quay.io answered 5xx", ["http"]),
-    (_rate_limited, "UpstreamDenied", 429, "upstream rate limit reached", ["http"]),
+    (_rate_limited, "UpstreamRateLimited", 429, "upstream rate limit reached", ["http"]),
     (
         _timeout_then_503,
         "UpstreamUnreachable",

@@ -52,6 +52,40 @@ def error_response(error: DetourError) -> web.Response:
     return response
 
 
+def body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:
+    """The body bytes a response sent: what a streamed one counted as it went (sendfile
+    bypasses aiohttp's count), or what the response declared."""
+    sent = request.get(LOG, {}).get("bytes")
+    if sent is None:
+        sent = 0 if request.method == "HEAD" else response.content_length or 0
+    return int(sent)
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count every request that reaches the app, by method, endpoint kind and status, with
+    its duration (a streamed body's included) and its body bytes by source. (The requests the
+    HTTP parser refuses are counted by :class:`_ProtocolErrors`.)"""
+    started = time.monotonic()
+    metrics = request.app[METRICS]
+    try:
+        response = await handler(request)  # error_middleware's answer, errors included
+    except web.HTTPException as exc:  # one that error_middleware leaves to aiohttp
+        metrics.request_finished(
+            request.method, request.path, exc.status, time.monotonic() - started, None, 0
+        )
+        raise
+    metrics.request_finished(
+        request.method,
+        request.path,
+        response.status,
+        time.monotonic() - started,
+        request[LOG].get("source"),
+        body_bytes(request, response),
+    )
+    return response
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     request[LOG] = {}
@@ -86,28 +120,11 @@ class AccessLog(AbstractAccessLogger):
     """One structlog line per request: name, reference, cache result, upstream, status, bytes,
     duration. Header values are never logged, so neither are credentials."""
 
-    # The app's metrics, for requests that never reach the app (the HTTP parser refused them);
-    # set by _serve on the class it gives the server.
-    metrics: Metrics | None = None
-
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time_: float) -> None:
-        fields: dict[str, Any] = dict(request.get(LOG, {}))
-        # Body bytes: streamed responses count their own (sendfile bypasses aiohttp's count);
-        # for the rest, what the response declared.
-        sent = fields.pop("bytes", None)
-        if sent is None:
-            sent = 0 if request.method == "HEAD" else response.content_length or 0
-        # The one place per-request metrics are recorded: for every request, those the HTTP
-        # parser refused (_ProtocolErrors) included, which have no app but this class's.
-        metrics = self.metrics
-        if isinstance(request, web.Request) and LOG in request and "refused" not in fields:
-            metrics = request.app[METRICS]  # it reached the app: error_middleware gave it LOG
-        if metrics is not None:
-            metrics.request_finished(
-                request.method, request.path, response.status, time_, fields.get("source"), sent
-            )
         if request.path in ("/healthz", "/readyz", "/metrics"):
             return
+        fields: dict[str, Any] = dict(request.get(LOG, {}))
+        fields.pop("bytes", None)
         # podman, docker and skopeo try TLS first on an insecure registry: routine, so debug.
         emit = log.debug if fields.get("refused") == TLS_ON_PLAIN_PORT else log.info
         emit(
@@ -115,7 +132,7 @@ class AccessLog(AbstractAccessLogger):
             method=request.method,
             path=request.path[:300],
             status=response.status,
-            bytes=sent,
+            bytes=body_bytes(request, response),
             duration_ms=round(time_ * 1000, 2),
             **fields,
         )
@@ -126,7 +143,9 @@ class AccessLog(AbstractAccessLogger):
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=64 * 1024)
+    app = web.Application(
+        middlewares=[metrics_middleware, error_middleware], client_max_size=64 * 1024
+    )
     app[SETTINGS] = settings
     app[METRICS] = Metrics(known_registries=named_registries(settings))
     app.cleanup_ctx.append(services_ctx)
@@ -154,6 +173,7 @@ class _ProtocolErrors(RequestHandler):
 
     _first_bytes = True
     _tls = False
+    metrics: Metrics | None = None  # the app's, set by _Server: these never reach the app
 
     def data_received(self, data: bytes) -> None:
         if self._first_bytes:
@@ -192,6 +212,10 @@ class _ProtocolErrors(RequestHandler):
         )
         answer.headers["Docker-Distribution-Api-Version"] = API_VERSION
         answer.force_close()
+        if self.metrics is not None:
+            self.metrics.request_finished(
+                request.method, request.path, status, 0.0, None, answer.content_length or 0
+            )
         return answer
 
 
@@ -199,11 +223,15 @@ class _Server(web.Server):
     """A :class:`web.Server` whose connections are :class:`_ProtocolErrors`; see
     :func:`answer_parser_errors`, the one place that makes one."""
 
+    metrics: Metrics | None = None
+
     def __call__(self) -> RequestHandler:
-        return _ProtocolErrors(self, loop=self._loop, **self._kwargs)
+        handler = _ProtocolErrors(self, loop=self._loop, **self._kwargs)
+        handler.metrics = self.metrics
+        return handler
 
 
-def answer_parser_errors(server: web.Server) -> None:
+def answer_parser_errors(server: web.Server, metrics: Metrics | None = None) -> None:
     """Make ``server`` (a runner's, after ``setup()``) serve each connection with
     :class:`_ProtocolErrors`, so the requests aiohttp's parser refuses get an OCI error body
     and a log line of the right level.
@@ -224,16 +252,15 @@ def answer_parser_errors(server: web.Server) -> None:
     tests/test_parser_errors.py checks each of these against the installed aiohttp.
     """
     server.__class__ = _Server
+    assert isinstance(server, _Server)
+    server.metrics = metrics  # the refused requests are counted with the app's
 
 
 async def _serve(app: web.Application, host: str, port: int) -> None:
     """Serve ``app`` on ``host:port`` until SIGTERM or SIGINT. A cache directory that can't be
     used, or an address that can't be listened on, is a :class:`ConfigError` of one line."""
 
-    class ServerAccessLog(AccessLog):
-        metrics = app[METRICS]
-
-    runner = web.AppRunner(app, access_log_class=ServerAccessLog, handle_signals=True)
+    runner = web.AppRunner(app, access_log_class=AccessLog, handle_signals=True)
     try:
         try:
             await runner.setup()  # services_ctx: the cache directory is opened here
@@ -243,7 +270,7 @@ async def _serve(app: web.Application, host: str, port: int) -> None:
                 raise
             raise error from None
         assert runner.server is not None
-        answer_parser_errors(runner.server)
+        answer_parser_errors(runner.server, app[METRICS])
         try:
             await web.TCPSite(runner, host, port).start()
         except OSError as exc:

@@ -33,11 +33,11 @@ from proxy.core.cache import CacheStore
 from proxy.core.cached_file import CachedFile
 from proxy.core.download import Download, FetchLimits, FetchSlots, State
 from proxy.core.hits import Hits
+from proxy.core.outcome import Outcome, Sharing
 from proxy.core.rules import Route
 from proxy.core.streamer import blob_headers, serve
 from proxy.core.upstream import UpstreamClient
 from proxy.errors import DetourError
-from proxy.logs import LOG
 from proxy.metrics import Metrics
 from proxy.reference import Digest
 
@@ -52,8 +52,10 @@ class Blobs:
         metrics: Metrics,
         limits: FetchLimits,
         slots: FetchSlots,
+        sharing: Sharing,
     ) -> None:
         self._store = store
+        self._sharing = sharing
         self._upstream = upstream
         self._metrics = metrics
         self._limits = limits
@@ -73,36 +75,33 @@ class Blobs:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    def _count(self, request: web.Request, result: str) -> None:
-        request[LOG]["cache"] = result
-        self._metrics.cache_requests.labels("blob", result).inc()
-
     async def get(
         self,
         request: web.Request,
         route: Route,
         digest: Digest,
         client_auth: str | None,
+        outcome: Outcome,
     ) -> web.StreamResponse:
         cached = await self._hits.open(request, digest)
         if cached is not None:
-            return await self._from_disk(request, cached)
-        shared = client_auth is None  # a client's own credentials fetch for it alone
+            return await self._from_disk(request, cached, outcome)
+        shared = self._sharing.shared(client_auth)
         fetch = self._inflight.get(digest) if shared else None
         if fetch is not None and fetch.state is State.VERIFIED:
             # Verified, being made durable: in the cache in a moment.
             await fetch.finished()
             cached = await self._hits.open(request, digest) if fetch.committed else None
             if cached is not None:
-                return await self._from_disk(request, cached)
+                return await self._from_disk(request, cached, outcome)
             fetch = None
         if fetch is None or fetch.spilled:
             fetch = self._start(route, digest, client_auth, shared=shared)
             # A miss asked first of the site's owner of the blob (proxy.cluster.peering) is "peer".
             asked_peer = bool(route.upstreams) and route.upstreams[0].peer
-            self._count(request, "bypass" if not shared else "peer" if asked_peer else "miss")
+            outcome.count(self._sharing.result("peer" if asked_peer else "miss", client_auth))
         else:
-            self._count(request, "joined")
+            outcome.count("joined")
         if request.headers.get("Range") and shared:
             # A range of a blob not yet verified could be wrong bytes under a 206: wait for
             # the fetch (which the whole pull needs anyway), then answer from the cache.
@@ -116,28 +115,26 @@ class Blobs:
                     raise
             finally:
                 fetch.waiting -= 1
-            request[LOG].update(upstream=fetch.source, source="cache")
+            outcome.upstream, outcome.source = fetch.source, "cache"
             cached = await self._hits.open(request, digest) if fetch.committed else None
             if cached is not None:
-                return await self._hits.send(request, cached)
+                return await self._hits.send(request, cached, outcome)
             # Not kept (too large, the disk is full), or gone since: the whole blob, as a 200,
             # is a valid answer to a Range request.
             fetch = self._start(route, digest, client_auth, shared=False)
-        response = await serve(request, fetch, fetch.join(request.transport), self._store)
-        request[LOG].update(upstream=fetch.source, source="upstream")
-        return response
+        outcome.source = "upstream"
+        reader = fetch.join(request.transport)
+        try:
+            return await serve(request, fetch, reader, self._store, outcome)
+        finally:
+            outcome.upstream = fetch.source
 
-    async def _from_disk(self, request: web.Request, cached: CachedFile) -> web.StreamResponse:
-        self._count(request, "hit")
-        request[LOG]["source"] = "cache"
-        return await self._hits.send(request, cached)
-
-    async def _head_while_fetching(
-        self, request: web.Request, fetch: Download
+    async def _from_disk(
+        self, request: web.Request, cached: CachedFile, outcome: Outcome
     ) -> web.StreamResponse:
-        await fetch.headers_ready()
-        request[LOG]["upstream"] = fetch.source
-        return web.Response(headers=blob_headers(fetch.digest, fetch.size))
+        outcome.count("hit")
+        outcome.source = "cache"
+        return await self._hits.send(request, cached, outcome)
 
     def _start(
         self, route: Route, digest: Digest, client_auth: str | None, *, shared: bool
@@ -178,21 +175,24 @@ class Blobs:
         route: Route,
         digest: Digest,
         client_auth: str | None,
+        outcome: Outcome,
     ) -> web.StreamResponse:
         """HEAD never downloads a body: disk, an in-flight fetch, or an upstream HEAD."""
         size = self._store.blob_size(digest)
         if size is not None:
-            self._count(request, "hit")
+            outcome.count("hit")
             return web.Response(headers=blob_headers(digest, size))
         fetch = self._inflight.get(digest)
-        if fetch is not None and client_auth is None:
-            self._count(request, "joined")
-            return await self._head_while_fetching(request, fetch)
-        self._count(request, "miss")
+        if fetch is not None and self._sharing.shared(client_auth):
+            outcome.count("joined")
+            await fetch.headers_ready()
+            outcome.upstream = fetch.source
+            return web.Response(headers=blob_headers(fetch.digest, fetch.size))
+        outcome.count(self._sharing.result("miss", client_auth))
         async with await self._upstream.open(
             route, "HEAD", f"blobs/{digest}", client_auth=client_auth
         ) as answer:
-            request[LOG]["upstream"] = answer.where
+            outcome.upstream = answer.where
             if answer.status != 200:
                 raise answer.refusal(blob_unknown(digest))
             length = answer.response.content_length

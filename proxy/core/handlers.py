@@ -20,6 +20,7 @@ from aiohttp import web
 from yarl import URL
 
 from proxy.cluster.peering import blob_key, manifest_key, tag_key
+from proxy.core.outcome import Outcome
 from proxy.core.rules import Route
 from proxy.core.services import SERVICES
 from proxy.core.upstream import INCOMING_VIA, PEER_HEADER
@@ -120,14 +121,22 @@ async def api(request: web.Request) -> web.StreamResponse:
             else tag_key(route.name, str(path.reference))
         )
         route = _through_peers(request, route, key, client_auth)
-    if path.kind == "blobs":
-        assert isinstance(path.reference, Digest)
-        if request.method == "HEAD":
-            return await services.blobs.head(request, route, path.reference, client_auth)
-        return await services.blobs.get(request, route, path.reference, client_auth)
-    if path.kind == "manifests":
-        assert path.reference is not None
-        return await services.manifests.get(request, route, path.reference, client_auth)
+    if path.kind in ("blobs", "manifests"):
+        # What the request came to, filled in as it goes (its cache result counted at once):
+        # logged here, also when it fails or the client hangs up.
+        outcome = Outcome("blob" if path.kind == "blobs" else "manifest", services.metrics)
+        try:
+            if path.kind == "blobs":
+                assert isinstance(path.reference, Digest)
+                blobs = services.blobs
+                serve = blobs.head if request.method == "HEAD" else blobs.get
+                return await serve(request, route, path.reference, client_auth, outcome)
+            assert path.reference is not None
+            return await services.manifests.get(
+                request, route, path.reference, client_auth, outcome
+            )
+        finally:
+            outcome.record(fields)
     if path.kind == "referrers":
         return await _referrers(request, path, client_auth)
     return await _tags_list(request, path, ns, client_auth)
@@ -146,7 +155,7 @@ def _through_peers(request: web.Request, route: Route, key: str, client_auth: st
             request[LOG]["from_peer"] = marked[:100]
             return route
         log.debug("peer_mark_ignored", remote=request.remote)  # not from the peer set
-    if client_auth is not None:
+    if not request.app[SERVICES].sharing.shared(client_auth):
         return route
     return peering.route(route, key)
 

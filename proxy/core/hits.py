@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 
 from proxy.core.blob_writer import CHECKED_CHUNK_BYTES, Checksums
 from proxy.core.cache import CacheStore
 from proxy.core.cached_file import CachedFile, Corrupt
+from proxy.core.outcome import Outcome
 from proxy.core.streamer import blob_headers
-from proxy.logs import CLIENT_DISCONNECTED, LOG, get_logger
+from proxy.logs import CLIENT_DISCONNECTED, get_logger
 from proxy.metrics import CACHE, Metrics
 from proxy.reference import Digest
 
@@ -55,14 +55,14 @@ def _byte_range(request: web.Request, size: int) -> tuple[int, int] | None:
 
 
 async def _sendfile(
-    request: web.Request, cached: CachedFile, end: int, fields: dict[str, Any], first: int = 0
+    request: web.Request, cached: CachedFile, end: int, outcome: Outcome, first: int = 0
 ) -> None:
-    """Send the file from ``first + fields["bytes"]`` up to ``end``, counting them in
-    ``fields["bytes"]``, file → socket in the kernel."""
+    """Send the file from ``first + outcome.bytes`` up to ``end``, counting them in
+    ``outcome.bytes``, file → socket in the kernel."""
     transport = request.transport
     if transport is None or transport.is_closing():
         raise ConnectionResetError("client went away")
-    offset = first + fields["bytes"]
+    offset = first + outcome.bytes
     try:
         sent = await asyncio.get_running_loop().sendfile(
             transport, cached.file, offset, end - offset
@@ -70,9 +70,9 @@ async def _sendfile(
     except ConnectionError:
         # loop.sendfile leaves the file position after the last byte it sent, even when it
         # fails (and where the previous call left it, if it sent none).
-        fields["bytes"] = max(offset, cached.file.tell()) - first
+        outcome.bytes = max(offset, cached.file.tell()) - first
         raise
-    fields["bytes"] = offset + sent - first
+    outcome.bytes = offset + sent - first
     if sent < end - offset:
         raise Corrupt(f"the file shrank to {offset + sent} bytes from {cached.size}")
 
@@ -131,14 +131,15 @@ class Hits:
             await cached.verify()
             self._remember(cached)
 
-    async def send(self, request: web.Request, cached: CachedFile) -> web.StreamResponse:
+    async def send(
+        self, request: web.Request, cached: CachedFile, outcome: Outcome
+    ) -> web.StreamResponse:
         """Send a cached blob (whole, or the Range asked for), then close and unpin it.
 
         On a check that fails after the headers went out, the connection is aborted (no
         client takes what it got for a whole blob) and the entry dropped, so the next request
         fetches it again.
         """
-        fields = request[LOG]
         try:
             headers = blob_headers(cached.digest, cached.size)
             headers["Accept-Ranges"] = "bytes"
@@ -154,31 +155,31 @@ class Hits:
                 headers["Content-Range"] = f"bytes {first}-{end - 1}/{cached.size}"
             response = web.StreamResponse(status=status, headers=headers)
             await response.prepare(request)
-            fields["bytes"] = 0  # kept current as bytes go out, for the access log
+            outcome.streamed = True  # its bytes counted as they go out, for the access log
             try:
                 if cached.checksums is not None and not cached.verified:
-                    await self._send_checked(request, cached, first, end, fields)
+                    await self._send_checked(request, cached, first, end, outcome)
                 elif not cached.verified:
-                    await self._send_hashing(request, response, cached, fields)
+                    await self._send_hashing(request, response, cached, outcome)
                     self._remember(cached)
                 elif end > first:
-                    await _sendfile(request, cached, end, fields, first)
+                    await _sendfile(request, cached, end, outcome, first)
             except Corrupt as exc:
                 # Bytes already went out under a 200: abort, so the client can't take them
                 # as whole.
-                fields["aborted"] = CORRUPT
+                outcome.aborted = CORRUPT
                 if request.transport is not None:
                     request.transport.abort()
                 self._corrupt(cached, exc)
                 return response
             except ConnectionError:
                 # The client hung up (kubelet cancels pulls routinely). It got a 200 and
-                # fields["bytes"].
-                fields["aborted"] = CLIENT_DISCONNECTED
+                # outcome.bytes.
+                outcome.aborted = CLIENT_DISCONNECTED
                 response.force_close()
                 return response
             except asyncio.CancelledError:
-                fields["aborted"] = "cancelled"
+                outcome.aborted = "cancelled"
                 raise
             await response.write_eof()
             return response
@@ -187,16 +188,16 @@ class Hits:
 
     @staticmethod
     async def _send_checked(
-        request: web.Request, cached: CachedFile, first: int, end: int, fields: dict[str, Any]
+        request: web.Request, cached: CachedFile, first: int, end: int, outcome: Outcome
     ) -> None:
         """Bytes ``[first, end)``, each chunk sent once it matched its checksum (the first
         was checked before the headers), the next checked while this one goes out."""
         index = first // CHECKED_CHUNK_BYTES
-        while first + fields["bytes"] < end:
+        while first + outcome.bytes < end:
             stop = min(end, (index + 1) * CHECKED_CHUNK_BYTES)
             checking = cached.check(index + 1) if stop < end else None
             try:
-                await _sendfile(request, cached, stop, fields, first)
+                await _sendfile(request, cached, stop, outcome, first)
             finally:
                 if checking is not None:
                     await checking  # raises if the next chunk is wrong: it is not sent
@@ -207,7 +208,7 @@ class Hits:
         request: web.Request,
         response: web.StreamResponse,
         cached: CachedFile,
-        fields: dict[str, Any],
+        outcome: Outcome,
     ) -> None:
         """Without checksums: all but the last byte with sendfile while a worker thread hashes
         the same chunk; the last byte, as it was hashed, once the digest matches."""
@@ -217,12 +218,12 @@ class Hits:
             end = min(cached.hashed + count, held)
             hashing = cached.hash_next(count)
             try:
-                if end > fields["bytes"]:
-                    await _sendfile(request, cached, end, fields)
+                if end > outcome.bytes:
+                    await _sendfile(request, cached, end, outcome)
             finally:
                 await hashing
         await response.write(cached.last)
-        fields["bytes"] = cached.size
+        outcome.bytes = cached.size
 
     def _release(self, cached: CachedFile) -> None:
         cached.close()

@@ -38,20 +38,21 @@ import asyncio
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import NoReturn
 
 from aiohttp import web
 
 from proxy.core.cache import CacheStore, TagRecord, cache_write_failed
+from proxy.core.outcome import Outcome, Sharing
 from proxy.core.rules import Route
 from proxy.core.upstream import UpstreamClient, UpstreamResponse
 from proxy.errors import (
     DetourError,
     ManifestUnknown,
-    UpstreamDenied,
     UpstreamError,
     UpstreamInvalid,
 )
-from proxy.logs import LOG, get_logger
+from proxy.logs import get_logger
 from proxy.metrics import Metrics
 from proxy.oci import (
     DEFAULT_ACCEPT,
@@ -154,6 +155,17 @@ def _unknown(reference: str) -> ManifestUnknown:
 
 
 @dataclass(frozen=True, slots=True)
+class _Asked:
+    """One client's request for a manifest, as the steps of answering it need it."""
+
+    head: bool
+    route: Route
+    accept: Accept
+    client_auth: str | None
+    outcome: Outcome
+
+
+@dataclass(frozen=True, slots=True)
 class _Fetched:
     manifest: StoredManifest
     where: str  # the upstream that answered
@@ -167,10 +179,12 @@ class Manifests:
         store: CacheStore,
         upstream: UpstreamClient,
         metrics: Metrics,
+        sharing: Sharing,
         *,
         tag_ttl: float,
     ) -> None:
         self._store = store
+        self._sharing = sharing
         self._upstream = upstream
         self._metrics = metrics
         self._tag_ttl = tag_ttl
@@ -178,16 +192,13 @@ class Manifests:
         # requests (and peers) that want the same answer at once.
         self._flights: dict[tuple[object, str, str], asyncio.Future[_Fetched]] = {}
 
-    def _count(self, request: web.Request, result: str) -> None:
-        request[LOG]["cache"] = result
-        self._metrics.cache_requests.labels("manifest", result).inc()
-
+    @staticmethod
     def _serve(
-        self, request: web.Request, manifest: StoredManifest, source: str, age: float = 0.0
+        outcome: Outcome, manifest: StoredManifest, source: str, age: float = 0.0
     ) -> web.Response:
         """``age``: for a tag served from its record, seconds since the upstream last confirmed
         it, sent as ``Age`` so that a peer asking its owner keeps the record's real age."""
-        request[LOG]["source"] = source
+        outcome.source = source
         response = manifest_response(manifest)
         if age >= 1:
             response.headers["Age"] = str(int(age))
@@ -209,15 +220,17 @@ class Manifests:
         route: Route,
         reference: str | Digest,
         client_auth: str | None,
+        outcome: Outcome,
     ) -> web.Response:
         accept = Accept.parse(request.headers.getall("Accept", []))
+        asked = _Asked(request.method == "HEAD", route, accept, client_auth, outcome)
         if isinstance(reference, Digest):
             stored = self._store.manifest(reference)
             if stored is not None:
-                self._count(request, "hit")
-                return self._serve(request, stored, "cache")
-            return await self._fetch(request, route, reference, accept, client_auth)
-        return await self._by_tag(request, route, reference, accept, client_auth)
+                outcome.count("hit")
+                return self._serve(outcome, stored, "cache")
+            return await self._fetch(asked, reference)
+        return await self._by_tag(asked, reference)
 
     def _cached_tag(
         self, name: ImageName, tag: str, variant: str | None, accept: Accept
@@ -228,14 +241,8 @@ class Manifests:
             return None
         return record, cached
 
-    async def _by_tag(
-        self,
-        request: web.Request,
-        route: Route,
-        tag: str,
-        accept: Accept,
-        client_auth: str | None,
-    ) -> web.Response:
+    async def _by_tag(self, asked: _Asked, tag: str) -> web.Response:
+        route, accept, outcome = asked.route, asked.accept, asked.outcome
         # The tag's own record if the client takes its type; else what this same Accept got.
         variant: str | None = None
         found = self._cached_tag(route.name, tag, None, accept)
@@ -243,11 +250,11 @@ class Manifests:
             variant = accept.variant
             found = self._cached_tag(route.name, tag, variant, accept)
         if found is None:
-            return await self._fetch(request, route, tag, accept, client_auth)
+            return await self._fetch(asked, tag)
         record, cached = found
         if record.age() < self._tag_ttl:
-            self._count(request, "hit")
-            return self._serve(request, cached, "cache", record.age())
+            outcome.count("hit")
+            return self._serve(outcome, cached, "cache", record.age())
 
         try:
             answer = await self._upstream.open(
@@ -255,17 +262,15 @@ class Manifests:
                 "HEAD",
                 f"manifests/{tag}",
                 headers={"Accept": DEFAULT_ACCEPT if variant is None else accept.upstream},
-                client_auth=client_auth,
+                client_auth=asked.client_auth,
                 fallback=True,
             )
-        except (UpstreamError, UpstreamDenied) as exc:
-            if isinstance(exc, UpstreamDenied) and exc.status != 429:
-                raise  # the upstream refused us: relayed, never served stale
-            self._count(request, "stale")
+        except UpstreamError as exc:  # an UpstreamDenied is relayed, never served stale
+            outcome.count("stale")
             log.warning("tag_served_stale", name=str(route.name), tag=tag, reason=exc.message)
-            return self._serve(request, cached, "cache", record.age())
+            return self._serve(outcome, cached, "cache", record.age())
         async with answer:
-            request[LOG]["upstream"] = answer.where
+            outcome.upstream = answer.where
             if answer.status == 404:
                 dropping = self._store.drop_tag(route.name, tag, variant)
                 await self._write(dropping, "tag", name=str(route.name), tag=tag)
@@ -273,29 +278,28 @@ class Manifests:
                 raise answer.refusal(_unknown(tag))
             digest = _upstream_digest(answer)
         if digest == cached.digest:
-            if not answer.private:
+            if self._sharing.kept(answer.private):
                 record = TagRecord(digest, cached.media_type, _confirmed_at(answer))
                 confirming = self._store.put_tag(route.name, tag, record, variant)
                 await self._write(confirming, "tag", name=str(route.name), tag=tag)
-            self._count(request, "revalidated")
-            return self._serve(request, cached, "cache")
-        return await self._fetch(request, route, tag, accept, client_auth)
+            outcome.count("revalidated")
+            return self._serve(outcome, cached, "cache")
+        return await self._fetch(asked, tag)
 
-    async def _fetch(
-        self,
-        request: web.Request,
-        route: Route,
-        reference: str | Digest,
-        accept: Accept,
-        client_auth: str | None,
-    ) -> web.Response:
+    async def _fetch(self, asked: _Asked, reference: str | Digest) -> web.Response:
         """A miss: ask upstream (once for all the requests that want the same answer at the
         same time, peers' included), check it is a manifest, verify, store, serve."""
-        if request.method == "HEAD":
-            return await self._head(request, route, reference, accept, client_auth)
+        if asked.head:
+            return await self._head(asked, reference)
+        route, accept, client_auth, outcome = (
+            asked.route,
+            asked.accept,
+            asked.client_auth,
+            asked.outcome,
+        )
         result = "miss"
         try:
-            if client_auth is not None:  # the client's own credentials: for it alone
+            if not self._sharing.shared(client_auth):
                 fetched = await self._download(route, reference, accept, client_auth)
             else:
                 key = (route.upstreams, str(reference), accept.upstream)
@@ -308,15 +312,13 @@ class Manifests:
                     result = "joined"
                 fetched = await asyncio.shield(flight)
         except DetourError:
-            self._count(request, "bypass" if client_auth is not None else result)
+            outcome.count(self._sharing.result(result, client_auth))
             raise
-        request[LOG]["upstream"] = fetched.where
-        if fetched.private:
-            result = "bypass"
-        elif fetched.peer and result == "miss":
+        outcome.upstream = fetched.where
+        if fetched.peer and result == "miss":
             result = "peer"
-        self._count(request, result)
-        return self._serve(request, fetched.manifest, "upstream")
+        outcome.count(self._sharing.result(result, client_auth, fetched.private))
+        return self._serve(outcome, fetched.manifest, "upstream")
 
     def _landed(self, key: tuple[object, str, str], flight: asyncio.Future[_Fetched]) -> None:
         self._flights.pop(key, None)
@@ -344,7 +346,7 @@ class Manifests:
         if digest is not None and manifest.digest != digest:
             self._mismatch(answer, digest)
         fetched = _Fetched(manifest, answer.where, answer.private, answer.upstream.peer)
-        if answer.private:
+        if not self._sharing.kept(answer.private):
             return fetched
         storing = self._store.put_manifest(manifest)
         stored = await self._write(storing, "manifest", digest=str(manifest.digest))
@@ -371,24 +373,17 @@ class Manifests:
             self._mismatch(answer, reference)
         return content_type
 
-    async def _head(
-        self,
-        request: web.Request,
-        route: Route,
-        reference: str | Digest,
-        accept: Accept,
-        client_auth: str | None,
-    ) -> web.Response:
+    async def _head(self, asked: _Asked, reference: str | Digest) -> web.Response:
         """A HEAD miss: the upstream's answer, without a body."""
         async with await self._upstream.open(
-            route,
+            asked.route,
             "HEAD",
             f"manifests/{reference}",
-            headers={"Accept": accept.upstream},
-            client_auth=client_auth,
+            headers={"Accept": asked.accept.upstream},
+            client_auth=asked.client_auth,
         ) as answer:
-            request[LOG]["upstream"] = answer.where
-            self._count(request, "bypass" if answer.private else "miss")
+            asked.outcome.upstream = answer.where
+            asked.outcome.count(self._sharing.result("miss", asked.client_auth, answer.private))
             self._check_answer(answer, reference)
             return self._head_from_upstream(answer, reference, _upstream_digest(answer))
 
@@ -405,7 +400,7 @@ class Manifests:
             headers["Content-Length"] = str(answer.response.content_length)
         return web.Response(headers=headers)
 
-    def _mismatch(self, answer: UpstreamResponse, expected: Digest) -> None:
+    def _mismatch(self, answer: UpstreamResponse, expected: Digest) -> NoReturn:
         registry = self._metrics.registry_label(answer.upstream.registry)
         self._metrics.verify_failures.labels("manifest", registry).inc()
         log.error("manifest_digest_mismatch", expected=str(expected), upstream=answer.where)

@@ -21,6 +21,7 @@ from proxy.core.cache import CacheStore, delete_files
 from proxy.core.download import FetchLimits, FetchSlots
 from proxy.core.egress import EgressPolicy, GuardedResolver
 from proxy.core.manifests import Manifests
+from proxy.core.outcome import Sharing
 from proxy.core.rules import Rules
 from proxy.core.upstream import UpstreamClient, client_timeout, registry_tls
 from proxy.logs import get_logger
@@ -43,6 +44,7 @@ class Services:
     blobs: Blobs
     manifests: Manifests
     peering: Peering
+    sharing: Sharing
 
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -90,10 +92,11 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     slots = FetchSlots(
         settings.upstream.max_fetches, settings.upstream.max_fetches_per_registry, metrics
     )
-    blobs = Blobs(store, upstream, metrics, FetchLimits.from_settings(settings), slots)
-    manifests = Manifests(store, upstream, metrics, tag_ttl=settings.cache.tag_ttl)
+    sharing = Sharing()
+    blobs = Blobs(store, upstream, metrics, FetchLimits.from_settings(settings), slots, sharing)
+    manifests = Manifests(store, upstream, metrics, sharing, tag_ttl=settings.cache.tag_ttl)
     rules = Rules.from_settings(settings)
-    app[SERVICES] = Services(metrics, store, rules, upstream, blobs, manifests, peering)
+    app[SERVICES] = Services(metrics, store, rules, upstream, blobs, manifests, peering, sharing)
     try:
         async with peering.running():
             yield

@@ -11,16 +11,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from typing import IO, Any
+from typing import IO
 
 from aiohttp import web
 
 from proxy.core.blob_body import CHUNK_BYTES
 from proxy.core.cache import CacheStore
 from proxy.core.download import Download, State
+from proxy.core.outcome import Outcome
 from proxy.core.window import Reader
 from proxy.errors import DetourError, UpstreamInvalid, UpstreamTimeout
-from proxy.logs import CLIENT_DISCONNECTED, LOG
+from proxy.logs import CLIENT_DISCONNECTED
 from proxy.reference import Digest
 
 BLOB_CONTENT_TYPE = "application/octet-stream"
@@ -34,7 +35,7 @@ def blob_headers(digest: Digest, size: int | None) -> dict[str, str]:
 
 
 async def serve(
-    request: web.Request, fetch: Download, reader: Reader, store: CacheStore
+    request: web.Request, fetch: Download, reader: Reader, store: CacheStore, outcome: Outcome
 ) -> web.StreamResponse:
     """Stream the fetch to the client ``reader`` stands for; it leaves the fetch at the end."""
     final = store.blob_path(fetch.digest)
@@ -43,7 +44,7 @@ async def serve(
         await fetch.headers_ready()
         source = _open_file(fetch)
         try:
-            return await _stream(request, fetch, reader, source)
+            return await _stream(request, fetch, reader, source, outcome)
         finally:
             if source is not None:
                 source.close()
@@ -64,12 +65,15 @@ def _open_file(fetch: Download) -> IO[bytes] | None:
 
 
 async def _stream(
-    request: web.Request, fetch: Download, reader: Reader, source: IO[bytes] | None
+    request: web.Request,
+    fetch: Download,
+    reader: Reader,
+    source: IO[bytes] | None,
+    outcome: Outcome,
 ) -> web.StreamResponse:
     response = web.StreamResponse(headers=blob_headers(fetch.digest, fetch.size))
     await response.prepare(request)
-    fields = request[LOG]
-    fields["bytes"] = 0  # kept current as bytes go out, for the access log
+    outcome.streamed = True  # its bytes counted as they go out, for the access log
     window = fetch.window
     try:
         while True:
@@ -87,27 +91,27 @@ async def _stream(
                     break
                 await changed.wait()
             elif reader.position >= window.start:
-                await _send_window(fetch, response, reader, limit, fields)
+                await _send_window(fetch, response, reader, limit, outcome)
             elif source is not None and reader.position < fetch.on_disk:
                 # Behind the window: from the file, catching up.
-                await _send_file(request, response, source, min(limit, fetch.on_disk), fields)
-                reader.position = fields["bytes"]
+                await _send_file(request, response, source, min(limit, fetch.on_disk), outcome)
+                reader.position = outcome.bytes
             else:
                 raise UpstreamInvalid("blob bytes neither in memory nor on disk")
     except DetourError as exc:
         # Bytes already went out under a 200: abort, so the client can't take them as whole.
-        fields["aborted"] = exc.message
+        outcome.aborted = exc.message
         if request.transport is not None:
             request.transport.abort()
         return response
     except ConnectionError:
         # The client hung up (kubelet cancels pulls routinely), or was cut off for being
-        # too slow. It got a 200 and fields["bytes"]; the fetch goes on for the cache.
-        fields["aborted"] = "too slow" if reader.too_slow else CLIENT_DISCONNECTED
+        # too slow. It got a 200 and outcome.bytes; the fetch goes on for the cache.
+        outcome.aborted = "too slow" if reader.too_slow else CLIENT_DISCONNECTED
         response.force_close()
         return response
     except asyncio.CancelledError:
-        fields["aborted"] = "cancelled"
+        outcome.aborted = "cancelled"
         raise
     await response.write_eof()
     return response
@@ -118,13 +122,13 @@ async def _send_window(
     response: web.StreamResponse,
     reader: Reader,
     limit: int,
-    fields: dict[str, Any],
+    outcome: Outcome,
 ) -> None:
     """Send the window's bytes from the reader's position up to ``limit``, as the socket takes
     them."""
     for view in fetch.window.views(reader.position, limit):
         await response.write(view)
-        reader.position = fields["bytes"] = reader.position + len(view)
+        reader.position = outcome.bytes = reader.position + len(view)
         if fetch.spilled:
             fetch.window.notify()  # the fetch may be waiting for this client
 
@@ -134,20 +138,20 @@ async def _send_file(
     response: web.StreamResponse,
     source: IO[bytes],
     limit: int,
-    fields: dict[str, Any],
+    outcome: Outcome,
 ) -> None:
-    """Send the file's bytes from ``fields["bytes"]`` up to ``limit``, counting them there."""
+    """Send the file's bytes from ``outcome.bytes`` up to ``limit``, counting them there."""
     transport = request.transport
     if transport is None:
         raise ConnectionResetError("client went away")
-    offset = fields["bytes"]
+    offset = outcome.bytes
     if response.chunked:
         while offset < limit:
             data = os.pread(source.fileno(), min(limit - offset, CHUNK_BYTES), offset)
             if not data:
                 raise UpstreamInvalid("cached bytes vanished")
             await response.write(data)
-            fields["bytes"] = offset = offset + len(data)
+            outcome.bytes = offset = offset + len(data)
         return
     # Headers went out in prepare(); the body goes file → socket in the kernel.
     try:
@@ -155,6 +159,6 @@ async def _send_file(
     except ConnectionError:
         # loop.sendfile leaves the file position after the last byte it sent, even when it
         # fails (and where the previous call left it, if it sent none).
-        fields["bytes"] = max(offset, source.tell())
+        outcome.bytes = max(offset, source.tell())
         raise
-    fields["bytes"] = limit
+    outcome.bytes = limit

@@ -34,8 +34,8 @@ import aiohttp
 from proxy.core.egress import AddressRefused
 from proxy.errors import (
     DetourError,
-    UpstreamDenied,
     UpstreamError,
+    UpstreamRateLimited,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
@@ -194,7 +194,7 @@ class Attempts:
         and cause; with several, each is in the detail."""
         detail = {"name": self.name, "attempts": self.entries}
         if self.last_status == 429 and len(self.entries) == 1:
-            return UpstreamDenied(429, "upstream rate limit reached", detail)
+            return UpstreamRateLimited("upstream rate limit reached", detail, cause="http")
         single = len(self.entries) == 1
         message = self.messages[0] if single else "no upstream could serve the request"
         cause = self.entries[0]["cause"] if single else None
