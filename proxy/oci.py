@@ -125,3 +125,48 @@ def check_manifest(content_type: str, body: bytes, where: str) -> str:
             {"upstream": where, "mediaType": str(named)[:100], "contentType": media_type[:100]},
         )
     return media_type
+
+
+@dataclass(frozen=True, slots=True)
+class Accept:
+    """The manifest media types a client accepts.
+
+    No ``Accept``, or one that admits ``*/*``, admits everything: the upstream is then asked
+    with :data:`DEFAULT_ACCEPT` (a registry answers a bare ``*/*`` with schema1).
+    """
+
+    header: str | None  # as the client sent it; None when it admits everything
+    types: frozenset[str] = frozenset()
+
+    @classmethod
+    def parse(cls, values: list[str]) -> Accept:
+        types = {
+            item.split(";", 1)[0].strip().lower()
+            for value in values
+            for item in value.split(",")
+            if item.strip()
+        }
+        if not types or types & {"*/*", "application/*"}:
+            return cls(None)
+        return cls(", ".join(values), frozenset(types))
+
+    def admits(self, media_type: str) -> bool:
+        return self.header is None or media_type.split(";", 1)[0].strip().lower() in self.types
+
+    @property
+    def upstream(self) -> str:
+        """The ``Accept`` to send upstream."""
+        return self.header or DEFAULT_ACCEPT
+
+    @property
+    def variant(self) -> str | None:
+        """Where an answer by tag to this ``Accept`` is kept.
+
+        None (the tag's own record) when the client admits every index type, so the upstream
+        would have sent the index if there were one. Otherwise the upstream may have narrowed
+        a multi-platform tag to one platform's manifest: that answer is kept only for this
+        same ``Accept``, and never stands for the tag.
+        """
+        if self.header is None or self.types >= INDEX_TYPES:
+            return None
+        return ",".join(sorted(self.types))

@@ -163,6 +163,7 @@ async def test_ls_and_rm_through_the_running_proxy(
     (a_name, a), (b_name, b) = hub_image(registry), hub_image(registry, layers=3)
     proxy = await detour_process(scenario(registry, cache))
     await pull(proxy, a_name, a)
+    await pull(proxy, a_name, a)  # a hit: its tag and manifest are now kept in memory too
     await pull(proxy, b_name, b)
     total = await settled(proxy)
     assert total == on_disk(a) + on_disk(b)

@@ -22,10 +22,11 @@ import json
 import os
 import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from proxy.core.blob_writer import BlobWriter, BlobWrites, Checksums
 from proxy.core.cache_index import CacheIndex
@@ -33,10 +34,11 @@ from proxy.errors import UpstreamInvalid
 from proxy.files import write_atomic
 from proxy.logs import get_logger
 from proxy.metrics import Metrics
-from proxy.oci import MANIFEST_MAX_BYTES, StoredManifest
+from proxy.oci import StoredManifest
 from proxy.reference import Digest, ImageName
 
 log = get_logger("detour.cache")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +86,46 @@ def cache_write_failed(
     )
 
 
+# What was last read from the disk, kept in memory: a manifest (verified when read; it is
+# content-addressed, so only its leaving the cache can make a kept one wrong to serve) and a
+# tag record (replaced or dropped only through this store). A hit by digest, or by a tag within
+# its tag_ttl, then needs no disk at all. A change made to the directory behind a running
+# proxy's back (not through its /_detour/cache endpoint) is seen once the entry leaves memory.
+RECENT_MANIFEST_BYTES = 16 << 20
+RECENT_TAGS = 16384
+
+
+class Recent(Generic[T]):
+    """Values by path, least recently used first, at most ``budget`` of their ``weight``."""
+
+    def __init__(self, budget: int, weight: Callable[[T], int]) -> None:
+        self._budget = budget
+        self._weight = weight
+        self._kept: OrderedDict[Path, T] = OrderedDict()
+        self._total = 0
+
+    def get(self, path: Path) -> T | None:
+        found = self._kept.get(path)
+        if found is not None:
+            self._kept.move_to_end(path)
+        return found
+
+    def put(self, path: Path, value: T) -> None:
+        self.pop(path)
+        if self._weight(value) > self._budget:
+            return
+        self._kept[path] = value
+        self._total += self._weight(value)
+        while self._total > self._budget:
+            _, oldest = self._kept.popitem(last=False)
+            self._total -= self._weight(oldest)
+
+    def pop(self, path: Path) -> None:
+        gone = self._kept.pop(path, None)
+        if gone is not None:
+            self._total -= self._weight(gone)
+
+
 class CacheStore(CacheIndex):
     """The files, and (as a :class:`CacheIndex`) the LRU index of the blobs and manifests
     among them, rebuilt from the disk at start-up (recency from mtimes, which hits refresh), so
@@ -99,6 +141,10 @@ class CacheStore(CacheIndex):
         self.root = root
         self.tmp = root / "tmp"
         self.blob_writes = BlobWrites(root)
+        self._manifests: Recent[StoredManifest] = Recent(
+            RECENT_MANIFEST_BYTES, lambda manifest: len(manifest.body)
+        )
+        self._tags: Recent[TagRecord] = Recent(RECENT_TAGS, lambda _: 1)
 
     def open(self) -> None:
         """Create the layout, remove what a previous run left half-written, index the rest.
@@ -159,32 +205,22 @@ class CacheStore(CacheIndex):
     def _manifest_path(self, digest: Digest) -> Path:
         return self.root / "manifests" / digest.algorithm / digest.hex[:2] / digest.hex
 
-    def manifest(self, digest: Digest) -> StoredManifest | None:
-        """The stored manifest, re-verified (it is small, and this is what clients trust).
+    async def manifest(self, digest: Digest) -> StoredManifest | None:
+        """The stored manifest, re-verified (it is small, and this is what clients trust), read
+        and hashed in a worker thread.
 
         One that can't be read, or fails its digest, is a miss (and the bad file is removed
         if the disk lets us): the caller fetches it again.
         """
-        try:
-            raw = self._manifest_path(digest).read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            log.warning(
-                "cache_read_failed",
-                kind="manifest",
-                digest=str(digest),
-                error=exc.strerror or str(exc),
-                action="fetching it again",
-            )
-            return None
-        media_type, sep, body = raw.partition(b"\n")
-        if not sep or Digest.of(body, digest.algorithm) != digest:
-            with contextlib.suppress(OSError):  # read-only: it stays, and stays a miss
-                self._manifest_path(digest).unlink()
-            return None
-        self.touch(self._manifest_path(digest))
-        return StoredManifest(digest, media_type.decode("ascii", "replace"), body)
+        path = self._manifest_path(digest)
+        found = self._manifests.get(path)
+        if found is None:
+            found = await asyncio.to_thread(_read_manifest, path, digest)
+            if found is not None and path in self._entries:
+                self._manifests.put(path, found)
+        if found is not None:
+            self.touch_index(path)
+        return found
 
     async def put_manifest(self, manifest: StoredManifest) -> None:
         """Store a verified manifest: written and fsynced in a worker thread, then indexed.
@@ -201,6 +237,9 @@ class CacheStore(CacheIndex):
         await asyncio.to_thread(write_atomic, path, data, tmp_dir=self.tmp)
         self.admit(path, len(data))
 
+    def forgotten(self, path: Path) -> None:
+        self._manifests.pop(path)
+
     # ----------------------------------------------------------------------- tags
 
     def _tag_path(self, name: ImageName, tag: str, variant: str | None) -> Path:
@@ -208,18 +247,17 @@ class CacheStore(CacheIndex):
         key = hashlib.sha256(key_text.encode()).hexdigest()
         return self.root / "tags" / key[:2] / key
 
-    def tag(self, name: ImageName, tag: str, variant: str | None = None) -> TagRecord | None:
+    async def tag(self, name: ImageName, tag: str, variant: str | None = None) -> TagRecord | None:
         """What ``name:tag`` resolved to: the tag's own record, or with ``variant`` the answer
-        narrowed for one ``Accept`` (see :attr:`proxy.core.manifests.Accept.variant`)."""
-        try:
-            data = json.loads(self._tag_path(name, tag, variant).read_bytes())
-            if (data["name"], data["tag"], data.get("variant")) != (str(name), tag, variant):
-                return None
-            return TagRecord(
-                Digest.parse(data["digest"]), str(data["media_type"]), float(data["checked_at"])
-            )
-        except (FileNotFoundError, ValueError, KeyError, TypeError):
-            return None
+        narrowed for one ``Accept`` (see :attr:`proxy.oci.Accept.variant`); read in a worker
+        thread."""
+        path = self._tag_path(name, tag, variant)
+        found = self._tags.get(path)
+        if found is None:
+            found = await asyncio.to_thread(_read_tag, path, (str(name), tag, variant))
+            if found is not None:
+                self._tags.put(path, found)
+        return found
 
     async def put_tag(
         self, name: ImageName, tag: str, record: TagRecord, variant: str | None = None
@@ -235,12 +273,16 @@ class CacheStore(CacheIndex):
             "checked_at": record.checked_at,
         }
         path = self._tag_path(name, tag, variant)
+        self._tags.pop(path)  # what the disk holds now, if the write fails
         await asyncio.to_thread(write_atomic, path, json.dumps(data).encode(), tmp_dir=self.tmp)
+        self._tags.put(path, record)
 
     async def drop_tag(self, name: ImageName, tag: str, variant: str | None = None) -> None:
         """Forget ``name:tag`` (in a worker thread); ``OSError`` when the disk refuses (a
         read-only one)."""
-        await asyncio.to_thread(self._tag_path(name, tag, variant).unlink, missing_ok=True)
+        path = self._tag_path(name, tag, variant)
+        self._tags.pop(path)
+        await asyncio.to_thread(path.unlink, missing_ok=True)
 
     def drop(self, path: Path) -> bool:
         """Forget an entry and delete its file (found not to match its digest), so the next
@@ -275,6 +317,7 @@ class CacheStore(CacheIndex):
             if self.in_use(path):
                 removal.busy.append(path)
                 continue
+            self._tags.pop(path)  # a tag record's (the entries' go when they are forgotten)
             hidden = self.tmp / f"{path.name[:16]}.{os.urandom(6).hex()}.removed"
             try:
                 size = path.stat().st_size
@@ -296,6 +339,45 @@ class CacheStore(CacheIndex):
 _REMOVE_BATCH = 256
 
 
+def _read_manifest(path: Path, digest: Digest) -> StoredManifest | None:
+    """The manifest file at ``path`` if it matches ``digest`` (blocking), its mtime refreshed
+    (recency across restarts); None, and a bad file removed, otherwise."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning(
+            "cache_read_failed",
+            kind="manifest",
+            digest=str(digest),
+            error=exc.strerror or str(exc),
+            action="fetching it again",
+        )
+        return None
+    media_type, sep, body = raw.partition(b"\n")
+    if not sep or Digest.of(body, digest.algorithm) != digest:
+        with contextlib.suppress(OSError):  # read-only: it stays, and stays a miss
+            path.unlink()
+        return None
+    with contextlib.suppress(OSError):
+        os.utime(path)
+    return StoredManifest(digest, media_type.decode("ascii", "replace"), body)
+
+
+def _read_tag(path: Path, key: tuple[str, str, str | None]) -> TagRecord | None:
+    """The tag record at ``path`` if it is the one for ``key`` (blocking)."""
+    try:
+        data = json.loads(path.read_bytes())
+        if (data["name"], data["tag"], data.get("variant")) != key:
+            return None
+        return TagRecord(
+            Digest.parse(data["digest"]), str(data["media_type"]), float(data["checked_at"])
+        )
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None
+
+
 @dataclass
 class Removal:
     """What :meth:`CacheStore.remove` did: the files removed (with their sizes), those left
@@ -304,119 +386,3 @@ class Removal:
     removed: list[tuple[Path, int]] = field(default_factory=list)
     busy: list[Path] = field(default_factory=list)
     failed: list[tuple[Path, str]] = field(default_factory=list)
-
-
-# --------------------------------------------------------------------------- detour cache verify
-
-TMP_STALE_SECONDS = 3600.0  # a temp file untouched this long is no running write's
-_VERIFY_READ_BYTES = 1 << 20
-
-
-@dataclass(frozen=True, slots=True)
-class BadEntry:
-    path: Path
-    reason: str
-    deleted: bool  # False: the disk refused (read-only)
-
-
-@dataclass
-class CacheCheck:
-    """What :func:`verify_cache` found: entries checked, the bad ones, temp files removed."""
-
-    blobs: int = 0
-    manifests: int = 0
-    bad: list[BadEntry] = field(default_factory=list)
-    leftovers: list[Path] = field(default_factory=list)
-
-    @property
-    def dropped(self) -> int:
-        return sum(entry.deleted for entry in self.bad)
-
-
-def _entry_problem(kind: str, path: Path) -> tuple[str, os.stat_result] | None:
-    """Why the cache file at ``path`` is wrong, with the file checked, or None if it is right.
-
-    Blocking. ``FileNotFoundError`` if it went away meanwhile (a running proxy evicted it).
-    """
-    hexpart = path.name
-    try:
-        digest = Digest.parse(f"{path.parent.parent.name}:{hexpart}")
-    except ValueError:
-        return "not named for a digest", path.stat()
-    if path.parent.name != hexpart[:2]:
-        return "not in its digest's directory", path.stat()
-    hasher = digest.hasher()
-    with path.open("rb", buffering=0) as file:
-        checked = os.fstat(file.fileno())
-        if kind == "manifests":
-            media_type, sep, body = file.read(MANIFEST_MAX_BYTES + 1024).partition(b"\n")
-            if not sep or not media_type.isascii():
-                return "no media type line", checked
-            hasher.update(body)
-        else:
-            while chunk := file.read(_VERIFY_READ_BYTES):
-                hasher.update(chunk)
-    if hasher.hexdigest() != digest.hex:
-        return f"does not match its digest ({checked.st_size} bytes)", checked
-    return None
-
-
-def _verify_entry(kind: str, path: Path) -> BadEntry | None:
-    """Check one file, deleting it if it is wrong (blocking)."""
-    try:
-        found = _entry_problem(kind, path)
-        if found is None:
-            return None
-        reason, checked = found
-        now = path.stat()
-    except FileNotFoundError:
-        return None  # gone meanwhile (evicted, or dropped by the proxy)
-    except OSError as exc:
-        return BadEntry(path, f"unreadable: {exc.strerror or exc}", deleted=False)
-    if (now.st_dev, now.st_ino) != (checked.st_dev, checked.st_ino):
-        return None  # replaced meanwhile (fetched again): the new file is another's to check
-    try:
-        path.unlink(missing_ok=True)
-    except OSError as exc:
-        return BadEntry(path, f"{reason}; not deleted: {exc.strerror or exc}", deleted=False)
-    return BadEntry(path, reason, deleted=True)
-
-
-def verify_cache(
-    root: Path, *, threads: int = 4, stale_tmp: float = TMP_STALE_SECONDS
-) -> CacheCheck:
-    """Check every blob and manifest under ``root`` against the digest its file is named for,
-    deleting each one that does not match, and the files under ``tmp/`` untouched for
-    ``stale_tmp`` seconds (left by a run that ended mid-write). Blocking; files are hashed in
-    ``threads`` worker threads.
-
-    Safe beside a running proxy: a file deleted here is a miss there, fetched again (its size
-    stays in that proxy's accounting until the entry is fetched again or evicted); the temp
-    files of the proxy's own writes are younger than ``stale_tmp``; and a file replaced while
-    it was being checked (fetched again by the proxy) is left alone.
-    """
-    check = CacheCheck()
-    entries = [
-        (kind, path)
-        for kind in ("blobs", "manifests")
-        for path in sorted((root / kind).glob("*/*/*"))
-        if path.is_file()
-    ]
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        results = list(pool.map(lambda entry: _verify_entry(*entry), entries))
-    for (kind, _), bad in zip(entries, results, strict=True):
-        if kind == "blobs":
-            check.blobs += 1
-        else:
-            check.manifests += 1
-        if bad is not None:
-            check.bad.append(bad)
-    tmp = root / "tmp"
-    if tmp.is_dir():
-        horizon = time.time() - stale_tmp
-        for leftover in sorted(tmp.iterdir()):
-            with contextlib.suppress(OSError):
-                if leftover.is_file() and leftover.stat().st_mtime < horizon:
-                    leftover.unlink()
-                    check.leftovers.append(leftover)
-    return check

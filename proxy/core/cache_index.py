@@ -59,11 +59,17 @@ class CacheIndex:
         self.reserved -= size
 
     def touch(self, path: Path) -> None:
-        """A hit: the entry becomes the most recently used, also across restarts."""
+        """A hit: the entry becomes the most recently used, also across restarts (its mtime,
+        from which the index is rebuilt at start-up)."""
         if path in self._entries:
-            self._entries.move_to_end(path)
+            self.touch_index(path)
             with contextlib.suppress(OSError):
                 os.utime(path)
+
+    def touch_index(self, path: Path) -> None:
+        """The entry becomes the most recently used (its mtime is the caller's to refresh)."""
+        if path in self._entries:
+            self._entries.move_to_end(path)
 
     def pin(self, path: Path) -> None:
         self._pins[path] += 1
@@ -90,12 +96,18 @@ class CacheIndex:
                 continue
             self.total -= self._entries.pop(path)
             victims.append(path)
+            self.forgotten(path)
         if victims:
             self._on_evict(victims)
 
     def forget(self, path: Path) -> None:
         """Take an entry out of the index (its file is gone, or going)."""
         self.total -= self._entries.pop(path, 0)
+        self.forgotten(path)
+
+    def forgotten(self, path: Path) -> None:
+        """An entry left the index (evicted, dropped or removed): what is kept of it elsewhere
+        goes too (see :class:`~proxy.core.cache.CacheStore`)."""
 
     def in_use(self, path: Path) -> bool:
         """Whether a reader has the entry pinned (it is being sent, or will be by a fetch)."""

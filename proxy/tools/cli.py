@@ -258,7 +258,7 @@ def _warn_evicted(warmed: int, settings: Settings | None) -> None:
 
 
 def _cache_verify(args: argparse.Namespace) -> int:
-    from proxy.core.cache import verify_cache
+    from proxy.core.cache_check import verify_cache
 
     root: Path = args.dir
     if not ((root / "blobs").is_dir() or (root / "manifests").is_dir()):
