@@ -263,6 +263,11 @@ class Registry:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def stored_blob(self, digest: str) -> Path:
+        """Where distribution's filesystem driver keeps a blob's bytes."""
+        hexpart = digest.removeprefix("sha256:")
+        return self.storage / "docker/registry/v2/blobs/sha256" / hexpart[:2] / hexpart / "data"
+
     def log_text(self) -> str:
         return self._daemon.log_text()
 

@@ -34,8 +34,9 @@ from proxy.tools.hosts import (
 )
 from tests.containerd import Containerd
 from tests.images import push_image, unique_repo
-from tests.proxy import Proxy, free_port, parse_metrics
+from tests.proxy import Proxy, parse_metrics
 from tests.registry import Registry
+from tests.support import free_port
 
 StartProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
 

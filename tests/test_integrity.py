@@ -12,22 +12,15 @@ import aiohttp
 import pytest
 
 from tests.images import Blob, push_image, unique_repo
-from tests.proxy import Proxy, scenario, wait_cached
+from tests.proxy import Proxy, blob_path, scenario, wait_cached
 from tests.registry import Registry
 from tests.relay import Relay
 
 MakeProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
 
 
-def stored_blob(registry: Registry, digest: str) -> Path:
-    """Where distribution's filesystem driver keeps a blob's bytes."""
-    hexpart = digest.removeprefix("sha256:")
-    return registry.storage / "docker/registry/v2/blobs/sha256" / hexpart[:2] / hexpart / "data"
-
-
 def cached(proxy: Proxy, digest: str) -> Path:
-    hexpart = digest.removeprefix("sha256:")
-    return proxy.cache_dir / "blobs" / "sha256" / hexpart[:2] / hexpart
+    return blob_path(proxy.cache_dir, digest)
 
 
 def hub_layer(registry: Registry, size: int) -> tuple[str, Blob]:
@@ -54,7 +47,7 @@ async def test_corrupt_upstream_bytes_never_reach_a_client_whole(
     proxy: Proxy, registry: Registry
 ) -> None:
     name, layer = hub_layer(registry, 2 * 1024 * 1024)
-    path = stored_blob(registry, layer.digest)
+    path = registry.stored_blob(layer.digest)
     good = path.read_bytes()
     bad = bytearray(good)
     bad[len(bad) // 2] ^= 0xFF  # same size, one byte flipped: only the digest can tell
@@ -81,7 +74,7 @@ async def test_corrupt_upstream_bytes_never_reach_a_client_whole(
 async def test_corrupt_manifest_is_refused(proxy: Proxy, registry: Registry) -> None:
     name = unique_repo("x").split("/")[1]
     image = push_image(registry, f"docker-mirror/library/{name}", "v1", layers=1, layer_size=64)
-    path = stored_blob(registry, image.digest)
+    path = registry.stored_blob(image.digest)
     path.write_bytes(image.manifest.replace(b'"schemaVersion": 2', b'"schemaVersion":  2'))
     url = f"{proxy.url}/v2/{name}/manifests/{image.digest}"
     async with proxy.session.get(url, headers={"Accept": image.media_type}) as response:

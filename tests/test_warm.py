@@ -35,7 +35,7 @@ from tests.images import (
     push_index,
     unique_repo,
 )
-from tests.proxy import Proxy, scenario
+from tests.proxy import Proxy, blob_path, scenario
 from tests.registry import Registry
 
 MakeProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
@@ -49,17 +49,6 @@ def hub_repo() -> tuple[str, str]:
     """A fresh Docker Hub-style repository: (name under docker.io, path on the mirror)."""
     name = unique_repo("library").split("/", 1)[1]
     return name, f"docker-mirror/library/{name}"
-
-
-def cached(cache_dir: Path, digest: str) -> Path:
-    hexpart = digest.removeprefix("sha256:")
-    return cache_dir / "blobs" / "sha256" / hexpart[:2] / hexpart
-
-
-def stored_blob(registry: Registry, digest: str) -> Path:
-    """Where distribution's filesystem driver keeps a blob's bytes."""
-    hexpart = digest.removeprefix("sha256:")
-    return registry.storage / "docker/registry/v2/blobs/sha256" / hexpart[:2] / hexpart / "data"
 
 
 async def pull(proxy: Proxy, name: str, reference: str, image: PushedImage) -> None:
@@ -139,8 +128,8 @@ async def test_one_platform_of_an_index_is_warmed(
     assert outcome.platforms == ("linux/arm64",)
     assert (outcome.blobs, outcome.bytes) == (2, blob_bytes(arm64))
     cache = tmp_path / "cache"
-    assert all(cached(cache, blob.digest).is_file() for blob in arm64.blobs)
-    assert not any(cached(cache, blob.digest).exists() for blob in amd64.blobs)
+    assert all(blob_path(cache, blob.digest).is_file() for blob in arm64.blobs)
+    assert not any(blob_path(cache, blob.digest).exists() for blob in amd64.blobs)
 
     registry.stop()
     proxy = await make_proxy(config)
@@ -294,7 +283,7 @@ async def test_a_corrupt_blob_on_the_mirror_is_reported_and_the_next_image_warms
     good_name, good_repo = hub_repo()
     push_image(registry, good_repo, "v1")
     layer = bad.layers[1]
-    path = stored_blob(registry, layer.digest)
+    path = registry.stored_blob(layer.digest)
     corrupt = bytearray(path.read_bytes())
     corrupt[len(corrupt) // 2] ^= 0xFF
     path.write_bytes(bytes(corrupt))
@@ -306,8 +295,8 @@ async def test_a_corrupt_blob_on_the_mirror_is_reported_and_the_next_image_warms
 
     assert isinstance(first, Failed), first
     assert first.error.startswith(f"blob {layer.digest}: "), first.error
-    assert not cached(cache, layer.digest).exists()
-    assert cached(cache, bad.layers[0].digest).is_file()  # the sound blobs were still cached
+    assert not blob_path(cache, layer.digest).exists()
+    assert blob_path(cache, bad.layers[0].digest).is_file()  # the sound blobs were still cached
     assert isinstance(second, Warmed), second
 
 

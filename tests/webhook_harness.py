@@ -19,7 +19,6 @@ import ipaddress
 import json
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.settings import load_settings
 from proxy.webhook import create_webhook_app
 from proxy.webhook.tls import build_ssl_context
+from tests.support import free_port
 
 PREFIX = "localhost:7439"
 HEX = "3f2c8b1e0a9d47c6b5e4f3a2d1c0b9a8f7e6d5c4b3a2918273645566778899aa"
@@ -472,13 +472,6 @@ async def wait_for(condition: Any, within: float = 5.0) -> None:
 
 
 # --- `detour webhook --config FILE`, as its own process ---------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass
