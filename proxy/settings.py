@@ -107,7 +107,7 @@ class RegistrySettings(_Section):
     (a mirror with a private CA); ``tls_verify: false`` accepts any certificate from it. Both
     apply to the registry's own API host; a host it redirects to is verified as usual unless it
     has an entry of its own. The file is read when the proxy starts
-    (:func:`proxy.core.upstream.registry_tls`), not here: the webhook reads the same settings
+    (:func:`proxy.core.connections.registry_tls`), not here: the webhook reads the same settings
     without mounting the CA.
     """
 

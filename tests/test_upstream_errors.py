@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from proxy.core.upstream import registry_tls
+from proxy.core.connections import registry_tls
 from proxy.settings import ConfigError, RegistrySettings, load_settings
 from tests.conftest import ReadLogs
 from tests.images import ACCEPT_ALL, Client, PushedImage, Response, build_image, unique_repo

@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from proxy.core.rules import Route
-from proxy.core.upstream import UpstreamClient, UpstreamResponse
+from proxy.core.upstream import UpstreamClient
+from proxy.core.upstream_response import UpstreamResponse
 from proxy.errors import BlobUnknown, UpstreamError, UpstreamInvalid
 from proxy.logs import get_logger
 from proxy.reference import Digest

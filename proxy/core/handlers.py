@@ -22,8 +22,9 @@ from yarl import URL
 from proxy.cluster.peering import blob_key, manifest_key, tag_key
 from proxy.core.outcome import Outcome
 from proxy.core.rules import Route
+from proxy.core.sender import INCOMING_VIA
 from proxy.core.services import SERVICES
-from proxy.core.upstream import INCOMING_VIA, PEER_HEADER
+from proxy.core.upstream import PEER_HEADER
 from proxy.errors import (
     BadRequest,
     NameUnknown,

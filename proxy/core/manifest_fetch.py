@@ -19,7 +19,8 @@ from typing import NoReturn
 from proxy.core.cache import CacheStore, TagRecord, cache_write_failed
 from proxy.core.outcome import Sharing
 from proxy.core.rules import Route
-from proxy.core.upstream import UpstreamClient, UpstreamResponse
+from proxy.core.upstream import UpstreamClient
+from proxy.core.upstream_response import UpstreamResponse
 from proxy.errors import ManifestUnknown, UpstreamInvalid
 from proxy.logs import get_logger
 from proxy.metrics import Metrics

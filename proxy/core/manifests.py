@@ -47,7 +47,8 @@ from proxy.core.manifest_fetch import (
 )
 from proxy.core.outcome import Outcome, Sharing
 from proxy.core.rules import Route
-from proxy.core.upstream import UpstreamClient, UpstreamResponse
+from proxy.core.upstream import UpstreamClient
+from proxy.core.upstream_response import UpstreamResponse
 from proxy.errors import (
     DetourError,
     UpstreamError,

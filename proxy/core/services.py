@@ -18,12 +18,13 @@ from proxy.cluster.peering import Peering
 from proxy.core.auth import CredentialStore
 from proxy.core.blobs import Blobs
 from proxy.core.cache import CacheStore, delete_files
+from proxy.core.connections import client_timeout, registry_tls
 from proxy.core.download import FetchLimits, FetchSlots
 from proxy.core.egress import EgressPolicy, GuardedResolver
 from proxy.core.manifests import Manifests
 from proxy.core.outcome import Sharing
 from proxy.core.rules import Rules
-from proxy.core.upstream import UpstreamClient, client_timeout, registry_tls
+from proxy.core.upstream import UpstreamClient
 from proxy.logs import get_logger
 from proxy.metrics import Metrics
 from proxy.settings import Settings

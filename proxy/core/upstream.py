@@ -30,26 +30,16 @@ import aiohttp
 from yarl import URL
 
 from proxy.core.auth import Credentials, CredentialStore, Token, TokenCache, parse_challenges
-from proxy.core.connections import TLS, client_timeout, registry_tls
+from proxy.core.connections import TLS, client_timeout
 from proxy.core.egress import EgressPolicy
 from proxy.core.rules import Route, Upstream
-from proxy.core.sender import INCOMING_VIA, Sender, origin
+from proxy.core.sender import Sender, origin
 from proxy.core.tokens import TokenFetcher
 from proxy.core.transport import Attempts
 from proxy.core.upstream_response import UpstreamResponse
 from proxy.errors import UpstreamTimeout, UpstreamUnreachable
 from proxy.metrics import Metrics
 from proxy.settings import UpstreamSettings
-
-__all__ = [
-    "DOWN_SECONDS",
-    "INCOMING_VIA",
-    "PEER_HEADER",
-    "UpstreamClient",
-    "UpstreamResponse",
-    "client_timeout",
-    "registry_tls",
-]
 
 # Marks a request from one of the site's Detours to another (see proxy.cluster.peering).
 PEER_HEADER = "X-Detour-Peer"
