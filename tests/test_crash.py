@@ -3,6 +3,7 @@ from the disk, and serves nothing unverified."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -36,9 +37,14 @@ async def test_restart_after_kill_9_mid_write(
         async with proxy.session.get(f"{proxy.url}/v2/{name}/blobs/{done.digest}") as response:
             assert await response.read() == done.data
         async with proxy.session.get(f"{proxy.url}/v2/{name}/blobs/{slow.digest}") as response:
-            await response.content.readexactly(MiB)
+            await response.content.readexactly(MiB)  # sent from memory as it arrives
             partial = list((cache / "tmp").iterdir())
             assert len(partial) == 1  # mid-write
+            # The disk trails the client by up to a handoff of bytes: wait until it has some.
+            for _ in range(200):
+                if partial[0].stat().st_size:
+                    break
+                await asyncio.sleep(0.05)
             assert 0 < partial[0].stat().st_size < slow.size
             await stop_process(proxy, signal.SIGKILL)
     assert partial[0].exists()  # what a crash leaves behind

@@ -12,8 +12,10 @@ import queue
 import threading
 from collections.abc import Callable
 
-PIPELINE_CHUNKS = 4  # received chunks waiting to be hashed, and to be written
-STORE_BATCH_BYTES = 1 << 20  # at most this much of them hashed, or written, at once
+# Chunks are handed to the thread this many bytes at a time (and at the end): a thread woken
+# per chunk would cost a context switch, and a turn of the GIL, for each 256 KiB.
+HANDOFF_BYTES = 1 << 20
+PIPELINE_CHUNKS = 8  # received chunks handed over and waiting to be hashed, or written
 
 
 class Lane:
@@ -28,7 +30,9 @@ class Lane:
     def __init__(self, name: str, job: Callable[[list[bytes]], None]) -> None:
         self._loop = asyncio.get_running_loop()
         self._job = job
-        self._chunks: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._chunks: queue.SimpleQueue[list[bytes] | None] = queue.SimpleQueue()
+        self._pending: list[bytes] = []  # not handed over yet
+        self._pending_bytes = 0
         self._put = 0  # chunks put (on the loop)
         self._done = 0  # chunks done (in the thread)
         self._closed = False
@@ -40,12 +44,21 @@ class Lane:
         threading.Thread(target=self._run, name=name, daemon=True).start()
 
     async def put(self, chunk: bytes) -> None:
+        self._pending.append(chunk)
+        self._pending_bytes += len(chunk)
+        if self._pending_bytes >= HANDOFF_BYTES:
+            await self._hand_off()
+
+    async def _hand_off(self) -> None:
         await self._room(PIPELINE_CHUNKS)
-        self._put += 1
-        self._chunks.put(chunk)
+        batch, self._pending, self._pending_bytes = self._pending, [], 0
+        self._put += len(batch)
+        self._chunks.put(batch)
 
     async def close(self) -> None:
         """Wait until every chunk put is done; the thread ends."""
+        if self._pending:
+            await self._hand_off()
         self._closed = True
         self._chunks.put(None)
         await self._room(1)
@@ -85,25 +98,7 @@ class Lane:
                 self._loop.call_soon_threadsafe(self._end)
 
     def _work(self) -> None:
-        end = False
-        while not end:
-            batch: list[bytes] = []
-            size = 0
-            chunk = self._chunks.get()
-            while True:
-                if chunk is None:
-                    end = True
-                    break
-                batch.append(chunk)
-                size += len(chunk)
-                if size >= STORE_BATCH_BYTES:
-                    break
-                try:
-                    chunk = self._chunks.get_nowait()
-                except queue.Empty:
-                    break
-            if not batch:
-                continue
+        while (batch := self._chunks.get()) is not None:
             if self.error is None and not self._stopped:
                 try:
                     self._job(batch)
