@@ -115,9 +115,23 @@ class BlobSink:
         self._writing.stop()
         await asyncio.wait({self._writing.ended}, timeout=CLOSE_GRACE_SECONDS)
 
-    def matches(self, size: int | None) -> bool:
-        """Whether every byte hashed makes the digest (and ``size``, if one was announced)."""
-        return self.writer.matches(size)
+    def verify(self, size: int | None, registry: str, source: str) -> None:
+        """Raise, counted and logged, unless every byte hashed makes the digest (and ``size``,
+        if ``source``, an upstream of ``registry``, announced one)."""
+        if self.writer.matches(size):
+            return
+        self._metrics.verify_failures.labels("blob", self._metrics.registry_label(registry)).inc()
+        log.error(
+            "blob_digest_mismatch",
+            digest=str(self.digest),
+            upstream=source,
+            size=self.writer.size,
+            expected_size=size,
+        )
+        raise UpstreamInvalid(
+            "upstream blob does not match its digest",
+            {"digest": str(self.digest), "upstream": source},
+        )
 
     @property
     def kept(self) -> bool:

@@ -51,6 +51,19 @@ class TagRecord:
         return time.time() - self.checked_at
 
 
+def writable(directory: Path) -> bool:
+    """Whether a byte can be written and flushed in ``directory`` (a full disk can't); for
+    ``/readyz`` (blocking)."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, suffix=".probe") as probe:
+            probe.write(b"\0")
+            probe.flush()
+            os.fsync(probe.fileno())
+            return True
+    except OSError:
+        return False
+
+
 def delete_files(paths: Iterable[Path]) -> None:
     for path in paths:
         with contextlib.suppress(OSError):  # gone already, or a read-only disk
@@ -164,17 +177,6 @@ class CacheStore(CacheIndex):
                     found.append((stat.st_mtime, path, stat.st_size))
         found.sort()
         self.load((path, size) for _, path, size in found)
-
-    def writable(self) -> bool:
-        """Whether a byte can be written and flushed here (a full disk can't)."""
-        try:
-            with tempfile.NamedTemporaryFile(dir=self.tmp, suffix=".probe") as probe:
-                probe.write(b"\0")
-                probe.flush()
-                os.fsync(probe.fileno())
-                return True
-        except OSError:
-            return False
 
     # ----------------------------------------------------------------------- blobs
 

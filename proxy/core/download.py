@@ -22,7 +22,6 @@ import enum
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
 from proxy.core.blob_body import BlobBody
 from proxy.core.blob_sink import BlobSink
@@ -250,8 +249,7 @@ class Download:
             self.window.trim(sink.on_disk, sink.spilled)
         finally:
             await sink.stop()
-        if not sink.matches(self.size):
-            self._mismatch()
+        sink.verify(self.size, self.route.upstreams[0].registry, self.source)
         # Verified: clients get their last byte now. Making the file durable (fsync, rename)
         # is for the cache, and happens after.
         self.state = State.VERIFIED
@@ -264,22 +262,6 @@ class Download:
         self.window.notify()
         self.checksums = await sink.commit()
         self.committed = self.checksums is not None
-
-    def _mismatch(self) -> NoReturn:
-        self._metrics.verify_failures.labels(
-            "blob", self._metrics.registry_label(self.route.upstreams[0].registry)
-        ).inc()
-        log.error(
-            "blob_digest_mismatch",
-            digest=str(self.digest),
-            upstream=self.source,
-            size=self.received,
-            expected_size=self.size,
-        )
-        raise UpstreamInvalid(
-            "upstream blob does not match its digest",
-            {"digest": str(self.digest), "upstream": self.source},
-        )
 
     # ----------------------------------------------------------------- for the clients
 

@@ -20,6 +20,7 @@ from aiohttp import web
 from yarl import URL
 
 from proxy.cluster.peering import blob_key, manifest_key, tag_key
+from proxy.core.cache import writable
 from proxy.core.outcome import Outcome
 from proxy.core.rules import Route
 from proxy.core.sender import INCOMING_VIA
@@ -269,8 +270,8 @@ async def healthz(_: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    writable = await asyncio.to_thread(request.app[SERVICES].store.writable)
+    ready = await asyncio.to_thread(writable, request.app[SERVICES].store.tmp)
     return web.json_response(
-        {"status": "ready" if writable else "cache directory not writable"},
-        status=200 if writable else 503,
+        {"status": "ready" if ready else "cache directory not writable"},
+        status=200 if ready else 503,
     )
