@@ -33,6 +33,7 @@ from tests.proxy import Proxy, start_process, stop_process
 from tests.registry import REGISTRY_BIN, AuthMode, Registry
 from tests.support import free_port as _free_port
 from tests.token_issuer import TokenIssuer
+from tests.webhook_harness import MountedSecret, Pki, Webhook, mount_secret, serve_webhook
 
 _TOOLS = {
     REGISTRY_BIN: "docker-registry",
@@ -247,3 +248,22 @@ async def detour_process(
     yield start
     for proxy in started:
         await stop_process(proxy)
+
+
+# --- the webhook's tests: a CA and a serving certificate, mounted as a Secret, and the server --
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return Pki(tmp_path)
+
+
+@pytest.fixture
+def secret(tmp_path: Path, pki: Pki) -> MountedSecret:
+    return mount_secret(tmp_path, pki)
+
+
+@pytest.fixture
+async def webhook(tmp_path: Path, pki: Pki, secret: MountedSecret) -> AsyncIterator[Webhook]:
+    async with serve_webhook(tmp_path, pki, secret) as hook:
+        yield hook

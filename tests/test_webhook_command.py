@@ -26,23 +26,12 @@ from tests.webhook_harness import (
     apply_patch,
     detour_webhook,
     kube_review,
-    mount_secret,
     nats_pod,
     nested_lists,
     patch_of,
     pod,
     review_carrying,
 )
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> Pki:
-    return Pki(tmp_path)
-
-
-@pytest.fixture
-def secret(tmp_path: Path, pki: Pki) -> MountedSecret:
-    return mount_secret(tmp_path, pki)
 
 
 @pytest.fixture

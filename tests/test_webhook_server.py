@@ -9,7 +9,6 @@ import asyncio
 import copy
 import json
 import logging
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,6 @@ from tests.webhook_harness import (
     Webhook,
     admission_review,
     apply_patch,
-    mount_secret,
     nats_pod,
     nested_lists,
     patch_of,
@@ -35,23 +33,6 @@ from tests.webhook_harness import (
     serve_webhook,
     wait_for,
 )
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> Pki:
-    return Pki(tmp_path)
-
-
-@pytest.fixture
-def secret(tmp_path: Path, pki: Pki) -> MountedSecret:
-    return mount_secret(tmp_path, pki)
-
-
-@pytest.fixture
-async def webhook(tmp_path: Path, pki: Pki, secret: MountedSecret) -> AsyncIterator[Webhook]:
-    async with serve_webhook(tmp_path, pki, secret) as hook:
-        yield hook
-
 
 # --- Reviews answered -------------------------------------------------------------------------
 

@@ -5,38 +5,15 @@ old one keeps serving.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
-
 from tests.webhook_harness import (
     MountedSecret,
     Pki,
     Webhook,
     admission_review,
-    mount_secret,
     patch_of,
     pod,
-    serve_webhook,
     wait_for,
 )
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> Pki:
-    return Pki(tmp_path)
-
-
-@pytest.fixture
-def secret(tmp_path: Path, pki: Pki) -> MountedSecret:
-    return mount_secret(tmp_path, pki)
-
-
-@pytest.fixture
-async def webhook(tmp_path: Path, pki: Pki, secret: MountedSecret) -> AsyncIterator[Webhook]:
-    async with serve_webhook(tmp_path, pki, secret) as hook:
-        yield hook
 
 
 async def test_rotated_certificate_is_served_to_new_connections(
