@@ -19,9 +19,9 @@ from aiohttp import web
 from proxy.core.blob_writer import CHECKED_CHUNK_BYTES, Checksums
 from proxy.core.cache import CacheStore
 from proxy.core.cached_file import CachedFile, Corrupt
-from proxy.core.outcome import Outcome
+from proxy.core.outcome import Abort, Outcome, send_body
 from proxy.core.streamer import blob_headers
-from proxy.logs import CLIENT_DISCONNECTED, get_logger
+from proxy.logs import get_logger
 from proxy.metrics import CACHE, Metrics
 from proxy.reference import Digest
 
@@ -156,35 +156,33 @@ class Hits:
             response = web.StreamResponse(status=status, headers=headers)
             await response.prepare(request)
             outcome.streamed = True  # its bytes counted as they go out, for the access log
-            try:
-                if cached.checksums is not None and not cached.verified:
-                    await self._send_checked(request, cached, first, end, outcome)
-                elif not cached.verified:
-                    await self._send_hashing(request, response, cached, outcome)
-                    self._remember(cached)
-                elif end > first:
-                    await _sendfile(request, cached, end, outcome, first)
-            except Corrupt as exc:
-                # Bytes already went out under a 200: abort, so the client can't take them
-                # as whole.
-                outcome.aborted = CORRUPT
-                if request.transport is not None:
-                    request.transport.abort()
-                self._corrupt(cached, exc)
-                return response
-            except ConnectionError:
-                # The client hung up (kubelet cancels pulls routinely). It got a 200 and
-                # outcome.bytes.
-                outcome.aborted = CLIENT_DISCONNECTED
-                response.force_close()
-                return response
-            except asyncio.CancelledError:
-                outcome.aborted = "cancelled"
-                raise
-            await response.write_eof()
-            return response
+            body = self._send_body(request, response, cached, first, end, outcome)
+            return await send_body(request, response, outcome, body)
         finally:
             self._release(cached)
+
+    async def _send_body(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        cached: CachedFile,
+        first: int,
+        end: int,
+        outcome: Outcome,
+    ) -> None:
+        """Bytes ``[first, end)``, each chunk checked on its way out; a chunk that fails its
+        check drops the entry, so the next request fetches it again."""
+        try:
+            if cached.checksums is not None and not cached.verified:
+                await self._send_checked(request, cached, first, end, outcome)
+            elif not cached.verified:
+                await self._send_hashing(request, response, cached, outcome)
+                self._remember(cached)
+            elif end > first:
+                await _sendfile(request, cached, end, outcome, first)
+        except Corrupt as exc:
+            self._corrupt(cached, exc)
+            raise Abort(CORRUPT) from exc
 
     @staticmethod
     async def _send_checked(

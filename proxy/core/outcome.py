@@ -11,9 +11,14 @@ hangs up: so it is handed in rather than returned. Domain code never writes log 
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from aiohttp import web
+
+from proxy.logs import CLIENT_DISCONNECTED
 from proxy.metrics import Metrics
 
 Kind = Literal["blob", "manifest"]
@@ -67,3 +72,41 @@ class Sharing:
     def result(self, result: str, client_auth: str | None, private: bool = False) -> str:
         """The cache result to count: ``bypass`` for what is the client's alone."""
         return result if self.shared(client_auth) and self.kept(private) else "bypass"
+
+
+class Abort(Exception):
+    """The rest of a response already under way (a 200 whose headers, and some bytes, went
+    out) can't be had right: its connection is aborted, so the client can't take what it got
+    for a whole blob. ``reason`` goes to the access log's ``aborted``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+async def send_body(
+    request: web.Request,
+    response: web.StreamResponse,
+    outcome: Outcome,
+    body: Awaitable[None],
+    hung_up: Callable[[], str] = lambda: CLIENT_DISCONNECTED,
+) -> web.StreamResponse:
+    """Send a prepared ``response``'s body (``body`` does) and end it: whole, aborted on an
+    :class:`Abort`, or cut short by the client, who hung up (kubelet cancels pulls routinely;
+    ``hung_up`` says how it went) and got a 200 and ``outcome.bytes``."""
+    try:
+        await body
+    except Abort as exc:
+        outcome.aborted = exc.reason
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    except ConnectionError:
+        outcome.aborted = hung_up()
+        response.force_close()
+        return response
+    except asyncio.CancelledError:
+        outcome.aborted = "cancelled"
+        raise
+    await response.write_eof()
+    return response

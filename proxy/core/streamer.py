@@ -18,7 +18,7 @@ from aiohttp import web
 from proxy.core.blob_body import CHUNK_BYTES
 from proxy.core.cache import CacheStore
 from proxy.core.download import Download, State
-from proxy.core.outcome import Outcome
+from proxy.core.outcome import Abort, Outcome, send_body
 from proxy.core.window import Reader
 from proxy.errors import DetourError, UpstreamInvalid, UpstreamTimeout
 from proxy.logs import CLIENT_DISCONNECTED
@@ -74,6 +74,26 @@ async def _stream(
     response = web.StreamResponse(headers=blob_headers(fetch.digest, fetch.size))
     await response.prepare(request)
     outcome.streamed = True  # its bytes counted as they go out, for the access log
+    body = _send_body(request, fetch, reader, source, response, outcome)
+
+    def hung_up() -> str:
+        # One cut off for being too slow got its bytes, like one that hung up; the fetch goes
+        # on for the cache.
+        return "too slow" if reader.too_slow else CLIENT_DISCONNECTED
+
+    return await send_body(request, response, outcome, body, hung_up)
+
+
+async def _send_body(
+    request: web.Request,
+    fetch: Download,
+    reader: Reader,
+    source: IO[bytes] | None,
+    response: web.StreamResponse,
+    outcome: Outcome,
+) -> None:
+    """From the window, or behind it from the file, as the fetch receives; the last byte once
+    the blob is verified. A fetch that fails is an :class:`Abort` (bytes already went out)."""
     window = fetch.window
     try:
         while True:
@@ -88,7 +108,7 @@ async def _stream(
             limit = fetch.available()
             if reader.position >= limit:
                 if fetch.state is State.VERIFIED:
-                    break
+                    return
                 await changed.wait()
             elif reader.position >= window.start:
                 await _send_window(fetch, response, reader, limit, outcome)
@@ -99,22 +119,7 @@ async def _stream(
             else:
                 raise UpstreamInvalid("blob bytes neither in memory nor on disk")
     except DetourError as exc:
-        # Bytes already went out under a 200: abort, so the client can't take them as whole.
-        outcome.aborted = exc.message
-        if request.transport is not None:
-            request.transport.abort()
-        return response
-    except ConnectionError:
-        # The client hung up (kubelet cancels pulls routinely), or was cut off for being
-        # too slow. It got a 200 and outcome.bytes; the fetch goes on for the cache.
-        outcome.aborted = "too slow" if reader.too_slow else CLIENT_DISCONNECTED
-        response.force_close()
-        return response
-    except asyncio.CancelledError:
-        outcome.aborted = "cancelled"
-        raise
-    await response.write_eof()
-    return response
+        raise Abort(exc.message) from exc
 
 
 async def _send_window(
