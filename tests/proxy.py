@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,19 +17,9 @@ import aiohttp
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.images import ACCEPT_ALL, PushedImage
 from tests.registry import Registry
 from tests.support import Daemon, free_port, stop_child
-
-__all__ = [
-    "Proxy",
-    "blob_path",
-    "free_port",
-    "parse_metrics",
-    "scenario",
-    "start_process",
-    "stop_process",
-    "wait_cached",
-]
 
 
 def scenario(mirror: Registry, cache_dir: Path, **extra: Any) -> dict[str, Any]:
@@ -139,3 +130,39 @@ async def wait_cached(cache_dir: Path, digest: str, limit: float = 5.0) -> bool:
             return False
         await asyncio.sleep(0.02)
     return True
+
+
+async def slow_client_get(
+    proxy: Proxy, path: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    """GET ``path`` as a client that reads the body at its own pace: its reader and writer,
+    and the response head, read.
+
+    The receive buffer is set small (64 KiB) before connecting, which also turns off the
+    kernel's autotuning (up to ``tcp_rmem``'s maximum, 32 MiB on some machines): the kernel
+    can't take a blob off Detour's hands faster than the client reads it, so Detour is still
+    sending for as long as the test does not read.
+    """
+    host, port = proxy.host.split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    request = f"GET {path} HTTP/1.1\r\nHost: {proxy.host}\r\nConnection: close\r\n\r\n"
+    writer.write(request.encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    return reader, writer, head
+
+
+async def pull_image(proxy: Proxy, name: str, image: PushedImage, reference: str = "v1") -> None:
+    """A whole pull of ``image`` through the proxy, as a runtime does it one blob after the
+    other: its manifest by ``reference``, then every blob, each answered 200 with its bytes."""
+    url = f"{proxy.url}/v2/{name}/manifests/{reference}"
+    async with proxy.session.get(url, headers={"Accept": ACCEPT_ALL}) as response:
+        assert response.status == 200, await response.text()
+        assert await response.read() == image.manifest
+    for blob in image.blobs:
+        async with proxy.session.get(f"{proxy.url}/v2/{name}/blobs/{blob.digest}") as response:
+            assert response.status == 200, await response.text()
+            assert await response.read() == blob.data

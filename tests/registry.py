@@ -51,8 +51,6 @@ from proxy.webhook.certs import WebhookCertificates, issue
 from tests.support import Daemon, free_port
 from tests.token_issuer import TokenIssuer
 
-__all__ = ["REGISTRY_BIN", "AccessEntry", "AuthMode", "Registry", "free_port", "make_certificates"]
-
 REGISTRY_BIN = "/usr/bin/docker-registry"
 AuthMode = Literal["none", "htpasswd", "token"]
 

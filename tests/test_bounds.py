@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import os
 import shutil
-import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import pytest
 from aiohttp import web
 
 from tests.images import Blob, Client, push_image, unique_repo
-from tests.proxy import Proxy, blob_path, scenario
+from tests.proxy import Proxy, blob_path, scenario, slow_client_get
 from tests.registry import Registry
 from tests.relay import Relay
 
@@ -236,16 +235,9 @@ async def _slow_client_on_a_full_disk(
             return await response.read()
 
     async def slow() -> int:
-        """Reads at 256 KiB/s, through a 64 KiB receive buffer (set before connecting, so the
-        kernel can't take the whole blob off Detour's hands): the body bytes it got."""
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        sock.setblocking(False)
-        host, port = proxy.host.split(":")
-        await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
-        reader, writer = await asyncio.open_connection(sock=sock)
-        writer.write(f"GET /v2/{name}/blobs/{layer.digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        got = len(await reader.readuntil(b"\r\n\r\n")) * 0
+        """Reads at 256 KiB/s, through a small receive buffer: the body bytes it got."""
+        reader, writer, _ = await slow_client_get(proxy, f"/v2/{name}/blobs/{layer.digest}")
+        got = 0
         with contextlib.suppress(ConnectionError):
             while data := await reader.read(64 * 1024):
                 got += len(data)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -20,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.images import push_image, unique_repo
-from tests.proxy import Proxy, scenario, wait_cached
+from tests.proxy import Proxy, scenario, slow_client_get, wait_cached
 from tests.registry import Registry
 
 DetourProcess = Callable[[dict[str, Any]], Awaitable[Proxy]]
@@ -71,16 +70,7 @@ async def access_line(proxy: Proxy, path: str) -> dict[str, Any]:
 
 async def hang_up_mid_body(proxy: Proxy, path: str, keep: int) -> tuple[int, int]:
     """GET ``path``, read the head and ``keep`` body bytes, and hang up: (status, size)."""
-    host, port = proxy.host.split(":")
-    sock = socket.socket()
-    # A small receive buffer, set before connecting: the kernel can't take the whole body on
-    # the client's behalf, so the proxy is still sending when the client hangs up.
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
-    reader, writer = await asyncio.open_connection(sock=sock)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: {proxy.host}\r\n\r\n".encode())
-    head = await reader.readuntil(b"\r\n\r\n")
+    reader, writer, head = await slow_client_get(proxy, path)
     status_line, *lines = head.decode().split("\r\n")
     headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
     await reader.readexactly(keep)

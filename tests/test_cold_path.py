@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.images import Client, unique_repo
-from tests.proxy import Proxy, blob_path, scenario, wait_cached
+from tests.proxy import Proxy, blob_path, scenario, slow_client_get, wait_cached
 from tests.registry import Registry
 from tests.relay import Relay
 
@@ -93,21 +92,6 @@ async def test_blobs_are_cached_whole_and_verified_in_either_write_mode(
     assert await proxy.metric("detour_cache_requests_total", kind="blob", result="miss") == 3
 
 
-async def raw_get(proxy: Proxy, path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A GET from a client with a 64 KiB receive buffer (set before connecting), so the kernel
-    can't take a blob off Detour's hands faster than the client reads it; its headers read."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * KiB)
-    sock.setblocking(False)
-    host, port = proxy.host.split(":")
-    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
-    reader, writer = await asyncio.open_connection(sock=sock)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    head = await reader.readuntil(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200 "), head
-    return reader, writer
-
-
 async def test_a_stalled_client_does_not_hold_the_fetch_back(
     make_proxy: MakeProxy, registry: Registry, cache_dir: tuple[str, Path]
 ) -> None:
@@ -119,7 +103,8 @@ async def test_a_stalled_client_does_not_hold_the_fetch_back(
     digest = Client(registry).push_blob(repo, data)
     proxy = await make_proxy(scenario(registry, directory))
     name = repo.removeprefix("docker-mirror/library/")
-    reader, writer = await raw_get(proxy, f"/v2/{name}/blobs/{digest}")
+    reader, writer, head = await slow_client_get(proxy, f"/v2/{name}/blobs/{digest}")
+    assert head.startswith(b"HTTP/1.1 200 "), head
     try:
         got = bytearray(await reader.readexactly(64 * KiB))
         # Stalled: the fetch finishes and the blob is cached meanwhile.

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from tests.images import ACCEPT_ALL, PushedImage, push_image, unique_repo
-from tests.proxy import Proxy, blob_path, scenario
+from tests.images import PushedImage, push_image, unique_repo
+from tests.proxy import Proxy, blob_path, pull_image, scenario, slow_client_get
 from tests.registry import Registry
 
 MakeProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
@@ -52,15 +51,6 @@ def images(registry: Registry, count: int, size: int) -> list[tuple[str, PushedI
     return out
 
 
-async def pull(proxy: Proxy, name: str, image: PushedImage) -> None:
-    url = f"{proxy.url}/v2/{name}/manifests/v1"
-    async with proxy.session.get(url, headers={"Accept": ACCEPT_ALL}) as response:
-        assert response.status == 200
-    for blob in image.blobs:
-        async with proxy.session.get(f"{proxy.url}/v2/{name}/blobs/{blob.digest}") as response:
-            assert await response.read() == blob.data
-
-
 async def bounded_proxy(make_proxy: MakeProxy, registry: Registry, tmp_path: Path) -> Proxy:
     cache = {"dir": str(tmp_path / "cache"), "max_size": "10MiB"}
     return await make_proxy(scenario(registry, tmp_path / "cache", cache=cache))
@@ -72,10 +62,10 @@ async def test_the_cache_stays_under_max_size_while_pulls_go_on(
     proxy = await bounded_proxy(make_proxy, registry, tmp_path)
     pushed = images(registry, 9, 3 * MiB)
     for name, image in pushed[:5]:
-        await pull(proxy, name, image)
+        await pull_image(proxy, name, image)
         assert await settled_usage(proxy) <= 10 * MiB
     # Concurrent pulls too; once they are done nothing is pinned and the bound holds again.
-    await asyncio.gather(*(pull(proxy, name, image) for name, image in pushed[5:]))
+    await asyncio.gather(*(pull_image(proxy, name, image) for name, image in pushed[5:]))
     assert await settled_usage(proxy) <= 10 * MiB
     assert await proxy.metric("detour_cache_evictions_total") >= 6
 
@@ -86,35 +76,14 @@ async def test_a_hit_refreshes_an_entry(
     proxy = await bounded_proxy(make_proxy, registry, tmp_path)
     (a, image_a), (b, image_b), (c, image_c), (d, image_d) = images(registry, 4, 3 * MiB)
     for name, image in ((a, image_a), (b, image_b), (c, image_c)):
-        await pull(proxy, name, image)
+        await pull_image(proxy, name, image)
         await settled_usage(proxy)
-    await pull(proxy, a, image_a)  # a hit: A is now the most recently used
-    await pull(proxy, d, image_d)
+    await pull_image(proxy, a, image_a)  # a hit: A is now the most recently used
+    await pull_image(proxy, d, image_d)
     await settled_usage(proxy)
     assert cached(proxy, image_a.layers[0].digest)
     assert not cached(proxy, image_b.layers[0].digest)
     assert cached(proxy, image_d.layers[0].digest)
-
-
-async def slow_get(proxy: Proxy, path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """GET ``path`` for a client that reads the body at its own pace, past the headers.
-
-    The receive buffer is set small before connecting, which also turns off the kernel's
-    autotuning (up to ``tcp_rmem``'s maximum, 32 MiB on some machines): the proxy can hand
-    the kernel no more than that and its own send buffer, so it is still sending, its reader
-    still there, for as long as the test does not read.
-    """
-    host, port = proxy.host.split(":")
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
-    reader, writer = await asyncio.open_connection(sock=sock)
-    request = f"GET {path} HTTP/1.1\r\nHost: {proxy.host}\r\nConnection: close\r\n\r\n"
-    writer.write(request.encode())
-    head = await reader.readuntil(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200 "), head
-    return reader, writer
 
 
 def send_buffer_max() -> int:
@@ -135,13 +104,14 @@ async def test_an_entry_being_served_is_not_evicted_under_its_reader(
     layer = image_big.layers[0]
     # Bigger than what the kernel can hold between the proxy and a slow reader.
     assert send_buffer_max() + 2 * MiB < layer.size, "tcp_wmem's maximum is too large here"
-    await pull(proxy, big, image_big)
+    await pull_image(proxy, big, image_big)
     await settled_usage(proxy)  # committed: the next GET is a hit
-    reader, writer = await slow_get(proxy, f"/v2/{big}/blobs/{layer.digest}")
+    reader, writer, head = await slow_client_get(proxy, f"/v2/{big}/blobs/{layer.digest}")
+    assert head.startswith(b"HTTP/1.1 200 "), head
     try:
         first = await reader.readexactly(MiB)
         for name, image in others:  # each of these pushes the cache over 40 MiB
-            await pull(proxy, name, image)
+            await pull_image(proxy, name, image)
         await settled_usage(proxy)
         assert cached(proxy, layer.digest)  # the oldest entry, still there under its reader
         # To the end of the connection (Connection: close): the proxy is done with the file.
@@ -150,7 +120,7 @@ async def test_an_entry_being_served_is_not_evicted_under_its_reader(
         writer.close()
     # Once its reader is done, it goes like any other old entry.
     name, image = others[0]
-    await pull(proxy, name, image)
+    await pull_image(proxy, name, image)
     await settled_usage(proxy)
     assert not cached(proxy, layer.digest)
 
@@ -160,7 +130,7 @@ async def test_the_index_is_rebuilt_from_disk_after_a_restart(
 ) -> None:
     proxy = await bounded_proxy(make_proxy, registry, tmp_path)
     for name, image in images(registry, 2, 2 * MiB):
-        await pull(proxy, name, image)
+        await pull_image(proxy, name, image)
     on_disk = await settled_usage(proxy)
     restarted = await bounded_proxy(make_proxy, registry, tmp_path)
     assert await restarted.metric("detour_cache_size_bytes") == on_disk

@@ -31,7 +31,6 @@ from proxy.files import write_atomic
 from proxy.oci import StoredManifest
 from proxy.reference import Digest, ImageName
 from tests.images import (
-    ACCEPT_ALL,
     OCI_MANIFEST,
     PushedImage,
     build_image,
@@ -40,7 +39,7 @@ from tests.images import (
     unique_repo,
     upload_image,
 )
-from tests.proxy import Proxy, blob_path, scenario, stop_process, wait_cached
+from tests.proxy import Proxy, blob_path, pull_image, scenario, stop_process, wait_cached
 from tests.registry import Registry
 
 StartProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
@@ -122,14 +121,7 @@ def files_of(cache: Path, name: str, image: PushedImage) -> list[Path]:
 
 async def pull(proxy: Proxy, name: str, image: PushedImage) -> None:
     """Pull ``name:v1`` whole through the proxy, checking every byte, until it is cached."""
-    url = f"{proxy.url}/v2/{name}/manifests/v1"
-    async with proxy.session.get(url, headers={"Accept": ACCEPT_ALL}) as response:
-        assert response.status == 200
-        assert await response.read() == image.manifest
-    for blob in image.blobs:
-        async with proxy.session.get(f"{proxy.url}/v2/{name}/blobs/{blob.digest}") as response:
-            assert response.status == 200
-            assert await response.read() == blob.data
+    await pull_image(proxy, name, image)
     for blob in image.blobs:
         assert await wait_cached(proxy.cache_dir, blob.digest)
 

@@ -17,7 +17,6 @@ import asyncio
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ import pytest
 
 from tests.containerd import Containerd
 from tests.images import Blob, PushedImage, push_image, unique_repo
-from tests.proxy import Proxy, blob_path, scenario, stop_process, wait_cached
+from tests.proxy import Proxy, blob_path, scenario, slow_client_get, stop_process, wait_cached
 from tests.registry import Registry
 
 DetourProcess = Callable[[dict[str, Any]], Awaitable[Proxy]]
@@ -254,16 +253,8 @@ async def test_a_file_cut_short_while_it_is_sent_is_no_complete_200(
     proxy, path, layer, seen = await cached_layer(
         registry, detour_process, tmp_path, BIG, "checked"
     )
-    host, port = proxy.host.split(":")
-    sock = socket.socket()
-    # A small receive buffer, set before connecting: the proxy is still sending when the
-    # file is cut.
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
-    reader, writer = await asyncio.open_connection(sock=sock)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: {proxy.host}\r\n\r\n".encode())
-    head = await reader.readuntil(b"\r\n\r\n")
+    # A client that reads at its own pace: the proxy is still sending when the file is cut.
+    reader, writer, head = await slow_client_get(proxy, path)
     assert head.startswith(b"HTTP/1.1 200 ")
     assert f"Content-Length: {layer.size}\r\n".encode() in head
     received = await reader.readexactly(256 * 1024)

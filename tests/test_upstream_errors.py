@@ -19,7 +19,7 @@ from proxy.settings import ConfigError, RegistrySettings, load_settings
 from tests.conftest import ReadLogs
 from tests.images import ACCEPT_ALL, Client, PushedImage, Response, build_image, unique_repo
 from tests.images import upload_image as _upload_image
-from tests.proxy import Proxy
+from tests.proxy import Proxy, pull_image
 from tests.registry import Registry
 
 MakeProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
@@ -78,18 +78,6 @@ async def get_error(proxy: Proxy, repo: str, status: int = 502) -> dict[str, Any
     return error
 
 
-async def pull(proxy: Proxy, image: PushedImage, name: str) -> None:
-    """The manifest and every blob through Detour, whole."""
-    url = f"{proxy.url}/v2/quay.io/{name}"
-    async with proxy.session.get(f"{url}/manifests/v1", headers={"Accept": ACCEPT_ALL}) as response:
-        assert response.status == 200, await response.text()
-        assert await response.read() == image.manifest
-    for blob in image.blobs:
-        async with proxy.session.get(f"{url}/blobs/{blob.digest}") as response:
-            assert response.status == 200
-            assert await response.read() == blob.data
-
-
 # ------------------------------------------------------------------------ per-registry TLS
 
 
@@ -101,7 +89,7 @@ async def test_a_mirror_with_a_private_ca_works_with_ca_file(
     image = push_tls(mirror, f"quay/{name}")
     registries = {mirror.host: {"ca_file": str(mirror.ca_path)}}
     proxy = await make_proxy(mirror_config(tmp_path, mirror.host, registries=registries))
-    await pull(proxy, image, name)
+    await pull_image(proxy, f"quay.io/{name}", image)
 
 
 async def test_without_ca_file_the_cause_is_tls(
@@ -130,7 +118,7 @@ async def test_tls_verify_false_accepts_the_certificate_with_a_warning_at_start(
     started = logs()
     assert [(line["level"], line["registry"]) for line in started] == [("warning", mirror.host)]
     assert started[0]["event"] == "tls_verify_disabled"
-    await pull(proxy, image, name)
+    await pull_image(proxy, f"quay.io/{name}", image)
 
 
 async def test_a_certificate_for_another_name_is_a_tls_failure(
@@ -185,7 +173,7 @@ async def test_a_redirect_to_another_host_is_verified_by_that_hosts_own_settings
 
     registries[storage.host] = {"ca_file": str(storage.ca_path)}
     proxy = await make_proxy(mirror_config(tmp_path / "b", front_host, registries=registries))
-    await pull(proxy, image, name)
+    await pull_image(proxy, f"quay.io/{name}", image)
 
 
 def test_an_unusable_ca_file_is_a_config_error_naming_the_key(tmp_path: Path) -> None:

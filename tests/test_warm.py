@@ -35,7 +35,7 @@ from tests.images import (
     push_index,
     unique_repo,
 )
-from tests.proxy import Proxy, blob_path, scenario
+from tests.proxy import Proxy, blob_path, pull_image, scenario
 from tests.registry import Registry
 
 MakeProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
@@ -49,18 +49,6 @@ def hub_repo() -> tuple[str, str]:
     """A fresh Docker Hub-style repository: (name under docker.io, path on the mirror)."""
     name = unique_repo("library").split("/", 1)[1]
     return name, f"docker-mirror/library/{name}"
-
-
-async def pull(proxy: Proxy, name: str, reference: str, image: PushedImage) -> None:
-    """A whole pull of ``image``: its manifest by ``reference``, then every blob."""
-    url = f"{proxy.url}/v2/{name}/manifests/{reference}"
-    async with proxy.session.get(url, headers={"Accept": ACCEPT_ALL}) as response:
-        assert response.status == 200, await response.text()
-        assert await response.read() == image.manifest
-    for blob in image.blobs:
-        async with proxy.session.get(f"{proxy.url}/v2/{name}/blobs/{blob.digest}") as response:
-            assert response.status == 200, await response.text()
-            assert await response.read() == blob.data
 
 
 async def pull_index(proxy: Proxy, name: str, tag: str, index: PushedIndex) -> None:
@@ -107,8 +95,8 @@ async def test_a_warmed_image_pulls_with_the_mirror_down(
     assert all(p.startswith(f"/v2/{mirror_repo}/") for p in paths), paths
     registry.stop()
     proxy = await make_proxy(config)
-    await pull(proxy, f"docker.io/library/{name}", "2.10.26-alpine", image)
-    await pull(proxy, name, image.digest, image)
+    await pull_image(proxy, f"docker.io/library/{name}", image, "2.10.26-alpine")
+    await pull_image(proxy, name, image, image.digest)
 
 
 async def test_one_platform_of_an_index_is_warmed(
@@ -134,7 +122,7 @@ async def test_one_platform_of_an_index_is_warmed(
     registry.stop()
     proxy = await make_proxy(config)
     await pull_index(proxy, f"ghcr.io/{repo}", "0.17.0", index)
-    await pull(proxy, f"ghcr.io/{repo}", arm64.digest, arm64)
+    await pull_image(proxy, f"ghcr.io/{repo}", arm64, arm64.digest)
     # amd64 was left out: with the mirror down, nothing can answer for it.
     assert await status_of(proxy, f"/v2/ghcr.io/{repo}/manifests/{amd64.digest}") == 502
     assert await status_of(proxy, f"/v2/ghcr.io/{repo}/blobs/{amd64.layers[0].digest}") == 502
@@ -163,7 +151,7 @@ async def test_all_platforms_of_an_index_are_warmed(
     proxy = await make_proxy(config)
     await pull_index(proxy, f"ghcr.io/{repo}", "0.17.0", index)
     for child in index.children:
-        await pull(proxy, f"ghcr.io/{repo}", child.digest, child)
+        await pull_image(proxy, f"ghcr.io/{repo}", child, child.digest)
 
 
 async def test_the_default_platform_is_this_machines(registry: Registry, tmp_path: Path) -> None:
@@ -206,9 +194,9 @@ async def test_warm_through_a_running_proxy(
 
     assert [type(o) for o in outcomes] == [Warmed, Warmed], outcomes
     registry.stop()
-    await pull(proxy, name, "v1", image)
+    await pull_image(proxy, name, image, "v1")
     await pull_index(proxy, f"ghcr.io/{repo}", "0.17.0", index)
-    await pull(proxy, f"ghcr.io/{repo}", index.children[0].digest, index.children[0])
+    await pull_image(proxy, f"ghcr.io/{repo}", index.children[0], index.children[0].digest)
     # The running proxy did the fetching and counted it.
     assert await proxy.metric("detour_cache_requests_total", kind="blob", result="miss") == 5
 
@@ -260,7 +248,7 @@ async def test_the_command_warms_the_rest_when_one_image_is_unknown(
 
     registry.stop()
     proxy = await make_proxy(config)
-    await pull(proxy, name, "v1", image)
+    await pull_image(proxy, name, image, "v1")
     # A real client agrees: skopeo copies the whole image with the mirror down.
     skopeo = await asyncio.create_subprocess_exec(
         "skopeo",
