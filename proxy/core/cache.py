@@ -208,8 +208,8 @@ class CacheStore(CacheIndex):
         return self.root / "manifests" / digest.algorithm / digest.hex[:2] / digest.hex
 
     async def manifest(self, digest: Digest) -> StoredManifest | None:
-        """The stored manifest, re-verified (it is small, and this is what clients trust), read
-        and hashed in a worker thread.
+        """The stored manifest: from memory if it was read lately, else read and verified
+        against its digest (it is small, and this is what clients trust) in a worker thread.
 
         One that can't be read, or fails its digest, is a miss (and the bad file is removed
         if the disk lets us): the caller fetches it again.
