@@ -182,6 +182,10 @@ class CacheSettings(_Section):
     # A blob larger than this (or than max_size) is streamed to its client but not cached; one
     # that announces no length is cut off here.
     max_blob_size: ByteSize = 10 * 1024**3
+    # A blob up to this size, once fetched, written (O_DIRECT, past the page cache) and
+    # verified, is read back into the page cache before it enters the cache, so the hits that
+    # follow a fetch come from memory. 0: never; hits then read the disk.
+    read_back_up_to: ByteSize = 1024**3
     tag_ttl: Duration = 300.0
 
     @model_validator(mode="before")

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,9 @@ def blob(size: int) -> tuple[bytes, Digest]:
     return data, Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
 
 
-async def store_at(root: Path, max_size: int | None = None) -> tuple[CacheStore, list[Path]]:
+async def store_at(
+    root: Path, max_size: int | None = None, read_back_up_to: int = 0
+) -> tuple[CacheStore, list[Path]]:
     evicted: list[Path] = []
 
     def evict(paths: list[Path]) -> None:
@@ -31,7 +35,7 @@ async def store_at(root: Path, max_size: int | None = None) -> tuple[CacheStore,
         for path in paths:
             path.unlink()
 
-    store = CacheStore(root, max_size, on_evict=evict)
+    store = CacheStore(root, max_size, on_evict=evict, read_back_up_to=read_back_up_to)
     await asyncio.to_thread(store.open)
     return store, evicted
 
@@ -63,6 +67,37 @@ async def test_a_committed_blob_is_in_place_indexed_and_summed(tmp_path: Path) -
     assert checksums.identity == (stat.st_dev, stat.st_ino)  # the file as committed
     assert checksums.size == len(data)
     assert len(checksums.sums) == -(-len(data) // CHECKED_CHUNK_BYTES)
+
+
+def in_page_cache(path: Path) -> int:
+    """Bytes of ``path`` in the page cache, as util-linux's ``fincore`` counts them."""
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return int(out.strip())
+
+
+@pytest.mark.skipif(shutil.which("fincore") is None, reason="needs fincore (util-linux)")
+@pytest.mark.parametrize("read_back_up_to", [0, 8 * MiB, 2 * MiB])
+async def test_a_fetched_blob_is_read_back_into_the_page_cache_up_to_the_setting(
+    tmp_path: Path, read_back_up_to: int
+) -> None:
+    # Written with O_DIRECT, a blob is on the disk only; read back, its first hit comes from
+    # memory. Up to cache.read_back_up_to; 0 leaves the page cache to the workloads.
+    store, _ = await store_at(tmp_path / "cache", read_back_up_to=read_back_up_to)
+    data, digest = blob(5 * MiB + 7)
+    writer = written(store, data, digest)
+    if not store.blob_writes.direct:
+        pytest.skip(f"{tmp_path} refuses O_DIRECT: blobs go through the page cache anyway")
+    await store.commit_blob(writer, 0)
+    resident = in_page_cache(store.blob_path(digest))
+    if len(data) <= read_back_up_to:
+        assert resident == -(-len(data) // 4096) * 4096  # every page
+    else:
+        assert resident <= 4096  # at most the last partial block, written without O_DIRECT
 
 
 async def test_a_commit_the_disk_refuses_leaves_nothing_indexed(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy.core.blob_writer import CHECKED_CHUNK_BYTES
 from tests.containerd import Containerd
 from tests.images import Blob, PushedImage, push_image, unique_repo
 from tests.proxy import Proxy, blob_path, scenario, slow_client_get, stop_process, wait_cached
@@ -34,8 +35,8 @@ from tests.registry import Registry
 
 DetourProcess = Callable[[dict[str, Any]], Awaitable[Proxy]]
 MiB = 1024 * 1024
-CHUNK = 32 * MiB  # a hit is checked and sent this much at a time
-BIG = CHUNK + 8 * MiB  # two chunks
+CHUNK = CHECKED_CHUNK_BYTES  # a hit is checked and sent this much at a time
+BIG = 40 * MiB  # many chunks, more than the kernel's socket buffers hold
 SMALL = 8 * MiB  # without checksums, hashed whole before the headers
 CORRUPTIONS = ("flipped bit", "truncated")
 STATES = ("checked", "restarted")
@@ -221,9 +222,9 @@ async def test_a_range_of_a_corrupt_blob_is_never_wrong_bytes(
     detour_process: DetourProcess, registry: Registry, tmp_path: Path, how: str, state: str
 ) -> None:
     proxy, path, layer, seen = await cached_layer(registry, detour_process, tmp_path, BIG, state)
-    corrupt(blob_path(proxy.cache_dir, layer.digest), how)  # at the middle: the second chunk
+    corrupt(blob_path(proxy.cache_dir, layer.digest), how)  # at the middle: a later chunk
     middle = layer.size // 2
-    # A range of the second chunk: checked (or, without checksums, the whole file hashed)
+    # A range of that chunk: checked (or, without checksums, the whole file hashed)
     # before the 206. It failed, so the range came from a fresh copy, fetched and verified.
     asked = f"bytes={middle - 1000}-{middle + 999}"
 
@@ -302,7 +303,11 @@ async def test_containerd_pulls_again_after_a_layer_rotted(
         await stop_process(proxy)
         proxy = await detour_process(config)
         ref = f"{proxy.host}/{name}:v1"
-    flip_bit(blob_path(proxy.cache_dir, rotten.digest), rotten.size - 1000)  # its last chunk
+    # In a chunk before the last: without checksums, the last chunk (which waits for the
+    # digest) would be held back and ctr never see a wrong byte; this is the worst case.
+    flipped = rotten.size // 2
+    flip_bit(blob_path(proxy.cache_dir, rotten.digest), flipped)
+    before = flipped // CHUNK * CHUNK  # the chunks before it, which are right
 
     first = await containerd.pull(ref, plain_http=True)
 
@@ -319,8 +324,8 @@ async def test_containerd_pulls_again_after_a_layer_rotted(
         # wrong byte reached ctr, and the pull succeeded.
         first.check()
         assert [(r["status"], r["cache"], r.get("aborted"), r["bytes"]) for r in lines] == [
-            (200, "hit", "cached blob corrupt", CHUNK),
-            (206, "miss", None, rotten.size - CHUNK),
+            (200, "hit", "cached blob corrupt", before),
+            (206, "miss", None, rotten.size - before),
         ]
     else:
         # Sent as it was hashed, and aborted before its last byte. ctr resumes an aborted

@@ -39,11 +39,17 @@ class BlobWrites:
     a copy of anyway does not crowd the workloads' page cache. Where ``O_DIRECT`` is refused
     (ramfs, some overlay and network file systems), at open or at the first write, blobs are
     written through the page cache from then on.
+
+    Once verified and flushed, a blob written with ``O_DIRECT`` of at most ``read_back_up_to``
+    bytes is read back into the page cache before it enters the cache (:func:`read_back`), so
+    the hits that follow a fetch (the site's other nodes asking their owner, another pod of the
+    node) come from memory, at the pace of a mirror serving from its page cache, not the disk's.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, read_back_up_to: int = 0) -> None:
         self.root = root
         self.direct = True  # until the file system refuses it
+        self.read_back_up_to = read_back_up_to
         self._logged = False
 
     def accepted(self) -> None:
@@ -68,7 +74,29 @@ def _set_direct(fd: int, on: bool) -> None:
     fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
 
 
-CHECKED_CHUNK_BYTES = 32 << 20  # a cached blob's bytes are checked on its hits in chunks of this
+READ_AHEAD_STEP = 8 << 20  # the most one POSIX_FADV_WILLNEED reads ahead
+READ_BACK_BUFFER_BYTES = 1 << 20
+
+
+def read_back(fd: int, size: int) -> None:
+    """Read a file into the page cache and wait until it is there (blocking).
+
+    The kernel is asked to read it all ahead first (many requests at once: 0.2 s for 512 MiB
+    here, against 0.8 s for plain sequential reads), then it is read through twice: the first
+    read waits for the disk, the second moves its pages to the kernel's active list, which
+    the first hit would otherwise do (a quarter slower here). Through a 1 MiB buffer, which
+    stays in the CPU's cache.
+    """
+    _set_direct(fd, False)
+    for offset in range(0, size, READ_AHEAD_STEP):
+        os.posix_fadvise(fd, offset, READ_AHEAD_STEP, os.POSIX_FADV_WILLNEED)
+    buffer = mmap.mmap(-1, READ_BACK_BUFFER_BYTES)
+    for _ in range(2):
+        for offset in range(0, size, READ_BACK_BUFFER_BYTES):
+            os.preadv(fd, [buffer], offset)
+
+
+CHECKED_CHUNK_BYTES = 2 << 20  # a cached blob is checked on its hits, and sent, in chunks of this
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,11 +290,15 @@ class BlobWriter:
         return self.failure is None and self.on_disk == self.size
 
     def commit(self) -> None:
-        """Flush to the disk and move into place (blocking: call from a worker thread); the
-        caller has checked :meth:`matches`."""
+        """Flush to the disk, read back into the page cache (see :class:`BlobWrites`), and
+        move into place (blocking: call from a worker thread); the caller has checked
+        :meth:`matches`."""
         assert self._fd is not None
         assert self.path is not None
         os.fsync(self._fd)
+        writes = self._writes
+        if writes is not None and writes.direct and self.size <= writes.read_back_up_to:
+            read_back(self._fd, self.size)
         stat = os.fstat(self._fd)
         self.checksums = Checksums((stat.st_dev, stat.st_ino), self.size, self.chunk_sums.finish())
         os.close(self._fd)

@@ -149,11 +149,12 @@ class CacheStore(CacheIndex):
         root: Path,
         max_size: int | None = None,
         on_evict: Callable[[list[Path]], None] = lambda paths: delete_files(paths),
+        read_back_up_to: int = 0,
     ) -> None:
         super().__init__(max_size, on_evict)
         self.root = root
         self.tmp = root / "tmp"
-        self.blob_writes = BlobWrites(root)
+        self.blob_writes = BlobWrites(root, read_back_up_to)
         self._manifests: Recent[StoredManifest] = Recent(
             RECENT_MANIFEST_BYTES, lambda manifest: len(manifest.body)
         )

@@ -1,17 +1,16 @@
 """Cache hits: a cached blob sent whole or by ``Range``, each chunk checked on its way out.
 
-A hit is verified as it is sent (see :mod:`proxy.core.cached_file`): each chunk is checked
-against its sum in a worker thread before sendfile sends it, the next chunk checked while this
-one goes out. A file that changed (bit rot, a failing disk, a stray writer, a truncation) is
-caught before a wrong byte leaves: the response is aborted with only right bytes sent (a client
-that resumes it with a Range gets the rest from a fresh copy), and the entry is dropped, so the
-next request fetches it again. A blob without checksums is hashed as it is sent, its last byte
-held back until the digest matches, as on a miss.
+A hit is verified as it is sent (see :mod:`proxy.core.cached_file`): each chunk is read into a
+buffer, checked against its sum there, and sent from there. A file that changed (bit rot, a
+failing disk, a stray writer, a truncation) is caught before a wrong byte leaves: the response
+is aborted with only right bytes sent (a client that resumes it with a Range gets the rest from
+a fresh copy), and the entry is dropped, so the next request fetches it again. A blob without
+checksums is hashed as it is sent, its last chunk held back until the digest matches, as the
+last byte is on a miss.
 """
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 from aiohttp import web
@@ -52,29 +51,6 @@ def _byte_range(request: web.Request, size: int) -> tuple[int, int] | None:
     if start >= size:
         return None
     return start, stop
-
-
-async def _sendfile(
-    request: web.Request, cached: CachedFile, end: int, outcome: Outcome, first: int = 0
-) -> None:
-    """Send the file from ``first + outcome.bytes`` up to ``end``, counting them in
-    ``outcome.bytes``, file → socket in the kernel."""
-    transport = request.transport
-    if transport is None or transport.is_closing():
-        raise ConnectionResetError("client went away")
-    offset = first + outcome.bytes
-    try:
-        sent = await asyncio.get_running_loop().sendfile(
-            transport, cached.file, offset, end - offset
-        )
-    except ConnectionError:
-        # loop.sendfile leaves the file position after the last byte it sent, even when it
-        # fails (and where the previous call left it, if it sent none).
-        outcome.bytes = max(offset, cached.file.tell()) - first
-        raise
-    outcome.bytes = offset + sent - first
-    if sent < end - offset:
-        raise Corrupt(f"the file shrank to {offset + sent} bytes from {cached.size}")
 
 
 def _first_byte(request: web.Request, size: int) -> int:
@@ -125,7 +101,7 @@ class Hits:
             if known.size != cached.size:
                 raise Corrupt(f"its size changed from {known.size} to {cached.size}")
             if cached.size:
-                await cached.check(_first_byte(request, cached.size) // CHECKED_CHUNK_BYTES)
+                await cached.chunk(_first_byte(request, cached.size) // CHECKED_CHUNK_BYTES)
         elif request.headers.get("Range") or cached.size <= VERIFY_FIRST_BYTES:
             # A 206 can't be verified as it is sent: the whole file is hashed first.
             await cached.verify()
@@ -156,72 +132,37 @@ class Hits:
             response = web.StreamResponse(status=status, headers=headers)
             await response.prepare(request)
             outcome.streamed = True  # its bytes counted as they go out, for the access log
-            body = self._send_body(request, response, cached, first, end, outcome)
+            body = self._send_body(response, cached, first, end, outcome)
             return await send_body(request, response, outcome, body)
         finally:
             self._release(cached)
 
     async def _send_body(
         self,
-        request: web.Request,
         response: web.StreamResponse,
         cached: CachedFile,
         first: int,
         end: int,
         outcome: Outcome,
     ) -> None:
-        """Bytes ``[first, end)``, each chunk checked on its way out; a chunk that fails its
-        check drops the entry, so the next request fetches it again."""
+        """Bytes ``[first, end)``, a chunk at a time, each read and checked before it is sent
+        (without checksums, hashed: the last chunk waits for the digest); a chunk that fails
+        its check is never sent, and drops the entry, so the next request fetches it again."""
+        hashing = cached.checksums is None
         try:
-            if cached.checksums is not None and not cached.verified:
-                await self._send_checked(request, cached, first, end, outcome)
-            elif not cached.verified:
-                await self._send_hashing(request, response, cached, outcome)
-                self._remember(cached)
-            elif end > first:
-                await _sendfile(request, cached, end, outcome, first)
+            index = first // CHECKED_CHUNK_BYTES
+            while first + outcome.bytes < end:
+                view = await cached.chunk(index)
+                start = index * CHECKED_CHUNK_BYTES
+                part = view[first + outcome.bytes - start : end - start]
+                await response.write(part)
+                outcome.bytes += len(part)
+                index += 1
         except Corrupt as exc:
             self._corrupt(cached, exc)
             raise Abort(CORRUPT) from exc
-
-    @staticmethod
-    async def _send_checked(
-        request: web.Request, cached: CachedFile, first: int, end: int, outcome: Outcome
-    ) -> None:
-        """Bytes ``[first, end)``, each chunk sent once it matched its checksum (the first
-        was checked before the headers), the next checked while this one goes out."""
-        index = first // CHECKED_CHUNK_BYTES
-        while first + outcome.bytes < end:
-            stop = min(end, (index + 1) * CHECKED_CHUNK_BYTES)
-            checking = cached.check(index + 1) if stop < end else None
-            try:
-                await _sendfile(request, cached, stop, outcome, first)
-            finally:
-                if checking is not None:
-                    await checking  # raises if the next chunk is wrong: it is not sent
-            index += 1
-
-    @staticmethod
-    async def _send_hashing(
-        request: web.Request,
-        response: web.StreamResponse,
-        cached: CachedFile,
-        outcome: Outcome,
-    ) -> None:
-        """Without checksums: all but the last byte with sendfile while a worker thread hashes
-        the same chunk; the last byte, as it was hashed, once the digest matches."""
-        held = cached.size - 1
-        while not cached.verified:
-            count = min(CHECKED_CHUNK_BYTES, cached.size - cached.hashed)
-            end = min(cached.hashed + count, held)
-            hashing = cached.hash_next(count)
-            try:
-                if end > outcome.bytes:
-                    await _sendfile(request, cached, end, outcome)
-            finally:
-                await hashing
-        await response.write(cached.last)
-        outcome.bytes = cached.size
+        if hashing:
+            self._remember(cached)
 
     def _release(self, cached: CachedFile) -> None:
         cached.close()

@@ -69,7 +69,12 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
         deleting = loop.run_in_executor(None, delete_files, paths)
         deleting.add_done_callback(functools.partial(_log_failed_deletion, len(paths)))
 
-    store = CacheStore(settings.cache.dir, settings.cache.max_size, on_evict=evicted)
+    store = CacheStore(
+        settings.cache.dir,
+        settings.cache.max_size,
+        on_evict=evicted,
+        read_back_up_to=settings.cache.read_back_up_to,
+    )
     await asyncio.to_thread(store.open)
     store.trim()  # max_size may have shrunk since the last run
     metrics.cache_size.set_function(lambda: store.total)
