@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from proxy.core.blob_body import CHUNK_BYTES
 from tests.images import Blob, Client, push_image, unique_repo
 from tests.proxy import Proxy, blob_path, scenario, slow_client_get
 from tests.registry import Registry
@@ -28,7 +29,7 @@ from tests.relay import Relay
 MakeProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
 StartProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
 MiB = 1024 * 1024
-CHUNK = 256 * 1024  # proxy.core.blobs.CHUNK_BYTES: the most a write can go past a reservation
+CHUNK = CHUNK_BYTES  # the most one read gives: the most a write can go past a reservation
 
 
 def digest_of(index: int) -> str:

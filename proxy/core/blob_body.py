@@ -18,7 +18,7 @@ from proxy.errors import BlobUnknown, UpstreamError, UpstreamInvalid
 from proxy.logs import get_logger
 from proxy.reference import Digest
 
-CHUNK_BYTES = 256 * 1024  # the most one read from the upstream gives
+CHUNK_BYTES = 1 << 20  # the most one read from the upstream gives
 MAX_RESUMES = 3
 
 log = get_logger("detour.blobs")

@@ -1,7 +1,7 @@
 """A thread that runs a job on a fetch's chunks, in order, beside the event loop.
 
 A fetch hashes and writes each chunk it receives in two lanes of its own, so neither the
-hashing nor the disk holds the network loop back by more than ``PIPELINE_CHUNKS``.
+hashing nor the disk holds the network loop back by more than ``PIPELINE_BYTES``.
 """
 
 from __future__ import annotations
@@ -13,17 +13,17 @@ import threading
 from collections.abc import Callable
 
 # Chunks are handed to the thread this many bytes at a time (and at the end): a thread woken
-# per chunk would cost a context switch, and a turn of the GIL, for each 256 KiB.
+# per chunk would cost a context switch, and a turn of the GIL, for each one.
 HANDOFF_BYTES = 1 << 20
-PIPELINE_CHUNKS = 8  # received chunks handed over and waiting to be hashed, or written
+PIPELINE_BYTES = 2 << 20  # received bytes handed over and waiting to be hashed, or written
 
 
 class Lane:
     """A thread that runs ``job`` on the chunks put to it, in order, taking what has queued up
-    (up to ``STORE_BATCH_BYTES``) at once: the hashing, or the writing, of one fetch.
+    (up to ``HANDOFF_BYTES``) at once: the hashing, or the writing, of one fetch.
 
     It goes from one chunk to the next without waiting for the event loop; the loop waits for
-    it only when ``PIPELINE_CHUNKS`` are waiting, and is woken only then. A job that raises
+    it only when ``PIPELINE_BYTES`` are waiting, and is woken only then. A job that raises
     is not run again: ``error`` holds what it raised, and later chunks are only counted.
     """
 
@@ -33,8 +33,8 @@ class Lane:
         self._chunks: queue.SimpleQueue[list[bytes] | None] = queue.SimpleQueue()
         self._pending: list[bytes] = []  # not handed over yet
         self._pending_bytes = 0
-        self._put = 0  # chunks put (on the loop)
-        self._done = 0  # chunks done (in the thread)
+        self._put = 0  # bytes handed over (on the loop)
+        self._done = 0  # bytes done (in the thread)
         self._closed = False
         self._stopped = False
         self._wanted = False  # the loop waits for a chunk to be done
@@ -50,9 +50,10 @@ class Lane:
             await self._hand_off()
 
     async def _hand_off(self) -> None:
-        await self._room(PIPELINE_CHUNKS)
-        batch, self._pending, self._pending_bytes = self._pending, [], 0
-        self._put += len(batch)
+        await self._room(PIPELINE_BYTES)
+        batch, size = self._pending, self._pending_bytes
+        self._pending, self._pending_bytes = [], 0
+        self._put += size
         self._chunks.put(batch)
 
     async def close(self) -> None:
@@ -104,7 +105,7 @@ class Lane:
                     self._job(batch)
                 except Exception as exc:
                     self.error = exc
-            self._done += len(batch)
+            self._done += sum(len(chunk) for chunk in batch)
             if self._wanted:
                 self._wanted = False
                 with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits

@@ -33,7 +33,7 @@ log = get_logger("detour")
 
 # The client's read buffer per connection (aiohttp pauses reading at twice this): with the
 # blob pipeline, what bounds memory per fetch (see the README's memory formula).
-READ_BUFFER_BYTES = 256 * 1024
+READ_BUFFER_BYTES = 512 * 1024
 
 
 @dataclass(frozen=True)

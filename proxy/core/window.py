@@ -17,13 +17,12 @@ import struct
 from collections import deque
 from dataclasses import dataclass
 
-from proxy.core.blob_body import CHUNK_BYTES
 from proxy.errors import UpstreamInvalid
 from proxy.logs import get_logger
 
 # The last bytes received, kept in memory for the clients that keep up (and, after a spill,
 # for every client): a fetch holds at most this, plus the chunks not yet on disk.
-WINDOW_BYTES = 8 * CHUNK_BYTES
+WINDOW_BYTES = 2 << 20
 
 log = get_logger("detour.blobs")
 
