@@ -1,7 +1,7 @@
 """Cold and hit blob GETs, GB/s: a fresh blob per cache per repeat, read once (cold), again
 once the cache has committed it (hit), and a third time (hit again: a cache that wrote it with
-O_DIRECT read the disk on the first hit, the page cache now); the mirror read directly is the
-limit. Checks that a cold GET cost the expected upstream GETs and a hit none."""
+O_DIRECT and did not read it back read the disk on the first hit, the page cache now); the
+mirror read directly is the limit. Checks that a cold GET cost the expected upstream GETs and a hit none."""
 
 from __future__ import annotations
 
@@ -49,8 +49,8 @@ async def run(bench: Bench) -> None:
                 bench.error(f"blob hit {key} #{r}", hit.problem(size))
                 continue
             bench.record("blob_hit_gbps", key, size / hit.seconds / GB)
-            # Again: a cache that wrote the blob without the page cache (O_DIRECT) read it
-            # from the disk on the first hit; this one it reads from the page cache.
+            # Again: a cache that wrote the blob past the page cache (O_DIRECT) and did not
+            # read it back read the disk on the first hit; this one it reads from memory.
             again = await bench.client.fetch(url, verify=False)
             if not again.ok(size):
                 bench.error(f"blob hit again {key} #{r}", again.problem(size))
