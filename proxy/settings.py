@@ -77,6 +77,7 @@ def _parse_size(value: Any) -> Any:
 
 Duration = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0)]
 ByteSize = Annotated[int, BeforeValidator(_parse_size), Field(gt=0)]
+ByteSizeOrZero = Annotated[int, BeforeValidator(_parse_size), Field(ge=0)]
 
 
 def split_host_port(value: str, default_port: int) -> tuple[str, int]:
@@ -185,7 +186,7 @@ class CacheSettings(_Section):
     # A blob up to this size, once fetched, written (O_DIRECT, past the page cache) and
     # verified, is read back into the page cache before it enters the cache, so the hits that
     # follow a fetch come from memory. 0: never; hits then read the disk.
-    read_back_up_to: ByteSize = 1024**3
+    read_back_up_to: ByteSizeOrZero = 1024**3
     tag_ttl: Duration = 300.0
 
     @model_validator(mode="before")

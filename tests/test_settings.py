@@ -40,10 +40,12 @@ def test_scenario_config_with_kuiks_key(tmp_path: Path) -> None:
 def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DETOUR_CACHE__DIR", "/data/detour")
     monkeypatch.setenv("DETOUR_CACHE__TAG_TTL", "2m")
+    monkeypatch.setenv("DETOUR_CACHE__READ_BACK_UP_TO", "0")  # 0 turns it off
     monkeypatch.setenv("DETOUR_LISTEN", "127.0.0.1:9000")
     settings = load_settings(write(tmp_path, SCENARIO))
     assert settings.cache.dir == Path("/data/detour")
     assert settings.cache.tag_ttl == 120
+    assert settings.cache.read_back_up_to == 0
     assert settings.listen == "127.0.0.1:9000"
     assert len(settings.redirects) == 2  # the rest still comes from the file
 
@@ -55,6 +57,7 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
         ("redirects:\n  - src: nats\n    to: m.local/x\n", 2, "redirects.0.src"),
         ("redirects:\n  - src: docker.io\n    to: m.local/UPPER\n", 3, "redirects.0.to"),
         ("cache:\n  tag_ttl: forever\n", 2, "cache.tag_ttl"),
+        ("cache:\n  read_back_up_to: -1\n", 2, "cache.read_back_up_to"),
         ("cache:\n  dirr: /x\n", 2, "cache.dirr"),
         ("listen: 0.0.0.0:99999\n", 1, "listen"),
         ("registries:\n  ghcr.io: {username: u}\n", 2, "registries.ghcr.io"),
