@@ -157,6 +157,24 @@ async def test_a_rotten_bit_in_a_checked_blob_is_never_sent(
     await assert_dropped_and_fetched_again(proxy, path, layer, seen + 1)
 
 
+@pytest.mark.parametrize("state", STATES)
+async def test_a_hit_not_in_the_page_cache_comes_whole_from_the_disk(
+    detour_process: DetourProcess, registry: Registry, tmp_path: Path, state: str
+) -> None:
+    # A hit reads what the page cache holds on the event loop, and the rest from the disk in a
+    # worker thread: with the file's pages dropped, every chunk takes the second way.
+    proxy, path, layer, seen = await cached_layer(registry, detour_process, tmp_path, BIG, state)
+    fd = os.open(blob_path(proxy.cache_dir, layer.digest), os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+    assert await get(proxy, path) == (200, layer.size, layer.data, True)
+    assert (await access_lines(proxy, path, seen + 1))[seen]["cache"] == "hit"
+    assert await corruptions(proxy) == 0
+
+
 async def test_a_checked_blob_cut_short_is_a_miss(
     detour_process: DetourProcess, registry: Registry, tmp_path: Path
 ) -> None:

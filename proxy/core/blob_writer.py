@@ -82,7 +82,7 @@ def read_back(fd: int, size: int) -> None:
     """Read a file into the page cache and wait until it is there (blocking).
 
     The kernel is asked to read it all ahead first (many requests at once: 0.2 s for 512 MiB
-    here, against 0.8 s for plain sequential reads), then it is read through twice: the first
+    here, against 0.6 s for plain sequential reads), then it is read through twice: the first
     read waits for the disk, the second moves its pages to the kernel's active list, which
     the first hit would otherwise do (a quarter slower here). Through a 1 MiB buffer, which
     stays in the CPU's cache.
