@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.core.blob_writer import CHECKED_CHUNK_BYTES, BlobWriter
+from proxy.core.blob_writer import CHECKED_CHUNK_BYTES, BlobWriter, Checksums
 from proxy.core.cache import CacheStore
 from proxy.reference import Digest
 
@@ -67,6 +67,12 @@ async def test_a_committed_blob_is_in_place_indexed_and_summed(tmp_path: Path) -
     assert checksums.identity == (stat.st_dev, stat.st_ino)  # the file as committed
     assert checksums.size == len(data)
     assert len(checksums.sums) == -(-len(data) // CHECKED_CHUNK_BYTES)
+    # Kept with the file too (an extended attribute), for the hits after a restart.
+    fd = os.open(final, os.O_RDONLY)
+    try:
+        assert Checksums.load(fd) == checksums
+    finally:
+        os.close(fd)
 
 
 def in_page_cache(path: Path) -> int:

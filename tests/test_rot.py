@@ -3,11 +3,13 @@ never reaches a client as a complete 200 with the wrong bytes, and does not stay
 
 Each test runs ``detour serve`` as a real process against the real registry, caches a blob,
 then changes the cached file on disk while Detour runs, as a bad disk would: one bit flipped,
-or the file cut short. Two states of the entry: ``checked`` (hashed once it was cached, so a
-hit checks each chunk against its checksum before sending it: no wrong byte leaves) and
-``restarted`` (a new process, no checksums yet: the hit is hashed as it is sent, its last byte
-held back until the digest matches). Either way the bad response is aborted or never starts,
-the entry is dropped and counted, and the next request fetches it again.
+or the file cut short. Three states of the entry: ``checked`` (its checksums, taken by the
+fetch, in memory: a hit checks each chunk against its checksum before sending it, so no wrong
+byte leaves), ``restarted`` (a new process, which reads the checksums kept with the file in an
+extended attribute: the same) and ``unsummed`` (a new process, and the attribute gone, as on a
+file system without them or for a blob too large for one: the hit is hashed as it is sent, its
+last chunk held back until the digest matches). Either way the bad response is aborted or
+never starts, the entry is dropped and counted, and the next request fetches it again.
 ``detour cache verify`` finds the same offline.
 """
 
@@ -27,7 +29,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.core.blob_writer import CHECKED_CHUNK_BYTES
+from proxy.core.blob_writer import CHECKED_CHUNK_BYTES, SUMS_ATTRIBUTE
 from tests.containerd import Containerd
 from tests.images import Blob, PushedImage, push_image, unique_repo
 from tests.proxy import Proxy, blob_path, scenario, slow_client_get, stop_process, wait_cached
@@ -39,7 +41,7 @@ CHUNK = CHECKED_CHUNK_BYTES  # a hit is checked and sent this much at a time
 BIG = 40 * MiB  # many chunks, more than the kernel's socket buffers hold
 SMALL = 8 * MiB  # without checksums, hashed whole before the headers
 CORRUPTIONS = ("flipped bit", "truncated")
-STATES = ("checked", "restarted")
+STATES = ("checked", "restarted", "unsummed")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -94,6 +96,16 @@ async def get(
         return response.status, response.content_length, bytes(body), True
 
 
+async def restart(
+    proxy: Proxy, detour_process: DetourProcess, config: dict[str, Any], digest: str, state: str
+) -> Proxy:
+    """A new process on the same cache; ``unsummed``: the blob's kept checksums removed."""
+    await stop_process(proxy)
+    if state == "unsummed":
+        os.removexattr(blob_path(proxy.cache_dir, digest), SUMS_ATTRIBUTE)
+    return await detour_process(config)
+
+
 async def cached_layer(
     registry: Registry, detour_process: DetourProcess, tmp_path: Path, size: int, state: str
 ) -> tuple[Proxy, str, Blob, int]:
@@ -112,8 +124,7 @@ async def cached_layer(
     await access_lines(proxy, path, 2)
     if state == "checked":
         return proxy, path, layer, 2
-    await stop_process(proxy)
-    return await detour_process(config), path, layer, 0
+    return await restart(proxy, detour_process, config, layer.digest, state), path, layer, 0
 
 
 async def assert_dropped_and_fetched_again(proxy: Proxy, path: str, layer: Blob, seen: int) -> None:
@@ -129,12 +140,12 @@ async def assert_dropped_and_fetched_again(proxy: Proxy, path: str, layer: Blob,
     assert await corruptions(proxy) == 1
 
 
+@pytest.mark.parametrize("state", ["checked", "restarted"])
 async def test_a_rotten_bit_in_a_checked_blob_is_never_sent(
-    detour_process: DetourProcess, registry: Registry, tmp_path: Path
+    detour_process: DetourProcess, registry: Registry, tmp_path: Path, state: str
 ) -> None:
-    proxy, path, layer, seen = await cached_layer(
-        registry, detour_process, tmp_path, BIG, "checked"
-    )
+    # Checked from the checksums the fetch took: in memory, or after a restart from the file.
+    proxy, path, layer, seen = await cached_layer(registry, detour_process, tmp_path, BIG, state)
     cached = blob_path(proxy.cache_dir, layer.digest)
     flip_bit(cached, CHUNK + 12345)  # in the second chunk
 
@@ -175,12 +186,11 @@ async def test_a_hit_not_in_the_page_cache_comes_whole_from_the_disk(
     assert await corruptions(proxy) == 0
 
 
+@pytest.mark.parametrize("state", ["checked", "restarted"])
 async def test_a_checked_blob_cut_short_is_a_miss(
-    detour_process: DetourProcess, registry: Registry, tmp_path: Path
+    detour_process: DetourProcess, registry: Registry, tmp_path: Path, state: str
 ) -> None:
-    proxy, path, layer, seen = await cached_layer(
-        registry, detour_process, tmp_path, BIG, "checked"
-    )
+    proxy, path, layer, seen = await cached_layer(registry, detour_process, tmp_path, BIG, state)
     corrupt(blob_path(proxy.cache_dir, layer.digest), "truncated")
 
     # Not the size it had when it was checked: dropped before any byte, fetched again.
@@ -190,11 +200,11 @@ async def test_a_checked_blob_cut_short_is_a_miss(
 
 
 @pytest.mark.parametrize("how", CORRUPTIONS)
-async def test_after_a_restart_a_corrupt_hit_is_aborted_before_its_last_byte(
+async def test_without_checksums_a_corrupt_hit_is_aborted_before_its_last_chunk(
     detour_process: DetourProcess, registry: Registry, tmp_path: Path, how: str
 ) -> None:
     proxy, path, layer, seen = await cached_layer(
-        registry, detour_process, tmp_path, BIG, "restarted"
+        registry, detour_process, tmp_path, BIG, "unsummed"
     )
     cached = blob_path(proxy.cache_dir, layer.digest)
     corrupt(cached, how)
@@ -202,7 +212,7 @@ async def test_after_a_restart_a_corrupt_hit_is_aborted_before_its_last_byte(
 
     status, length, body, whole = await get(proxy, path)
 
-    # No checksums yet: the file is hashed as it is sent, and the last byte waits for the
+    # No checksums: the file is hashed as it is sent, and the last chunk waits for the
     # digest. It did not match: the connection was aborted short of Content-Length.
     assert (status, length, whole) == (200, size_on_disk, False)
     assert len(body) < size_on_disk
@@ -291,8 +301,8 @@ async def test_a_file_cut_short_while_it_is_sent_is_no_complete_200(
 
 @pytest.mark.parametrize(
     ("state", "layer_size"),
-    [("checked", BIG), ("restarted", BIG), ("restarted", SMALL // 2)],
-    ids=["checked", "restarted", "restarted-small-layer"],
+    [("checked", BIG), ("restarted", BIG), ("unsummed", BIG), ("unsummed", SMALL // 2)],
+    ids=["checked", "restarted", "unsummed", "unsummed-small-layer"],
 )
 async def test_containerd_pulls_again_after_a_layer_rotted(
     registry: Registry,
@@ -317,9 +327,8 @@ async def test_containerd_pulls_again_after_a_layer_rotted(
     (await containerd.pull(ref, plain_http=True)).check()  # a hit: after it, checked
     (await containerd.remove_image(ref)).check()
     await access_lines(proxy, rotten_path, 2)
-    if state == "restarted":
-        await stop_process(proxy)
-        proxy = await detour_process(config)
+    if state != "checked":
+        proxy = await restart(proxy, detour_process, config, rotten.digest, state)
         ref = f"{proxy.host}/{name}:v1"
     # In a chunk before the last: without checksums, the last chunk (which waits for the
     # digest) would be held back and ctr never see a wrong byte; this is the worst case.
@@ -336,7 +345,7 @@ async def test_containerd_pulls_again_after_a_layer_rotted(
         # Hashed before its headers went out: a miss, fetched again. ctr never knew.
         first.check()
         assert [(r["status"], r["cache"]) for r in lines] == [(200, "miss")]
-    elif state == "checked":
+    elif state in ("checked", "restarted"):
         # Aborted at the chunk that failed its checksum, before a byte of it was sent; ctr
         # resumed with a Range from there, and Detour answered that from a fresh copy. No
         # wrong byte reached ctr, and the pull succeeded.

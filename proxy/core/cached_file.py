@@ -59,10 +59,12 @@ class CachedFile:
         stat = os.fstat(self.file.fileno())
         self.identity = (stat.st_dev, stat.st_ino)
         self.size = stat.st_size
-        # Checksums taken from this very file (another one, fetched again since, is hashed
-        # whole); at another size than then, it changed: cut short, or written to.
-        same_file = known is not None and known.identity == self.identity
-        self.checksums = known if same_file else None
+        # Checksums taken from this very file, kept in memory or with the file (another one,
+        # fetched again since, is hashed whole); at another size than then, it changed: cut
+        # short, or written to.
+        if known is None or known.identity != self.identity:
+            known = Checksums.load(self.file.fileno())
+        self.checksums = known
         self.verified = False  # the whole file hashed, and it matched
         self.hashed = 0  # bytes hashed into the digest, in order
         self._hasher = digest.hasher()

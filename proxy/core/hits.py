@@ -92,6 +92,8 @@ class Hits:
             self._release(cached)
             raise
         self._store.touch(path)
+        if cached.checksums is not None:
+            self.keep(cached.checksums, path)  # read from the file's attribute, perhaps
         return cached
 
     async def _check_first(self, request: web.Request, cached: CachedFile) -> None:
