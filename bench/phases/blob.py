@@ -1,7 +1,8 @@
 """Cold and hit blob GETs, GB/s: a fresh blob per cache per repeat, read once (cold), again
 once the cache has committed it (hit), and a third time (hit again: a cache that wrote it with
 O_DIRECT and did not read it back read the disk on the first hit, the page cache now); the
-mirror read directly is the limit. Checks that a cold GET cost the expected upstream GETs and a hit none."""
+mirror read directly is the limit. Checks that a cold GET cost the expected upstream GETs and a
+hit none."""
 
 from __future__ import annotations
 
