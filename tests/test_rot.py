@@ -28,8 +28,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+import xxhash
 
-from proxy.core.blob_writer import CHECKED_CHUNK_BYTES, SUMS_ATTRIBUTE
+from proxy.core.blob_writer import CHECKED_CHUNK_BYTES, SUMS_ATTRIBUTE, Checksums
 from tests.containerd import Containerd
 from tests.images import Blob, PushedImage, push_image, unique_repo
 from tests.proxy import Proxy, blob_path, scenario, slow_client_get, stop_process, wait_cached
@@ -453,6 +454,18 @@ def test_cache_verify_drops_what_is_wrong(tmp_path: Path) -> None:
 
     again = verify(root)
     assert (again.returncode, again.stdout) == (0, "checked 1 blobs, 1 manifests; dropped 0\n")
+    # The right blob, put there without checksums, now has them: its hits after a restart
+    # are checked chunk by chunk.
+    fd = os.open(good, os.O_RDONLY)
+    try:
+        kept = Checksums.load(fd)
+    finally:
+        os.close(fd)
+    assert kept is not None
+    data = good.read_bytes()
+    chunks = [data[at : at + CHUNK] for at in range(0, len(data), CHUNK)]
+    sums = [xxhash.xxh3_64_intdigest(chunk) for chunk in chunks]
+    assert (kept.size, list(kept.sums)) == (len(data), sums)
 
     bad_argument = verify(tmp_path / "nowhere")
     assert bad_argument.returncode == 2

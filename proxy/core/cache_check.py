@@ -1,5 +1,6 @@
 """``detour cache verify``: every blob and manifest in a cache directory checked against the
-digest its file is named for, offline or beside a running proxy; what is wrong is deleted.
+digest its file is named for, offline or beside a running proxy; what is wrong is deleted, and
+a right blob without its chunk checksums (written before Detour kept them) is given them.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from proxy.core.blob_writer import Checksums, ChunkSums
 from proxy.oci import MANIFEST_MAX_BYTES
 from proxy.reference import Digest
 
@@ -52,6 +54,7 @@ def _entry_problem(kind: str, path: Path) -> tuple[str, os.stat_result] | None:
     if path.parent.name != hexpart[:2]:
         return "not in its digest's directory", path.stat()
     hasher = digest.hasher()
+    sums = ChunkSums()
     with path.open("rb", buffering=0) as file:
         checked = os.fstat(file.fileno())
         if kind == "manifests":
@@ -62,8 +65,15 @@ def _entry_problem(kind: str, path: Path) -> tuple[str, os.stat_result] | None:
         else:
             while chunk := file.read(_VERIFY_READ_BYTES):
                 hasher.update(chunk)
-    if hasher.hexdigest() != digest.hex:
-        return f"does not match its digest ({checked.st_size} bytes)", checked
+                sums.update(chunk)
+        if hasher.hexdigest() != digest.hex:
+            return f"does not match its digest ({checked.st_size} bytes)", checked
+        if kind == "blobs":
+            # Right: its checksums, for hits after a restart, if it has none or wrong ones.
+            identity = (checked.st_dev, checked.st_ino)
+            taken = Checksums(identity, checked.st_size, sums.finish())
+            if Checksums.load(file.fileno()) != taken:
+                taken.save(file.fileno())
     return None
 
 
