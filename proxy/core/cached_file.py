@@ -65,7 +65,6 @@ class CachedFile:
         if known is None or known.identity != self.identity:
             known = Checksums.load(self.file.fileno())
         self.checksums = known
-        self.verified = False  # the whole file hashed, and it matched
         self.hashed = 0  # bytes hashed into the digest, in order
         self._hasher = digest.hasher()
         self._sums: array[int] = array("Q")
@@ -157,7 +156,6 @@ class CachedFile:
         if self.hashed == self.size:
             if self._hasher.hexdigest() != self.digest.hex:
                 raise Corrupt("does not match its digest")
-            self.verified = True
             self.checksums = Checksums(self.identity, self.size, self._sums)
 
     async def _in_thread(self, job: Callable[..., _T], *args: object) -> _T:
