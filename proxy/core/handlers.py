@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlencode
@@ -28,6 +29,7 @@ from proxy.core.services import SERVICES
 from proxy.core.upstream import PEER_HEADER
 from proxy.errors import (
     BadRequest,
+    DetourError,
     NameUnknown,
     NotFound,
     PaginationNumberInvalid,
@@ -162,11 +164,34 @@ def _through_peers(request: web.Request, route: Route, key: str, client_auth: st
     return peering.route(route, key)
 
 
+async def _passed_through(
+    request: web.Request,
+    path: ApiPath,
+    suffix: str,
+    client_auth: str | None,
+    *,
+    not_found: DetourError,
+    limit: int,
+    what: str,
+    headers: Mapping[str, str] | None = None,
+) -> tuple[bytes, Mapping[str, str]]:
+    """GET ``suffix`` of the repository from its route, for a listing that is never cached:
+    its body (at most ``limit`` bytes) and the upstream's headers; ``not_found`` for a 404."""
+    services = request.app[SERVICES]
+    route = services.rules.route(path.name)
+    async with await services.upstream.open(
+        route, "GET", suffix, client_auth=client_auth, headers=headers
+    ) as answer:
+        request[LOG]["upstream"] = answer.where
+        if answer.status != 200:
+            raise answer.refusal(not_found)
+        return await answer.read(limit, what), answer.headers
+
+
 async def _tags_list(
     request: web.Request, path: ApiPath, ns: str | None, client_auth: str | None
 ) -> web.Response:
     """Passed through (tags move; this is never cached), with names rewritten to the client's."""
-    services = request.app[SERVICES]
     query: dict[str, str] = {}
     if "n" in request.query:
         if not _COUNT.fullmatch(request.query["n"]):
@@ -179,17 +204,16 @@ async def _tags_list(
         last = request.query["last"]
         query["last"] = last if is_digest(last) else validate_tag(last)
     suffix = "tags/list" + (f"?{urlencode(query)}" if query else "")
-    route = services.rules.route(path.name)
-    async with await services.upstream.open(
-        route, "GET", suffix, client_auth=client_auth
-    ) as answer:
-        request[LOG]["upstream"] = answer.where
-        if answer.status != 200:
-            raise answer.refusal(
-                NameUnknown("repository unknown to upstream", {"name": str(path.name)})
-            )
-        body = await answer.read(TAGS_LIST_MAX_BYTES, "tag list")
-        link = answer.headers.get("Link")
+    body, answered = await _passed_through(
+        request,
+        path,
+        suffix,
+        client_auth,
+        not_found=NameUnknown("repository unknown to upstream", {"name": str(path.name)}),
+        limit=TAGS_LIST_MAX_BYTES,
+        what="tag list",
+    )
+    link = answered.get("Link")
     try:
         listing = parse_json(body)
         tags = listing.get("tags") or []
@@ -224,7 +248,6 @@ async def _referrers(request: web.Request, path: ApiPath, client_auth: str | Non
     """OCI 1.1 referrers (signatures, SBOMs), passed through the route's mirrors and never
     cached: they are added to an image after it is pushed. An upstream without the API answers
     404, which is relayed so the client falls back to the ``sha256-<hex>`` tag schema."""
-    services = request.app[SERVICES]
     artifact_type = request.query.get("artifactType")
     suffix = f"referrers/{path.reference}"
     if artifact_type is not None:
@@ -233,17 +256,19 @@ async def _referrers(request: web.Request, path: ApiPath, client_auth: str | Non
                 "artifactType must be a media type", {"artifactType": artifact_type[:100]}
             )
         suffix += f"?{urlencode({'artifactType': artifact_type})}"
-    route = services.rules.route(path.name)
-    async with await services.upstream.open(
-        route, "GET", suffix, client_auth=client_auth, headers={"Accept": OCI_INDEX}
-    ) as answer:
-        request[LOG]["upstream"] = answer.where
-        if answer.status != 200:
-            raise answer.refusal(
-                NotFound("the upstream does not offer the referrers API", {"name": str(path.name)})
-            )
-        body = await answer.read(MANIFEST_MAX_BYTES, "referrers list")
-        filtered = FILTERS_APPLIED in answer.headers
+    body, answered = await _passed_through(
+        request,
+        path,
+        suffix,
+        client_auth,
+        not_found=NotFound(
+            "the upstream does not offer the referrers API", {"name": str(path.name)}
+        ),
+        limit=MANIFEST_MAX_BYTES,
+        what="referrers list",
+        headers={"Accept": OCI_INDEX},
+    )
+    filtered = FILTERS_APPLIED in answered
     try:
         index = parse_json(body)
         descriptors = index["manifests"]
