@@ -14,6 +14,7 @@ from targets import rotated
 
 if TYPE_CHECKING:
     from session import Bench
+    from targets import TargetKey
 
 
 async def run(bench: Bench) -> None:
@@ -21,6 +22,17 @@ async def run(bench: Bench) -> None:
     size = bench.o.blob_size
     hits_from_cache: dict[str, list[bool]] = {k: [] for k in bench.targets.caches}
     cold_upstream: dict[str, list[int]] = {k: [] for k in bench.targets.caches}
+
+    async def get(url: str, metric: str, what: str, key: TargetKey) -> bool:
+        """GET the blob and record its GB/s under ``metric``; False (an error) if it failed."""
+        assert bench.client is not None
+        result = await bench.client.fetch(url, verify=False)
+        if not result.ok(size):
+            bench.error(what, result.problem(size))
+            return False
+        bench.record(metric, key, size / result.seconds / GB)
+        return True
+
     for r in range(bench.o.repeat):
         result = await bench.client.fetch(
             bench.targets["mirror"].blob(bench.content.mirror_blob), verify=False
@@ -35,28 +47,19 @@ async def run(bench: Bench) -> None:
             digest = bench.content.cold[key][r]
             url = bench.targets[key].blob(digest)
             mark = bench.targets.mirror_log.mark()
-            cold = await bench.client.fetch(url, verify=False)
-            if not cold.ok(size):
-                bench.error(f"blob cold {key} #{r}", cold.problem(size))
+            if not await get(url, "blob_cold_gbps", f"blob cold {key} #{r}", key):
                 continue
-            bench.record("blob_cold_gbps", key, size / cold.seconds / GB)
             if not await bench.targets.wait_cached(key, digest):
                 bench.error(f"blob cold {key} #{r}", "blob never appeared in the cache")
             gets, _ = blob_requests(await bench.targets.mirror_log.settle(mark), digest)
             cold_upstream[key].append(gets)
             mark = bench.targets.mirror_log.mark()
-            hit = await bench.client.fetch(url, verify=False)
-            if not hit.ok(size):
-                bench.error(f"blob hit {key} #{r}", hit.problem(size))
+            if not await get(url, "blob_hit_gbps", f"blob hit {key} #{r}", key):
                 continue
-            bench.record("blob_hit_gbps", key, size / hit.seconds / GB)
             # Again: a cache that wrote the blob past the page cache (O_DIRECT) and did not
             # read it back read the disk on the first hit; this one it reads from memory.
-            again = await bench.client.fetch(url, verify=False)
-            if not again.ok(size):
-                bench.error(f"blob hit again {key} #{r}", again.problem(size))
+            if not await get(url, "blob_hit_again_gbps", f"blob hit again {key} #{r}", key):
                 continue
-            bench.record("blob_hit_again_gbps", key, size / again.seconds / GB)
             gets, _ = blob_requests(await bench.targets.mirror_log.settle(mark), digest)
             hits_from_cache[key].append(gets == 0)
     bench.details["checks"]["blob_cold_upstream_gets"] = cold_upstream
