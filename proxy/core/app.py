@@ -21,7 +21,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from proxy import __version__
+from proxy import __version__, allocator
 from proxy.core import handlers
 from proxy.core.admin import add_admin_routes
 from proxy.core.services import METRICS, SETTINGS, services_ctx
@@ -312,6 +312,7 @@ def run(settings: Settings) -> None:
         "cache_max_size": settings.cache.max_size,  # bytes; null: no limit
         "rules": len(settings.redirects),
         "registries": sorted(named_registries(settings)),
+        "allocator_tuned": allocator.tune(),
     }
     peers = settings.cluster.peers
     if peers:
