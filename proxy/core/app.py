@@ -301,6 +301,7 @@ def _cache_dir_error(cache_dir: Path, exc: OSError) -> ConfigError | None:
 
 
 def run(settings: Settings) -> None:
+    allocator.tune()
     configure_logging(settings.log_level)
     host, port = split_host_port(settings.listen, 7439)
     for problem in unknown_environment(os.environ):
@@ -312,7 +313,6 @@ def run(settings: Settings) -> None:
         "cache_max_size": settings.cache.max_size,  # bytes; null: no limit
         "rules": len(settings.redirects),
         "registries": sorted(named_registries(settings)),
-        "allocator_tuned": allocator.tune(),
     }
     peers = settings.cluster.peers
     if peers:
