@@ -99,6 +99,18 @@ class Service:
         match = re.search(rf"^{key}:\s+(\d+) kB", text, re.MULTILINE)
         return int(match[1]) if match else None
 
+    def cpu_seconds(self) -> float | None:
+        """The processor time it has used so far, every thread's, user and system (utime +
+        stime in ``/proc/<pid>/stat``); None once gone."""
+        if self._proc is None:
+            return None
+        try:
+            stat = Path(f"/proc/{self._proc.pid}/stat").read_text()
+        except OSError:
+            return None
+        fields = stat.rsplit(")", 1)[1].split()  # after the command's name, which may hold spaces
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def reset_peak_rss(self) -> bool:
         """Reset VmHWM (``echo 5 > /proc/<pid>/clear_refs``, Linux >= 4.0)."""
         if self._proc is None:

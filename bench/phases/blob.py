@@ -1,8 +1,9 @@
 """Cold and hit blob GETs, GB/s: a fresh blob per cache per repeat, read once (cold), again
 once the cache has committed it (hit), and a third time (hit again: a cache that wrote it with
 O_DIRECT and did not read it back read the disk on the first hit, the page cache now); the
-mirror read directly is the limit. Checks that a cold GET cost the expected upstream GETs and a
-hit none."""
+mirror read directly is the limit. A cold blob's processor time, the cache's and the mirror's,
+from its GET until it is stored (the peer stores from a second fetch, after or while it
+answers). Checks that a cold GET cost the expected upstream GETs and a hit none."""
 
 from __future__ import annotations
 
@@ -13,8 +14,24 @@ from mirror import blob_requests
 from targets import rotated
 
 if TYPE_CHECKING:
+    from processes import Service
     from session import Bench
     from targets import TargetKey
+
+
+class CpuUse:
+    """The processor time a cache and the mirror use from now on."""
+
+    def __init__(self, cache: Service, mirror: Service) -> None:
+        self._services = (cache, mirror)
+        self._start = [service.cpu_seconds() or 0.0 for service in self._services]
+
+    def since(self) -> tuple[float, float]:
+        cache, mirror = (
+            (service.cpu_seconds() or 0.0) - start
+            for service, start in zip(self._services, self._start, strict=True)
+        )
+        return cache, mirror
 
 
 async def run(bench: Bench) -> None:
@@ -47,10 +64,15 @@ async def run(bench: Bench) -> None:
             digest = bench.content.cold[key][r]
             url = bench.targets[key].blob(digest)
             mark = bench.targets.mirror_log.mark()
+            cpu = CpuUse(bench.targets.service(key), bench.targets.mirror)
             if not await get(url, "blob_cold_gbps", f"blob cold {key} #{r}", key):
                 continue
             if not await bench.targets.wait_cached(key, digest):
                 bench.error(f"blob cold {key} #{r}", "blob never appeared in the cache")
+            else:  # the whole of a cold blob's work: the client's stream and the storing
+                cache_cpu, mirror_cpu = cpu.since()
+                bench.record("blob_cold_cpu_s", key, cache_cpu)
+                bench.record("blob_cold_mirror_cpu_s", key, mirror_cpu)
             gets, _ = blob_requests(await bench.targets.mirror_log.settle(mark), digest)
             cold_upstream[key].append(gets)
             mark = bench.targets.mirror_log.mark()
