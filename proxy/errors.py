@@ -154,6 +154,13 @@ class AdminDenied(ClientError):
     code = "DENIED"
 
 
+class TooBusy(DetourError):
+    """Detour serves ``max_client_connections`` already: the client is to come back."""
+
+    status = 503
+    code = "UNAVAILABLE"
+
+
 class UpstreamError(DetourError):
     status = 502
     code = "UNAVAILABLE"

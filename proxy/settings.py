@@ -301,6 +301,11 @@ class Settings(BaseSettings):
     )
 
     listen: Listen = "0.0.0.0:7439"
+    # Client connections open at once; past it, a request under /v2/ is answered 503 and its
+    # connection closed (probes and /metrics are still answered). An idle connection, or one
+    # that never completes a request, is closed after client_idle_timeout.
+    max_client_connections: int = Field(default=1024, ge=1)
+    client_idle_timeout: Duration = 75.0
     log_level: str = "info"
     cache: CacheSettings = CacheSettings()
     upstream: UpstreamSettings = UpstreamSettings()

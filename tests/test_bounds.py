@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import Awaitable, Callable
@@ -271,3 +272,65 @@ async def test_a_range_of_a_blob_too_large_to_cache_is_answered_whole(
         assert response.status == 200, await response.text()
         assert await response.read() == data
     assert not blob_path(tmp_path / "cache", digest).exists()
+
+
+def host_port(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return host, int(port)
+
+
+async def get_once(url: str) -> tuple[int, dict[str, str], bytes]:
+    """A GET on a connection of its own, closed after it."""
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.get(url) as response,
+    ):
+        return response.status, dict(response.headers), await response.read()
+
+
+async def test_connections_past_the_limit_are_refused_but_probes_answered(
+    detour_process: StartProxy, registry: Registry, tmp_path: Path
+) -> None:
+    """Past ``max_client_connections`` a request gets a 503 with an OCI error body and
+    Retry-After, and its connection is closed; /healthz is still answered (a refused probe
+    would restart the pod); once connections close, requests are served again."""
+    proxy = await detour_process(scenario(registry, tmp_path / "cache", max_client_connections=3))
+    host, port = host_port(proxy.url)
+    idle = [await asyncio.open_connection(host, port) for _ in range(3)]
+    try:
+        await asyncio.sleep(0.2)  # all three accepted
+        status, headers, body = await get_once(f"{proxy.url}/v2/")
+        assert status == 503
+        error = json.loads(body)["errors"][0]
+        assert error["code"] == "UNAVAILABLE"
+        assert error["detail"] == {"max_client_connections": 3}
+        assert headers["Retry-After"] == "1"
+        assert headers["Connection"].lower() == "close"
+        assert (await get_once(f"{proxy.url}/healthz"))[0] == 200
+    finally:
+        for _, writer in idle:
+            writer.close()
+    await asyncio.sleep(0.3)  # their handlers gone
+    assert (await get_once(f"{proxy.url}/v2/"))[0] == 200
+    refused = {"method": "GET", "kind": "api_root", "status": "503"}
+    assert await proxy.metric("detour_http_requests_total", **refused) == 1
+
+
+async def test_a_connection_that_never_finishes_a_request_is_closed(
+    detour_process: StartProxy, registry: Registry, tmp_path: Path
+) -> None:
+    """A client that opens a connection and sends part of a request (slowloris) holds it for
+    ``client_idle_timeout``, no longer."""
+    proxy = await detour_process(scenario(registry, tmp_path / "cache", client_idle_timeout="1s"))
+    reader, writer = await asyncio.open_connection(*host_port(proxy.url))
+    started = asyncio.get_running_loop().time()
+    writer.write(b"GET /v2/ HTTP/1.1\r\nHost: detour\r\n")  # the blank line never comes
+    await writer.drain()
+    try:
+        async with asyncio.timeout(10):
+            with contextlib.suppress(ConnectionResetError):
+                assert await reader.read() == b""  # closed by Detour, nothing answered
+    finally:
+        writer.close()
+    assert asyncio.get_running_loop().time() - started >= 0.9

@@ -25,7 +25,7 @@ from proxy import __version__, allocator
 from proxy.core import handlers
 from proxy.core.admin import add_admin_routes
 from proxy.core.services import METRICS, SETTINGS, services_ctx
-from proxy.errors import BadRequest, DetourError, NotFound, Unsupported, oci_error_body
+from proxy.errors import BadRequest, DetourError, NotFound, TooBusy, Unsupported, oci_error_body
 from proxy.logs import CLIENT_DISCONNECTED, LOG, configure_logging, get_logger
 from proxy.metrics import Metrics
 from proxy.settings import (
@@ -112,6 +112,31 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(DetourError("internal error"))
 
 
+# Answered on every connection, past max_client_connections too: a kubelet probe refused
+# would restart the pod, and a flood of connections would then end every pull under way.
+PROBE_PATHS = ("/healthz", "/readyz", "/metrics")
+RETRY_AFTER_SECONDS = 1
+
+
+@web.middleware
+async def connection_limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A request on a connection made past ``max_client_connections`` (see :class:`_Server`)
+    is answered 503, and the connection closed, unless it is a probe."""
+    if getattr(request.protocol, "over_limit", False) and request.path not in PROBE_PATHS:
+        limit = request.app[SETTINGS].max_client_connections
+        request[LOG]["error"] = TooBusy.code
+        response = error_response(
+            TooBusy(
+                f"Detour serves {limit} client connections already",
+                {"max_client_connections": limit},
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
+        )
+        response.force_close()
+        return response
+    return await handler(request)
+
+
 async def _api_version_header(_: web.Request, response: web.StreamResponse) -> None:
     response.headers["Docker-Distribution-Api-Version"] = API_VERSION
 
@@ -121,7 +146,7 @@ class AccessLog(AbstractAccessLogger):
     duration. Header values are never logged, so neither are credentials."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time_: float) -> None:
-        if request.path in ("/healthz", "/readyz", "/metrics"):
+        if request.path in PROBE_PATHS:
             return
         fields: dict[str, Any] = dict(request.get(LOG, {}))
         fields.pop("bytes", None)
@@ -144,7 +169,8 @@ class AccessLog(AbstractAccessLogger):
 
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
-        middlewares=[metrics_middleware, error_middleware], client_max_size=64 * 1024
+        middlewares=[metrics_middleware, error_middleware, connection_limit_middleware],
+        client_max_size=64 * 1024,
     )
     app[SETTINGS] = settings
     app[METRICS] = Metrics(known_registries=named_registries(settings))
@@ -174,6 +200,7 @@ class _ProtocolErrors(RequestHandler):
     _first_bytes = True
     _tls = False
     metrics: Metrics | None = None  # the app's, set by _Server: these never reach the app
+    over_limit = False  # made past max_client_connections: see connection_limit_middleware
 
     def data_received(self, data: bytes) -> None:
         if self._first_bytes:
@@ -221,17 +248,23 @@ class _ProtocolErrors(RequestHandler):
 
 class _Server(web.Server):
     """A :class:`web.Server` whose connections are :class:`_ProtocolErrors`; see
-    :func:`answer_parser_errors`, the one place that makes one."""
+    :func:`answer_parser_errors`, the one place that makes one. A connection made while
+    ``max_connections`` are open is marked ``over_limit``."""
 
     metrics: Metrics | None = None
+    max_connections: int | None = None
 
     def __call__(self) -> RequestHandler:
         handler = _ProtocolErrors(self, loop=self._loop, **self._kwargs)
         handler.metrics = self.metrics
+        limit = self.max_connections
+        handler.over_limit = limit is not None and len(self.connections) >= limit
         return handler
 
 
-def answer_parser_errors(server: web.Server, metrics: Metrics | None = None) -> None:
+def answer_parser_errors(
+    server: web.Server, metrics: Metrics | None = None, max_connections: int | None = None
+) -> None:
     """Make ``server`` (a runner's, after ``setup()``) serve each connection with
     :class:`_ProtocolErrors`, so the requests aiohttp's parser refuses get an OCI error body
     and a log line of the right level.
@@ -254,23 +287,30 @@ def answer_parser_errors(server: web.Server, metrics: Metrics | None = None) -> 
     server.__class__ = _Server
     assert isinstance(server, _Server)
     server.metrics = metrics  # the refused requests are counted with the app's
+    server.max_connections = max_connections
 
 
 async def _serve(app: web.Application, host: str, port: int) -> None:
     """Serve ``app`` on ``host:port`` until SIGTERM or SIGINT. A cache directory that can't be
     used, or an address that can't be listened on, is a :class:`ConfigError` of one line."""
 
-    runner = web.AppRunner(app, access_log_class=AccessLog, handle_signals=True)
+    settings = app[SETTINGS]
+    runner = web.AppRunner(
+        app,
+        access_log_class=AccessLog,
+        handle_signals=True,
+        keepalive_timeout=settings.client_idle_timeout,
+    )
     try:
         try:
             await runner.setup()  # services_ctx: the cache directory is opened here
         except OSError as exc:
-            error = _cache_dir_error(app[SETTINGS].cache.dir, exc)
+            error = _cache_dir_error(settings.cache.dir, exc)
             if error is None:
                 raise
             raise error from None
         assert runner.server is not None
-        answer_parser_errors(runner.server, app[METRICS])
+        answer_parser_errors(runner.server, app[METRICS], settings.max_client_connections)
         try:
             await web.TCPSite(runner, host, port).start()
         except OSError as exc:
