@@ -267,7 +267,8 @@ def answer_parser_errors(
 ) -> None:
     """Make ``server`` (a runner's, after ``setup()``) serve each connection with
     :class:`_ProtocolErrors`, so the requests aiohttp's parser refuses get an OCI error body
-    and a log line of the right level.
+    and a log line of the right level, and those made while ``max_connections`` are open are
+    marked for :func:`connection_limit_middleware`.
 
     aiohttp has no supported hook for this: ``web.Application`` builds its ``web.Server``
     itself, ``web.Server.__call__`` (the protocol factory asyncio calls for each connection)
