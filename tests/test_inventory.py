@@ -340,7 +340,9 @@ async def test_rm_waits_for_a_blob_being_sent(
 ) -> None:
     """A hit being sent is never taken from under its reader: rm waits for the send to end,
     the client gets the whole blob, then the file goes."""
-    name, image = hub_image(registry, layers=1, layer_size=24 * 1024 * 1024)
+    # Larger than every buffer between the two can hold, or the send ends before the client
+    # reads on: the receiving socket alone may grow to tcp_rmem's max (32 MiB here).
+    name, image = hub_image(registry, layers=1, layer_size=64 * 1024 * 1024)
     proxy = await make_proxy(scenario(registry, tmp_path / "cache"))
     await pull(proxy, name, image)
     layer = image.layers[0]
