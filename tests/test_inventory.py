@@ -39,7 +39,15 @@ from tests.images import (
     unique_repo,
     upload_image,
 )
-from tests.proxy import Proxy, blob_path, pull_image, scenario, stop_process, wait_cached
+from tests.proxy import (
+    Proxy,
+    blob_path,
+    pull_image,
+    scenario,
+    slow_client_get,
+    stop_process,
+    wait_cached,
+)
 from tests.registry import Registry
 
 StartProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
@@ -340,20 +348,24 @@ async def test_rm_waits_for_a_blob_being_sent(
 ) -> None:
     """A hit being sent is never taken from under its reader: rm waits for the send to end,
     the client gets the whole blob, then the file goes."""
-    # Larger than every buffer between the two can hold, or the send ends before the client
-    # reads on: the receiving socket alone may grow to tcp_rmem's max (32 MiB here).
-    name, image = hub_image(registry, layers=1, layer_size=64 * 1024 * 1024)
+    name, image = hub_image(registry, layers=1, layer_size=24 * 1024 * 1024)
     proxy = await make_proxy(scenario(registry, tmp_path / "cache"))
     await pull(proxy, name, image)
     layer = image.layers[0]
-    hit = await proxy.session.get(f"{proxy.url}/v2/{name}/blobs/{layer.digest}")
-    assert hit.status == 200
-    first = await hit.content.readexactly(1024)  # then read nothing: the send stalls
-    removing = asyncio.ensure_future(proxy.session.delete(f"{proxy.url}/_detour/cache/{name}:v1"))
-    await asyncio.sleep(0.5)
-    assert not removing.done()
-    assert blob_path(proxy.cache_dir, layer.digest).exists()
-    body = first + await hit.read()
+    # A small receive buffer: the kernel can't take the whole blob off Detour's hands.
+    reader, writer, head = await slow_client_get(proxy, f"/v2/{name}/blobs/{layer.digest}")
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    try:
+        first = await reader.readexactly(1024)  # then read nothing: the send stalls
+        removing = asyncio.ensure_future(
+            proxy.session.delete(f"{proxy.url}/_detour/cache/{name}:v1")
+        )
+        await asyncio.sleep(0.5)
+        assert not removing.done()
+        assert blob_path(proxy.cache_dir, layer.digest).exists()
+        body = first + await reader.read()  # to the end: the connection closes after it
+    finally:
+        writer.close()
     assert hashlib.sha256(body).hexdigest() == layer.digest.removeprefix("sha256:")
     async with await removing as answer:
         outcome = await answer.json()
