@@ -88,25 +88,26 @@ class Service:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
-    def status_kib(self, key: str) -> int | None:
-        """A ``/proc/<pid>/status`` field in KiB (VmRSS, VmHWM), None once gone."""
+    def _proc_text(self, name: str) -> str | None:
+        """``/proc/<pid>/<name>``, None once gone."""
         if self._proc is None:
             return None
         try:
-            text = Path(f"/proc/{self._proc.pid}/status").read_text()
+            return Path(f"/proc/{self._proc.pid}/{name}").read_text()
         except OSError:
             return None
-        match = re.search(rf"^{key}:\s+(\d+) kB", text, re.MULTILINE)
+
+    def status_kib(self, key: str) -> int | None:
+        """A ``/proc/<pid>/status`` field in KiB (VmRSS, VmHWM), None once gone."""
+        text = self._proc_text("status")
+        match = None if text is None else re.search(rf"^{key}:\s+(\d+) kB", text, re.MULTILINE)
         return int(match[1]) if match else None
 
     def cpu_seconds(self) -> float | None:
         """The processor time it has used so far, every thread's, user and system (utime +
         stime in ``/proc/<pid>/stat``); None once gone."""
-        if self._proc is None:
-            return None
-        try:
-            stat = Path(f"/proc/{self._proc.pid}/stat").read_text()
-        except OSError:
+        stat = self._proc_text("stat")
+        if stat is None:
             return None
         fields = stat.rsplit(")", 1)[1].split()  # after the command's name, which may hold spaces
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
