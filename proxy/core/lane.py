@@ -30,7 +30,8 @@ class Lane:
     def __init__(self, name: str, job: Callable[[list[bytes]], None]) -> None:
         self._loop = asyncio.get_running_loop()
         self._job = job
-        self._chunks: queue.SimpleQueue[list[bytes] | None] = queue.SimpleQueue()
+        # Each batch with its size, known on the loop when it is handed over.
+        self._chunks: queue.SimpleQueue[tuple[list[bytes], int] | None] = queue.SimpleQueue()
         self._pending: list[bytes] = []  # not handed over yet
         self._pending_bytes = 0
         self._put = 0  # bytes handed over (on the loop)
@@ -54,7 +55,7 @@ class Lane:
         batch, size = self._pending, self._pending_bytes
         self._pending, self._pending_bytes = [], 0
         self._put += size
-        self._chunks.put(batch)
+        self._chunks.put((batch, size))
 
     async def close(self) -> None:
         """Wait until every chunk put is done; the thread ends."""
@@ -99,13 +100,14 @@ class Lane:
                 self._loop.call_soon_threadsafe(self._end)
 
     def _work(self) -> None:
-        while (batch := self._chunks.get()) is not None:
+        while (item := self._chunks.get()) is not None:
+            batch, size = item
             if self.error is None and not self._stopped:
                 try:
                     self._job(batch)
                 except Exception as exc:
                     self.error = exc
-            self._done += sum(len(chunk) for chunk in batch)
+            self._done += size
             if self._wanted:
                 self._wanted = False
                 with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
