@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import os
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ from aiohttp.test_utils import TestServer
 from proxy.core.auth import CredentialStore
 from proxy.core.blob_writer import CHECKED_CHUNK_BYTES
 from proxy.core.cache import CacheStore
+from proxy.core.connections import registry_tls
+from proxy.core.direct_body import TAKE_OVER_AFTER, TAKE_OVER_RATE
 from proxy.core.download import Download, FetchLimits, FetchSlots, State
 from proxy.core.egress import EgressPolicy
 from proxy.core.rules import Route, Upstream
@@ -31,6 +34,7 @@ from proxy.errors import BlobUnknown, UpstreamInvalid, UpstreamUnreachable
 from proxy.metrics import Metrics
 from proxy.reference import Digest, ImageName
 from proxy.settings import Settings
+from tests.registry import make_certificates
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -46,11 +50,17 @@ class BlobServer:
     body: bytes | None = None  # sent instead of ``data`` (wrong bytes)
     chunked: bool = False  # no Content-Length
     status: int = 200
+    pause_first_at: int | None = None  # the first answer pauses here a moment
+    stall_first_at: int | None = None  # the first answer goes silent here, connection open
+    piece: int = 64 * KiB  # bytes per write
+    rate: float | None = None  # bytes per second, at most
     ranges: list[str | None] = field(default_factory=list)
+    connections: list[object] = field(default_factory=list)  # each request's transport
 
     async def blob(self, request: web.Request) -> web.StreamResponse:
         wanted = request.headers.get("Range")
         self.ranges.append(wanted)
+        self.connections.append(request.transport)
         if self.status != 200:
             return web.Response(status=self.status)
         body = self.data if self.body is None else self.body
@@ -66,8 +76,25 @@ class BlobServer:
         end = len(body)
         if not wanted and self.cut_first_at is not None:
             end = self.cut_first_at
-        for offset in range(start, end, 64 * KiB):
-            await response.write(body[offset : min(end, offset + 64 * KiB)])
+        pause = self.pause_first_at if not wanted else None
+        stall = self.stall_first_at if not wanted else None
+        for offset in range(start, end, self.piece):
+            piece = body[offset : min(end, offset + self.piece)]
+            if pause is not None and offset <= pause < offset + len(piece):
+                await response.write(piece[: pause - offset])
+                await asyncio.sleep(0.3)
+                piece = piece[pause - offset :]
+            if stall is not None and offset <= stall < offset + len(piece):
+                await response.write(piece[: stall - offset])
+                assert request.transport is not None
+                for _ in range(200):  # until the client gives up on it
+                    if request.transport.is_closing():
+                        break
+                    await asyncio.sleep(0.05)
+                return response
+            await response.write(piece)
+            if self.rate is not None:
+                await asyncio.sleep(len(piece) / self.rate)
         if end < len(body):
             assert request.transport is not None
             request.transport.close()  # dropped mid-blob
@@ -115,7 +142,7 @@ class Site:
         return sorted(self.store.tmp.iterdir())
 
 
-MakeSite = Callable[["BlobServer"], Awaitable["Site"]]
+MakeSite = Callable[..., Awaitable["Site"]]
 
 
 @pytest.fixture
@@ -123,14 +150,34 @@ async def site(tmp_path: Path) -> AsyncIterator[MakeSite]:
     servers: list[TestServer] = []
     sessions: list[aiohttp.ClientSession] = []
 
-    async def make(upstream: BlobServer) -> Site:
+    async def make(
+        upstream: BlobServer,
+        *,
+        take_over_rate: float = TAKE_OVER_RATE,
+        read_timeout: float = 30,
+        tls: bool = False,
+    ) -> Site:
+        """``take_over_rate`` 0: every body long enough is read on by Detour itself. ``tls``:
+        served over https, with a private CA the client is given as its ``ca_file``."""
         app = web.Application()
         app.router.add_get(f"/v2/{REPOSITORY}/blobs/{{digest}}", upstream.blob)
         server = TestServer(app, host="127.0.0.1")
-        await server.start_server()
+        registry: dict[str, object] = {"insecure": True}
+        serving = None
+        if tls:
+            certs = make_certificates(["127.0.0.1"])
+            for name, pem in (("ca.pem", certs.ca_pem), ("tls.crt", certs.cert_pem)):
+                (tmp_path / name).write_bytes(pem)
+            (tmp_path / "tls.key").write_bytes(certs.key_pem)
+            serving = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            serving.load_cert_chain(tmp_path / "tls.crt", tmp_path / "tls.key")
+            registry = {"ca_file": str(tmp_path / "ca.pem")}
+        await server.start_server(ssl=serving)
         servers.append(server)
         host = f"127.0.0.1:{server.port}"
-        settings = Settings.model_validate({"registries": {host: {"insecure": True}}})
+        settings = Settings.model_validate(
+            {"registries": {host: registry}, "upstream": {"read_timeout": read_timeout}}
+        )
         metrics = Metrics(known_registries=frozenset({host}))
         store = CacheStore(tmp_path / "cache")
         await asyncio.to_thread(store.open)
@@ -141,12 +188,14 @@ async def site(tmp_path: Path) -> AsyncIterator[MakeSite]:
             settings.upstream,
             CredentialStore(settings.registries, None),
             metrics,
+            registry_tls(settings.registries),
             egress=EgressPolicy.from_settings(settings),
+            take_over_rate=take_over_rate,
         )
         route = Route(
             ImageName.parse(f"{host}/{REPOSITORY}"),
             None,
-            (Upstream(host, REPOSITORY, insecure=True, origin=True),),
+            (Upstream(host, REPOSITORY, insecure=not tls, origin=True),),
         )
         return Site(upstream, server, store, metrics, client, route)
 
@@ -303,3 +352,75 @@ async def test_a_fetch_nobody_waits_for_ends_before_it_begins(
     assert isinstance(download.error, UpstreamUnreachable)
     assert s.upstream.ranges == []  # the upstream was never asked
     assert s.metric("detour_ended_blob_fetches_total", reason="abandoned") == 1
+
+
+# Read on by Detour itself (proxy.core.direct_body): past its first TAKE_OVER_AFTER bytes, a body
+# fast enough (here: any) is read from its connection into page-aligned blocks, which the
+# blob writer writes from where they are.
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+async def test_a_fast_body_is_read_on_by_detour_and_cached_whole(site: MakeSite, tls: bool) -> None:
+    """Every byte right, for the client and in the cache, and the connection closed after the
+    body (aiohttp's parser was left mid-body): the next fetch makes a new one."""
+    data, digest = blob(24 * MiB + 1234)  # a last partial 4 KiB block
+    s = await site(BlobServer(data, piece=1 * MiB), take_over_rate=0, tls=tls)
+    for _ in range(2):
+        download = s.download(digest)
+        assert await run(download) == data
+        assert download.committed
+        assert s.store.blob_path(digest).read_bytes() == data
+    assert s.upstream.ranges == [None, None]
+    first, second = s.upstream.connections
+    assert first is not second
+    assert s.temp_files() == []
+
+
+async def test_a_slow_body_is_not_taken_over_and_its_connection_is_kept(
+    site: MakeSite,
+) -> None:
+    """Below the pace that makes it worth it, the body is read through aiohttp to its end and
+    the connection goes back to the pool: the next fetch reuses it."""
+    data, digest = blob(TAKE_OVER_AFTER + 9 * MiB)
+    s = await site(BlobServer(data, piece=256 * KiB, rate=40e6))
+    for _ in range(2):
+        download = s.download(digest)
+        assert await run(download) == data
+        assert download.committed
+    first, second = s.upstream.connections
+    assert first is second
+
+
+async def test_a_fast_body_that_pauses_and_is_cut_is_resumed_and_cached_whole(
+    site: MakeSite,
+) -> None:
+    """A pause mid-block passes the bytes that came on (a client is not held up for a whole
+    block), and a cut at a byte that is no multiple of 4 KiB is resumed from there: the
+    resumed body, read on in its turn, starts its first block off the page boundary."""
+    data, digest = blob(40 * MiB)
+    cut = 20 * MiB + 1234
+    s = await site(
+        BlobServer(data, pause_first_at=9 * MiB + 777, cut_first_at=cut, piece=1 * MiB),
+        take_over_rate=0,
+    )
+    download = s.download(digest)
+    assert await run(download) == data
+    assert download.committed
+    assert s.store.blob_path(digest).read_bytes() == data
+    assert s.upstream.ranges == [None, f"bytes={cut}-"]
+
+
+async def test_a_fast_body_gone_silent_is_resumed_after_read_timeout(site: MakeSite) -> None:
+    data, digest = blob(24 * MiB)
+    stall = 12 * MiB + 99
+    s = await site(
+        BlobServer(data, stall_first_at=stall, piece=1 * MiB), take_over_rate=0, read_timeout=1
+    )
+    download = s.download(digest)
+    started = asyncio.get_running_loop().time()
+    assert await run(download) == data
+    took = asyncio.get_running_loop().time() - started
+    assert 1 <= took < 5  # it waited out the silence, and no longer
+    assert download.committed
+    assert s.store.blob_path(digest).read_bytes() == data
+    assert s.upstream.ranges == [None, f"bytes={stall}-"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from proxy.core.lane import Chunk
 from proxy.core.rules import Route
 from proxy.core.upstream import UpstreamClient
 from proxy.core.upstream_response import UpstreamResponse
@@ -75,7 +76,7 @@ class BlobBody:
             raise UpstreamInvalid("upstream cannot resume", {"upstream": response.where})
         return response
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncIterator[Chunk]:
         """Every byte of the body, in chunks of at most ``CHUNK_BYTES``, resumed as needed."""
         response = self._response
         assert response is not None, "open() first"
@@ -83,7 +84,7 @@ class BlobBody:
         while True:
             try:
                 async with response:
-                    async for chunk in response.chunks(CHUNK_BYTES):
+                    async for chunk in response.chunks(CHUNK_BYTES, self.received):
                         self._count(len(chunk))
                         yield chunk
             except UpstreamError as exc:

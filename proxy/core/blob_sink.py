@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from proxy.core.blob_writer import Checksums
 from proxy.core.cache import CacheStore, cache_write_failed
-from proxy.core.lane import Lane
+from proxy.core.lane import Chunk, Lane
 from proxy.errors import DetourError, UpstreamInvalid
 from proxy.logs import get_logger
 from proxy.metrics import Metrics
@@ -71,7 +71,7 @@ class BlobSink:
         """Bytes in the temp file."""
         return self.writer.on_disk
 
-    async def put(self, chunk: bytes) -> None:
+    async def put(self, chunk: Chunk) -> None:
         """Hand a chunk to the hashing and (spilled: not) the writing, after making room for it
         if the upstream announced no length."""
         hashing, writing = self._hashing, self._writing

@@ -8,6 +8,7 @@ Blob files are written with ``O_DIRECT`` where the file system takes it (see
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import mmap
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import xxhash
 
+from proxy.core.lane import Chunk
 from proxy.logs import get_logger
 from proxy.reference import Digest
 
@@ -69,6 +71,27 @@ class BlobWrites:
                 mode="buffered",
                 reason=f"O_DIRECT refused: {exc.strerror or exc}",
             )
+
+
+def _write_all(fd: int, views: list[memoryview], offset: int) -> int:
+    """Write ``views`` at ``offset``, all of them (blocking); the bytes written."""
+    total = 0
+    while views:
+        written = os.pwritev(fd, views, offset + total)
+        total += written
+        while views and written >= len(views[0]):
+            written -= len(views.pop(0))
+        if views:
+            views[0] = views[0][written:]
+    return total
+
+
+def _address(view: memoryview) -> int:
+    """Where ``view``'s first byte is in memory; -1 for a view that can't tell (read-only, as
+    a bytes object's, or empty)."""
+    if view.readonly or not view:
+        return -1
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
 
 
 def _set_direct(fd: int, on: bool) -> None:
@@ -238,26 +261,22 @@ class BlobWriter:
         """Whether this file is being written with ``O_DIRECT``."""
         return self._direct
 
-    def write(self, chunks: Sequence[bytes]) -> None:
+    def write(self, chunks: Sequence[Chunk]) -> None:
         """Append ``chunks`` to the file (blocking)."""
         if self._fd is None:
             raise self.failure or OSError("blob writer is closed")
         try:
             if self._buffer is None and not self._direct:
-                views = [memoryview(chunk) for chunk in chunks]
-                while views:
-                    written = os.pwritev(self._fd, views, self.on_disk)
-                    self.on_disk += written
-                    while views and written >= len(views[0]):
-                        written -= len(views.pop(0))
-                    if views:
-                        views[0] = views[0][written:]
+                self.on_disk += _write_all(self._fd, [memoryview(c) for c in chunks], self.on_disk)
                 return
             if self._buffer is None:
                 self._buffer = mmap.mmap(-1, DIRECT_BUFFER_BYTES)  # page-aligned
             buffer = self._buffer
             for chunk in chunks:
                 view = memoryview(chunk)
+                if self._in_place(view):
+                    self._write_in_place(view)
+                    continue
                 while view:
                     count = min(len(view), len(buffer) - self._held)
                     buffer[self._held : self._held + count] = view[:count]
@@ -269,6 +288,43 @@ class BlobWriter:
         except OSError as exc:
             self.failure = exc
             raise
+
+    def _in_place(self, view: memoryview) -> bool:
+        """Whether ``view`` can be written to the file as it is: ``O_DIRECT`` taken, and its
+        bytes at addresses congruent to their file offsets modulo 4 KiB (a chunk read into a
+        block, see :mod:`proxy.core.direct_body`)."""
+        return (
+            self._direct
+            and self.on_disk > 0  # O_DIRECT accepted by a first write
+            and self._held < DIRECT_ALIGN
+            and (address := _address(view)) >= 0
+            and address % DIRECT_ALIGN == self._held
+        )
+
+    def _write_in_place(self, view: memoryview) -> None:
+        """Write ``view``'s whole 4 KiB blocks from where it is, the first completed from the
+        held bytes; hold its last partial block."""
+        assert self._fd is not None
+        assert self._buffer is not None
+        buffer = self._buffer
+        top = -self._held % DIRECT_ALIGN  # bytes that complete the held block
+        if len(view) < top:
+            buffer[self._held : self._held + len(view)] = view
+            self._held += len(view)
+            return
+        views = []
+        if top:
+            buffer[self._held : DIRECT_ALIGN] = view[:top]
+            views.append(memoryview(buffer)[:DIRECT_ALIGN])
+        rest = view[top:]
+        whole = len(rest) - len(rest) % DIRECT_ALIGN
+        if whole:
+            views.append(rest[:whole])
+        if views:
+            self.on_disk += _write_all(self._fd, views, self.on_disk)
+        tail = rest[whole:]
+        buffer[: len(tail)] = tail
+        self._held = len(tail)
 
     def _write_held(self) -> None:
         """Write the held bytes: the whole blocks of them with ``O_DIRECT``, else all."""
@@ -316,7 +372,7 @@ class BlobWriter:
                 raise
         self._buffer = None
 
-    def update(self, chunks: Sequence[bytes]) -> None:
+    def update(self, chunks: Sequence[Chunk]) -> None:
         """Hash ``chunks`` (blocking)."""
         for chunk in chunks:
             self._hasher.update(chunk)

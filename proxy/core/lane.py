@@ -12,6 +12,10 @@ import queue
 import threading
 from collections.abc import Callable
 
+# A piece of a body: bytes as aiohttp reads them, or a view of a block read into by
+# proxy.core.direct_body.
+Chunk = bytes | memoryview
+
 # Chunks are handed to the thread this many bytes at a time (and at the end): a thread woken
 # per chunk would cost a context switch, and a turn of the GIL, for each one.
 HANDOFF_BYTES = 1 << 20
@@ -27,12 +31,12 @@ class Lane:
     is not run again: ``error`` holds what it raised, and later chunks are only counted.
     """
 
-    def __init__(self, name: str, job: Callable[[list[bytes]], None]) -> None:
+    def __init__(self, name: str, job: Callable[[list[Chunk]], None]) -> None:
         self._loop = asyncio.get_running_loop()
         self._job = job
         # Each batch with its size, known on the loop when it is handed over.
-        self._chunks: queue.SimpleQueue[tuple[list[bytes], int] | None] = queue.SimpleQueue()
-        self._pending: list[bytes] = []  # not handed over yet
+        self._chunks: queue.SimpleQueue[tuple[list[Chunk], int] | None] = queue.SimpleQueue()
+        self._pending: list[Chunk] = []  # not handed over yet
         self._pending_bytes = 0
         self._put = 0  # bytes handed over (on the loop)
         self._done = 0  # bytes done (in the thread)
@@ -44,7 +48,7 @@ class Lane:
         self.ended: asyncio.Future[None] = self._loop.create_future()  # the thread is gone
         threading.Thread(target=self._run, name=name, daemon=True).start()
 
-    async def put(self, chunk: bytes) -> None:
+    async def put(self, chunk: Chunk) -> None:
         self._pending.append(chunk)
         self._pending_bytes += len(chunk)
         if self._pending_bytes >= HANDOFF_BYTES:

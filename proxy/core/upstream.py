@@ -31,6 +31,7 @@ from yarl import URL
 
 from proxy.core.auth import Credentials, CredentialStore, Token, TokenCache, parse_challenges
 from proxy.core.connections import TLS, client_timeout
+from proxy.core.direct_body import TAKE_OVER_RATE, BlockPool, DirectReads
 from proxy.core.egress import EgressPolicy
 from proxy.core.rules import Route, Upstream
 from proxy.core.sender import Sender, origin
@@ -65,6 +66,7 @@ class UpstreamClient:
         *,
         peer_session: aiohttp.ClientSession | None = None,
         peer_name: str = "client",
+        take_over_rate: float = TAKE_OVER_RATE,
     ) -> None:
         self._peer_name = peer_name
         self._egress = egress or EgressPolicy(())
@@ -90,6 +92,8 @@ class UpstreamClient:
         self._basic_registries: set[str] = set()
         self._down_until: dict[str, float] = {}
         self._quick_timeout = client_timeout(settings.connect_timeout, settings.connect_timeout)
+        # For the blob bodies read by Detour itself (proxy.core.direct_body).
+        self.direct = DirectReads(BlockPool(), settings.read_timeout, take_over_rate)
 
     async def open(
         self,
@@ -122,7 +126,7 @@ class UpstreamClient:
             )
             if answer is not None:
                 response, private = answer
-                return UpstreamResponse(upstream, response, private)
+                return UpstreamResponse(upstream, response, private, self.direct)
         raise tried.error()
 
     def mark_down(self, upstream: Upstream) -> None:

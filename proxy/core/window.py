@@ -17,6 +17,7 @@ import struct
 from collections import deque
 from dataclasses import dataclass
 
+from proxy.core.lane import Chunk
 from proxy.errors import UpstreamInvalid
 from proxy.logs import get_logger
 
@@ -60,7 +61,7 @@ class Window:
     def __init__(self, digest: str, slow_client: float) -> None:
         self._digest = digest
         self._slow_client = slow_client
-        self._chunks: deque[bytes] = deque()  # oldest first
+        self._chunks: deque[Chunk] = deque()  # oldest first
         self.start = 0  # the offset of its first byte
         self.size = 0
         self.readers: set[Reader] = set()
@@ -80,7 +81,7 @@ class Window:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    def append(self, chunk: bytes, on_disk: int, spilled: bool) -> None:
+    def append(self, chunk: Chunk, on_disk: int, spilled: bool) -> None:
         self._chunks.append(chunk)
         self.size += len(chunk)
         self.trim(on_disk, spilled)
