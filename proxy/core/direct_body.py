@@ -173,12 +173,12 @@ async def read_on(
     its connection, each chunk a view of one of the blocks. The connection is closed at the
     end. Call between reads of aiohttp's stream, never during one."""
     pool, read_timeout = reads.blocks, reads.read_timeout
+    pending = response.content.read_nowait(-1)  # what aiohttp holds (raises what it met)
     connection = response.connection
-    assert connection is not None
-    assert connection.transport is not None
-    transport, previous = connection.transport, connection.protocol
-    assert previous is not None
-    pending = response.content.read_nowait(-1)  # what aiohttp holds already
+    transport = None if connection is None else connection.transport
+    previous = None if connection is None else connection.protocol
+    if transport is None or previous is None or transport.is_closing():  # lost meanwhile
+        raise aiohttp.ClientPayloadError("Response payload is not completed")
     previous.pause_reading()  # the transport, and aiohttp's read timeout
     receiver = _Receiver(previous, transport)
     transport.set_protocol(receiver)
