@@ -3,7 +3,7 @@
 aiohttp reads a body into bytes objects of its own: the socket's read, then its parser's copy,
 and a blob writer with ``O_DIRECT`` copies each chunk once more into an aligned buffer. Over a
 link that is not the bottleneck (a mirror on the node's network, a site's peer) a cold blob is
-paced by the processors, so once a body has shown itself fast (:func:`worth_taking_over`),
+paced by the processors, so once a body has shown itself fast (:meth:`DirectReads.worth_it`),
 Detour takes its connection over from aiohttp (:meth:`asyncio.BaseTransport.set_protocol`, the
 transport's documented way to change hands) and reads the rest with ``recv_into`` straight into
 1 MiB page-aligned blocks. Each chunk is a view of a block, placed so that a byte's address and
@@ -70,12 +70,6 @@ class BlockPool:
                 self._lent.append(block)
             elif len(self._free) < self._keep:
                 self._free.append(block)
-        del lent
-
-    @property
-    def lent(self) -> int:
-        """Blocks lent out and not yet known to be free."""
-        return len(self._lent)
 
 
 @dataclass(frozen=True)
