@@ -80,12 +80,13 @@ class BlobServer:
         stall = self.stall_first_at if not wanted else None
         for offset in range(start, end, self.piece):
             piece = body[offset : min(end, offset + self.piece)]
-            if pause is not None and offset <= pause < offset + len(piece):
-                await response.write(piece[: pause - offset])
+            at = offset  # where piece begins in the body
+            if pause is not None and at <= pause < at + len(piece):
+                await response.write(piece[: pause - at])
                 await asyncio.sleep(0.3)
-                piece = piece[pause - offset :]
-            if stall is not None and offset <= stall < offset + len(piece):
-                await response.write(piece[: stall - offset])
+                piece, at = piece[pause - at :], pause
+            if stall is not None and at <= stall < at + len(piece):
+                await response.write(piece[: stall - at])
                 assert request.transport is not None
                 for _ in range(200):  # until the client gives up on it
                     if request.transport.is_closing():
