@@ -24,7 +24,7 @@ from proxy.core.auth import CredentialStore
 from proxy.core.blob_writer import CHECKED_CHUNK_BYTES
 from proxy.core.cache import CacheStore
 from proxy.core.connections import registry_tls
-from proxy.core.direct_body import TAKE_OVER_AFTER, TAKE_OVER_RATE
+from proxy.core.direct_body import MAX_BODIES, TAKE_OVER_AFTER, TAKE_OVER_RATE
 from proxy.core.download import Download, FetchLimits, FetchSlots, State
 from proxy.core.egress import EgressPolicy
 from proxy.core.rules import Route, Upstream
@@ -390,6 +390,25 @@ async def test_a_slow_body_is_not_taken_over_and_its_connection_is_kept(
         assert download.committed
     first, second = s.upstream.connections
     assert first is second
+
+
+async def test_no_more_fast_bodies_than_max_bodies_are_read_on_at_once(site: MakeSite) -> None:
+    """Each body read on holds blocks of its own, so past MAX_BODIES at once the others are
+    read through aiohttp to their end, whole, and keep their connections: the next round
+    reuses just those."""
+    data, digest = blob(16 * MiB)
+    s = await site(BlobServer(data, piece=1 * MiB, rate=60e6), take_over_rate=0)
+    fetches = MAX_BODIES + 2
+    rounds = []
+    for _ in range(2):
+        got = await asyncio.gather(*(run(s.download(digest)) for _ in range(fetches)))
+        assert got == [data] * fetches
+        rounds.append(s.upstream.connections[-fetches:])
+    first, second = ({id(c) for c in r} for r in rounds)
+    assert len(first) == len(second) == fetches
+    assert len(first & second) == fetches - MAX_BODIES
+    assert s.store.blob_path(digest).read_bytes() == data
+    assert s.temp_files() == []
 
 
 async def test_a_fast_body_that_pauses_and_is_cut_is_resumed_and_cached_whole(

@@ -61,7 +61,7 @@ class BlobSink:
             else:
                 self.spill(None, "no_room")
         # Receiving, hashing and writing overlap: the network loop runs ahead of the hashing
-        # and of the writing by up to PIPELINE_BYTES (and a handoff) each, at its own pace.
+        # and of the writing by up to PIPELINE_BATCHES (and a handoff) each, at its own pace.
         name = digest.hex[:12]
         self._hashing = Lane(f"hash {name}", writer.update)
         self._writing = Lane(f"write {name}", writer.write)

@@ -24,6 +24,9 @@ from proxy.logs import get_logger
 # The last bytes received, kept in memory for the clients that keep up (and, after a spill,
 # for every client): a fetch holds at most this, plus the chunks not yet on disk.
 WINDOW_BYTES = 2 << 20
+# The most one write to a client takes from the window, whatever the chunk: its connection holds
+# at most this beyond what the kernel took.
+SEND_BYTES = 1 << 20
 
 log = get_logger("detour.blobs")
 
@@ -111,14 +114,15 @@ class Window:
         self._chunks.clear()
 
     def views(self, start: int, end: int) -> list[memoryview]:
-        """Bytes ``[start, end)`` (``start`` in the window), in views of its chunks; a view
-        keeps its chunk alive if the window lets go of it meanwhile."""
-        views = []
+        """Bytes ``[start, end)`` (``start`` in the window), in views of its chunks of at most
+        ``SEND_BYTES``; a view keeps its chunk alive if the window lets go of it meanwhile."""
+        views: list[memoryview] = []
         offset = self.start
         for chunk in self._chunks:
             stop = offset + len(chunk)
             if stop > start:
-                views.append(memoryview(chunk)[max(0, start - offset) : min(end, stop) - offset])
+                view = memoryview(chunk)[max(0, start - offset) : min(end, stop) - offset]
+                views.extend(view[i : i + SEND_BYTES] for i in range(0, len(view), SEND_BYTES))
             offset = stop
             if offset >= end:
                 break
