@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.images import ACCEPT_ALL, PushedImage
 from tests.registry import Registry
-from tests.support import Daemon, free_port, stop_child
+from tests.support import Daemon, free_port, listening, stop_child
 
 
 def scenario(mirror: Registry, cache_dir: Path, **extra: Any) -> dict[str, Any]:
@@ -75,12 +75,10 @@ async def start_process(config: dict[str, Any], workdir: Path) -> Proxy:
     host, _, port_text = str(config.get("listen", "127.0.0.1:0")).rpartition(":")
     host = host if host not in ("", "0.0.0.0") else "127.0.0.1"
     port = int(port_text) or free_port()
-    if int(port_text):
-        # A fixed port (the compose demo's 7439) that something already listens on: the new
-        # process could not bind it, and /healthz would be answered by the other one.
-        with socket.socket() as probe:
-            if probe.connect_ex((host, port)) == 0:
-                raise RuntimeError(f"{host}:{port} is in use (a detour serve left running?)")
+    # A fixed port (the compose demo's 7439) that something already listens on: the new
+    # process could not bind it, and /healthz would be answered by the other one.
+    if int(port_text) and listening(host, port):
+        raise RuntimeError(f"{host}:{port} is in use (a detour serve left running?)")
     config = {**config, "listen": f"{host}:{port}"}
     path = workdir / "detour.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -29,6 +29,12 @@ def free_port() -> int:
         return port
 
 
+def listening(host: str, port: int) -> bool:
+    """Whether something accepts TCP connections on ``host:port``."""
+    with socket.socket() as sock:
+        return sock.connect_ex((host, port)) == 0
+
+
 def stop_child(proc: subprocess.Popen[bytes], grace: float, sig: int = signal.SIGTERM) -> int:
     """Send ``sig`` (unless it has exited), wait up to ``grace`` seconds, then SIGKILL: the
     exit code. Blocks: from a coroutine, run it with ``asyncio.to_thread``."""

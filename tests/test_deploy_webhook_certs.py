@@ -20,7 +20,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from proxy.tools.cli import main
 from proxy.webhook.certs import generate, service_names, write
-from tests.support import Daemon, free_port
+from tests.support import Daemon, free_port, listening
 
 
 def test_webhook_certs_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -82,11 +82,7 @@ def webhook_process(tmp_path: Path) -> Iterator[Callable[[Path], tuple[int, Path
         )
         daemons.append(daemon)
 
-        def listening() -> bool:
-            with socket.socket() as sock:
-                return sock.connect_ex(("127.0.0.1", port)) == 0
-
-        daemon.start(listening, 20)
+        daemon.start(lambda: listening("127.0.0.1", port), 20)
         return port, log
 
     yield start

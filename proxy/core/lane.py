@@ -44,7 +44,7 @@ class Lane:
         self._done = 0  # batches done (in the thread)
         self._closed = False
         self._stopped = False
-        self._wanted = False  # the loop waits for a chunk to be done
+        self._wanted = False  # the loop waits for a batch to be done
         self._waiting: asyncio.Future[None] | None = None
         self.error: Exception | None = None
         self.ended: asyncio.Future[None] = self._loop.create_future()  # the thread is gone
