@@ -167,7 +167,7 @@ def _webhook_certs(args: argparse.Namespace) -> int:
 
     try:
         # It refuses a namespace or service that is not a DNS label before making any key.
-        certs = generate(args.namespace, args.service, days=args.days)
+        certs = generate(args.namespace, args.service, days=args.days, ips=args.ip)
     except ValueError as exc:
         _error(str(exc))
         return 2
@@ -360,6 +360,14 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--out", type=Path, required=True, help="directory to write into")
     certs.add_argument(
         "--days", type=int, default=365, help="serving certificate lifetime (default: %(default)s)"
+    )
+    certs.add_argument(
+        "--ip",
+        action="append",
+        default=[],
+        metavar="ADDRESS",
+        help="also valid for this IP address (repeatable), for a webhook the API server reaches "
+        "by clientConfig.url at an address, e.g. --ip 127.0.0.1",
     )
     certs.set_defaults(func=_webhook_certs)
     warm = command(

@@ -8,6 +8,10 @@ with every name the Service is reached by::
     <service>, <service>.<namespace>, <service>.<namespace>.svc,
     <service>.<namespace>.svc.cluster.local
 
+and any IP address given (``--ip``), for a webhook the API server reaches by
+``clientConfig.url`` at an address (say ``https://127.0.0.1:8443/mutate``, a webhook run beside
+the API server): TLS checks an IP against the certificate's IP SANs only, never its DNS names.
+
 It writes ``ca.crt``, ``tls.crt`` and ``tls.key`` (the key mode 0600), each atomically: a temp
 file beside it, fsynced, then ``os.replace``. The CA's key is never written: to renew, run the
 command again and replace both the Secret and the ``caBundle``. The webhook picks up a rotated
@@ -92,14 +96,22 @@ def generate(
     service: str,
     *,
     days: int = DEFAULT_DAYS,
+    ips: Sequence[str] = (),
     now: datetime.datetime | None = None,
 ) -> WebhookCertificates:
-    """A new CA and a serving certificate for ``service`` in ``namespace``, valid ``days``."""
+    """A new CA and a serving certificate for ``service`` in ``namespace`` and the IP addresses
+    ``ips`` (IP SANs), valid ``days``."""
     _check_dns_label(namespace, "namespace")
     _check_dns_label(service, "service")
     if days < 1:
         raise ValueError("days must be at least 1")
-    names = service_names(service, namespace)
+    addresses = []
+    for ip in ips:
+        try:
+            addresses.append(str(ipaddress.ip_address(ip)))
+        except ValueError:
+            raise ValueError(f"--ip {ip!r} is not an IP address") from None
+    names = [*service_names(service, namespace), *addresses]
     return issue(f"{service}.{namespace} webhook CA", names, days=days, now=now, common=names[2])
 
 
