@@ -40,22 +40,21 @@ What works in this sandbox (containerd 1.6.20, ctr 1.6.20, as root):
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support import Daemon, free_port
+from tests.support import CommandResult, Daemon, free_port, run_command
 
 CONTAINERD_BIN = "/usr/bin/containerd"
 CTR_BIN = "/usr/bin/ctr"
 NAMESPACE = "detour-test"
+CRI_NAMESPACE = "k8s.io"  # where the CRI plugin keeps the kubelet's images
 
+_CRI_PLUGIN = "io.containerd.grpc.v1.cri"
 _DISABLED_PLUGINS = (
-    "io.containerd.grpc.v1.cri",
+    _CRI_PLUGIN,
     "io.containerd.snapshotter.v1.aufs",
     "io.containerd.snapshotter.v1.btrfs",
     "io.containerd.snapshotter.v1.devmapper",
@@ -66,27 +65,16 @@ _DISABLED_PLUGINS = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class CtrResult:
-    args: tuple[str, ...]
-    returncode: int
-    stdout: str
-    stderr: str
-
-    def check(self) -> CtrResult:
-        """Raise with the output unless ``returncode`` is 0."""
-        if self.returncode != 0:
-            raise RuntimeError(
-                f"ctr {' '.join(self.args)} -> {self.returncode}\n{self.stdout}\n{self.stderr}"
-            )
-        return self
-
-
 class Containerd:
-    """A containerd daemon subprocess; ``start()`` / ``stop()`` or use as a context manager."""
+    """A containerd daemon subprocess; ``start()`` / ``stop()`` or use as a context manager.
 
-    def __init__(self, namespace: str = NAMESPACE) -> None:
-        self.namespace = namespace
+    ``cri=True`` keeps the CRI plugin, as a node's containerd has it: the kubelet's image
+    service (``tests/cri.py``), whose images live in the ``k8s.io`` namespace and whose
+    registry hosts come from ``hosts_dir`` (``registry.config_path``).
+    """
+
+    def __init__(self, namespace: str = NAMESPACE, *, cri: bool = False) -> None:
+        self.namespace = CRI_NAMESPACE if cri else namespace
         self.dir = Path(tempfile.mkdtemp(prefix="ctd-", dir="/tmp"))
         self.root = self.dir / "root"
         self.state = self.dir / "state"
@@ -100,7 +88,8 @@ class Containerd:
             self.log_path,
             grace=10,
         )
-        plugins = ", ".join(f'"{p}"' for p in _DISABLED_PLUGINS)
+        disabled = [p for p in _DISABLED_PLUGINS if not (cri and p == _CRI_PLUGIN)]
+        plugins = ", ".join(f'"{p}"' for p in disabled)
         self.config_path.write_text(
             f"""version = 2
 root = "{self.root}"
@@ -120,7 +109,21 @@ disabled_plugins = [{plugins}]
 [metrics]
   address = ""
 """
+            + (self._cri_config() if cri else "")
         )
+
+    def _cri_config(self) -> str:
+        """The CRI plugin as far as pulling needs it: registry hosts from ``hosts_dir``, and
+        no CNI (no pod runs here)."""
+        self.hosts_dir.mkdir(parents=True, exist_ok=True)
+        return f"""
+[plugins."{_CRI_PLUGIN}"]
+  restrict_oom_score_adj = true
+  [plugins."{_CRI_PLUGIN}".registry]
+    config_path = "{self.hosts_dir}"
+  [plugins."{_CRI_PLUGIN}".cni]
+    conf_dir = "{self.dir / "cni"}"
+"""
 
     def start(self, timeout: float = 10.0) -> None:
         """Start the daemon and wait until ``ctr version`` answers (blocking, ~50 ms)."""
@@ -160,30 +163,10 @@ disabled_plugins = [{plugins}]
 
     # -- ctr --------------------------------------------------------------------------------
 
-    async def ctr(self, *args: str, limit: float = 120.0) -> CtrResult:
+    async def ctr(self, *args: str, limit: float = 120.0) -> CommandResult:
         """Run ``ctr --address SOCK --namespace NS *args`` as an asyncio subprocess."""
-        proc = await asyncio.create_subprocess_exec(
-            CTR_BIN,
-            "--address",
-            self.address,
-            "--namespace",
-            self.namespace,
-            *args,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        try:
-            async with asyncio.timeout(limit):
-                out, err = await proc.communicate()
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            out, err = await proc.communicate()
-            return CtrResult(args, -9, out.decode(errors="replace"), err.decode(errors="replace"))
-        assert proc.returncode is not None
-        return CtrResult(
-            args, proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+        return await run_command(
+            CTR_BIN, "--address", self.address, "--namespace", self.namespace, *args, limit=limit
         )
 
     async def pull(
@@ -197,7 +180,7 @@ disabled_plugins = [{plugins}]
         user: str | None = None,
         extra: tuple[str, ...] = (),
         limit: float = 120.0,
-    ) -> CtrResult:
+    ) -> CommandResult:
         """``ctr images pull`` (unpacks). Path mode: ``plain_http=True`` and
         ``ref="127.0.0.1:PORT/repo:tag"``; mirror mode: ``hosts_dir=self.write_hosts(...)`` and
         ``ref="docker.io/library/x:tag"``. ``user`` is ``"name:password"``."""
@@ -269,6 +252,6 @@ disabled_plugins = [{plugins}]
         result = (await self.ctr("content", "ls", "-q")).check()
         return {line.strip() for line in result.stdout.splitlines() if line.strip()}
 
-    async def remove_image(self, *refs: str) -> CtrResult:
+    async def remove_image(self, *refs: str) -> CommandResult:
         """``ctr images rm --sync``: drop the images and garbage-collect their content."""
         return await self.ctr("images", "rm", "--sync", *refs)

@@ -10,11 +10,13 @@ start shows the end of the program's log rather than all of it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import socket
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: deploy/, Dockerfile, README.md
@@ -33,6 +35,46 @@ def listening(host: str, port: int) -> bool:
     """Whether something accepts TCP connections on ``host:port``."""
     with socket.socket() as sock:
         return sock.connect_ex((host, port)) == 0
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    """What a client command (ctr, docker, podman, skopeo) did: its exit code and output."""
+
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def check(self) -> CommandResult:
+        """Raise with the output unless ``returncode`` is 0."""
+        if self.returncode != 0:
+            raise RuntimeError(
+                f"{' '.join(self.argv)} -> {self.returncode}\n{self.stdout}\n{self.stderr}"
+            )
+        return self
+
+
+async def run_command(
+    *argv: str, limit: float = 120.0, env: Mapping[str, str] | None = None
+) -> CommandResult:
+    """Run ``argv`` without blocking the loop; killed (exit -9) if it outlives ``limit``."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=None if env is None else dict(env),
+    )
+    try:
+        async with asyncio.timeout(limit):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        out, err = await proc.communicate()
+    code = -9 if proc.returncode is None else proc.returncode
+    return CommandResult(argv, code, out.decode(errors="replace"), err.decode(errors="replace"))
 
 
 def stop_child(proc: subprocess.Popen[bytes], grace: float, sig: int = signal.SIGTERM) -> int:
