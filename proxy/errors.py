@@ -6,7 +6,8 @@ place that turns them into the OCI error body ``{"errors": [{"code", "message", 
     DetourError                      status  code
     ├── ClientError                  4xx     (the client asked for something wrong or absent)
     │   ├── NameInvalid              400     NAME_INVALID      also a ValueError
-    │   ├── TagInvalid               400     TAG_INVALID       also a ValueError
+    │   ├── TagInvalid               400     TAG_INVALID       also a ValueError (a pull's
+    │   │                                                       is MANIFEST_UNKNOWN)
     │   ├── DigestInvalid            400     DIGEST_INVALID    also a ValueError
     │   ├── PaginationNumberInvalid  400     PAGINATION_NUMBER_INVALID  (tags/list?n=abc)
     │   ├── NameUnknown              404     NAME_UNKNOWN

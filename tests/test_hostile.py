@@ -59,7 +59,7 @@ async def raw_request(
         ("GET", "/v2/docker.io/../../etc/manifests/latest", 400, "NAME_INVALID"),
         ("GET", "/v2/docker.io/%2e%2e/%2e%2e/etc/manifests/latest", 400, "NAME_INVALID"),
         ("GET", "/v2/docker.io/..%2F..%2Fetc/manifests/latest", 400, "NAME_INVALID"),
-        ("GET", "/v2/nats/manifests/..", 400, "TAG_INVALID"),
+        ("GET", "/v2/nats/manifests/..", 404, "MANIFEST_UNKNOWN"),
         ("GET", "/v2/nats/manifests/%2e%2e%2f%2e%2e%2fpasswd", 404, "UNSUPPORTED"),
         ("GET", "/v2/nats/blobs/sha256:..%2F..%2F..%2Fetc%2Fpasswd", 404, "UNSUPPORTED"),
         ("GET", "/v2/nats/blobs/sha256:..", 400, "DIGEST_INVALID"),
@@ -72,11 +72,11 @@ async def raw_request(
         ("HEAD", "/v2/nats/blobs/latest", 400, "DIGEST_INVALID"),
         ("GET", f"/v2/nats/manifests/sha256:{HEX}0", 400, "DIGEST_INVALID"),
         ("GET", "/v2/Nats/manifests/latest", 400, "NAME_INVALID"),
-        ("GET", "/v2/nats/manifests/-bad", 400, "TAG_INVALID"),
+        ("GET", "/v2/nats/manifests/-bad", 404, "MANIFEST_UNKNOWN"),
         # over-long names and tags
         ("GET", f"/v2/{'a' * 300}/manifests/latest", 400, "NAME_INVALID"),
         ("GET", f"/v2/{'/'.join(['abcdefgh'] * 40)}/manifests/latest", 400, "NAME_INVALID"),
-        ("GET", f"/v2/nats/manifests/{'t' * 129}", 400, "TAG_INVALID"),
+        ("GET", f"/v2/nats/manifests/{'t' * 129}", 404, "MANIFEST_UNKNOWN"),
         # ports outside 1-65535, in a path (every spelling) or in ?ns=
         ("GET", "/v2/registry.local_70000/a/manifests/v1", 400, "NAME_INVALID"),
         ("GET", "/v2/registry.local:70000/a/manifests/v1", 400, "NAME_INVALID"),

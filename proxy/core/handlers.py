@@ -30,10 +30,12 @@ from proxy.core.upstream import PEER_HEADER
 from proxy.errors import (
     BadRequest,
     DetourError,
+    ManifestUnknown,
     NameUnknown,
     NotFound,
     PaginationNumberInvalid,
     RegistryDenied,
+    TagInvalid,
     Unsupported,
     UpstreamInvalid,
 )
@@ -84,7 +86,13 @@ def parse_api_path(tail: str, ns: str | None) -> ApiPath:
         return ApiPath(name, path_name, "blobs", Digest.parse(parts[-1]))
     if kind == "referrers":
         return ApiPath(name, path_name, "referrers", Digest.parse(parts[-1]))
-    return ApiPath(name, path_name, "manifests", parse_manifest_reference(parts[-1]))
+    try:
+        reference = parse_manifest_reference(parts[-1])
+    except TagInvalid as exc:
+        # No manifest can have a tag that is not valid: on a pull that is "unknown", as the
+        # OCI distribution spec and distribution answer it (TAG_INVALID is for pushes).
+        raise ManifestUnknown("manifest unknown: not a valid tag", exc.detail) from exc
+    return ApiPath(name, path_name, "manifests", reference)
 
 
 async def api_root(request: web.Request) -> web.Response:

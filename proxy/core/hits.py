@@ -120,13 +120,16 @@ class Hits:
         """
         try:
             headers = blob_headers(cached.digest, cached.size)
-            headers["Accept-Ranges"] = "bytes"
             status, first, end = 200, 0, cached.size
             if request.headers.get("Range"):
                 wanted = _byte_range(request, cached.size)
                 if wanted is None:
                     return web.Response(
-                        status=416, headers={"Content-Range": f"bytes */{cached.size}"}
+                        status=416,
+                        headers={
+                            "Content-Range": f"bytes */{cached.size}",
+                            "Accept-Ranges": "bytes",
+                        },
                     )
                 (first, end), status = wanted, 206
                 headers["Content-Length"] = str(end - first)
