@@ -64,6 +64,8 @@ async def test_manifest_by_tag_is_redirected_and_headers_are_right(
 
 
 async def test_head_gives_headers_and_no_body(proxy: Proxy, registry: Registry) -> None:
+    """A HEAD by tag, as containerd and dockerd resolve a tag, fetches and keeps the manifest
+    (the GET by digest that follows is a hit); a blob HEAD downloads no blob."""
     name, mirror_repo = hub_repo()
     image = push_image(registry, mirror_repo, "v1")
     mark = registry.mark()
@@ -77,10 +79,19 @@ async def test_head_gives_headers_and_no_body(proxy: Proxy, registry: Registry) 
             assert response.headers["Docker-Content-Digest"] == digest
             assert response.headers["Content-Length"] == str(length)
             assert await response.read() == b""
-    # HEAD never downloads a body: the mirror saw only HEADs.
     entries = await registry.wait_entries(mark, at_least=2)
-    assert {e.method for e in entries} == {"HEAD"}
+    assert sorted((e.method, e.path.rsplit("/", 2)[-2]) for e in entries) == [
+        ("GET", "manifests"),
+        ("HEAD", "blobs"),
+    ]
     assert not list((proxy.cache_dir / "blobs").rglob("*"))
+    mark = registry.mark()
+    url = f"{proxy.url}/v2/{name}/manifests/{image.digest}"
+    async with proxy.session.get(url, headers={"Accept": ACCEPT_ALL}) as response:
+        assert response.status == 200
+        assert await response.read() == image.manifest
+    assert registry.entries_since(mark) == []
+    assert await proxy.metric("detour_cache_requests_total", kind="manifest", result="hit") == 1
 
 
 async def test_blob_miss_then_hit(proxy: Proxy, registry: Registry) -> None:

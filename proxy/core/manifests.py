@@ -48,7 +48,6 @@ from proxy.core.manifest_fetch import (
 from proxy.core.outcome import Outcome, Sharing
 from proxy.core.rules import Route
 from proxy.core.upstream import UpstreamClient
-from proxy.core.upstream_response import UpstreamResponse
 from proxy.errors import (
     DetourError,
     UpstreamError,
@@ -59,7 +58,6 @@ from proxy.oci import (
     DEFAULT_ACCEPT,
     Accept,
     StoredManifest,
-    manifest_media_type,
 )
 from proxy.reference import Digest, ImageName
 
@@ -81,7 +79,6 @@ def manifest_response(manifest: StoredManifest) -> web.Response:
 class _Asked:
     """One client's request for a manifest, as the steps of answering it need it."""
 
-    head: bool
     route: Route
     accept: Accept
     client_auth: str | None
@@ -127,7 +124,7 @@ class Manifests:
         outcome: Outcome,
     ) -> web.Response:
         accept = Accept.parse(request.headers.getall("Accept", []))
-        asked = _Asked(request.method == "HEAD", route, accept, client_auth, outcome)
+        asked = _Asked(route, accept, client_auth, outcome)
         if isinstance(reference, Digest):
             stored = await self._store.manifest(reference)
             if stored is not None:
@@ -192,9 +189,13 @@ class Manifests:
 
     async def _fetch(self, asked: _Asked, reference: str | Digest) -> web.Response:
         """A miss: ask upstream (once for all the requests that want the same answer at the
-        same time, peers' included), check it is a manifest, verify, store, serve."""
-        if asked.head:
-            return await self._head(asked, reference)
+        same time, peers' included), check it is a manifest, verify, store, serve.
+
+        A ``HEAD`` is a miss like a ``GET``: containerd, the kubelet and dockerd resolve a tag
+        with ``HEAD`` and then ``GET`` the manifest by its digest, so the manifest is fetched
+        (one ``GET`` upstream, shared with every request that wants it at the same time) and
+        the tag recorded: that ``GET`` is a hit, and the tag resolves from disk when the
+        upstream can't be reached. aiohttp sends the headers without the body."""
         route, accept, client_auth, outcome = (
             asked.route,
             asked.accept,
@@ -213,30 +214,3 @@ class Manifests:
             result = "peer"
         outcome.count(self._sharing.result(result, client_auth, fetched.private))
         return self._serve(outcome, fetched.manifest, "upstream")
-
-    async def _head(self, asked: _Asked, reference: str | Digest) -> web.Response:
-        """A HEAD miss: the upstream's answer, without a body."""
-        async with await self._upstream.open(
-            asked.route,
-            "HEAD",
-            f"manifests/{reference}",
-            headers={"Accept": asked.accept.upstream},
-            client_auth=asked.client_auth,
-        ) as answer:
-            asked.outcome.upstream = answer.where
-            asked.outcome.count(self._sharing.result("miss", asked.client_auth, answer.private))
-            self._fetches.check_answer(answer, reference)
-            return self._head_from_upstream(answer, reference, upstream_digest(answer))
-
-    def _head_from_upstream(
-        self, answer: UpstreamResponse, reference: str | Digest, announced: Digest | None
-    ) -> web.Response:
-        digest = reference if isinstance(reference, Digest) else announced
-        headers = {
-            "Content-Type": manifest_media_type(answer.headers.get("Content-Type", ""), None)
-        }
-        if digest is not None:
-            headers["Docker-Content-Digest"] = str(digest)
-        if answer.response.content_length is not None:
-            headers["Content-Length"] = str(answer.response.content_length)
-        return web.Response(headers=headers)
