@@ -10,8 +10,10 @@ nothing new can go wrong in between: digests are checked on the node as on any u
 
 * **Routes.** :meth:`Peering.route` puts the owner, and the next peer in rendezvous order, in
   front of a route's upstreams (:class:`~proxy.core.rules.Upstream` with ``peer=True``); the
-  upstream client tries them in order and skips one that failed lately, so an owner that refuses,
-  times out or breaks mid-stream costs one attempt, and the next peer, then the upstream, serve.
+  upstream client tries them in order and skips one that failed lately, so an owner that times
+  out, answers 5xx or breaks mid-stream costs one attempt, and the next peer, then the upstream,
+  serve. An owner's 4xx (401, 403, 404, 406) is an answer, relayed, and the owner stays up; a
+  name this instance's egress policy refuses is refused before any peer is asked.
 * **Marking.** Requests to a peer carry :data:`PEER_HEADER`; one that arrives with it from an
   address in the peer set is a peer request and is never forwarded to another peer.
 * **Private content** (a request with the client's own credentials) never goes to a peer.

@@ -22,6 +22,7 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import socket
+import time
 from collections.abc import Iterable
 
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -146,12 +147,42 @@ class EgressPolicy:
             raise AddressRefused(host, port, [host])
 
 
+# How long, and for how many hosts, :meth:`GuardedResolver.check` remembers that a host passed.
+CHECKED_SECONDS = 60.0
+CHECKED_HOSTS = 1024
+
+
 class GuardedResolver(AbstractResolver):
     """aiohttp's resolver, keeping only the addresses the policy admits for the host."""
 
     def __init__(self, policy: EgressPolicy, inner: AbstractResolver | None = None) -> None:
         self._policy = policy
         self._inner = inner or DefaultResolver()
+        self._passed: dict[tuple[str, int], float] = {}  # until when
+
+    async def check(self, host: str, port: int) -> None:
+        """Raise :class:`AddressRefused` unless Detour may connect to ``host:port``: before a
+        request for it goes anywhere else (to a peer, which would connect on its behalf).
+        A host that passed is not looked up again for ``CHECKED_SECONDS``."""
+        key = (host.lower(), port)
+        if self._passed.get(key, 0.0) > time.monotonic():
+            return
+        literal = host.strip("[]")
+        try:
+            ipaddress.ip_address(literal.split("%", 1)[0])
+        except ValueError:
+            try:
+                await self.resolve(host, port, socket.AF_UNSPEC)
+            except AddressRefused:
+                raise
+            except OSError:
+                return  # does not resolve: the request fails its own way, where it goes
+        else:
+            if not self._policy.admits(literal, port, literal):
+                raise AddressRefused(host, port, [literal])
+        if len(self._passed) >= CHECKED_HOSTS:
+            self._passed.clear()
+        self._passed[key] = time.monotonic() + CHECKED_SECONDS
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET

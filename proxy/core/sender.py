@@ -139,7 +139,7 @@ class Sender:
             raise
         except AddressRefused as exc:
             self._metrics.upstream_requests.labels(label, "refused").inc()
-            raise _refused(registry, exc, first=first) from None
+            raise refused_error(registry, exc, first=first) from None
         self._metrics.upstream_latency.labels(label).observe(time.monotonic() - started)
         self._metrics.upstream_requests.labels(label, str(response.status)).inc()
         return response
@@ -165,7 +165,7 @@ def _via(own: str) -> str:
     return f"{incoming[:2000]}, {own}" if incoming else own
 
 
-def _refused(registry: str, exc: AddressRefused, *, first: bool) -> DetourError:
+def refused_error(registry: str, exc: AddressRefused, *, first: bool) -> DetourError:
     """The error for a connection the egress policy refused."""
     if first:
         return RegistryDenied(

@@ -82,7 +82,8 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     credentials = CredentialStore(settings.registries, settings.docker_config)
     egress = EgressPolicy.from_settings(settings)
     # Every address connected to passes the egress policy (see proxy.core.egress).
-    session = _session(settings, ttl_dns_cache=300, resolver=GuardedResolver(egress))
+    resolver = GuardedResolver(egress)
+    session = _session(settings, ttl_dns_cache=300, resolver=resolver)
     peering = Peering(settings.cluster, metrics, egress)
     peer_session = _peer_session(settings) if peering.enabled else None
     upstream = UpstreamClient(
@@ -94,6 +95,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
         egress,
         peer_session=peer_session,
         peer_name=settings.cluster.advertise or "client",
+        resolver=resolver,
     )
     slots = FetchSlots(
         settings.upstream.max_fetches, settings.upstream.max_fetches_per_registry, metrics

@@ -12,7 +12,8 @@ For each upstream of a :class:`~proxy.core.rules.Route`:
    credentials can do the dance.
 3. Follow redirects (blob GETs often go to object storage) by hand, dropping
    ``Authorization`` whenever the next hop is another origin (:mod:`proxy.core.sender`).
-4. A connection error, a timeout, a 5xx or a 429 moves on to the next upstream.
+4. A connection error, a timeout, a 5xx or a 429 moves on to the next upstream. A peer's 4xx
+   (401, 403, 404, 406, ...) is an answer like a registry's: relayed, and the peer stays up.
 
 What failed, and the one word (``cause``) that says so for each upstream tried, is
 :mod:`proxy.core.transport`'s vocabulary; the TLS of each registry is
@@ -32,9 +33,9 @@ from yarl import URL
 from proxy.core.auth import Credentials, CredentialStore, Token, TokenCache, parse_challenges
 from proxy.core.connections import TLS, client_timeout
 from proxy.core.direct_body import TAKE_OVER_RATE, BlockPool, DirectReads
-from proxy.core.egress import EgressPolicy
+from proxy.core.egress import AddressRefused, EgressPolicy, GuardedResolver
 from proxy.core.rules import Route, Upstream
-from proxy.core.sender import Sender, origin
+from proxy.core.sender import Sender, origin, refused_error
 from proxy.core.tokens import TokenFetcher
 from proxy.core.transport import Attempts
 from proxy.core.upstream_response import UpstreamResponse
@@ -67,8 +68,10 @@ class UpstreamClient:
         peer_session: aiohttp.ClientSession | None = None,
         peer_name: str = "client",
         take_over_rate: float = TAKE_OVER_RATE,
+        resolver: GuardedResolver | None = None,
     ) -> None:
         self._peer_name = peer_name
+        self._resolver = resolver
         self._egress = egress or EgressPolicy(())
         # This instance's name in the Via header of what it sends: a request that comes back
         # with it has looped (a redirect, or a mirror pointed back at this proxy).
@@ -120,6 +123,8 @@ class UpstreamClient:
         for upstream in route.upstreams:
             if upstream.origin:
                 self._egress.check_registry(upstream.registry)
+        if route.upstreams and route.upstreams[0].peer:
+            await self._check_addresses(route)
         for upstream in route.upstreams:
             answer = await self._try(
                 upstream, tried, method, suffix, dict(headers or {}), client_auth, fallback
@@ -128,6 +133,30 @@ class UpstreamClient:
                 response, private = answer
                 return UpstreamResponse(upstream, response, private, self.direct)
         raise tried.error()
+
+    async def _check_addresses(self, route: Route) -> None:
+        """Before a peer is asked on a route's behalf: the egress policy's address check of
+        its registries, here, so a name this instance refuses never reaches a peer (which
+        would refuse it too, or, configured otherwise, fetch it). Refused when every registry
+        of the route is."""
+        if self._resolver is None:
+            return
+        refusal: AddressRefused | None = None
+        for upstream in route.upstreams:
+            if upstream.peer:
+                continue
+            if self._egress.named_registry(upstream.registry):
+                return
+            url = URL(upstream.base_url)
+            try:
+                await self._resolver.check(url.raw_host or "", url.port or 443)
+            except AddressRefused as exc:
+                refusal = refusal or exc
+                continue
+            return
+        if refusal is not None:
+            registry = next(u.registry for u in route.upstreams if not u.peer)
+            raise refused_error(registry, refusal, first=True)
 
     def mark_down(self, upstream: Upstream) -> None:
         """``upstream`` failed: skipped for a while by requests that can do without it (all
@@ -160,13 +189,6 @@ class UpstreamClient:
             self.mark_down(upstream)
             tried.failed(registry, exc)
             self._count_peer(upstream, "failed")
-            return None
-        if upstream.peer and response.status not in (200, 206, 404) and response.status < 500:
-            # The owner refused (a 4xx other than "unknown"): skip it for a while.
-            self.mark_down(upstream)
-            tried.refused_by_peer(registry, response.status)
-            self._count_peer(upstream, "failed")
-            response.release()
             return None
         self._down_until.pop(registry, None)
         if _retryable(response.status):

@@ -1,0 +1,137 @@
+"""The site tier when a peer lies, a request fails, or someone pretends to be a peer.
+
+Real ``detour serve`` nodes on 127.0.0.x:7439 (as a DaemonSet's pods), real distribution as the
+mirror; a lying or hostile peer is a small aiohttp app of the test's own, listed in the nodes'
+``cluster.peers`` like any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from proxy.cluster.peering import blob_key, rendezvous
+from tests.images import ACCEPT_ALL, PushedImage, push_image, unique_repo
+from tests.proxy import Proxy
+from tests.registry import Registry
+from tests.support import free_port
+
+StartProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
+KiB = 1024
+
+
+def node_addresses(count: int, first: int = 20) -> list[str]:
+    return [f"127.0.0.{first + i}:7439" for i in range(count)]
+
+
+async def start_nodes(
+    detour_process: StartProxy,
+    mirror: Registry,
+    tmp_path: Path,
+    peers: list[str],
+    nodes: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> list[Proxy]:
+    """One ``detour serve`` per address of ``nodes`` (default: every peer), each advertising
+    its own address, docker.io/ going to ``mirror``; ``extra`` merged into each config."""
+    started = []
+    for address in nodes or peers:
+        config: dict[str, Any] = {
+            "listen": address,
+            "cache": {"dir": str(tmp_path / address.replace(":", "_"))},
+            "redirects": [{"src": "docker.io/", "to": f"{mirror.host}/docker-mirror/"}],
+            "registries": {mirror.host: {"insecure": True}},
+            "cluster": {"peers": peers, "advertise": address},
+        }
+        for key, value in (extra or {}).items():
+            if isinstance(value, dict) and isinstance(config.get(key), dict):
+                config[key] = {**config[key], **value}
+            elif isinstance(value, list) and isinstance(config.get(key), list):
+                config[key] = config[key] + value
+            else:
+                config[key] = value
+        started.append(await detour_process(config))
+    return started
+
+
+async def pull(proxy: Proxy, name: str, image: PushedImage) -> None:
+    """What a runtime does: the manifest by tag, then every blob, each checked."""
+    url = f"{proxy.url}/v2/{name}/manifests/v1"
+    async with proxy.session.get(url, headers={"Accept": ACCEPT_ALL}) as response:
+        assert response.status == 200, await response.text()
+        assert await response.read() == image.manifest
+
+    async def blob(data: bytes, digest: str) -> None:
+        async with proxy.session.get(f"{proxy.url}/v2/{name}/blobs/{digest}") as response:
+            assert response.status == 200, await response.text()
+            body = await response.read()
+        assert "sha256:" + hashlib.sha256(body).hexdigest() == digest
+        assert body == data
+
+    await asyncio.gather(*(blob(b.data, b.digest) for b in image.blobs))
+
+
+def digest_owned_by(peers: list[str], owner: str) -> str:
+    """A made-up blob digest whose owner among ``peers`` is ``owner``."""
+    while True:
+        digest = "sha256:" + secrets.token_hex(32)
+        if rendezvous(peers, blob_key(digest))[0] == owner:
+            return digest
+
+
+async def peer_requests(node: Proxy) -> float:
+    return sum(
+        [
+            await node.metric("detour_peer_requests_total", result=result)
+            for result in ("served", "failed", "skipped")
+        ]
+    )
+
+
+async def test_a_rollout_after_refused_requests_still_costs_one_mirror_get_per_blob(
+    detour_process: StartProxy, registry: Registry, htpasswd_registry: Registry, tmp_path: Path
+) -> None:
+    """Every node first asks each other node for something it answers 401 (an anonymous pull
+    from a registry that wants credentials), and for a name its egress policy refuses (an
+    unnamed registry on a loopback address): ordinary answers, so no peer is marked down, and
+    the rollout that follows still costs the mirror one GET per blob."""
+    name = unique_repo("rollout401").split("/")[1]
+    image = push_image(
+        registry, f"docker-mirror/library/{name}", "v1", layers=8, layer_size=64 * KiB
+    )
+    peers = node_addresses(3)
+    private = {
+        "redirects": [{"src": "private.example/", "to": f"{htpasswd_registry.host}/private/"}],
+        "registries": {htpasswd_registry.host: {"insecure": True}},
+    }
+    nodes = await start_nodes(detour_process, registry, tmp_path, peers, extra=private)
+    for node, address in zip(nodes, peers, strict=True):
+        for other in (peer for peer in peers if peer != address):
+            digest = digest_owned_by(peers, other)
+            url = f"{node.url}/v2/private.example/app/blobs/{digest}"
+            async with node.session.get(url) as response:
+                assert response.status == 401, await response.text()
+                assert "WWW-Authenticate" in response.headers  # the challenge, to answer
+        asked = await peer_requests(node)
+        # A name this node refuses is refused here, before any peer is asked.
+        internal = f"127.0.0.1_{free_port()}/library/{name}"
+        async with node.session.get(f"{node.url}/v2/{internal}/manifests/v1") as response:
+            assert response.status == 403, await response.text()
+            assert (await response.json())["errors"][0]["code"] == "DENIED"
+        assert await peer_requests(node) == asked
+        assert await node.metric("detour_peer_requests_total", result="failed") == 0
+
+    mark = registry.mark()
+    await asyncio.gather(*(pull(node, name, image) for node in nodes))
+    blobs = {f"/v2/docker-mirror/library/{name}/blobs/{b.digest}" for b in image.blobs}
+    entries = await registry.wait_paths(mark, at_least=len(blobs))
+    gets = Counter(e for e in entries if e in blobs)
+    per_blob = sum(gets.values()) / len(blobs)
+    assert f"{per_blob:.2f}" == "1.00", gets
+    for node in nodes:
+        assert await node.metric("detour_peer_requests_total", result="skipped") == 0
