@@ -31,6 +31,8 @@ SOURCES = ("cache", "upstream")
 DIGEST_KINDS = ("blob", "manifest")
 TOKEN_OUTCOMES = ("issued", "refused", "error")
 UPSTREAM_FAILURES = ("error", "timeout", "refused")  # the statuses that are not HTTP's
+# The HTTP statuses registries answer a pull with (302 and 307: redirects to blob storage).
+UPSTREAM_STATUSES = (200, 206, 302, 307, 401, 403, 404, 429, 500, 502, 503, 504)
 OTHER = "other"
 CACHE = "cache"  # the registry label of a cache file that failed its check
 
@@ -46,6 +48,27 @@ REQUEST_KINDS = (
     OTHER,
 )
 REQUEST_METHODS = ("GET", "HEAD", OTHER)
+
+# The statuses Detour answers GET and HEAD with, by endpoint kind: their series start at 0, so
+# the first 404 or 502 of each shows in rate(). (499: the client hung up; nginx's number.) The
+# duration histogram's series start with the pull endpoints' (API_KINDS).
+API_KINDS = ("manifests", "blobs", "tags", "referrers")
+_API_STATUSES = (200, 400, 401, 403, 404, 429, 499, 500, 502, 503, 504)
+REQUEST_STATUSES: dict[str, tuple[int, ...]] = {
+    "manifests": (*_API_STATUSES, 406),
+    "blobs": (*_API_STATUSES, 206, 416),
+    "tags": _API_STATUSES,
+    "referrers": _API_STATUSES,
+    "api_root": (200, 499, 500, 503),
+    "metrics": (200, 500),
+    "health": (200, 500, 503),
+    OTHER: (404, 500, 503),
+}
+# Any other method: 405 on every kind; and 400, a request the HTTP parser refused.
+OTHER_METHOD_STATUSES: dict[str, tuple[int, ...]] = {
+    **{kind: (405,) for kind in REQUEST_KINDS},
+    OTHER: (400, 405),
+}
 
 
 def endpoint_kind(path: str) -> str:
@@ -89,6 +112,13 @@ class Metrics:
             "detour_http_requests",
             "Client requests answered, by method (GET, HEAD, other), endpoint kind and status.",
             ["method", "kind", "status"],
+            registry=r,
+        )
+        self.tls_probes = Counter(
+            "detour_tls_probes",
+            "TLS handshakes sent to this plain-HTTP port (podman, docker and skopeo try TLS "
+            "first on an insecure registry), answered 400 so that they fall back to HTTP; "
+            "routine, and not in detour_http_requests_total.",
             registry=r,
         )
         self.http_duration = Histogram(
@@ -193,6 +223,14 @@ class Metrics:
     def _initialise(self) -> None:
         """Create every series whose label values are known in advance, at 0."""
         self.build_info.labels(__version__).set(1)
+        for method in REQUEST_METHODS:
+            table = OTHER_METHOD_STATUSES if method == OTHER else REQUEST_STATUSES
+            for kind, statuses in table.items():
+                for status in statuses:
+                    self.http_requests.labels(method, kind, str(status))
+        for method in ("GET", "HEAD"):
+            for kind in API_KINDS:
+                self.http_duration.labels(method, kind)
         for kind, results in CACHE_RESULTS.items():
             for result in results:
                 self.cache_requests.labels(kind, result)
@@ -210,8 +248,9 @@ class Metrics:
                 self.verify_failures.labels(kind, registry)
             for outcome in TOKEN_OUTCOMES:
                 self.token_requests.labels(registry, outcome)
-            for status in UPSTREAM_FAILURES:
-                self.upstream_requests.labels(registry, status)
+            for outcome in (*UPSTREAM_FAILURES, *map(str, UPSTREAM_STATUSES)):
+                self.upstream_requests.labels(registry, outcome)
+            self.upstream_latency.labels(registry)
 
     def request_finished(
         self, method: str, path: str, status: int, seconds: float, source: str | None, sent: int

@@ -192,9 +192,11 @@ class _ProtocolErrors(RequestHandler):
     them with the same OCI error body as every other error, through :func:`error_response`.
 
     A TLS ClientHello on this plain-HTTP port is routine: podman, docker and skopeo try TLS
-    first on an insecure registry. It is recognised by its first bytes (a TLS handshake record)
-    and logged at debug. It still gets the plain 400: that answer is what makes a Go client
-    report "server gave HTTP response to HTTPS client" and fall back to HTTP at once.
+    first on an insecure registry. It is recognised by its first bytes (a TLS handshake record),
+    logged at debug, and counted apart from the requests (``detour_tls_probes_total``), so a
+    dashboard's 4xx line shows only the API's. It still gets the plain 400: that answer is what
+    makes a Go client report "server gave HTTP response to HTTPS client" and fall back to HTTP
+    at once.
     """
 
     _first_bytes = True
@@ -239,7 +241,9 @@ class _ProtocolErrors(RequestHandler):
         )
         answer.headers["Docker-Distribution-Api-Version"] = API_VERSION
         answer.force_close()
-        if self.metrics is not None:
+        if self.metrics is not None and self._tls:
+            self.metrics.tls_probes.inc()  # a client's routine probe: not a request refused
+        elif self.metrics is not None:
             self.metrics.request_finished(
                 request.method, request.path, status, 0.0, None, answer.content_length or 0
             )
