@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
+
 from proxy.cluster.peering import blob_key, rendezvous
 from tests.images import ACCEPT_ALL, PushedImage, push_image, unique_repo
 from tests.proxy import Proxy
@@ -135,3 +137,69 @@ async def test_a_rollout_after_refused_requests_still_costs_one_mirror_get_per_b
     assert f"{per_blob:.2f}" == "1.00", gets
     for node in nodes:
         assert await node.metric("detour_peer_requests_total", result="skipped") == 0
+
+
+class FakePeer:
+    """A small aiohttp app on ``address`` (host:port) standing where a peer should be; each
+    request it gets is recorded, and answered by ``handler``."""
+
+    def __init__(
+        self, address: str, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> None:
+        self.host, _, port = address.rpartition(":")
+        self.port = int(port)
+        self.requests: list[web.Request] = []
+        self._handler = handler
+        self._runner: web.AppRunner | None = None
+
+    async def _record(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append(request)
+        return await self._handler(request)
+
+    async def __aenter__(self) -> FakePeer:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._record)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port).start()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+
+async def test_a_peer_redirect_is_not_followed_and_the_pull_goes_on(
+    detour_process: StartProxy, registry: Registry, tmp_path: Path
+) -> None:
+    """A "peer" answers ``302 Location: http://localhost:PORT/...``, an internal service no
+    client may reach: Detour does not follow it, marks that peer down, and the client gets
+    the blob from the mirror, whole and right."""
+    name = unique_repo("redirect").split("/")[1]
+    image = push_image(registry, f"docker-mirror/library/{name}", "v1", layers=1, layer_size=KiB)
+    blob = image.layers[0]
+    internal_hits: list[str] = []
+
+    async def internal(request: web.Request) -> web.Response:
+        internal_hits.append(request.path)
+        return web.Response(body=b"internal secret" * 100)
+
+    port = free_port()
+    service = FakePeer(f"127.0.0.1:{port}", internal)
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPFound(f"http://localhost:{port}/latest/meta-data")
+
+    peers = node_addresses(2, first=30)
+    fake_address = next(p for p in peers if rendezvous(peers, blob_key(blob.digest))[0] == p)
+    (node_address,) = (p for p in peers if p != fake_address)
+    async with service, FakePeer(fake_address, redirect) as fake:
+        (node,) = await start_nodes(detour_process, registry, tmp_path, peers, [node_address])
+        for _ in range(2):
+            url = f"{node.url}/v2/{name}/blobs/{blob.digest}"
+            async with node.session.get(url) as response:
+                assert response.status == 200, await response.text()
+                assert await response.read() == blob.data
+        assert len(fake.requests) == 1  # then marked down: the second pull skipped it
+    assert internal_hits == []
+    assert await node.metric("detour_peer_requests_total", result="failed") == 1

@@ -2,7 +2,8 @@
 
 Redirects (blob GETs often go to object storage) are followed by hand, so that each hop is
 checked: it must pass the egress policy (:mod:`proxy.core.egress`), it may go only to http(s)
-and never from https to http, and ``Authorization`` never leaves the first origin. Each hop is
+and never from https to http, and ``Authorization`` never leaves the first origin. A peer's
+(another Detour of the site) is never followed. Each hop is
 made with its host's TLS (:func:`proxy.core.connections.registry_tls`), carries this proxy's
 entry in ``Via``, and is counted in the upstream metrics.
 """
@@ -81,7 +82,8 @@ class Sender:
         Every hop must pass the egress policy (:mod:`proxy.core.egress`). The first hop is the
         client's choice, unless ``chosen_by_upstream`` (a token realm): refused, it is a 403
         that names the setting to change. A redirect is the upstream's choice: it may go only
-        to http(s), never from https to http, and a refused one is a bad reply (502).
+        to http(s), never from https to http, and a refused one is a bad reply (502). A
+        ``peer``'s redirect is never followed (a Detour never answers one): a bad reply.
         """
         first_origin = origin(url)
         for hop in range(self._max_redirects + 1):
@@ -99,6 +101,14 @@ class Sender:
             if response.status not in REDIRECT_STATUSES or not location:
                 return response
             response.release()
+            if peer:
+                # A Detour never redirects: one that does is not one (or not itself).
+                raise UpstreamInvalid(
+                    "a peer answered with a redirect, which Detour never does; not followed",
+                    {"upstream": registry},
+                    cause="protocol",
+                    reason="answered with a redirect (not followed)",
+                )
             url = _redirect_target(registry, url, location)
             if response.status == 303:
                 method = "GET"

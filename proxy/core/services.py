@@ -85,7 +85,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     resolver = GuardedResolver(egress)
     session = _session(settings, ttl_dns_cache=300, resolver=resolver)
     peering = Peering(settings.cluster, metrics, egress)
-    peer_session = _peer_session(settings) if peering.enabled else None
+    peer_session = _peer_session(settings, resolver) if peering.enabled else None
     upstream = UpstreamClient(
         session,
         settings.upstream,
@@ -152,12 +152,13 @@ def _session(settings: Settings, **connector: Any) -> aiohttp.ClientSession:
     )
 
 
-def _peer_session(settings: Settings) -> aiohttp.ClientSession:
+def _peer_session(settings: Settings, resolver: GuardedResolver) -> aiohttp.ClientSession:
     """The connections to the site's other Detours: from the advertised address when it is an
-    IP address, which is how they know a peer (on a node it is the pod's address anyway)."""
+    IP address (on a node it is the pod's address anyway), each through the egress policy's
+    ``resolver`` like every other connection."""
     local: tuple[str, int] | None = None
     if settings.cluster.advertise is not None:
         host = settings.cluster.advertise.rpartition(":")[0].strip("[]")
         with contextlib.suppress(ValueError):
             local = (str(ipaddress.ip_address(host)), 0)
-    return _session(settings, local_addr=local)
+    return _session(settings, local_addr=local, resolver=resolver)

@@ -39,7 +39,7 @@ from proxy.core.sender import Sender, origin, refused_error
 from proxy.core.tokens import TokenFetcher
 from proxy.core.transport import Attempts
 from proxy.core.upstream_response import UpstreamResponse
-from proxy.errors import UpstreamTimeout, UpstreamUnreachable
+from proxy.errors import UpstreamInvalid, UpstreamTimeout, UpstreamUnreachable
 from proxy.metrics import Metrics
 from proxy.settings import UpstreamSettings
 
@@ -187,6 +187,13 @@ class UpstreamClient:
             )
         except (UpstreamTimeout, UpstreamUnreachable) as exc:
             self.mark_down(upstream)
+            tried.failed(registry, exc)
+            self._count_peer(upstream, "failed")
+            return None
+        except UpstreamInvalid as exc:
+            if not upstream.peer:
+                raise
+            self.mark_down(upstream)  # a redirect: no Detour answers one
             tried.failed(registry, exc)
             self._count_peer(upstream, "failed")
             return None
