@@ -2,7 +2,8 @@
 
 A token is asked for anonymously or with the registry's credentials, once per (registry,
 scope) however many requests met the 401 at the same time: the others wait on the key's lock
-and take the token the first one got (:class:`proxy.core.auth.TokenCache`).
+and take the token the first one got (:class:`proxy.core.auth.TokenCache`). A realm never
+goes from https down to http.
 """
 
 from __future__ import annotations
@@ -44,11 +45,15 @@ class TokenFetcher:
         challenge: Challenge,
         creds: Credentials | None,
         used: Token | None,
+        *,
+        secure: bool = False,
     ) -> Token | None:
         """A fresh token for (registry, scope), fetching one unless another request just did.
 
         None when the token service refused an anonymous request: the challenge goes back to
-        the client, which may hold credentials of its own.
+        the client, which may hold credentials of its own. A challenge met over https
+        (``secure``) whose realm is http is refused: neither the credentials nor the token
+        ever travel in clear where the registry itself did not.
         """
         async with self._tokens.lock(registry, scope):
             replaced = self._tokens.replaced(registry, scope, used)
@@ -59,6 +64,16 @@ class TokenFetcher:
                 raise UpstreamInvalid(
                     "upstream sent a bearer challenge without a usable realm",
                     {"registry": registry},
+                )
+            if secure and realm.scheme != "https":
+                raise UpstreamInvalid(
+                    "the registry, reached over https, sent a token realm over plain http; "
+                    "Detour never sends credentials or tokens in clear. Set "
+                    f"registries.{registry}.insecure: true only if the registry itself is "
+                    "reached over http",
+                    {"registry": registry, "realm_scheme": realm.scheme},
+                    cause="protocol",
+                    reason="token realm downgrades https to http",
                 )
             query = {"scope": challenge.params.get("scope") or scope}
             if "service" in challenge.params:

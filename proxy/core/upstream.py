@@ -267,7 +267,8 @@ class UpstreamClient:
         bearer = next((c for c in challenges if c.scheme == "bearer"), None)
         basic = next((c for c in challenges if c.scheme == "basic"), None)
         if bearer is not None:
-            token = await self._fetcher.token(registry, scope, bearer, creds, used)
+            secure = unauthorized.url.scheme == "https"
+            token = await self._fetcher.token(registry, scope, bearer, creds, used, secure=secure)
             return None if token is None else f"Bearer {token.value}"
         if basic is not None and creds is not None:
             self._basic_registries.add(registry)
