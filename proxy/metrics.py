@@ -51,7 +51,7 @@ REQUEST_METHODS = ("GET", "HEAD", OTHER)
 
 # The statuses Detour answers GET and HEAD with, by endpoint kind: their series start at 0, so
 # the first 404 or 502 of each shows in rate(). (499: the client hung up; nginx's number.) The
-# duration histogram's series start with the pull endpoints' (API_KINDS).
+# duration histogram's start for GET of every kind and HEAD of the pull endpoints (API_KINDS).
 API_KINDS = ("manifests", "blobs", "tags", "referrers")
 _API_STATUSES = (200, 400, 401, 403, 404, 429, 499, 500, 502, 503, 504)
 REQUEST_STATUSES: dict[str, tuple[int, ...]] = {
@@ -228,9 +228,10 @@ class Metrics:
             for kind, statuses in table.items():
                 for status in statuses:
                     self.http_requests.labels(method, kind, str(status))
-        for method in ("GET", "HEAD"):
-            for kind in API_KINDS:
-                self.http_duration.labels(method, kind)
+        for kind in REQUEST_KINDS:
+            self.http_duration.labels("GET", kind)
+        for kind in API_KINDS:
+            self.http_duration.labels("HEAD", kind)
         for kind, results in CACHE_RESULTS.items():
             for result in results:
                 self.cache_requests.labels(kind, result)

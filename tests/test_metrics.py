@@ -23,12 +23,14 @@ from prometheus_client import CollectorRegistry
 
 from proxy import __version__
 from proxy.metrics import (
+    API_KINDS,
     CACHE_RESULTS,
     CACHE_WRITE_FAILURES,
     DIGEST_KINDS,
     ENDED_FETCHES,
     OTHER_METHOD_STATUSES,
     PEER_RESULTS,
+    REQUEST_KINDS,
     REQUEST_METHODS,
     REQUEST_STATUSES,
     SOURCES,
@@ -70,12 +72,11 @@ INITIALISED: dict[str, set[Labels]] = {
         ).items()
         for status in statuses
     },
-    # The duration histogram of the pull endpoints.
+    # The duration histogram: GET of every kind, HEAD of the pull endpoints.
     "detour_http_request_duration_seconds_count": {
-        (("kind", kind), ("method", method))
-        for method in ("GET", "HEAD")
-        for kind in ("manifests", "blobs", "tags", "referrers")
-    },
+        (("kind", kind), ("method", "GET")) for kind in REQUEST_KINDS
+    }
+    | {(("kind", kind), ("method", "HEAD")) for kind in API_KINDS},
 }
 
 
@@ -324,7 +325,8 @@ def test_no_metric_name_lacks_its_unit(which: str) -> None:
             assert "_total" not in base, name
         else:
             assert not name.endswith("_total"), name
-        measures_bytes = "size" in base or "bytes" in help_text.lower()
+        # A quantity of bytes says so first ("Bytes of ...", "Body bytes sent ...").
+        measures_bytes = "size" in base or re.match(r"(body )?bytes\b", help_text.lower())
         measures_time = kind == "histogram" or re.search(
             r"duration|latency|seconds|\btime\b|\bage\b", f"{base} {help_text.lower()}"
         )
