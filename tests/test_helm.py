@@ -468,14 +468,23 @@ def test_the_helm_made_certificate_is_one_the_api_server_accepts(
         https_get(port, certs / "ca.crt", "edge-detour-webhook.other.svc", "/healthz")
 
 
-def test_the_grafana_dashboard(charts: dict[str, Objects]) -> None:
+def test_the_grafana_dashboard(charts: dict[str, Objects], tmp_path: Path) -> None:
     """The dashboard is deploy/grafana's file itself (the chart links to it), labelled for
-    Grafana's dashboard sidecar."""
+    Grafana's dashboard sidecar; the packaged chart (``helm package``) holds the file."""
     objects = charts["helm certificate, hub, monitoring, dashboard"]
     configmap = one(objects, "ConfigMap", "detour-grafana-dashboard")
     assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert configmap["data"] == {"detour-dashboard.json": DASHBOARD.read_text()}
     assert (CHART / "dashboards" / "detour-dashboard.json").resolve() == DASHBOARD.resolve()
+    archive = helm().package(CHART, destination=tmp_path)
+    assert Path(archive).name == "detour-0.1.0.tgz"
+    with helm().Chart.load(archive) as packaged:
+        manifests = packaged.render(
+            {"monitoring": {"grafanaDashboard": {"enabled": True}}}, name="detour"
+        )
+    (text,) = [t for t in manifests.values() if "grafana-dashboard" in t]
+    (packaged_map,) = [doc for doc in yaml.safe_load_all(text) if doc]
+    assert packaged_map["data"] == configmap["data"]
     assert "detour-grafana-dashboard" not in {
         o["metadata"]["name"] for o in charts["chart defaults"]
     }
