@@ -26,6 +26,8 @@ CACHE_RESULTS = {
 }
 CACHE_WRITE_FAILURES = ("disk_full", "read_only", "io_error", "too_large", "no_room")
 PEER_RESULTS = ("served", "failed", "skipped")
+# Why a peer was bypassed at once (proxy.core.peer_checks): it lied, or could not prove it is one.
+PEER_LIES = ("wrong_blob", "wrong_manifest", "redirect", "unproven_tag")
 ENDED_FETCHES = ("abandoned", "too_slow")
 SOURCES = ("cache", "upstream")
 DIGEST_KINDS = ("blob", "manifest")
@@ -207,6 +209,15 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.peers_bypassed = Counter(
+            "detour_peers_bypassed",
+            "Peers marked down at once for an answer no Detour of the site gives, by reason: "
+            "wrong_blob, wrong_manifest (bytes that do not match their digest), redirect, "
+            "unproven_tag (a tag without proof of cluster.secret_dir's secret); the next peer "
+            "or the upstream served instead.",
+            ["reason"],
+            registry=r,
+        )
         self.queued_fetches = Gauge(
             "detour_queued_blob_fetches",
             "Blob fetches waiting for a slot (upstream.max_fetches, max_fetches_per_registry).",
@@ -239,6 +250,8 @@ class Metrics:
             self.cache_write_failures.labels(reason)
         for result in PEER_RESULTS:
             self.peer_requests.labels(result)
+        for reason in PEER_LIES:
+            self.peers_bypassed.labels(reason)
         for reason in ENDED_FETCHES:
             self.ended_fetches.labels(reason)
         for source in SOURCES:

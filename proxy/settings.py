@@ -237,6 +237,9 @@ class ClusterSettings(_Section):
     # This instance as the peers reach it; not among the peers: a pure client of them.
     advertise: str | None = None
     refresh: Duration = 10.0  # how often a dns: peer set is resolved again
+    # A blob from a peer up to this size is verified whole before its first byte goes to a
+    # client, so a peer's wrong bytes cost the client nothing; a larger one is sent as it comes.
+    verify_peer_blobs_first: ByteSize = 512 * 1024 * 1024
 
     @field_validator("peers")
     @classmethod

@@ -15,9 +15,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import pytest
 from aiohttp import web
 
-from proxy.cluster.peering import blob_key, rendezvous
+from proxy.cluster.peering import blob_key, manifest_key, rendezvous
 from tests.images import ACCEPT_ALL, PushedImage, push_image, unique_repo
 from tests.proxy import Proxy
 from tests.registry import Registry
@@ -203,3 +205,87 @@ async def test_a_peer_redirect_is_not_followed_and_the_pull_goes_on(
         assert len(fake.requests) == 1  # then marked down: the second pull skipped it
     assert internal_hits == []
     assert await node.metric("detour_peer_requests_total", result="failed") == 1
+
+
+def flipped(data: bytes) -> bytes:
+    return bytes(byte ^ 0xFF for byte in data)
+
+
+@pytest.mark.parametrize("kind", ["blob", "manifest"])
+async def test_a_peer_that_sends_wrong_bytes_costs_the_client_nothing(
+    detour_process: StartProxy, registry: Registry, tmp_path: Path, kind: str
+) -> None:
+    """The owner of a blob (its bytes flipped) or of a manifest by digest (another image's
+    manifest, under the digest asked for) lies: the client gets the right bytes, whole, from
+    one extra source (the mirror), the peer is marked down at once and counted."""
+    peers = node_addresses(2, first=40)
+    fake_address, node_address = peers
+    repo = f"docker-mirror/library/{unique_repo('liar').split('/')[1]}"
+    name = repo.removeprefix("docker-mirror/")
+    other = push_image(registry, f"{repo}-other", "v1", layers=1, layer_size=KiB)
+    for _ in range(50):  # an image whose key the fake peer owns
+        image = push_image(registry, repo, "v1", layers=1, layer_size=256 * KiB)
+        key = blob_key(image.layers[0].digest) if kind == "blob" else manifest_key(image.digest)
+        if rendezvous(peers, key)[0] == fake_address:
+            break
+    else:
+        raise AssertionError("no image owned by the fake peer")
+    blob = image.layers[0]
+
+    async def liar(request: web.Request) -> web.StreamResponse:
+        if kind == "blob":
+            headers = {"Docker-Content-Digest": blob.digest}
+            return web.Response(body=flipped(blob.data), headers=headers)
+        headers = {"Docker-Content-Digest": image.digest, "Content-Type": other.media_type}
+        return web.Response(body=other.manifest, headers=headers)
+
+    async with FakePeer(fake_address, liar) as fake:
+        (node,) = await start_nodes(detour_process, registry, tmp_path, peers, [node_address])
+        mark = registry.mark()
+        for _ in range(2):
+            if kind == "blob":
+                url, wanted = f"{node.url}/v2/{name}/blobs/{blob.digest}", blob.data
+            else:
+                url, wanted = f"{node.url}/v2/{name}/manifests/{image.digest}", image.manifest
+            async with node.session.get(url, headers={"Accept": ACCEPT_ALL}) as response:
+                assert response.status == 200, await response.text()
+                assert await response.read() == wanted
+        assert len(fake.requests) == 1  # asked once: marked down at once, then skipped
+    path = f"/v2/{repo}/blobs/{blob.digest}" if kind == "blob" else f"/v2/{repo}/manifests/"
+    fetched = [p for p in await registry.wait_paths(mark, at_least=1) if p.startswith(path)]
+    assert len(fetched) == 1  # one extra source: the mirror, once (then it was cached)
+    lie = "wrong_blob" if kind == "blob" else "wrong_manifest"
+    assert await node.metric("detour_peers_bypassed_total", reason=lie) == 1
+
+
+async def test_a_large_blob_from_a_lying_peer_aborts_one_pull_and_not_the_next(
+    detour_process: StartProxy, registry: Registry, tmp_path: Path
+) -> None:
+    """Past ``cluster.verify_peer_blobs_first`` a peer's blob is sent as it arrives: wrong bytes
+    abort that pull (never a whole 200), and the peer is bypassed at once, so the retry gets
+    the right bytes from the mirror."""
+    peers = node_addresses(2, first=50)
+    fake_address, node_address = peers
+    repo = f"docker-mirror/library/{unique_repo('big').split('/')[1]}"
+    for _ in range(50):
+        image = push_image(registry, repo, "v1", layers=1, layer_size=256 * KiB)
+        if rendezvous(peers, blob_key(image.layers[0].digest))[0] == fake_address:
+            break
+    blob = image.layers[0]
+
+    async def liar(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=flipped(blob.data))
+
+    extra = {"cluster": {"verify_peer_blobs_first": "64KiB"}}
+    async with FakePeer(fake_address, liar):
+        (node,) = await start_nodes(
+            detour_process, registry, tmp_path, peers, [node_address], extra=extra
+        )
+        url = f"{node.url}/v2/{repo.removeprefix('docker-mirror/')}/blobs/{blob.digest}"
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async with node.session.get(url) as response:
+                await response.read()
+        async with node.session.get(url) as response:
+            assert response.status == 200
+            assert await response.read() == blob.data
+    assert await node.metric("detour_peers_bypassed_total", reason="wrong_blob") == 1

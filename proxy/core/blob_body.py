@@ -3,8 +3,10 @@
 The first ``GET`` is answered with the blob; when the connection drops (or ends short of the
 announced length), the body is resumed with a ``Range`` request from the byte reached, a
 bounded number of times, so the fetch sees one unbroken stream. A peer (another Detour of the
-site) that broke mid-stream is marked down, so the next fetches skip it a while. More bytes
-than announced, or, with no length announced, more than ``cache.max_blob_size``, end it.
+site) that broke mid-stream is marked down, so the next fetches skip it a while; the peers that
+sent any of the bytes are in :attr:`BlobBody.peers`, for the fetch to distrust if the digest
+does not match. More bytes than announced, or, with no length announced, more than
+``cache.max_blob_size``, end it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from proxy.core.lane import Chunk
-from proxy.core.rules import Route
+from proxy.core.rules import Route, Upstream
 from proxy.core.upstream import UpstreamClient
 from proxy.core.upstream_response import UpstreamResponse
 from proxy.errors import BlobUnknown, UpstreamError, UpstreamInvalid
@@ -50,6 +52,7 @@ class BlobBody:
         self.source = ""  # the upstream that answered
         self.private = False  # fetched with the client's own credentials
         self.received = 0
+        self.peers: list[Upstream] = []  # the peers that sent any of its bytes
 
     async def open(self) -> None:
         """Ask for the blob; raise the upstream's refusal (404: BLOB_UNKNOWN)."""
@@ -74,6 +77,8 @@ class BlobBody:
         if offset and not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
             response.close()
             raise UpstreamInvalid("upstream cannot resume", {"upstream": response.where})
+        if response.upstream.peer and response.upstream not in self.peers:
+            self.peers.append(response.upstream)
         return response
 
     async def chunks(self) -> AsyncIterator[Chunk]:

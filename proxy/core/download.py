@@ -12,6 +12,12 @@ A fetch waits for its turn (:class:`FetchSlots`), and ends early when its client
 (after ``upstream.abandon_after``, unless it is nearly done) or the upstream crawls below
 ``upstream.min_rate``. Its clients are sent each byte but the last while it is ``RUNNING``; the
 last once it is ``VERIFIED``, so no client takes wrong bytes for a whole blob.
+
+A blob from a peer (another Detour of the site) of at most ``cluster.verify_peer_blobs_first``
+bytes is *held*: the fetch stays ``OPENING`` for its clients until every byte is verified, and
+when the bytes are wrong the peers that sent them are distrusted and the blob is fetched again
+from the next peer or the upstream, so the clients get the right blob, a little later. A larger
+one is sent as it arrives; wrong bytes then abort its clients (and the peer is distrusted).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from proxy.reference import Digest
 from proxy.settings import Settings
 
 NEARLY_DONE = 0.9  # a fetch this far along goes on for the cache when its clients leave
+PEER_RETRIES = 2  # fetched again after a peer's wrong bytes: the next peer, then the upstream
 
 log = get_logger("detour.blobs")
 
@@ -64,6 +71,7 @@ class FetchLimits:
     min_rate: int | None  # bytes per second, over each ``rate_window``
     rate_window: float
     slow_client: float
+    verify_peer_blobs_first: int = 0  # a peer's blob up to this size: verified, then sent
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FetchLimits:
@@ -74,6 +82,7 @@ class FetchLimits:
             min_rate=upstream.min_rate,
             rate_window=upstream.read_timeout,
             slow_client=upstream.slow_client,
+            verify_peer_blobs_first=settings.cluster.verify_peer_blobs_first,
         )
 
 
@@ -145,7 +154,10 @@ class Download:
         self.error: DetourError | None = None
         self.size: int | None = None
         self.source = ""
+        self._client_auth = client_auth
+        self._upstream = upstream
         self._body = BlobBody(digest, route, client_auth, upstream, limits.max_blob_size)
+        self.held = False  # receiving, its clients not sent a byte until it is verified
         self.committed = False
         self.checksums: Checksums | None = None  # once committed: for its hits' checks
         self.window = Window(str(digest), limits.slow_client)
@@ -225,31 +237,7 @@ class Download:
         return error(f"blob fetch ended: {words}", {"digest": str(self.digest)}, cause=reason)
 
     async def _fetch(self) -> None:
-        body = self._body
-        await body.open()
-        self.size, self.source = body.size, body.source
-        sink = self._sink = BlobSink(
-            self.digest,
-            self._store,
-            self._metrics,
-            size=self.size,
-            private=body.private,
-            max_blob_size=self._limits.max_blob_size,
-            on_spill=lambda: self._on_spill(self),
-        )
-        self.state = State.RUNNING
-        self.window.notify()
-        try:
-            async for chunk in body.chunks():
-                if sink.spilled:
-                    await self.window.room(sink.on_disk)
-                self.window.append(chunk, sink.on_disk, sink.spilled)
-                await sink.put(chunk)
-            await sink.close()
-            self.window.trim(sink.on_disk, sink.spilled)
-        finally:
-            await sink.stop()
-        sink.verify(self.size, self.route.upstreams[0].registry, self.source)
+        sink = await self._receive()
         # Verified: clients get their last byte now. Making the file durable (fsync, rename)
         # is for the cache, and happens after.
         self.state = State.VERIFIED
@@ -262,6 +250,78 @@ class Download:
         self.window.notify()
         self.checksums = await sink.commit()
         self.committed = self.checksums is not None
+
+    async def _receive(self) -> BlobSink:
+        """Every byte, received and verified. Bytes from a peer that are held back until
+        verified (see :meth:`_holds`) and turn out wrong cost the clients nothing: the peers
+        that sent them are distrusted and the blob is fetched again from the next source."""
+        for attempt in range(PEER_RETRIES + 1):
+            body = self._body
+            await body.open()
+            self.size, self.source = body.size, body.source
+            sink = self._sink = BlobSink(
+                self.digest,
+                self._store,
+                self._metrics,
+                size=self.size,
+                private=body.private,
+                max_blob_size=self._limits.max_blob_size,
+                on_spill=lambda: self._on_spill(self),
+            )
+            self.held = self._holds(body, sink)
+            if not self.held:
+                self._start_sending()
+            try:
+                await self._receive_into(body, sink)
+                sink.verify(self.size, self.route.upstreams[0].registry, self.source)
+            except UpstreamInvalid as exc:
+                for peer in body.peers:
+                    self._upstream.distrust(peer, "wrong_blob", exc.message)
+                if not (self.held and body.peers) or attempt == PEER_RETRIES:
+                    raise
+                log.warning("blob_refetched", digest=str(self.digest), error=exc.message)
+                sink.discard()
+                self.window.restart()
+                self._body = BlobBody(
+                    self.digest,
+                    self.route,
+                    self._client_auth,
+                    self._upstream,
+                    self._limits.max_blob_size,
+                )
+                continue
+            return sink
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _holds(self, body: BlobBody, sink: BlobSink) -> bool:
+        """Whether the clients wait for every byte to be verified before their first: for a
+        blob from a peer of at most ``cluster.verify_peer_blobs_first`` bytes that the cache
+        takes (a client can then be sent it from the file)."""
+        return (
+            bool(body.peers)
+            and not sink.spilled
+            and self.size is not None
+            and self.size <= self._limits.verify_peer_blobs_first
+        )
+
+    def _start_sending(self) -> None:
+        self.held = False
+        self.state = State.RUNNING
+        self.window.notify()
+
+    async def _receive_into(self, body: BlobBody, sink: BlobSink) -> None:
+        try:
+            async for chunk in body.chunks():
+                if self.held and sink.spilled:
+                    self._start_sending()  # the disk won't keep it: sent as it comes after all
+                if sink.spilled:
+                    await self.window.room(sink.on_disk)
+                self.window.append(chunk, sink.on_disk, sink.spilled)
+                await sink.put(chunk)
+            await sink.close()
+            self.window.trim(sink.on_disk, sink.spilled)
+        finally:
+            await sink.stop()
 
     # ----------------------------------------------------------------- for the clients
 
@@ -279,7 +339,7 @@ class Download:
     @property
     def receiving(self) -> bool:
         """Bytes are coming: the upstream answered, and the blob is not whole yet."""
-        return self.state is State.RUNNING
+        return self.state is State.RUNNING or self.held
 
     @property
     def received_all(self) -> bool:
@@ -301,7 +361,7 @@ class Download:
         """Wait for the upstream's answer; raise its error if it failed before any bytes."""
         while self.state is State.OPENING:
             await self.window.changed.wait()
-        if self.state is State.FAILED and self.received == 0:
+        if self.state is State.FAILED and (self.received == 0 or self.held):
             assert self.error is not None
             raise self.error
 

@@ -106,7 +106,7 @@ class Sender:
                 raise UpstreamInvalid(
                     "a peer answered with a redirect, which Detour never does; not followed",
                     {"upstream": registry},
-                    cause="protocol",
+                    cause="redirect",
                     reason="answered with a redirect (not followed)",
                 )
             url = _redirect_target(registry, url, location)

@@ -34,14 +34,18 @@ from proxy.core.auth import Credentials, CredentialStore, Token, TokenCache, par
 from proxy.core.connections import TLS, client_timeout
 from proxy.core.direct_body import TAKE_OVER_RATE, BlockPool, DirectReads
 from proxy.core.egress import AddressRefused, EgressPolicy, GuardedResolver
+from proxy.core.peer_checks import Lie, PeerLied, checked_manifest, manifest_digest
 from proxy.core.rules import Route, Upstream
 from proxy.core.sender import Sender, origin, refused_error
 from proxy.core.tokens import TokenFetcher
 from proxy.core.transport import Attempts
 from proxy.core.upstream_response import UpstreamResponse
 from proxy.errors import UpstreamInvalid, UpstreamTimeout, UpstreamUnreachable
+from proxy.logs import get_logger
 from proxy.metrics import Metrics
 from proxy.settings import UpstreamSettings
+
+log = get_logger("detour.upstream")
 
 # Marks a request from one of the site's Detours to another (see proxy.cluster.peering).
 PEER_HEADER = "X-Detour-Peer"
@@ -130,8 +134,8 @@ class UpstreamClient:
                 upstream, tried, method, suffix, dict(headers or {}), client_auth, fallback
             )
             if answer is not None:
-                response, private = answer
-                return UpstreamResponse(upstream, response, private, self.direct)
+                response, private, body = answer
+                return UpstreamResponse(upstream, response, private, self.direct, body)
         raise tried.error()
 
     async def _check_addresses(self, route: Route) -> None:
@@ -163,6 +167,13 @@ class UpstreamClient:
         requests, for a peer; those with a cached answer to fall back on, for a registry)."""
         self._down_until[upstream.registry] = time.monotonic() + DOWN_SECONDS
 
+    def distrust(self, upstream: Upstream, reason: Lie, words: str) -> None:
+        """A peer sent what no Detour of the site sends (:mod:`proxy.core.peer_checks`):
+        marked down at once, counted and logged."""
+        self.mark_down(upstream)
+        self._metrics.peers_bypassed.labels(reason).inc()
+        log.warning("peer_bypassed", peer=upstream.registry, reason=reason, error=words)
+
     async def _try(
         self,
         upstream: Upstream,
@@ -172,9 +183,10 @@ class UpstreamClient:
         headers: dict[str, str],
         client_auth: str | None,
         fallback: bool,
-    ) -> tuple[aiohttp.ClientResponse, bool] | None:
-        """One upstream's answer and whether it is private, or None (what failed is in
-        ``tried``) when the next upstream is to be tried."""
+    ) -> tuple[aiohttp.ClientResponse, bool, bytes | None] | None:
+        """One upstream's answer, whether it is private, and its body if it was read here (a
+        peer's manifest by digest, verified), or None (what failed is in ``tried``) when the
+        next upstream is to be tried."""
         registry = upstream.registry
         down = self._down_until.get(registry, 0.0) > time.monotonic()
         if down and (fallback or upstream.peer):  # a peer that failed lately: skipped
@@ -193,7 +205,7 @@ class UpstreamClient:
         except UpstreamInvalid as exc:
             if not upstream.peer:
                 raise
-            self.mark_down(upstream)  # a redirect: no Detour answers one
+            self.distrust(upstream, "redirect", exc.reason)  # no Detour answers one
             tried.failed(registry, exc)
             self._count_peer(upstream, "failed")
             return None
@@ -204,8 +216,35 @@ class UpstreamClient:
             tried.overloaded(registry, response.status, response.reason, named=named)
             response.release()
             return None
+        body = None
+        if upstream.peer and response.status == 200:
+            try:
+                body = await self._checked(upstream, method, suffix, response)
+            except PeerLied as lie:
+                response.release()
+                self.distrust(upstream, lie.reason, lie.words)
+                error = UpstreamInvalid(f"{registry} {lie.words}", cause="protocol")
+                tried.failed(registry, error)
+                self._count_peer(upstream, "failed")
+                return None
+            except (UpstreamTimeout, UpstreamUnreachable) as exc:
+                response.release()
+                self.mark_down(upstream)
+                tried.failed(registry, exc)
+                self._count_peer(upstream, "failed")
+                return None
         self._count_peer(upstream, "served")
-        return response, private
+        return response, private, body
+
+    async def _checked(
+        self, upstream: Upstream, method: str, suffix: str, response: aiohttp.ClientResponse
+    ) -> bytes | None:
+        """A peer's 200, checked (:mod:`proxy.core.peer_checks`): a manifest by digest read
+        and verified (its body returned), anything else as it is (None)."""
+        digest = manifest_digest(method, suffix)
+        if digest is not None:
+            return await checked_manifest(upstream.registry, digest, response)
+        return None
 
     def _count_peer(self, upstream: Upstream, result: str) -> None:
         if upstream.peer:

@@ -30,6 +30,7 @@ class UpstreamResponse:
     response: aiohttp.ClientResponse
     private: bool  # fetched with the client's own credentials: never cache
     direct: DirectReads | None = None  # for a fast blob body (see chunks)
+    body: bytes | None = None  # the whole body, when it was read (and checked) already
 
     @property
     def status(self) -> int:
@@ -46,6 +47,10 @@ class UpstreamResponse:
     async def read(self, limit: int, what: str = "response") -> bytes:
         """The whole body, read to its end (a body over a real link arrives in many reads),
         refusing one longer than ``limit`` without reading more than ``limit + 1`` bytes."""
+        if self.body is not None:
+            if len(self.body) > limit:
+                raise self._too_large(what, limit)
+            return self.body
         length = self.response.content_length
         if length is not None and length > limit:
             raise self._too_large(what, limit)
@@ -103,7 +108,12 @@ class UpstreamResponse:
         upstream's own refusal (and its challenge, for the client to answer) for a 401 or 403,
         and a bad reply for anything else."""
         if self.status == 404:
-            return not_found
+            # The URL asked, so a rule whose path is wrong shows where it sent the request. The
+            # first request's, without a query: a redirect's target may be a signed URL.
+            first = self.response.history[0] if self.response.history else self.response
+            asked = str(first.url.with_user(None).with_query(None).with_fragment(None))
+            detail = dict(not_found.detail) if isinstance(not_found.detail, dict) else {}
+            return type(not_found)(f"{not_found.message}: {asked}", {**detail, "url": asked})
         if self.status in (401, 403):
             challenge = self.headers.get("WWW-Authenticate")
             return UpstreamDenied(

@@ -113,6 +113,11 @@ class Window:
         self.size = 0
         self._chunks.clear()
 
+    def restart(self) -> None:
+        """Forget every byte: the fetch starts again from its first byte (no client has any)."""
+        self.clear()
+        self.start = 0
+
     def views(self, start: int, end: int) -> list[memoryview]:
         """Bytes ``[start, end)`` (``start`` in the window), in views of its chunks of at most
         ``SEND_BYTES``; a view keeps its chunk alive if the window lets go of it meanwhile."""
