@@ -90,8 +90,19 @@ def split_host_port(value: str, default_port: int) -> tuple[str, int]:
 
 
 def _check_listen(value: str) -> str:
-    split_host_port(value, 0)
-    return value
+    """``host:port`` (``[::]:port`` for IPv6); a port alone or a URL is refused with the
+    address to write instead, at config check rather than when the socket is opened."""
+    text = value.strip()
+    if text.isdigit():
+        raise ValueError(
+            f"a port alone; write 0.0.0.0:{text} (every address) or 127.0.0.1:{text} "
+            "(this machine only)"
+        )
+    if "://" in text or "/" in text:
+        address = text.partition("://")[2].split("/")[0] or "127.0.0.1:7439"
+        raise ValueError(f"an address to listen on, not a URL; write {address}")
+    split_host_port(text, 0)
+    return text
 
 
 Listen = Annotated[str, BeforeValidator(lambda v: _check_listen(str(v)))]
@@ -165,6 +176,15 @@ def normalize_prefix(value: str, *, target: bool) -> str:
     carry no meaning, since prefixes match whole path components.
     """
     text = value.strip().rstrip("/")
+    scheme, found, rest = text.partition("://")
+    if found:
+        written = rest.strip("/")
+        plain = (
+            f", and for plain HTTP set registries.{written.split('/')[0]}.insecure: true"
+            if scheme.lower() == "http" and target
+            else ""
+        )
+        raise ValueError(f"a rule names host/path without a scheme; write {written}/{plain}")
     host, _, repository = text.partition("/")
     if not host:
         raise ValueError("empty reference prefix")

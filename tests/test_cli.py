@@ -201,11 +201,28 @@ def test_a_bug_in_a_cache_command_is_not_reported_as_bad_input(
     ("command", "message"),
     [
         (["ls", "/nonexistent"], "/nonexistent is not a cache directory"),
+        (["ls", "--dir", "/nonexistent"], "/nonexistent is not a cache directory"),
+        (["rm", "nats:2.10", "--dir", "/nonexistent"], "/nonexistent is not a cache directory"),
+        (["prune", "--older-than", "1d", "--dir", "/nonexistent"], "/nonexistent is not a"),
+        (["verify", "--dir", "/nonexistent"], "/nonexistent is not a cache directory"),
+        (["ls", "/a", "--dir", "/b"], "give DIR or --dir, not both"),
+        (["verify"], "cache verify: name the cache directory: --dir DIR"),
         (["rm", "Nats:2.10"], "invalid repository name"),
         (["rm", "nats:2.10", "--endpoint", "127.0.0.1:7439"], "invalid endpoint"),
         (["prune", "--older-than", "soon", "--endpoint", "http://127.0.0.1:1"], "soon"),
     ],
-    ids=["directory", "reference", "endpoint", "age"],
+    ids=[
+        "directory",
+        "ls-dir",
+        "rm-dir",
+        "prune-dir",
+        "verify-dir",
+        "both",
+        "verify-no-dir",
+        "reference",
+        "endpoint",
+        "age",
+    ],
 )
 def test_a_cache_command_s_bad_argument_exits_2_in_one_line(
     command: list[str], message: str, capsys: pytest.CaptureFixture[str]
@@ -333,4 +350,17 @@ def test_the_webhook_with_its_port_in_use_is_one_line_with_exit_2(
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines() == [
         f"detour: cannot listen on 127.0.0.1:{listening}: Address already in use"
+    ]
+
+
+def test_cache_ls_with_no_cache_here_says_how_to_name_one(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``detour cache ls`` on a machine whose cache.dir holds no cache (the proxy runs in a pod,
+    or elsewhere): one line naming --dir and --endpoint."""
+    monkeypatch.setenv("DETOUR_CACHE__DIR", "/nonexistent")
+    assert main(["cache", "ls"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "detour: /nonexistent (cache.dir) is not a cache directory (no blobs/ or manifests/); "
+        "name one with --dir DIR, or ask the running proxy: --endpoint http://127.0.0.1:7439"
     ]

@@ -139,3 +139,48 @@ def test_detour_serve_refuses_a_bad_config_at_start(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "cache.tag_ttl" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "listen: 7440\n",
+            "1: listen: a port alone; write 0.0.0.0:7440 (every address) or 127.0.0.1:7440 "
+            "(this machine only)",
+        ),
+        (
+            "listen: http://127.0.0.1:7440\n",
+            "1: listen: an address to listen on, not a URL; write 127.0.0.1:7440",
+        ),
+        (
+            "webhook:\n  listen: https://0.0.0.0:8443/\n",
+            "2: webhook.listen: an address to listen on, not a URL; write 0.0.0.0:8443",
+        ),
+        (
+            "redirects:\n  - src: docker.io/\n    to: http://10.0.0.5:5000/hub/\n",
+            "3: redirects.0.to: a rule names host/path without a scheme; write 10.0.0.5:5000/hub/, "
+            "and for plain HTTP set registries.10.0.0.5:5000.insecure: true",
+        ),
+        (
+            "redirects:\n  - src: https://docker.io/\n    to: mirror.gcr.io/\n",
+            "2: redirects.0.src: a rule names host/path without a scheme; write docker.io/",
+        ),
+    ],
+    ids=["port-alone", "listen-url", "webhook-listen-url", "to-http", "src-https"],
+)
+def test_a_setting_written_the_wrong_way_is_refused_with_what_to_write(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    """At config check, before anything starts: each message says what to write instead."""
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text))
+    assert str(caught.value) == f"{tmp_path}/detour.yaml:{message}"
+
+
+def test_a_port_alone_in_the_environment_is_refused_with_what_to_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DETOUR_LISTEN", "7440")
+    with pytest.raises(ConfigError, match=r"^environment DETOUR_LISTEN: listen: a port alone; "):
+        load_settings(None)

@@ -107,6 +107,24 @@ async def test_without_ca_file_the_cause_is_tls(
     assert failures(logs()) == [{**attempt, "name": f"quay.io/{name}"}]
 
 
+async def test_a_plain_http_mirror_without_insecure_names_the_setting(
+    make_proxy: MakeProxy, registry: Registry, tmp_path: Path, logs: ReadLogs
+) -> None:
+    """A mirror that speaks plain HTTP, named without ``insecure: true``: the 502 and the
+    warning say which setting fixes it."""
+    name = unique_repo("app")
+    proxy = await make_proxy(mirror_config(tmp_path, registry.host))
+    logs()
+    error = await get_error(proxy, name)
+    hint = f"(plain HTTP? then set registries.{registry.host}.insecure: true)"
+    assert error["message"].startswith(f"TLS handshake with {registry.host} failed: ")
+    assert error["message"].endswith(hint)
+    [attempt] = error["detail"]["attempts"]
+    assert attempt["cause"] == "tls"
+    assert attempt["error"].endswith(hint)
+    assert [line["error"] for line in failures(logs())] == [attempt["error"]]
+
+
 async def test_tls_verify_false_accepts_the_certificate_with_a_warning_at_start(
     make_proxy: MakeProxy, make_registry: Callable[..., Registry], tmp_path: Path, logs: ReadLogs
 ) -> None:

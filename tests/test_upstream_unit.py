@@ -83,8 +83,9 @@ CASES: list[tuple[Exception, str, str, str, int]] = [
             KEY, ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number (_ssl.c:1006)")
         ),
         "tls",
-        "wrong version number",
-        "TLS handshake with quay.io failed: wrong version number",
+        "wrong version number (plain HTTP? then set registries.quay.io.insecure: true)",
+        "TLS handshake with quay.io failed: wrong version number "
+        "(plain HTTP? then set registries.quay.io.insecure: true)",
         502,
     ),
     (

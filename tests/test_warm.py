@@ -241,8 +241,9 @@ async def test_the_command_warms_the_rest_when_one_image_is_unknown(
     ]
     assert re.fullmatch(r"warmed \S+ sha256:[0-9a-f]{64} \(4 blobs, \d+\.\d kB\)\n", out.decode())
     assert err.decode().splitlines() == [
-        f"detour: warm docker.io/library/{missing}:v1: "
-        "manifest unknown to upstream (MANIFEST_UNKNOWN, HTTP 404)",
+        f"detour: warm docker.io/library/{missing}:v1: manifest unknown to upstream: "
+        f"{registry.url}/v2/docker-mirror/library/{missing}/manifests/v1 "
+        "(MANIFEST_UNKNOWN, HTTP 404)",
         "detour: 1 of 2 images not warmed",
     ]
 

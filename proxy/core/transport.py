@@ -46,6 +46,8 @@ log = get_logger("detour.upstream")
 Cause = Literal[
     "dns", "refused", "tls", "connect", "timeout", "disconnected", "protocol", "http", "down"
 ]
+# What OpenSSL says when the other end answers a TLS handshake in plain HTTP.
+_PLAIN_HTTP = ("wrong version number", "packet length too long", "record layer failure")
 # OpenSSL's "[SSL: CODE] " before its words and " (_ssl.c:1006)" after them.
 _SSL_NOISE = re.compile(r"^\[[A-Za-z0-9_]+: [A-Za-z0-9_]+\]\s*|\s*\(_ssl\.c:\d+\)$")
 
@@ -126,6 +128,9 @@ def transport_errors(what: str, host: str | None = None) -> Iterator[None]:
         if isinstance(refused, AddressRefused):
             raise refused from None  # the egress policy said no: see proxy.core.sender
         cause, error = _explain(exc)
+        if cause == "tls" and error in _PLAIN_HTTP:
+            registry = (host or what).split("/")[0]
+            error += f" (plain HTTP? then set registries.{registry}.insecure: true)"
         detail: dict[str, str] = {"upstream": what, "cause": cause, "error": error}
         if host is not None:
             detail["host"] = host

@@ -96,12 +96,16 @@ def _oci_message(body: bytes) -> str:
 
 
 def _root(args: argparse.Namespace) -> Path:
-    """The cache directory: DIR, or the settings' cache.dir."""
+    """The cache directory: --dir (or DIR), or the settings' cache.dir."""
     if args.endpoint is not None and args.dir is not None:
-        raise BadArgument("give DIR or --endpoint, not both")
+        raise BadArgument("give --dir or --endpoint, not both")
     root: Path = args.dir if args.dir is not None else _settings(args).cache.dir
     if not ((root / "blobs").is_dir() or (root / "manifests").is_dir()):
-        raise BadArgument(f"{root} is not a cache directory (no blobs/ or manifests/)")
+        where = "" if args.dir is not None else " (cache.dir)"
+        raise BadArgument(
+            f"{root}{where} is not a cache directory (no blobs/ or manifests/); name one with "
+            "--dir DIR, or ask the running proxy: --endpoint http://127.0.0.1:7439"
+        )
     return root
 
 
@@ -282,12 +286,38 @@ def _prune(args: argparse.Namespace) -> int:
     )
 
 
+def add_dir_arguments(sub: argparse.ArgumentParser, *, positional: bool = True) -> None:
+    """``--dir DIR``, the same in every ``detour cache`` command; where no other argument is
+    positional, a bare ``DIR`` means the same (see :func:`take_dir`)."""
+    sub.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="the cache directory (default: cache.dir, from --config or the environment)",
+    )
+    if positional:
+        sub.add_argument(
+            "dir_arg", type=Path, nargs="?", default=None, metavar="DIR", help="same as --dir"
+        )
+
+
+def take_dir(args: argparse.Namespace) -> None:
+    """Fold a bare DIR into ``args.dir``."""
+    given = getattr(args, "dir_arg", None)
+    if given is not None:
+        if args.dir is not None:
+            raise BadArgument("give DIR or --dir, not both")
+        args.dir = given
+
+
 def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """One line on stderr, no traceback: a bad argument exits 2; a proxy that can't be reached
     or refuses, 1."""
 
     def run(args: argparse.Namespace) -> int:
         try:
+            take_dir(args)
             return func(args)
         except EndpointError as exc:
             print(f"detour: {exc}", file=sys.stderr)
@@ -320,12 +350,13 @@ def add_cache_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
             help="YAML settings file (DETOUR_* overrides): its cache.dir is the default DIR",
         )
         sub.add_argument("--json", action="store_true", help="print JSON")
+        add_dir_arguments(sub, positional=name != "rm")
         return sub
 
     offline = (
-        "Without --endpoint it works on the files of DIR (default: cache.dir), for a cache no "
-        "proxy is serving; while the proxy runs use --endpoint, so that the proxy removes the "
-        "files itself and its size accounting stays right."
+        "Without --endpoint it works on the files of --dir DIR (default: cache.dir), for a "
+        "cache no proxy is serving; while the proxy runs use --endpoint, so that the proxy "
+        "removes the files itself and its size accounting stays right."
     )
     ls = command(
         "ls",
@@ -333,9 +364,8 @@ def add_cache_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         "SIZE counts an image's manifests and the blobs of it in the cache; UNIQUE, the bytes "
         "no other image uses (what rm frees). Untagged entries are manifests no tag names "
         "(images pulled by digest) and blobs no manifest names. Without --endpoint it reads "
-        "DIR (default: cache.dir).",
+        "--dir DIR (default: cache.dir).",
     )
-    ls.add_argument("dir", type=Path, nargs="?", default=None, metavar="DIR")
     ls.set_defaults(func=_guarded(_ls))
 
     rm = command(
@@ -347,7 +377,6 @@ def add_cache_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         "a target is not cached or an entry was in use, 2 for a bad argument.",
     )
     rm.add_argument("target", nargs="+", metavar="IMAGE|DIGEST")
-    rm.add_argument("--dir", type=Path, default=None, metavar="DIR", help="the cache directory")
     rm.set_defaults(func=_guarded(_rm))
 
     prune = command(
@@ -362,5 +391,4 @@ def add_cache_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         metavar="AGE",
         help="last used longer ago than this, e.g. 30d, 12h (units s, m, h, d)",
     )
-    prune.add_argument("dir", type=Path, nargs="?", default=None, metavar="DIR")
     prune.set_defaults(func=_guarded(_prune))

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from proxy import __version__
 from proxy.errors import DigestInvalid, NameInvalid, TagInvalid
 from proxy.settings import ConfigError, Settings, load_settings, unknown_environment
-from proxy.tools.cache_commands import add_cache_commands
+from proxy.tools.cache_commands import BadArgument, add_cache_commands, add_dir_arguments, take_dir
 
 if TYPE_CHECKING:
     from proxy.reference import Reference
@@ -260,6 +260,14 @@ def _warn_evicted(warmed: int, settings: Settings | None) -> None:
 def _cache_verify(args: argparse.Namespace) -> int:
     from proxy.core.cache_check import verify_cache
 
+    try:
+        take_dir(args)
+    except BadArgument as exc:
+        print(f"detour: {exc}", file=sys.stderr)
+        return 2
+    if args.dir is None:
+        print("detour: cache verify: name the cache directory: --dir DIR", file=sys.stderr)
+        return 2
     root: Path = args.dir
     if not ((root / "blobs").is_dir() or (root / "manifests").is_dir()):
         print(f"detour: {root} is not a cache directory (no blobs/ or manifests/)", file=sys.stderr)
@@ -409,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run. Safe while the proxy runs: what it deletes is a miss there, fetched again. "
         "Exit 0 if all was good, 1 if anything was dropped, 2 for a bad argument.",
     )
-    verify.add_argument("dir", type=Path, metavar="DIR", help="the cache directory (cache.dir)")
+    add_dir_arguments(verify)  # --dir DIR, or DIR, as in ls, rm and prune
     verify.add_argument(
         "--threads",
         type=_positive,
