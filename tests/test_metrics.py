@@ -29,6 +29,7 @@ from proxy.metrics import (
     DIGEST_KINDS,
     ENDED_FETCHES,
     OTHER_METHOD_STATUSES,
+    PEER_LIES,
     PEER_RESULTS,
     REQUEST_KINDS,
     REQUEST_METHODS,
@@ -45,6 +46,7 @@ from proxy.webhook import WebhookMetrics, create_webhook_app
 from tests.images import ACCEPT_ALL, push_image, unique_repo
 from tests.proxy import Proxy, parse_metrics, scenario
 from tests.registry import Registry
+from tests.support import ROOT
 from tests.test_client_logs import client_hello
 
 MakeProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
@@ -61,6 +63,7 @@ INITIALISED: dict[str, set[Labels]] = {
     },
     "detour_cache_write_failures_total": {(("reason", r),) for r in CACHE_WRITE_FAILURES},
     "detour_peer_requests_total": {(("result", r),) for r in PEER_RESULTS},
+    "detour_peers_bypassed_total": {(("reason", r),) for r in PEER_LIES},
     "detour_ended_blob_fetches_total": {(("reason", r),) for r in ENDED_FETCHES},
     "detour_served_bytes_total": {(("source", s),) for s in SOURCES},
     # Every status each (method, endpoint kind) is answered with.
@@ -336,35 +339,21 @@ def test_no_metric_name_lacks_its_unit(which: str) -> None:
             assert base.endswith("_seconds"), f"{name}: a duration, so _seconds"
 
 
-def test_the_documented_names() -> None:
-    """The proxy's metrics, as the README's table names them."""
-    assert {(name, kind) for name, kind, _ in families(Metrics().registry)} == {
-        ("detour_build_info", "gauge"),
-        ("detour_http_requests_total", "counter"),
-        ("detour_tls_probes_total", "counter"),
-        ("detour_http_request_duration_seconds", "histogram"),
-        ("detour_cache_requests_total", "counter"),
-        ("detour_upstream_requests_total", "counter"),
-        ("detour_upstream_request_duration_seconds", "histogram"),
-        ("detour_served_bytes_total", "counter"),
-        ("detour_digest_mismatches_total", "counter"),
-        ("detour_token_requests_total", "counter"),
-        ("detour_cache_size_bytes", "gauge"),
-        ("detour_cache_max_size_bytes", "gauge"),
-        ("detour_cache_evictions_total", "counter"),
-        ("detour_cache_write_failures_total", "counter"),
-        ("detour_inflight_blob_fetches", "gauge"),
-        ("detour_peers", "gauge"),
-        ("detour_peer_requests_total", "counter"),
-        ("detour_queued_blob_fetches", "gauge"),
-        ("detour_ended_blob_fetches_total", "counter"),
-    }
-    assert {name for name, _, _ in families(WebhookMetrics().registry)} == {
-        "detour_webhook_reviews_total",
-        "detour_webhook_skips_total",
-        "detour_webhook_images_rewritten_total",
-        "detour_webhook_tls_reloads_total",
-    }
+def documented(section: str) -> set[str]:
+    """The metric names the table under ``## <section>`` of docs/metrics.md gives."""
+    text = (ROOT / "docs" / "metrics.md").read_text()
+    (body,) = [part for part in text.split("\n## ") if part.startswith(section)]
+    return set(re.findall(r"^\| `(detour_[a-z_]+)` \|", body, re.MULTILINE))
+
+
+def test_every_metric_is_documented_and_nothing_else() -> None:
+    """docs/metrics.md's tables name exactly the metrics the proxy and the webhook export."""
+    assert {name for name, _, _ in families(Metrics().registry)} == documented(
+        "The proxy's metrics"
+    )
+    assert {name for name, _, _ in families(WebhookMetrics().registry)} == documented(
+        "The webhook's metrics"
+    )
 
 
 # --- promtool ---------------------------------------------------------------------------------
