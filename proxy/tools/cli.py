@@ -162,6 +162,28 @@ def _containerd_hosts(args: argparse.Namespace) -> int:
     return 1 if kept else 0
 
 
+def _registries_conf(args: argparse.Namespace) -> int:
+    from proxy.files import write_atomic
+    from proxy.tools.registries_conf import registries_conf
+
+    settings = _settings(args)
+    try:
+        text = registries_conf(settings, args.endpoint)
+    except ValueError as exc:
+        _error(str(exc))
+        return 2
+    if args.out is None:
+        print(text, end="")
+        return 0
+    try:
+        write_atomic(args.out, text.encode(), mode=0o644, sync_dir=True)
+    except OSError as exc:
+        _error(f"cannot write {args.out}: {exc}")
+        return 1
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _webhook_certs(args: argparse.Namespace) -> int:
     from proxy.webhook.certs import generate, write
 
@@ -357,6 +379,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--append added, whatever the settings name now (for uninstalling)",
     )
     hosts.set_defaults(func=_containerd_hosts)
+    conf = command(
+        "registries-conf",
+        "Write a registries.conf drop-in (CRI-O, podman) sending each registry a rule's src "
+        "or registries names to the proxy, then to the registry itself.",
+    )
+    conf.add_argument(
+        "--endpoint",
+        default="http://127.0.0.1:7439",
+        help="the proxy as the node reaches it (default: %(default)s)",
+    )
+    conf.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="the file to write, e.g. /etc/containers/registries.conf.d/50-detour.conf "
+        "(default: standard output)",
+    )
+    conf.set_defaults(func=_registries_conf)
     certs = commands.add_parser(
         "webhook-certs",
         help="Make a CA and a serving certificate for the webhook; print the caBundle.",
