@@ -182,3 +182,41 @@ async def test_a_range_on_a_miss_waits_for_verified_bytes(proxy: Proxy, registry
         assert response.status == 206
         assert response.headers["Content-Range"] == f"bytes 1000-1999/{layer.size}"
         assert await response.read() == layer.data[1000:2000]
+
+
+async def test_heads_and_gets_of_a_cold_tag_share_one_upstream_get(
+    make_proxy: MakeProxy, make_registry: Callable[..., Registry], tmp_path: Path
+) -> None:
+    """Nodes resolving a new tag at once (containerd and dockerd with HEAD, others with GET):
+    one manifest GET upstream, every client answered with the same digest, the tag kept."""
+    mirror = make_registry()
+    proxy = await make_proxy(scenario(mirror, tmp_path / "cache"))
+    name, image = hub_image(mirror)
+    mark = mirror.mark()
+    mirror.freeze()  # the first request's fetch waits; the others arrive and join it
+    try:
+        asked = [
+            asyncio.ensure_future(get_tag(proxy, name, method=method))
+            for method in ("HEAD", "GET", "HEAD", "GET", "HEAD", "GET")
+        ]
+        await asyncio.sleep(2)  # plenty for six requests on loopback to reach Detour
+    finally:
+        mirror.thaw()
+    answers = await asyncio.gather(*asked)
+    assert {(status, headers["Docker-Content-Digest"]) for status, headers, _ in answers} == {
+        (200, image.digest)
+    }
+    assert [body for _, _, body in answers] == [b"", image.manifest] * 3
+    entries = await mirror.wait_entries(mark, at_least=1)
+    assert [(e.method, e.path) for e in entries] == [
+        ("GET", f"/v2/docker-mirror/library/{name}/manifests/v1")
+    ]
+    counted = {
+        result: await proxy.metric("detour_cache_requests_total", kind="manifest", result=result)
+        for result in ("miss", "joined")
+    }
+    assert counted == {"miss": 1, "joined": 5}
+    mark = mirror.mark()
+    assert (await get_tag(proxy, name, method="HEAD"))[0] == 200
+    assert await proxy.metric("detour_cache_requests_total", kind="manifest", result="hit") == 1
+    assert mirror.paths_since(mark) == []
