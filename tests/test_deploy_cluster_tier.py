@@ -89,7 +89,7 @@ def test_the_proxies_peer_service_and_advertise(
     env = container(pod_spec(objects, "DaemonSet"), "proxy")["env"]
     names = [e["name"] for e in env]
     pod_ip = env[names.index("POD_IP")]
-    assert pod_ip["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert pod_ip["valueFrom"] == {"fieldRef": {"apiVersion": "v1", "fieldPath": "status.podIP"}}
     advertise = env[names.index("DETOUR_CLUSTER__ADVERTISE")]
     assert advertise["value"] == "$(POD_IP):7439"
     assert names.index("POD_IP") < names.index("DETOUR_CLUSTER__ADVERTISE")

@@ -226,7 +226,7 @@ def test_the_webhook_fails_open_and_spares_system_namespaces(
     assert pdb["spec"]["selector"]["matchLabels"].items() <= spec_labels(deployment).items()
     assert {
         "name": "POD_NAMESPACE",
-        "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+        "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}},
     } in webhook["env"]
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert webhook["securityContext"]["readOnlyRootFilesystem"] is True
