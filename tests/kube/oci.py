@@ -28,7 +28,6 @@ from typing import Any
 from tests.images import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, Blob, PushedImage, sha256_digest
 from tests.images import upload_image as upload
 from tests.registry import Registry
-from tests.rootfs import debian_root
 from tests.support import ROOT
 
 BUSYBOX = Path("/bin/busybox")
@@ -147,6 +146,8 @@ def _detour_layer(work: Path) -> Blob:
 def push_detour(registry: Registry, repo: str, tag: str) -> PushedImage:
     """Detour's image, as ``repo:tag``; its entrypoint is ``detour``'s, so the manifests'
     ``args`` (``serve --config ...``, ``webhook --config ...``) run as they would."""
+    from tests.rootfs import debian_root  # issue 25's builder, shared with the compose tests
+
     root = debian_root(ROOT_PACKAGES)
     with tempfile.TemporaryDirectory(prefix="detour-image-") as work:
         layers = [_root_layer(root), _detour_layer(Path(work))]
