@@ -374,7 +374,7 @@ def test_the_same_settings_of_ones_own(tmp_path: Path) -> None:
     assert differences(kustomized, charted) == []
     # What the settings are: Detour loads the chart's config as it is.
     config = load_settings(embedded_config(charted, tmp_path))
-    assert [rule.src for rule in config.redirects] == ["docker.io/", "ghcr.io/"]
+    assert [rule.src for rule in config.redirects] == ["docker.io", "ghcr.io"]
     assert config.cache.max_size == 50 * 2**30
     check_namespace(charted, "registry-cache")
 
@@ -527,10 +527,13 @@ def test_the_hub_and_the_network_policies(charts: dict[str, Objects]) -> None:
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"proxy": {"cache": {"volume": "nfs"}}}, "proxy.cache.volume"),
-        ({"webhook": {"certificate": "vault"}}, "webhook.certificate"),
+        ({"proxy": {"cache": {"volume": "nfs"}}}, "at '/proxy/cache/volume': value must be one of"),
+        ({"webhook": {"certifcate": "helm"}}, "'certifcate' not allowed"),
+        ({"hub": {"replicas": 0}}, "at '/hub/replicas': minimum"),
+        ({"image": {"pullPolicy": "Sometimes"}}, "at '/image/pullPolicy'"),
     ],
 )
 def test_a_wrong_value_is_named(values: dict[str, Any], message: str) -> None:
-    with pytest.raises(helm().HelmError, match=re.escape(message)):
+    """values.schema.json: Helm refuses the values before rendering, naming the value."""
+    with pytest.raises(helm().HelmValuesError, match=re.escape(message)):
         helm_render(values)
