@@ -17,7 +17,9 @@ import difflib
 import itertools
 import json
 import re
+import shutil
 import ssl
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -537,3 +539,38 @@ def test_a_wrong_value_is_named(values: dict[str, Any], message: str) -> None:
     """values.schema.json: Helm refuses the values before rendering, naming the value."""
     with pytest.raises(helm().HelmValuesError, match=re.escape(message)):
         helm_render(values)
+
+
+def test_the_release_workflow_publishes_the_chart_for_its_image(tmp_path: Path) -> None:
+    """.github/workflows/image.yml's chart job, short of the push: its edit of values.yaml and
+    the packaging with the tag's version make a chart that runs the image the job before
+    published (ghcr.io/<owner>/<repo>, lower case, at that version)."""
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "image.yml").read_text())
+    (step,) = [s for s in workflow["jobs"]["chart"]["steps"] if "run" in s]
+    lines = step["run"].splitlines()
+    (image,) = [line for line in lines if line.startswith("image=")]
+    (edit,) = [line for line in lines if line.startswith("sed ")]
+    assert "helm package deploy/helm/detour " in step["run"]
+    copy_of_chart = tmp_path / "deploy" / "helm" / "detour"
+    shutil.copytree(CHART, copy_of_chart)  # the dashboard's link followed, as helm's loader does
+    script = f"{image}\n{edit}\n"
+    subprocess.run(
+        ["bash", "-euc", script],
+        cwd=tmp_path,
+        env={"GITHUB_REPOSITORY": "Edge-Org/Detour", "PATH": "/usr/bin:/bin"},
+        check=True,
+    )
+    archive = helm().package(
+        copy_of_chart, destination=tmp_path, version="0.2.0", app_version="0.2.0"
+    )
+    with helm().Chart.load(archive) as chart:
+        manifests = chart.render({}, name="detour", namespace="detour")
+    objects = [doc for text in manifests.values() for doc in yaml.safe_load_all(text) if doc]
+    images = {
+        c["image"]
+        for o in objects
+        if o["kind"] in WORKLOADS
+        for field in ("initContainers", "containers")
+        for c in o["spec"]["template"]["spec"].get(field, [])
+    }
+    assert images == {"ghcr.io/edge-org/detour:0.2.0"}
