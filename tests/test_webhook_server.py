@@ -286,6 +286,8 @@ async def test_new_ephemeral_container_is_rewritten_and_existing_ones_are_not(
         "busybox",  # the API server refuses changes to an existing ephemeral container
         f"{PREFIX}/docker.io/library/alpine:3.20",
     ]
+    # Of this update the API server keeps spec.ephemeralContainers only: no annotation promised.
+    assert [op["path"] for op in patch if not op["path"].startswith("/spec/")] == []
 
 
 async def test_skips_leave_pods_alone_and_are_counted(webhook: Webhook) -> None:

@@ -170,7 +170,9 @@ def review_pod(request: AdmissionRequest, policy: Policy) -> Decision:
     plan = plan_pod(pod, namespace, policy, old_pod=old if isinstance(old, dict) else None)
     if plan.skip is not None:
         return Decision({"uid": uid, "allowed": True}, "skipped", plan)
-    patch = build_patch(pod, plan.rewrites)
+    # Of a pods/ephemeralcontainers update the API server keeps spec.ephemeralContainers only.
+    ephemeral = request.get("subResource", "") == "ephemeralcontainers"
+    patch = build_patch(pod, plan.rewrites, record=not ephemeral)
     if not patch:
         return Decision({"uid": uid, "allowed": True}, "unchanged", plan)
     encoded = base64.b64encode(json.dumps(patch, separators=(",", ":")).encode()).decode()

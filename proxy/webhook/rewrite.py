@@ -15,9 +15,12 @@ host it is)::
 Names on the pod:
 
 ``detour.io/original-images`` (annotation, written by the webhook)
-    One JSON object mapping ``containers/<name>``, ``initContainers/<name>`` and
-    ``ephemeralContainers/<name>`` to the image as it was written before the rewrite. Later
-    passes merge into it and never overwrite an entry with an already-prefixed image.
+    One JSON object mapping ``containers/<name>`` and ``initContainers/<name>`` to the image
+    as it was written before the rewrite. Later passes merge into it and never overwrite an
+    entry with an already-prefixed image. An ephemeral container has no entry: it is added by
+    a ``pods/ephemeralcontainers`` update, of which the API server keeps only
+    ``spec.ephemeralContainers``, so an annotation written then would never land. Its
+    rewritten image still names where it came from (``<prefix>/<registry>/<name>:<tag>``).
 ``detour.io/skip: "true"`` (label or annotation, set by you)
     Leave this pod alone. To exempt a whole namespace, put the label on the namespace and give
     the MutatingWebhookConfiguration a ``namespaceSelector`` that excludes it.
@@ -277,8 +280,11 @@ def _existing_originals(annotations: Mapping[str, Any]) -> dict[str, str]:
     return {str(k): v for k, v in value.items() if isinstance(v, str)}
 
 
-def build_patch(pod: Mapping[str, Any], rewrites: Iterable[ImageRewrite]) -> list[JSONPatchOp]:
-    """The JSONPatch that applies ``rewrites`` to ``pod`` and records the originals.
+def build_patch(
+    pod: Mapping[str, Any], rewrites: Iterable[ImageRewrite], *, record: bool = True
+) -> list[JSONPatchOp]:
+    """The JSONPatch that applies ``rewrites`` to ``pod`` and, with ``record``, records the
+    originals (not for a ``pods/ephemeralcontainers`` update, which keeps no annotation).
 
     One ``replace`` per image, then one ``add`` for the annotation, merged into what an earlier
     pass recorded. When ``metadata.annotations`` (or ``metadata``) is absent the whole object is
@@ -291,6 +297,8 @@ def build_patch(pod: Mapping[str, Any], rewrites: Iterable[ImageRewrite]) -> lis
         {"op": "replace", "path": f"/spec/{r.field}/{r.index}/image", "value": r.image}
         for r in rewrites
     ]
+    if not record:
+        return ops
     metadata = pod.get("metadata")
     annotations = metadata.get("annotations") if isinstance(metadata, Mapping) else None
     existing = _existing_originals(annotations) if isinstance(annotations, Mapping) else {}

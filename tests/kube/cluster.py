@@ -562,6 +562,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     def get(self, *args: str) -> Any:
         return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
 
+    def log(self, name: str) -> str:
+        """The whole log of one component (``kube-apiserver``, ``kubelet``, ...)."""
+        (daemon,) = [d for d in self._daemons if d.name == name]
+        return daemon.log_text()
+
     def logs(self) -> str:
         """The tail of every component's log, for a failure message."""
         return "\n".join(f"== {d.name}\n{d.log_tail(30)}" for d in self._daemons)
