@@ -260,6 +260,9 @@ class ClusterSettings(_Section):
     # A blob from a peer up to this size is verified whole before its first byte goes to a
     # client, so a peer's wrong bytes cost the client nothing; a larger one is sent as it comes.
     verify_peer_blobs_first: ByteSize = 512 * 1024 * 1024
+    # The site's shared secret (a mounted Secret): its file "current" signs, "current" and
+    # "accepted" are accepted (proxy.core.peer_auth). Unset: peers are known by address only.
+    secret_dir: Path | None = None
 
     @field_validator("peers")
     @classmethod

@@ -19,7 +19,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.cluster.peering import blob_key, manifest_key, rendezvous
+from proxy.cluster.peering import PEER_HEADER, blob_key, manifest_key, rendezvous, tag_key
+from proxy.core.peer_auth import PROOF_HEADER, PeerAuth, new_secret
+from proxy.reference import ImageName
 from tests.images import ACCEPT_ALL, PushedImage, push_image, unique_repo
 from tests.proxy import Proxy
 from tests.registry import Registry
@@ -289,3 +291,134 @@ async def test_a_large_blob_from_a_lying_peer_aborts_one_pull_and_not_the_next(
             assert response.status == 200
             assert await response.read() == blob.data
     assert await node.metric("detour_peers_bypassed_total", reason="wrong_blob") == 1
+
+
+def write_secrets(directory: Path, current: str | None, accepted: str | None = None) -> None:
+    """``cluster.secret_dir`` as a mounted Secret holds it: each file replaced at once."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for file, value in (("current", current), ("accepted", accepted)):
+        path = directory / file
+        if value is None:
+            path.unlink(missing_ok=True)
+        else:
+            temp = directory / f".{file}.tmp"
+            temp.write_text(value + "\n")
+            temp.replace(path)
+
+
+def tag_owned_by(peers: list[str], owner: str, name: str) -> str:
+    """A tag of ``docker.io/library/<name>`` whose owner among ``peers`` is ``owner``."""
+    while True:
+        tag = f"t{secrets.token_hex(4)}"
+        if rendezvous(peers, tag_key(ImageName.from_path(name, None), tag))[0] == owner:
+            return tag
+
+
+async def get_manifest(node: Proxy, name: str, tag: str) -> bytes:
+    url = f"{node.url}/v2/{name}/manifests/{tag}"
+    async with node.session.get(url, headers={"Accept": ACCEPT_ALL}) as response:
+        assert response.status == 200, await response.text()
+        return await response.read()
+
+
+async def test_an_unproven_peer_gets_client_treatment_and_cannot_set_a_tag(
+    detour_process: StartProxy, registry: Registry, tmp_path: Path
+) -> None:
+    """With cluster.secret_dir: a "peer" in the peer set without the secret (a pod that
+    matches the peers' Service, say) owns a tag and answers it with another image, under that
+    image's own digest: not taken, the real tag comes from the mirror. A request marked as a
+    peer's, from a peer's own address but without proof, is a client's: forwarded to the
+    owner as a client's would be; with proof, it is not."""
+    peers = node_addresses(3, first=60)
+    fake_address, a_address, b_address = peers
+    secret = new_secret()
+    write_secrets(tmp_path / "secret", secret)
+    extra = {"cluster": {"secret_dir": str(tmp_path / "secret")}}
+    repo = f"docker-mirror/library/{unique_repo('tagged').split('/')[1]}"
+    name = repo.removeprefix("docker-mirror/")
+    tag = tag_owned_by(peers, fake_address, name)
+    image = push_image(registry, repo, tag, layers=1, layer_size=KiB)
+    other = push_image(registry, f"{repo}-other", "v1", layers=1, layer_size=KiB)
+
+    async def liar(request: web.Request) -> web.StreamResponse:
+        headers = {"Docker-Content-Digest": other.digest, "Content-Type": other.media_type}
+        return web.Response(body=other.manifest, headers=headers)
+
+    async with FakePeer(fake_address, liar) as fake:
+        a, b = await start_nodes(
+            detour_process, registry, tmp_path, peers, [a_address, b_address], extra=extra
+        )
+        assert await get_manifest(a, name, tag) == image.manifest
+        assert len(fake.requests) == 1
+    assert await a.metric("detour_peers_bypassed_total", reason="unproven_tag") == 1
+
+    # B's peer-marked requests, sent from A's address: forwarded to the owner (A) unless
+    # proven.
+    digest = digest_owned_by([a_address, b_address], a_address)
+    path = f"/v2/{name}/blobs/{digest}"
+    auth = PeerAuth(tmp_path / "secret")
+    connector = aiohttp.TCPConnector(local_addr=(a_address.split(":")[0], 0))
+    async with aiohttp.ClientSession(connector=connector) as as_a:
+        before = await b.metric("detour_peer_requests_total", result="served")
+        async with as_a.get(f"{b.url}{path}", headers={PEER_HEADER: a_address}) as response:
+            assert response.status == 404
+        assert await b.metric("detour_peer_requests_total", result="served") == before + 1
+        proof = auth.sign_request("GET", path, a_address)
+        assert proof is not None
+        headers = {PEER_HEADER: a_address, PROOF_HEADER: proof}
+        async with as_a.get(f"{b.url}{path}", headers=headers) as response:
+            assert response.status == 404
+        assert await b.metric("detour_peer_requests_total", result="served") == before + 1
+    assert any("peer_proof_refused" in line for line in b.log_lines())
+
+
+async def test_the_secret_is_rotated_without_downtime(
+    detour_process: StartProxy, registry: Registry, tmp_path: Path
+) -> None:
+    """Two nodes, each with its own copy of the Secret, updated one after the other (as the
+    kubelet does): accepted := new; current := new, accepted := old; accepted removed. At
+    every step each node takes the other's tags and the other takes its requests as a peer's.
+    A node left with a secret the other doesn't accept is refused, both ways."""
+    peers = node_addresses(2, first=70)
+    dirs = [tmp_path / "secret-a", tmp_path / "secret-b"]
+    old, new = new_secret(), new_secret()
+    for directory in dirs:
+        write_secrets(directory, old)
+    nodes = []
+    for address, directory in zip(peers, dirs, strict=True):
+        extra = {"cluster": {"secret_dir": str(directory), "refresh": "0.2s"}}
+        nodes.extend(
+            await start_nodes(detour_process, registry, tmp_path, peers, [address], extra=extra)
+        )
+    repo = f"docker-mirror/library/{unique_repo('rotate').split('/')[1]}"
+    name = repo.removeprefix("docker-mirror/")
+
+    async def both_ways() -> tuple[float, float]:
+        """Each node pulls a tag the other owns: (tags it took from the other, lies seen)."""
+        for owner, node in ((peers[0], nodes[1]), (peers[1], nodes[0])):
+            tag = tag_owned_by(peers, owner, name)
+            image = push_image(registry, repo, tag, layers=1, layer_size=KiB)
+            assert await get_manifest(node, name, tag) == image.manifest
+        served = sum([await n.metric("detour_peer_requests_total", result="served") for n in nodes])
+        lies = sum(
+            [await n.metric("detour_peers_bypassed_total", reason="unproven_tag") for n in nodes]
+        )
+        return served, lies
+
+    steps = [(new, old), (new, old), (new, None)]  # (current, accepted) after the swap ...
+    states = [(old, new), *steps]  # ... the first step only adds the new one
+    checks = 0
+    for current, accepted in states:
+        for directory in dirs:  # one node after the other
+            write_secrets(directory, current, accepted)
+            await asyncio.sleep(1.0)  # five times cluster.refresh
+            served, lies = await both_ways()
+            checks += 2
+            assert (served, lies) == (checks, 0)
+    assert not any("peer_proof_refused" in line for n in nodes for line in n.log_lines())
+
+    write_secrets(dirs[0], new_secret())  # A alone moves on to a secret B doesn't know
+    await asyncio.sleep(1.0)
+    _, lies = await both_ways()
+    assert lies == 2  # each took the other's tag answer for unproven
+    assert any("peer_proof_refused" in line for line in nodes[1].log_lines())

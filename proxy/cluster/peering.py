@@ -14,12 +14,15 @@ nothing new can go wrong in between: digests are checked on the node as on any u
   out, answers 5xx or breaks mid-stream costs one attempt, and the next peer, then the upstream,
   serve. An owner's 4xx (401, 403, 404, 406) is an answer, relayed, and the owner stays up; a
   name this instance's egress policy refuses is refused before any peer is asked.
-* **Marking.** Requests to a peer carry :data:`PEER_HEADER`; one that arrives with it from an
-  address in the peer set is a peer request and is never forwarded to another peer.
+* **Marking.** Requests to a peer carry :data:`PEER_HEADER`; one that arrives with it and a valid
+  proof of the site's secret (:mod:`proxy.core.peer_auth`; without ``cluster.secret_dir``: from
+  an address in the peer set) is a peer request and is never forwarded to another peer. Any
+  other is a client's, whatever its source address.
 * **Private content** (a request with the client's own credentials) never goes to a peer.
 * **Membership.** ``cluster.peers`` is a list of ``host:port`` or one ``dns:<name>:<port>``,
   resolved again every ``cluster.refresh`` (a headless Service over the DaemonSet's ready
-  pods). An instance whose ``advertise`` is not in the set is a pure client of it (a hub).
+  pods), as are the secrets. An instance whose ``advertise`` is not in the set is a pure client
+  of it (a hub).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import replace
 
 from proxy.core.egress import EgressPolicy
+from proxy.core.peer_auth import PeerAuth
 from proxy.core.rules import Route, Upstream
 from proxy.core.upstream import PEER_HEADER
 from proxy.logs import get_logger
@@ -80,11 +84,16 @@ class Peering:
     """The peer set, kept current, and the routes that go through it."""
 
     def __init__(
-        self, settings: ClusterSettings, metrics: Metrics, egress: EgressPolicy | None = None
+        self,
+        settings: ClusterSettings,
+        metrics: Metrics,
+        egress: EgressPolicy | None = None,
+        auth: PeerAuth | None = None,
     ) -> None:
         self._settings = settings
         self._metrics = metrics
         self._egress = egress
+        self.auth = auth or PeerAuth(None)
         self.advertise = settings.advertise
         self.peers: tuple[str, ...] = ()
         self._addresses: frozenset[str] = frozenset()  # what peers connect from
@@ -121,7 +130,10 @@ class Peering:
 
     async def refresh(self) -> None:
         """Resolve the peer set again: the records of a ``dns:`` name, or the addresses of
-        static peers given by name. A failed lookup keeps the set as it was."""
+        static peers given by name. A failed lookup keeps the set as it was. The secrets are
+        read again too (a mounted Secret changes in place)."""
+        if self.auth.required:
+            await asyncio.to_thread(self.auth.load)
         loop = asyncio.get_running_loop()
         spec = self._settings.peers
         if isinstance(spec, str):
@@ -166,6 +178,15 @@ class Peering:
     def trusted(self, remote: str | None) -> bool:
         """Whether a request marked as a peer's comes from an address in the peer set."""
         return remote is not None and remote in self._addresses
+
+    def from_peer(
+        self, method: str, target: str, name: str, proof: str | None, remote: str | None
+    ) -> bool:
+        """Whether a request marked as peer ``name``'s is one: with ``cluster.secret_dir``, by
+        its proof alone; without, by its source address."""
+        if self.auth.required:
+            return self.auth.check_request(method, target, name, proof, remote)
+        return self.trusted(remote)
 
     def owners(self, key: str) -> list[str]:
         """The peers to ask for ``key`` before the upstream: those ranked above this instance

@@ -23,6 +23,7 @@ from yarl import URL
 from proxy.cluster.peering import blob_key, manifest_key, tag_key
 from proxy.core.cache import writable
 from proxy.core.outcome import Outcome
+from proxy.core.peer_auth import PROOF_HEADER
 from proxy.core.rules import Route
 from proxy.core.sender import INCOMING_VIA
 from proxy.core.services import SERVICES
@@ -53,6 +54,7 @@ from proxy.reference import (
 log = get_logger("detour.handlers")
 
 TAGS_LIST_MAX_BYTES = 8 * 1024 * 1024
+PEER_PROOF = "detour_peer_proof"  # a proven peer's proof, kept on its request for the answer
 _COUNT = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() takes "²" and "٣" too
 READ_METHODS = ("GET", "HEAD")
 
@@ -144,9 +146,11 @@ async def api(request: web.Request) -> web.StreamResponse:
                 serve = blobs.head if request.method == "HEAD" else blobs.get
                 return await serve(request, route, path.reference, client_auth, outcome)
             assert path.reference is not None
-            return await services.manifests.get(
+            answer = await services.manifests.get(
                 request, route, path.reference, client_auth, outcome
             )
+            _prove_answer(request, answer)
+            return answer
         finally:
             outcome.record(fields)
     if path.kind == "referrers":
@@ -163,13 +167,25 @@ def _through_peers(request: web.Request, route: Route, key: str, client_auth: st
         return route
     marked = request.headers.get(PEER_HEADER)
     if marked is not None:
-        if peering.trusted(request.remote):
+        proof = request.headers.get(PROOF_HEADER)
+        if peering.from_peer(request.method, request.raw_path, marked, proof, request.remote):
             request[LOG]["from_peer"] = marked[:100]
+            if proof is not None and peering.auth.required:
+                request[PEER_PROOF] = proof
             return route
-        log.debug("peer_mark_ignored", remote=request.remote)  # not from the peer set
+        log.debug("peer_mark_ignored", remote=request.remote)  # not a proven peer's
     if not request.app[SERVICES].sharing.shared(client_auth):
         return route
     return peering.route(route, key)
+
+
+def _prove_answer(request: web.Request, answer: web.StreamResponse) -> None:
+    """A proven peer's request for a manifest: the answer carries proof of the site's secret
+    too, which the peer asks of a tag's answer (proxy.core.peer_auth)."""
+    proof = request.get(PEER_PROOF)
+    if proof is not None and not answer.prepared:
+        auth = request.app[SERVICES].peering.auth
+        answer.headers[PROOF_HEADER] = auth.sign_answer(proof, answer.status, answer.headers)
 
 
 async def _passed_through(

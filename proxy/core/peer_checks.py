@@ -48,6 +48,12 @@ def manifest_digest(method: str, suffix: str) -> Digest | None:
         return None
 
 
+def is_tag(suffix: str) -> bool:
+    """Whether ``suffix`` asks for a manifest by tag (``manifests/<tag>``)."""
+    kind, _, reference = suffix.partition("/")
+    return kind == "manifests" and ":" not in reference
+
+
 async def checked_manifest(where: str, digest: Digest, response: aiohttp.ClientResponse) -> bytes:
     """The body of a peer's 200 to ``GET manifests/<digest>``, read whole and verified."""
     with transport_errors(where):

@@ -23,6 +23,7 @@ from proxy.core.download import FetchLimits, FetchSlots
 from proxy.core.egress import EgressPolicy, GuardedResolver
 from proxy.core.manifests import Manifests
 from proxy.core.outcome import Sharing
+from proxy.core.peer_auth import PeerAuth
 from proxy.core.rules import Rules
 from proxy.core.upstream import UpstreamClient
 from proxy.logs import get_logger
@@ -84,7 +85,15 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     # Every address connected to passes the egress policy (see proxy.core.egress).
     resolver = GuardedResolver(egress)
     session = _session(settings, ttl_dns_cache=300, resolver=resolver)
-    peering = Peering(settings.cluster, metrics, egress)
+    peer_auth = PeerAuth(settings.cluster.secret_dir)
+    peering = Peering(settings.cluster, metrics, egress, peer_auth)
+    if peering.enabled and not peer_auth.required:
+        log.warning(
+            "peers_known_by_address",
+            setting="cluster.secret_dir",
+            effect="any process that can send from a peer's address is taken for a peer; "
+            "see docs/security.md",
+        )
     peer_session = _peer_session(settings, resolver) if peering.enabled else None
     upstream = UpstreamClient(
         session,
@@ -96,6 +105,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
         peer_session=peer_session,
         peer_name=settings.cluster.advertise or "client",
         resolver=resolver,
+        peer_auth=peer_auth,
     )
     slots = FetchSlots(
         settings.upstream.max_fetches, settings.upstream.max_fetches_per_registry, metrics

@@ -34,7 +34,8 @@ from proxy.core.auth import Credentials, CredentialStore, Token, TokenCache, par
 from proxy.core.connections import TLS, client_timeout
 from proxy.core.direct_body import TAKE_OVER_RATE, BlockPool, DirectReads
 from proxy.core.egress import AddressRefused, EgressPolicy, GuardedResolver
-from proxy.core.peer_checks import Lie, PeerLied, checked_manifest, manifest_digest
+from proxy.core.peer_auth import PROOF_HEADER, PeerAuth
+from proxy.core.peer_checks import Lie, PeerLied, checked_manifest, is_tag, manifest_digest
 from proxy.core.rules import Route, Upstream
 from proxy.core.sender import Sender, origin, refused_error
 from proxy.core.tokens import TokenFetcher
@@ -73,8 +74,10 @@ class UpstreamClient:
         peer_name: str = "client",
         take_over_rate: float = TAKE_OVER_RATE,
         resolver: GuardedResolver | None = None,
+        peer_auth: PeerAuth | None = None,
     ) -> None:
         self._peer_name = peer_name
+        self._peer_auth = peer_auth or PeerAuth(None)
         self._resolver = resolver
         self._egress = egress or EgressPolicy(())
         # This instance's name in the Via header of what it sends: a request that comes back
@@ -219,7 +222,7 @@ class UpstreamClient:
         body = None
         if upstream.peer and response.status == 200:
             try:
-                body = await self._checked(upstream, method, suffix, response)
+                body = await self._checked(upstream, method, suffix, headers, response)
             except PeerLied as lie:
                 response.release()
                 self.distrust(upstream, lie.reason, lie.words)
@@ -237,13 +240,23 @@ class UpstreamClient:
         return response, private, body
 
     async def _checked(
-        self, upstream: Upstream, method: str, suffix: str, response: aiohttp.ClientResponse
+        self,
+        upstream: Upstream,
+        method: str,
+        suffix: str,
+        sent: Mapping[str, str],
+        response: aiohttp.ClientResponse,
     ) -> bytes | None:
         """A peer's 200, checked (:mod:`proxy.core.peer_checks`): a manifest by digest read
-        and verified (its body returned), anything else as it is (None)."""
+        and verified (its body returned); a tag's answer proven, with ``cluster.secret_dir``;
+        anything else as it is (None)."""
         digest = manifest_digest(method, suffix)
         if digest is not None:
             return await checked_manifest(upstream.registry, digest, response)
+        if self._peer_auth.required and is_tag(suffix):
+            proof = sent.get(PROOF_HEADER)
+            if not self._peer_auth.check_answer(proof, response.status, response.headers):
+                raise PeerLied("unproven_tag", "answered a tag without proof of the site's secret")
         return None
 
     def _count_peer(self, upstream: Upstream, result: str) -> None:
@@ -266,6 +279,9 @@ class UpstreamClient:
         registry = upstream.registry
         if upstream.peer:  # never with credentials: private content stays off the peers
             headers[PEER_HEADER] = self._peer_name
+            proof = self._peer_auth.sign_request(method, url.raw_path_qs, self._peer_name)
+            if proof is not None:
+                headers[PROOF_HEADER] = proof
             response = await self._sender.send(
                 registry, method, url, headers, None, limits, peer=True
             )

@@ -307,6 +307,13 @@ def _cache_verify(args: argparse.Namespace) -> int:
     return 1 if check.bad else 0
 
 
+def _peer_secret(_: argparse.Namespace) -> int:
+    from proxy.core.peer_auth import new_secret
+
+    print(new_secret())
+    return 0
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -443,6 +450,13 @@ def build_parser() -> argparse.ArgumentParser:
         "image", nargs="+", metavar="IMAGE", help="image references, e.g. nats:2.10.26-alpine"
     )
     warm.set_defaults(func=_warm)
+    commands.add_parser(
+        "peer-secret",
+        help="Print a new secret for the peers of a site (cluster.secret_dir).",
+        description="Print 32 random bytes in hex: the content of cluster.secret_dir's file "
+        "'current' (or 'accepted', while rotating), e.g. kubectl -n detour create secret "
+        "generic detour-peer-secret --from-literal=current=$(detour peer-secret).",
+    ).set_defaults(func=_peer_secret)
     cache = commands.add_parser(
         "cache",
         help="Look after the cache: list, remove, prune, verify.",
