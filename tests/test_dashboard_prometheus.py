@@ -21,6 +21,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -47,7 +48,7 @@ from tests.webhook_harness import (
 )
 
 PROMETHEUS = shutil.which("prometheus")
-pytestmark = pytest.mark.skipif(
+needs_prometheus = pytest.mark.skipif(
     PROMETHEUS is None, reason="prometheus not installed (Debian's prometheus package; .ci/run)"
 )
 
@@ -275,6 +276,26 @@ def table(rows: list[tuple[str, str, Series]], window: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def test_the_dashboard_shows_what_an_operator_asks_first() -> None:
+    """Panels for the version, TLS probes apart from requests, fetches queued and ended early,
+    the peers; and a hit ratio that says what it counts."""
+    exprs = " ".join(expr for _, _, _, expr in panel_targets())
+    for metric in (
+        "detour_build_info",
+        "detour_tls_probes_total",
+        "detour_queued_blob_fetches",
+        "detour_ended_blob_fetches_total",
+        "detour_peers",
+        "detour_peer_requests_total",
+    ):
+        assert re.search(rf"\b{metric}\{{", exprs), metric
+    dashboard = json.loads(DASHBOARD.read_text())
+    (ratio,) = [p for p in dashboard["panels"] if p["title"].startswith("Cache hit ratio")]
+    said = f"{ratio['title']} {ratio['description']}"
+    assert all(word in said for word in ("hit", "revalidated", "stale", "miss", "joined"))
+
+
+@needs_prometheus
 async def test_every_dashboard_panel_shows_the_workload(
     detour_process: MakeProxy,
     make_registry: Callable[..., Registry],
