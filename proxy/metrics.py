@@ -202,6 +202,12 @@ class Metrics:
             "Detours in the site's peer set (cluster.peers), this one included if a member.",
             registry=r,
         )
+        self.peers_down = Gauge(
+            "detour_peers_down",
+            "Peers taken as down now: one that failed (or was bypassed) in the last 30 s is not "
+            "asked until then.",
+            registry=r,
+        )
         self.peer_requests = Counter(
             "detour_peer_requests",
             "Requests to the owners of blobs, manifests and tags among the peers, by result: "

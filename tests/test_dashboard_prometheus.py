@@ -286,6 +286,7 @@ def test_the_dashboard_shows_what_an_operator_asks_first() -> None:
         "detour_queued_blob_fetches",
         "detour_ended_blob_fetches_total",
         "detour_peers",
+        "detour_peers_down",
         "detour_peer_requests_total",
     ):
         assert re.search(rf"\b{metric}\{{", exprs), metric

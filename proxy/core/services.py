@@ -107,6 +107,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
         resolver=resolver,
         peer_auth=peer_auth,
     )
+    metrics.peers_down.set_function(lambda: upstream.down_among(peering.peers))
     slots = FetchSlots(
         settings.upstream.max_fetches, settings.upstream.max_fetches_per_registry, metrics
     )

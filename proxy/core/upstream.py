@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import aiohttp
 from yarl import URL
@@ -169,6 +169,11 @@ class UpstreamClient:
         """``upstream`` failed: skipped for a while by requests that can do without it (all
         requests, for a peer; those with a cached answer to fall back on, for a registry)."""
         self._down_until[upstream.registry] = time.monotonic() + DOWN_SECONDS
+
+    def down_among(self, names: Iterable[str]) -> int:
+        """How many of ``names`` (the peers) are taken as down now (see :meth:`mark_down`)."""
+        now = time.monotonic()
+        return sum(1 for name in names if self._down_until.get(name, 0.0) > now)
 
     def distrust(self, upstream: Upstream, reason: Lie, words: str) -> None:
         """A peer sent what no Detour of the site sends (:mod:`proxy.core.peer_checks`):
