@@ -6,6 +6,9 @@ can run beside each other and beside a node's containerd. It starts with what wo
 VMs: ``--storage-driver=vfs`` (no overlay on overlay), no iptables rules and no default bridge
 unless ``bridge=True``. ``mirrors`` and ``insecure`` become ``--registry-mirror`` and
 ``--insecure-registry``: dockerd's mirror mode, which it uses for Docker Hub names only.
+With ``netns=True`` the engine runs in a network namespace of its own (``ip netns add``,
+entered with ``nsenter``, which leaves the mounts alone): its bridges, its iptables rules and
+the host ports its containers publish (compose's fixed ``127.0.0.1:7439``) stay in there.
 
 What dockerd sends for ``docker pull HOST/name:tag`` (HOST on 127.0.0.0/8 is insecure by
 default, so plain HTTP): ``GET /v2/``, ``HEAD /v2/<name>/manifests/<tag>``, ``GET`` of the
@@ -39,13 +42,17 @@ class Dockerd:
         mirrors: Sequence[str] = (),
         insecure: Sequence[str] = (),
         bridge: bool = False,
+        netns: bool = False,
         extra: Sequence[str] = (),
     ) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="dkd-", dir="/tmp"))
         self.socket = self.dir / "d.sock"
         self.host = f"unix://{self.socket}"
         name = self.dir.name
+        self.netns = name if netns else None
+        enter = ["nsenter", f"--net=/run/netns/{name}"] if netns else []
         argv = [
+            *enter,
             DOCKERD_BIN,
             "--data-root",
             str(self.dir / "root"),
@@ -72,6 +79,11 @@ class Dockerd:
         """Start the engine and wait until it answers (blocking; a second or two)."""
         if self._daemon.running:
             return
+        if self.netns is not None and not Path(f"/run/netns/{self.netns}").exists():
+            subprocess.run(["ip", "netns", "add", self.netns], check=True, timeout=30)
+            subprocess.run(
+                ["ip", "-n", self.netns, "link", "set", "lo", "up"], check=True, timeout=30
+            )
 
         def ready() -> bool:
             if not self.socket.exists():
@@ -90,6 +102,8 @@ class Dockerd:
     def close(self) -> None:
         """Stop the engine (its containers with it) and delete its directory."""
         self._daemon.stop()
+        if self.netns is not None:
+            subprocess.run(["ip", "netns", "delete", self.netns], check=False, timeout=30)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> Dockerd:

@@ -1,6 +1,18 @@
-"""The docker-compose demo, without containers: the compose file as Compose v1 and v2 read it,
-its services and their order, and ``docker compose up`` done by hand: the seeding script run
-against the test registry, ``detour serve`` with the compose config, skopeo pulling through it.
+"""The docker-compose demo: the compose file as Compose v1 and v2 read it, its services and
+their order; ``docker compose up`` done by hand (the seeding script run against the test
+registry, ``detour serve`` with the compose config, skopeo pulling through it); and the demo
+for real: Debian's docker-compose (1.29) and dockerd (20.10, the classic builder) build the
+Dockerfile and run the compose file as the README shows it, ``up -d --build``, two pulls, a hit,
+``down -v``.
+
+The real demo runs offline. Its base images are stand-ins built here, never fetched:
+``python:3.11-slim`` and ``registry:2`` are ``docker import``s of one Debian bookworm root
+(tests/rootfs.py: debootstrap, cached on the machine) with python3 (3.11, as the real image) and
+Debian's ``docker-registry`` (distribution, which registry:2 is). The engine runs in a network
+namespace of its own, so the compose file's fixed ``127.0.0.1:7439`` is its own and nothing
+leaves the machine; the python stand-in's pip therefore installs from wheels laid into the
+image (``PIP_NO_INDEX``, ``PIP_FIND_LINKS``), downloaded on the host by the host's pip, where
+the real image reaches PyPI. The Dockerfile and the compose file keep the real image names.
 """
 
 from __future__ import annotations
@@ -8,23 +20,27 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from proxy.core.rules import Rules
 from proxy.reference import ImageName
 from proxy.settings import load_settings, split_host_port
+from tests.dockerd import Dockerd
 from tests.proxy import Proxy
 from tests.registry import Registry
-from tests.support import ROOT
+from tests.rootfs import debian_root, root_tarball
+from tests.support import ROOT, run_command
 
 StartProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
 
@@ -57,8 +73,7 @@ def test_compose_file_is_read_by_compose_v1_and_v2() -> None:
     docker-compose (v1) checks the rest against the Compose Specification, where installed."""
     assert set(compose()) == {"services", "volumes"}
     binary = shutil.which("docker-compose")
-    if binary is None:
-        pytest.skip("docker-compose (Compose v1) is not installed: apt-get install docker-compose")
+    assert binary is not None, "docker-compose (Compose v1): apt-get install docker-compose"
     result = subprocess.run(
         [binary, "--file", str(COMPOSE_FILE), "--project-name", "detour", "config"],
         capture_output=True,
@@ -142,3 +157,130 @@ async def test_compose_demo_without_containers(
     assert hits >= 2  # the second copy's config and layer
     manifest_hits = await proxy.metric("detour_cache_requests_total", kind="manifest", result="hit")
     assert manifest_hits >= 1
+
+
+# One root for both stand-ins: python3 for python:3.11-slim, docker-registry for registry:2.
+STANDIN_PACKAGES = ("python3", "python3-venv", "python-is-python3", "docker-registry")
+STANDIN_WHEELS = "/opt/standin-wheels"
+STANDIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# registry:2's own configuration: the API on :5000, the blobs under /var/lib/registry.
+REGISTRY_CONFIG = b"""version: 0.1
+log:
+  level: info
+storage:
+  filesystem:
+    rootdirectory: /var/lib/registry
+  delete:
+    enabled: true
+http:
+  addr: :5000
+"""
+DEMO_IMAGE = "localhost:7439/docker.io/library/hello-detour:1.0"
+
+
+async def download_wheels(dest: Path) -> dict[str, bytes]:
+    """Every wheel the Dockerfile's ``pip install /src`` needs (the project's dependencies and
+    its build backend), by the host's pip: path in the stand-in -> content."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    wanted = [*project["build-system"]["requires"], *project["project"]["dependencies"]]
+    pip = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:"]
+    (await run_command(*pip, "--dest", str(dest), *wanted, limit=600)).check()
+    return {f"{STANDIN_WHEELS}/{wheel.name}": wheel.read_bytes() for wheel in read_dir(dest)}
+
+
+def read_dir(path: Path) -> list[Path]:
+    return sorted(path.iterdir())
+
+
+async def import_standins(dockerd: Dockerd, work: Path) -> None:
+    """``python:3.11-slim`` and ``registry:2`` in the engine's store, built offline."""
+    root = await asyncio.to_thread(debian_root, STANDIN_PACKAGES)
+    wheels = await download_wheels(work / "wheels")
+    python_tar = await asyncio.to_thread(root_tarball, root, work / "python.tar", wheels)
+    (
+        await dockerd.docker(
+            "import",
+            "--change", f"ENV PATH={STANDIN_PATH}",
+            "--change", "ENV LANG=C.UTF-8",
+            "--change", "ENV PIP_NO_INDEX=1",
+            "--change", f"ENV PIP_FIND_LINKS={STANDIN_WHEELS}",
+            "--change", 'CMD ["python3"]',
+            str(python_tar),
+            "python:3.11-slim",
+        )
+    ).check()  # fmt: skip
+    python_tar.unlink()
+    overlay = {"/etc/docker/registry/config.yml": REGISTRY_CONFIG}
+    registry_tar = await asyncio.to_thread(root_tarball, root, work / "registry.tar", overlay)
+    (
+        await dockerd.docker(
+            "import",
+            "--change", f"ENV PATH={STANDIN_PATH}",
+            "--change", "EXPOSE 5000",
+            "--change", 'VOLUME ["/var/lib/registry"]',
+            "--change", 'CMD ["docker-registry", "serve", "/etc/docker/registry/config.yml"]',
+            str(registry_tar),
+            "registry:2",
+        )
+    ).check()  # fmt: skip
+    registry_tar.unlink()
+
+
+async def test_compose_demo_runs_with_debian_docker(tmp_path: Path) -> None:
+    """The README's compose demo with Debian's docker.io and docker-compose: ``up -d --build``
+    builds the Dockerfile with the classic builder, seeds the mirror and starts detour; dockerd
+    pulls the demo image through it (a miss), again after removing it (a hit); ``down -v``
+    leaves no container, network or volume."""
+    compose_bin = shutil.which("docker-compose")
+    assert compose_bin is not None, "docker-compose (Compose v1): apt-get install docker-compose"
+    dockerd = Dockerd(bridge=True, netns=True)
+    await asyncio.to_thread(dockerd.start)
+    project = f"detour{uuid.uuid4().hex[:8]}"
+    env = {
+        **os.environ,
+        "DOCKER_HOST": dockerd.host,
+        "DOCKER_BUILDKIT": "0",  # the classic builder, which Docker 20.10 uses by default
+        "COMPOSE_DOCKER_CLI_BUILD": "0",
+    }
+    compose_cmd = [compose_bin, "--project-name", project, "--file", str(COMPOSE_FILE)]
+
+    async def compose_run(*args: str, limit: float = 300.0) -> str:
+        result = await run_command(*compose_cmd, *args, limit=limit, env=env)
+        return result.check().stdout + result.stderr
+
+    try:
+        await import_standins(dockerd, tmp_path)
+        await compose_run("up", "-d", "--build", limit=1500)
+        seed_log = await compose_run("logs", "--no-color", "seed")
+        assert "seeded mirror:5000/docker-mirror/library/hello-detour:1.0" in seed_log
+
+        async def metric(result: str) -> float:
+            text = await compose_run(
+                "exec", "-T", "detour", "python", "-c",
+                "import urllib.request; "
+                "print(urllib.request.urlopen('http://127.0.0.1:7439/metrics').read().decode())",
+            )  # fmt: skip
+            wanted = f'detour_cache_requests_total{{kind="blob",result="{result}"}}'
+            values = [line.split()[-1] for line in text.splitlines() if line.startswith(wanted)]
+            return float(values[0]) if values else 0.0
+
+        (await dockerd.docker("pull", DEMO_IMAGE, limit=300)).check()
+        assert await metric("miss") >= 2  # this platform's config and the layer
+        hits = await metric("hit")
+        (await dockerd.docker("image", "rm", DEMO_IMAGE)).check()
+        (await dockerd.docker("pull", DEMO_IMAGE, limit=300)).check()
+        assert await metric("hit") >= hits + 2  # the same blobs, now from detour's cache
+
+        await compose_run("down", "-v", limit=300)
+        label = f"label=com.docker.compose.project={project}"
+        leftovers = {
+            what: (await dockerd.docker(*command, "--quiet", "--filter", label)).check().stdout
+            for what, command in {
+                "containers": ("ps", "--all"),
+                "volumes": ("volume", "ls"),
+                "networks": ("network", "ls"),
+            }.items()
+        }
+        assert leftovers == {"containers": "", "volumes": "", "networks": ""}
+    finally:
+        await asyncio.to_thread(dockerd.close)

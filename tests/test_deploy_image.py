@@ -74,7 +74,8 @@ def test_the_image_serves_with_no_arguments() -> None:
     config_path = cmd[cmd.index("--config") + 1]
     *flags, source, target = final["COPY"].split()
     assert (source, target) == (str(DEFAULT_CONFIG.relative_to(ROOT)), config_path)
-    assert flags == ["--chmod=0644"]  # root's, readable by the image's user
+    assert flags == []
+    assert f"chmod 0644 {config_path}" in final["RUN"]  # root's, readable by the image's user
     # .dockerignore sends it to the builder (everything not named there stays out).
     patterns = [
         line.strip()
@@ -88,8 +89,11 @@ def test_the_image_serves_with_no_arguments() -> None:
 def test_the_dockerfile_builds_for_every_platform() -> None:
     """linux/amd64 and linux/arm64 from the same Dockerfile: multi-arch bases, no stage pinned
     to one platform, nothing fetched per architecture."""
-    lines = (ROOT / "Dockerfile").read_text().splitlines()
-    assert lines[0] == "# syntax=docker/dockerfile:1"  # RUN --mount, COPY --chmod: BuildKit
+    text = (ROOT / "Dockerfile").read_text()
+    # The classic builder (Docker 20.10, Debian 12's) builds it too: no frontend image to fetch
+    # (a syntax directive), none of BuildKit's own flags.
+    assert not re.search(r"^#\s*syntax\s*=", text, re.MULTILINE)
+    assert not re.search(r"--(mount|chmod|link)\b", text)
     for stage in dockerfile_stages():
         keyword, args = stage[0]
         assert keyword == "FROM"
