@@ -6,17 +6,17 @@ chunks from the very bytes whose digest it verified (:class:`~proxy.core.blob_wr
 A hit reads each chunk into a buffer of its own, checks it against its sum there and sends it
 from there: the bytes checked are the bytes sent. A blob without checksums (the first hit after
 a restart) is hashed whole (sha256) as it is read, which takes its checksums for the next hits;
-its last chunk is not handed out until the digest matched. XXH3 rather than CRC-32: four times
-as fast here (24 vs 6 GB/s), a few percent of a core at the mirror's pace.
+its last chunk is not handed out until the digest matched. XXH3 rather than CRC-32: several
+times as fast, a few percent of a core at the mirror's pace (bench/README.md, "Hits").
 
 Why read and send rather than ``sendfile``: over loopback (a node's kubelet, the site's other
 Detours nearby) the kernel's copy out of page-cache fragments costs more than one copy from a
-buffer (measured here: 2.2 to 4.0 GB/s for ``sendfile``, 4.3 to 4.5 for 1 MiB reads and
-sends), and a check beside ``sendfile`` read every byte twice.
+buffer (bench/README.md, "Hits", has the comparison and how it was run), and a check beside
+``sendfile`` read every byte twice.
 
-A chunk in the page cache is read on the event loop (``RWF_NOWAIT``: a tenth of a millisecond
-per MiB); one that must come from the disk is read in a worker thread, the kernel asked to read
-ahead of it.
+A chunk in the page cache is read on the event loop (``RWF_NOWAIT``: a memory copy, which
+never waits for the disk); one that must come from the disk is read in a worker thread, the
+kernel asked to read ahead of it.
 """
 
 from __future__ import annotations
@@ -146,8 +146,8 @@ class CachedFile:
         return done
 
     async def _hash(self, view: memoryview, offset: int) -> None:
-        """Hash a chunk into the digest, in a worker thread (sha256 runs at 2 GB/s: too long
-        for the loop); at the end, raise :class:`Corrupt` unless the digest matches."""
+        """Hash a chunk into the digest, in a worker thread (sha256 of a 2 MiB chunk takes
+        too long for the loop); at the end, raise :class:`Corrupt` unless the digest matches."""
         if offset != self.hashed:
             raise Corrupt("hashed out of order")  # a Range without checksums: verify() first
         await self._in_thread(self._hasher.update, view)

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import aiohttp
 
 # What each block costs (a receive, a hand-over to each thread, a write, a turn of the GIL for
-# each) is paid a quarter as often as with 1 MiB: a cold GET took 18% less processor time
-# (perf, 2 MiB: 6%, 8 MiB: no less than 4).
+# each) is paid a quarter as often as with 1 MiB blocks; 8 MiB saved no more (bench/README.md,
+# "The cold path", says how that was measured).
 BLOCK_BYTES = 4 << 20
 ALIGN = 4096  # a block's bytes sit at addresses congruent to their file offsets modulo this
 
