@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import urllib.request
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -29,7 +30,7 @@ from tests.images import PushedIndex, push_index
 from tests.proxy import Proxy, scenario, start_process, stop_process
 from tests.registry import AccessEntry, Registry
 from tests.runtimes import RUNTIMES, Mode, Runtime, _ContainersImage
-from tests.support import free_port
+from tests.support import free_port, run_command
 
 REPOSITORY = "library/nats"
 TAG = "2.10.26-alpine"
@@ -139,6 +140,12 @@ async def test_a_runtime_pulls_by_tag_online_and_offline(
         seen = [step(line) for line in node.requests()]
         assert all(line["status"] == 200 for line in node.requests()), node.requests()
         assert tuple(dict.fromkeys(seen)) == SEQUENCES[client], seen
+        # The tag is kept, whichever way the client resolved it (HEAD or GET).
+        listing = await run_command(
+            sys.executable, "-m", "proxy", "cache", "ls", "--endpoint", node.url, "--json"
+        )
+        images = json.loads(listing.check().stdout)["images"]
+        assert f"docker.io/{REPOSITORY}:{TAG}" in [entry["image"] for entry in images]
 
         # 2. A second node within tag_ttl: nothing reaches the mirror, not even the tag.
         await runtime.empty()
