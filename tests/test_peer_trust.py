@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import secrets
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -20,7 +21,7 @@ import pytest
 from aiohttp import web
 
 from proxy.cluster.peering import PEER_HEADER, blob_key, manifest_key, rendezvous, tag_key
-from proxy.core.peer_auth import PROOF_HEADER, PeerAuth, new_secret
+from proxy.core.peer_auth import PROOF_HEADER, PeerAuth, fingerprint, new_secret
 from proxy.reference import ImageName
 from tests.images import ACCEPT_ALL, PushedImage, push_image, unique_repo
 from tests.proxy import Proxy
@@ -372,6 +373,23 @@ async def test_an_unproven_peer_gets_client_treatment_and_cannot_set_a_tag(
     assert any("peer_proof_refused" in line for line in b.log_lines())
 
 
+async def wait_loaded(node: Proxy, current: str, accepted: str | None = None) -> None:
+    """Until ``node`` logs that it now signs with ``current`` and accepts it (and
+    ``accepted``): it reads the directory every cluster.refresh, whenever its loop gets to it."""
+    wanted = {
+        "event": "peer_secret_loaded",
+        "current": fingerprint(current.encode()),
+        "accepted": [fingerprint(k.encode()) for k in (current, accepted) if k is not None],
+    }
+    async with asyncio.timeout(30):
+        while True:
+            lines = [json.loads(line) for line in node.log_lines() if line.startswith("{")]
+            loaded = [line for line in lines if line.get("event") == "peer_secret_loaded"]
+            if loaded and {k: loaded[-1].get(k) for k in wanted} == wanted:
+                return
+            await asyncio.sleep(0.05)
+
+
 async def test_the_secret_is_rotated_without_downtime(
     detour_process: StartProxy, registry: Registry, tmp_path: Path
 ) -> None:
@@ -405,20 +423,20 @@ async def test_the_secret_is_rotated_without_downtime(
         )
         return served, lies
 
-    steps = [(new, old), (new, old), (new, None)]  # (current, accepted) after the swap ...
-    states = [(old, new), *steps]  # ... the first step only adds the new one
+    states = [(old, new), (new, old), (new, None)]  # (current, accepted), the three steps
     checks = 0
     for current, accepted in states:
-        for directory in dirs:  # one node after the other
+        for node, directory in zip(nodes, dirs, strict=True):  # one after the other
             write_secrets(directory, current, accepted)
-            await asyncio.sleep(1.0)  # five times cluster.refresh
+            await wait_loaded(node, current, accepted)
             served, lies = await both_ways()
             checks += 2
             assert (served, lies) == (checks, 0)
     assert not any("peer_proof_refused" in line for n in nodes for line in n.log_lines())
 
-    write_secrets(dirs[0], new_secret())  # A alone moves on to a secret B doesn't know
-    await asyncio.sleep(1.0)
+    unknown = new_secret()
+    write_secrets(dirs[0], unknown)  # A alone moves on to a secret B doesn't know
+    await wait_loaded(nodes[0], unknown)
     _, lies = await both_ways()
     assert lies == 2  # each took the other's tag answer for unproven
     assert any("peer_proof_refused" in line for line in nodes[1].log_lines())
