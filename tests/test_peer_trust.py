@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import json
 import secrets
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -440,3 +441,55 @@ async def test_the_secret_is_rotated_without_downtime(
     _, lies = await both_ways()
     assert lies == 2  # each took the other's tag answer for unproven
     assert any("peer_proof_refused" in line for line in nodes[1].log_lines())
+
+
+def test_a_request_proof_holds_only_for_its_method_path_peer_time_and_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = new_secret(), new_secret()
+    write_secrets(tmp_path / "a", first)
+    write_secrets(tmp_path / "b", second, first)  # rotating: accepts both
+    write_secrets(tmp_path / "c", second)
+    a, b, c = (PeerAuth(tmp_path / name) for name in "abc")
+    target, peer = "/v2/library/nats/manifests/v1?ns=docker.io", "10.0.1.2:7439"
+    proof = a.sign_request("GET", target, peer)
+    assert proof is not None
+    assert b.check_request("GET", target, peer, proof, None)
+    assert not c.check_request("GET", target, peer, proof, None)  # not a secret c accepts
+    for method, path, name in (
+        ("HEAD", target, peer),
+        ("GET", target.replace("v1", "v2"), peer),
+        ("GET", target, "10.0.1.3:7439"),
+    ):
+        assert not b.check_request(method, path, name, proof, None)
+    for forged in (None, "", "abc", f"{proof}0", proof.replace(":", ":0", 1)):
+        assert not b.check_request("GET", target, peer, forged, None)
+    monkeypatch.setattr(time, "time", lambda: float(proof.split(":")[0]) + 301)
+    assert not b.check_request("GET", target, peer, proof, None)  # too old
+
+
+def test_a_tag_answer_proof_is_bound_to_the_request_and_the_digest(tmp_path: Path) -> None:
+    secret = new_secret()
+    write_secrets(tmp_path / "s", secret)
+    auth = PeerAuth(tmp_path / "s")
+    proof = auth.sign_request("GET", "/v2/x/manifests/v1", "p:1")
+    assert proof is not None
+    headers = {"Docker-Content-Digest": "sha256:" + "a" * 64, "Age": "3"}
+    signed = {**headers, PROOF_HEADER: auth.sign_answer(proof, 200, headers)}
+    assert auth.check_answer(proof, 200, signed)
+    assert not auth.check_answer(None, 200, signed)
+    assert not auth.check_answer(proof + "0", 200, signed)
+    assert not auth.check_answer(proof, 200, {**signed, "Age": "0"})
+    assert not auth.check_answer(
+        proof, 200, {**signed, "Docker-Content-Digest": "sha256:" + "b" * 64}
+    )
+    assert not auth.check_answer(proof, 200, headers)
+
+
+def test_a_short_or_missing_secret_signs_nothing(tmp_path: Path) -> None:
+    write_secrets(tmp_path / "short", "too-short")
+    for directory in (tmp_path / "short", tmp_path / "absent"):
+        auth = PeerAuth(directory)
+        assert auth.required
+        assert auth.sign_request("GET", "/v2/", "p:1") is None
+        assert not auth.check_request("GET", "/v2/", "p:1", "1:abc", None)
