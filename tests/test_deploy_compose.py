@@ -21,6 +21,7 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -175,7 +176,6 @@ storage:
 http:
   addr: :5000
 """
-DEMO_IMAGE = "localhost:7439/docker.io/library/hello-detour:1.0"
 
 
 async def download_wheels(dest: Path) -> dict[str, bytes]:
@@ -186,6 +186,31 @@ async def download_wheels(dest: Path) -> dict[str, bytes]:
     pip = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:"]
     (await run_command(*pip, "--dest", str(dest), *wanted, limit=600)).check()
     return {f"{STANDIN_WHEELS}/{wheel.name}": wheel.read_bytes() for wheel in read_dir(dest)}
+
+
+def readme_compose_demo() -> list[tuple[str, list[str], str]]:
+    """The README Quickstart's compose block: (``docker compose``, ``docker`` or ``curl``, its
+    arguments, its comment), in order. For ``curl -s URL | grep PATTERN``: the URL's path and
+    the pattern."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("\n## Quickstart\n") :]
+    section = section[: section.index("\n## ", 1)]
+    block = next(b for b in section.split("```sh\n")[1:] if "docker compose up" in b)
+    steps = []
+    for line in block.split("```")[0].splitlines():
+        command, _, note = line.partition("#")
+        words = shlex.split(command.split("|")[0])
+        if not words:
+            continue
+        if words[:2] == ["docker", "compose"]:
+            steps.append(("docker compose", words[2:], note.strip()))
+        elif words[0] == "docker":
+            steps.append(("docker", words[1:], note.strip()))
+        else:
+            assert words[:2] == ["curl", "-s"], line
+            pattern = shlex.split(command.split("|")[1])[-1]
+            steps.append(("curl", [words[2].removeprefix("localhost:7439"), pattern], ""))
+    return steps
 
 
 def read_dir(path: Path) -> list[Path]:
@@ -227,10 +252,11 @@ async def import_standins(dockerd: Dockerd, work: Path) -> None:
 
 
 async def test_compose_demo_runs_with_debian_docker(tmp_path: Path) -> None:
-    """The README's compose demo with Debian's docker.io and docker-compose: ``up -d --build``
-    builds the Dockerfile with the classic builder, seeds the mirror and starts detour; dockerd
-    pulls the demo image through it (a miss), again after removing it (a hit); ``down -v``
-    leaves no container, network or volume."""
+    """The README's compose demo, its commands as written, with Debian's docker.io and
+    docker-compose: ``up -d --build`` builds the Dockerfile with the classic builder, seeds the
+    mirror and starts detour; dockerd pulls the demo image through it (a miss), again after
+    removing it (a hit), and the README's ``curl | grep`` finds the hit; ``down -v`` leaves no
+    container, network or volume."""
     compose_bin = shutil.which("docker-compose")
     assert compose_bin is not None, "docker-compose (Compose v1): apt-get install docker-compose"
     dockerd = Dockerd(bridge=True, netns=True)
@@ -248,30 +274,47 @@ async def test_compose_demo_runs_with_debian_docker(tmp_path: Path) -> None:
         result = await run_command(*compose_cmd, *args, limit=limit, env=env)
         return result.check().stdout + result.stderr
 
+    async def metrics() -> str:
+        return await compose_run(
+            "exec", "-T", "detour", "python", "-c",
+            "import urllib.request; "
+            "print(urllib.request.urlopen('http://127.0.0.1:7439/metrics').read().decode())",
+        )  # fmt: skip
+
+    async def blobs(result: str) -> float:
+        wanted = f'detour_cache_requests_total{{kind="blob",result="{result}"}}'
+        lines = [line for line in (await metrics()).splitlines() if line.startswith(wanted)]
+        return float(lines[0].split()[-1]) if lines else 0.0
+
+    steps = readme_compose_demo()
+    assert [step[0] for step in steps] == [
+        "docker compose", "docker", "docker", "docker", "curl", "docker compose"
+    ]  # fmt: skip
     try:
         await import_standins(dockerd, tmp_path)
-        await compose_run("up", "-d", "--build", limit=1500)
-        seed_log = await compose_run("logs", "--no-color", "seed")
-        assert "seeded mirror:5000/docker-mirror/library/hello-detour:1.0" in seed_log
+        for kind, args, note in steps:
+            if kind == "docker compose":
+                await compose_run(*args, limit=1500)
+                if args[0] == "up":
+                    seed_log = await compose_run("logs", "--no-color", "seed")
+                    assert "seeded mirror:5000/docker-mirror/library/hello-detour:1.0" in seed_log
+                if args[0] == "down":
+                    assert args == ["down", "-v"]
+            elif kind == "docker":
+                hits = await blobs("hit")
+                (await dockerd.docker(*args, limit=300)).check()
+                if note == "a miss":
+                    assert await blobs("miss") >= 2  # this platform's config and the layer
+                elif note == "a hit":
+                    assert await blobs("hit") >= hits + 2  # the same blobs, from the cache
+            else:  # curl -s localhost:7439/metrics | grep PATTERN
+                path, pattern = args
+                assert path == "/metrics"
+                found = [
+                    line for line in (await metrics()).splitlines() if re.search(pattern, line)
+                ]
+                assert any('result="hit"' in line for line in found), found
 
-        async def metric(result: str) -> float:
-            text = await compose_run(
-                "exec", "-T", "detour", "python", "-c",
-                "import urllib.request; "
-                "print(urllib.request.urlopen('http://127.0.0.1:7439/metrics').read().decode())",
-            )  # fmt: skip
-            wanted = f'detour_cache_requests_total{{kind="blob",result="{result}"}}'
-            values = [line.split()[-1] for line in text.splitlines() if line.startswith(wanted)]
-            return float(values[0]) if values else 0.0
-
-        (await dockerd.docker("pull", DEMO_IMAGE, limit=300)).check()
-        assert await metric("miss") >= 2  # this platform's config and the layer
-        hits = await metric("hit")
-        (await dockerd.docker("image", "rm", DEMO_IMAGE)).check()
-        (await dockerd.docker("pull", DEMO_IMAGE, limit=300)).check()
-        assert await metric("hit") >= hits + 2  # the same blobs, now from detour's cache
-
-        await compose_run("down", "-v", limit=300)
         label = f"label=com.docker.compose.project={project}"
         leftovers = {
             what: (await dockerd.docker(*command, "--quiet", "--filter", label)).check().stdout
