@@ -493,3 +493,47 @@ def test_a_short_or_missing_secret_signs_nothing(tmp_path: Path) -> None:
         assert auth.required
         assert auth.sign_request("GET", "/v2/", "p:1") is None
         assert not auth.check_request("GET", "/v2/", "p:1", "1:abc", None)
+
+
+async def test_a_node_without_the_secret_still_shares_blobs_but_asks_no_peer_for_tags(
+    detour_process: StartProxy, registry: Registry, tmp_path: Path
+) -> None:
+    """cluster.secret_dir set but empty (the Secret not created yet): the node's tags come from
+    the mirror, its blobs still from their owners (their digests are checked), and no peer is
+    taken for down."""
+    peers = node_addresses(2, first=80)
+    owner_address, node_address = peers
+    repo = f"docker-mirror/library/{unique_repo('nosecret').split('/')[1]}"
+    name = repo.removeprefix("docker-mirror/")
+    tag = tag_owned_by(peers, owner_address, name)
+    for _ in range(50):
+        image = push_image(registry, repo, tag, layers=1, layer_size=KiB)
+        if rendezvous(peers, blob_key(image.layers[0].digest))[0] == owner_address:
+            break
+    write_secrets(tmp_path / "secret", new_secret())
+    (owner,) = await start_nodes(
+        detour_process,
+        registry,
+        tmp_path,
+        peers,
+        [owner_address],
+        extra={"cluster": {"secret_dir": str(tmp_path / "secret")}},
+    )
+    (node,) = await start_nodes(
+        detour_process,
+        registry,
+        tmp_path,
+        peers,
+        [node_address],
+        extra={"cluster": {"secret_dir": str(tmp_path / "empty")}},
+    )
+    assert any("peer_secret_missing" in line for line in node.log_lines())
+    assert await get_manifest(node, name, tag) == image.manifest
+    url = f"{node.url}/v2/{name}/blobs/{image.layers[0].digest}"
+    async with node.session.get(url) as response:
+        assert response.status == 200
+        assert await response.read() == image.layers[0].data
+    assert await node.metric("detour_peer_requests_total", result="served") == 1  # the blob
+    assert await node.metric("detour_peer_requests_total", result="failed") == 0
+    assert await node.metric("detour_peers_bypassed_total", reason="unproven_tag") == 0
+    assert await owner.metric("detour_cache_requests_total", kind="manifest", result="miss") == 0

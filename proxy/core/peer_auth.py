@@ -64,6 +64,7 @@ class PeerAuth:
         self.directory = directory
         self._signing: bytes | None = None
         self._accepted: tuple[bytes, ...] = ()
+        self._read_once = False
         self._last_refusal_log = 0.0
         self.load()
 
@@ -72,15 +73,20 @@ class PeerAuth:
         """Whether peers prove themselves (``cluster.secret_dir`` is set)."""
         return self.directory is not None
 
+    @property
+    def signing(self) -> bool:
+        """Whether there is a secret to sign with (``current`` was read)."""
+        return self._signing is not None
+
     def load(self) -> None:
         """Read the secrets again; log when they changed (by fingerprint), or are missing."""
         if self.directory is None:
             return
         signing = self._read(SIGNING_FILE)
         accepted = tuple(k for k in (signing, self._read(ACCEPTED_FILE)) if k is not None)
-        if signing == self._signing and accepted == self._accepted:
+        if self._read_once and (signing, accepted) == (self._signing, self._accepted):
             return
-        self._signing, self._accepted = signing, accepted
+        self._signing, self._accepted, self._read_once = signing, accepted, True
         if signing is None:
             log.error(
                 "peer_secret_missing",

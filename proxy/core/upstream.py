@@ -130,9 +130,13 @@ class UpstreamClient:
         for upstream in route.upstreams:
             if upstream.origin:
                 self._egress.check_registry(upstream.registry)
-        if route.upstreams and route.upstreams[0].peer:
+        upstreams = route.upstreams
+        if upstreams and upstreams[0].peer:
             await self._check_addresses(route)
-        for upstream in route.upstreams:
+            if self._peer_auth.required and not self._peer_auth.signing and is_tag(suffix):
+                # No secret to ask with, so no tag answer could be taken: not asked at all.
+                upstreams = tuple(u for u in upstreams if not u.peer)
+        for upstream in upstreams:
             answer = await self._try(
                 upstream, tried, method, suffix, dict(headers or {}), client_auth, fallback
             )
