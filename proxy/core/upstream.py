@@ -235,7 +235,9 @@ class UpstreamClient:
             except PeerLied as lie:
                 response.release()
                 self.distrust(upstream, lie.reason, lie.words)
-                error = UpstreamInvalid(f"{registry} {lie.words}", cause="protocol")
+                error = UpstreamInvalid(
+                    f"{registry} {lie.words}", cause="protocol", reason=lie.words
+                )
                 tried.failed(registry, error)
                 self._count_peer(upstream, "failed")
                 return None
