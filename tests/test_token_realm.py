@@ -11,18 +11,18 @@ from tests.images import ACCEPT_ALL
 from tests.proxy import Proxy
 from tests.registry import Registry
 
-MakeProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
+StartProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
 
 
 async def test_an_http_realm_of_an_https_registry_is_refused(
-    make_proxy: MakeProxy, make_registry: Callable[..., Registry], tmp_path: Path
+    detour_process: StartProxy, make_registry: Callable[..., Registry], tmp_path: Path
 ) -> None:
     mirror = make_registry("token", tls=True)  # https; its token issuer on plain http
     issuer = mirror.issuer
     assert issuer is not None
     assert issuer.realm.startswith("http://")
     creds = {"username": issuer.reader_user, "password": issuer.reader_password}
-    proxy = await make_proxy(
+    proxy = await detour_process(
         {
             "cache": {"dir": str(tmp_path / "cache")},
             "redirects": [{"src": "quay.io/", "to": f"{mirror.host}/readable/"}],
