@@ -5,6 +5,7 @@ over https with a private CA."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from http.client import HTTPSConnection
@@ -123,6 +124,31 @@ async def test_a_plain_http_mirror_without_insecure_names_the_setting(
     assert attempt["cause"] == "tls"
     assert attempt["error"].endswith(hint)
     assert [line["error"] for line in failures(logs())] == [attempt["error"]]
+
+
+async def test_a_rule_to_a_wrong_path_names_the_url_it_asked(
+    detour_process: MakeProxy, registry: Registry, tmp_path: Path
+) -> None:
+    """A mirror without the image where the rule sends it: the 404 and the request's log line
+    carry the URL asked, so a wrong ``to:`` path shows."""
+    name = unique_repo("app")
+    registries = {registry.host: {"insecure": True}}
+    proxy = await detour_process(mirror_config(tmp_path, registry.host, registries=registries))
+    path = f"/v2/quay.io/{name}/manifests/v1"
+    async with proxy.session.get(f"{proxy.url}{path}", headers={"Accept": ACCEPT_ALL}) as answer:
+        assert answer.status == 404
+        [error] = (await answer.json())["errors"]
+    asked = f"http://{registry.host}/v2/quay/{name}/manifests/v1"
+    assert error["code"] == "MANIFEST_UNKNOWN"
+    assert error["message"] == f"manifest unknown to upstream: {asked}"
+    assert error["detail"]["url"] == asked
+    for _ in range(200):  # the access line is written once the answer is out
+        lines = [json.loads(line) for line in proxy.log_lines() if line.strip()]
+        requests = [line for line in lines if line["event"] == "request" and line["path"] == path]
+        if requests:
+            break
+        await asyncio.sleep(0.05)
+    assert [line.get("upstream_url") for line in requests] == [asked]
 
 
 async def test_tls_verify_false_accepts_the_certificate_with_a_warning_at_start(

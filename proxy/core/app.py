@@ -93,6 +93,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except DetourError as exc:
         request[LOG]["error"] = exc.code
+        if isinstance(exc.detail, dict) and isinstance(exc.detail.get("url"), str):
+            # The URL an upstream had no answer for: a rule's wrong path shows in the log.
+            request[LOG]["upstream_url"] = exc.detail["url"]
         return error_response(exc)
     except web.HTTPException as exc:  # the router's own 404 and 405
         if exc.status == 405:
