@@ -260,7 +260,6 @@ async def test_compose_demo_runs_with_debian_docker(tmp_path: Path) -> None:
     compose_bin = shutil.which("docker-compose")
     assert compose_bin is not None, "docker-compose (Compose v1): apt-get install docker-compose"
     dockerd = Dockerd(bridge=True, netns=True)
-    await asyncio.to_thread(dockerd.start)
     project = f"detour{uuid.uuid4().hex[:8]}"
     env = {
         **os.environ,
@@ -291,6 +290,7 @@ async def test_compose_demo_runs_with_debian_docker(tmp_path: Path) -> None:
         "docker compose", "docker", "docker", "docker", "curl", "docker compose"
     ]  # fmt: skip
     try:
+        await asyncio.to_thread(dockerd.start)
         await import_standins(dockerd, tmp_path)
         for kind, args, note in steps:
             if kind == "docker compose":
