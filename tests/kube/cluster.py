@@ -293,6 +293,7 @@ class Cluster:
             f"--service-cluster-ip-range={self.net.service_cidr}",
             "--authorization-mode=Node,RBAC",
             "--enable-aggregator-routing=true",
+            "--kubelet-preferred-address-types=InternalIP",  # the node's name is in no DNS
             "--allow-privileged=true",
             "--profiling=false",
             "--v=1",
@@ -402,7 +403,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         """The node containerd's ``hosts.toml`` for ``registry`` (``registry.config_path``):
         ``server``, and ``mirrors`` (plain-http URLs) tried first, as mirror mode writes it."""
         lines = [f'server = "{server}"', ""]
-        for mirror in mirrors:
+        # containerd 1.6 refuses a hosts.toml without a [host] table ("invalid `host` tree")
+        # and then pulls by https: the server is listed as a host when there is no mirror.
+        for mirror in mirrors or [server]:
             lines += [f'[host."{mirror}"]', '  capabilities = ["pull", "resolve"]', ""]
         folder = self.hosts_dir / registry
         folder.mkdir(parents=True, exist_ok=True)
@@ -425,6 +428,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             "kind": "KubeletConfiguration",
             "failCgroupV1": False,
             "cgroupDriver": "cgroupfs",
+            # Pods under a cgroup of this node's own: a kubelet kills the processes of any pod
+            # cgroup it doesn't know under its root, another test cluster's included.
+            "cgroupRoot": f"/{self.net.name}",
             "containerRuntimeEndpoint": f"unix://{self.containerd_socket}",
             "address": self.net.node_ip,
             "port": 10250,
@@ -451,6 +457,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             "fileCheckFrequency": "5s",
             "nodeStatusUpdateFrequency": "5s",
         }
+        for root in self._cgroup_roots():
+            root.mkdir(exist_ok=True)
+            for name in ("cpuset.cpus", "cpuset.mems"):  # empty in a new cpuset cgroup
+                if (root / name).exists():
+                    (root / name).write_text((root.parent / name).read_text())
         path = self.dir / "kubelet.yaml"
         path.write_text(yaml.safe_dump(settings))
         argv = [
@@ -464,6 +475,22 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         ]
         self.kubelet = self._daemon("kubelet", self.net.enter(argv), lambda: True, 5)
         wait_for(f"node {NODE} Ready", self._node_ready, 120, interval=1)
+
+    def _cgroup_roots(self) -> list[Path]:
+        """The node's cgroup in each cgroup v1 hierarchy."""
+        return [
+            hierarchy / self.net.name
+            for hierarchy in Path("/sys/fs/cgroup").iterdir()
+            if hierarchy.is_dir() and not (hierarchy / "cgroup.controllers").exists()
+        ]
+
+    def _remove_cgroups(self) -> None:
+        for root in self._cgroup_roots():
+            if not root.is_dir():
+                continue
+            for folder in sorted(root.glob("**/"), key=lambda p: len(p.parts), reverse=True):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
     def _node_ready(self) -> bool:
         if self.kubelet is not None and not self.kubelet.running:
@@ -499,6 +526,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 self._remove_sandboxes()
             self.containerd.stop()
         self._kill_leftovers()
+        self._remove_cgroups()
         self.net.down()
         for daemon in reversed(self._daemons):
             daemon.stop()

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.kube.cluster import Cluster, assets
+from tests.kube.detour import Deployed, deploy
 from tests.kube.oci import push_pause
 from tests.registry import Registry
 
@@ -39,3 +40,19 @@ def cluster(mirror: Registry) -> Iterator[Cluster]:
     print(f"\ncluster up in {time.monotonic() - started:.1f}s")
     yield node
     node.close()
+
+
+@pytest.fixture(scope="session")
+def detour(
+    cluster: Cluster, mirror: Registry, tmp_path_factory: pytest.TempPathFactory
+) -> Deployed:
+    """Detour deployed as deploy/kubernetes says (``tests.kube.detour``), for the session."""
+    started = time.monotonic()
+    try:
+        deployed = deploy(cluster, mirror, tmp_path_factory.mktemp("detour"))
+    except Exception as exc:
+        pods = cluster.kubectl("get", "pods", "-A", "-o", "wide", check=False).stdout
+        events = cluster.kubectl("get", "events", "-A", check=False).stdout
+        pytest.fail(f"Detour did not deploy: {exc}\n{pods}\n{events[-4000:]}", pytrace=False)
+    print(f"\nDetour deployed in {time.monotonic() - started:.1f}s")
+    return deployed
