@@ -1,0 +1,173 @@
+"""The Helm chart (deploy/helm/detour) installed on the real API server of tests/kube by Helm's
+own install action (helm-python-sdk's ``Config.install``, as ``helm install --wait`` does it),
+as docs/helm.md says: the namespace made and labelled first, the defaults (path mode, the
+webhook's certificate made by Helm), the image the tests build.
+
+The proxy DaemonSet and the webhook Deployment become ready; the API server trusts the webhook
+with the Helm-made caBundle, so a new pod's image is rewritten to ``localhost:7439/...``; and
+the node pulls that image through the proxy's hostPort, so the pod runs. Uninstalled at the end:
+the webhook would otherwise rewrite the other tests' pods.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.kube.cluster import Cluster, wait_for
+from tests.kube.conftest import PAUSE_REPO, PAUSE_TAG
+from tests.kube.oci import push_detour
+from tests.support import ROOT
+
+CHART = ROOT / "deploy" / "helm" / "detour"
+RELEASE = "helm-detour"  # its objects: helm-detour-proxy, -webhook, ...; the webhook config too
+IMAGE_REPO = "detour/detour"
+IMAGE_TAG = "helm"
+
+
+def helm() -> Any:
+    try:
+        import helm_python
+    except ImportError:
+        pytest.fail("pip install helm-python-sdk (the test extra)", pytrace=False)
+    helm_python.disable_logging()
+    return helm_python
+
+
+def rollout_state(cluster: Cluster, namespace: str) -> str:
+    """What the workloads and their pods say, for a failure message."""
+    pods = cluster.kubectl("get", "pods", "-n", namespace, "-o", "wide", check=False).stdout
+    events = cluster.kubectl(
+        "get", "events", "-n", namespace, "--sort-by=.lastTimestamp", check=False
+    ).stdout
+    return f"{pods}\n{events[-4000:]}"
+
+
+@dataclass(frozen=True)
+class Installed:
+    namespace: str
+    cache: Path  # the proxy's hostPath: the node shares the host's file system
+    values: dict[str, Any]
+    config: Any  # helm_python.Config, bound to the cluster
+
+
+@pytest.fixture(scope="module")
+def installed(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
+    """The release, installed and ready."""
+    image = push_detour(cluster.mirror, IMAGE_REPO, IMAGE_TAG)
+    namespace = f"helm-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", namespace)
+    cluster.kubectl(
+        "label", "namespace", namespace,
+        "detour.io/skip=true", "pod-security.kubernetes.io/enforce=privileged",
+    )  # fmt: skip
+    cache = tmp_path_factory.mktemp("helm-node-cache") / "detour"
+    values = {
+        "image": {"repository": f"{cluster.mirror_host}/{image.repo}", "tag": IMAGE_TAG},
+        "proxy": {"cache": {"hostPath": str(cache)}},
+        # The test registry speaks plain HTTP.
+        "config": {"registries": {cluster.mirror_host: {"insecure": True}}},
+    }
+    config = helm().Config(kubeconfig_path=str(cluster.admin), namespace=namespace)
+    try:
+        try:
+            release = config.install(
+                CHART, RELEASE, values, namespace=namespace, wait="watcher", timeout=600
+            )
+        except helm().HelmError as exc:
+            pytest.fail(f"helm install: {exc}\n{rollout_state(cluster, namespace)}", False)
+        assert release["status"] == "deployed", release
+        yield Installed(namespace, cache, values, config)
+    finally:
+        config.uninstall(RELEASE, ignore_not_found=True, wait="watcher", timeout=120)
+        config.close()
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+def test_the_proxy_and_the_webhook_become_ready(cluster: Cluster, installed: Installed) -> None:
+    namespace = installed.namespace
+    daemonset = cluster.get("daemonset", "-n", namespace, f"{RELEASE}-proxy")
+    assert daemonset["status"]["numberReady"] == daemonset["status"]["desiredNumberScheduled"] == 1
+    deployment = cluster.get("deployment", "-n", namespace, f"{RELEASE}-webhook")
+    assert deployment["status"]["readyReplicas"] == 2
+    # The certificate Helm made, in the Secret the webhook mounts, and its CA as the caBundle.
+    secret = cluster.get("secret", "-n", namespace, f"{RELEASE}-webhook-tls")
+    webhook = cluster.get("mutatingwebhookconfiguration", RELEASE)
+    (hook,) = webhook["webhooks"]
+    assert hook["clientConfig"]["caBundle"] == secret["data"]["ca.crt"]
+
+
+def test_a_new_pod_is_rewritten_and_pulls_through_the_proxy(
+    cluster: Cluster, installed: Installed
+) -> None:
+    namespace = f"helm-pods-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", namespace)
+    try:
+        image = f"{cluster.mirror_host}/{PAUSE_REPO}:{PAUSE_TAG}"
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "app"},
+            "spec": {
+                "containers": [{"name": "main", "image": image}],
+                "automountServiceAccountToken": False,
+            },
+        }
+        made = json.loads(
+            cluster.kubectl(
+                "create", "-n", namespace, "-f", "-", "-o", "json", input=json.dumps(pod)
+            ).stdout
+        )
+        host, port = cluster.mirror_host.split(":")
+        through = f"localhost:7439/{host}_{port}/{PAUSE_REPO}:{PAUSE_TAG}"
+        assert [c["image"] for c in made["spec"]["containers"]] == [through]
+
+        def running() -> bool:
+            phase = cluster.get("pod", "-n", namespace, "app")["status"].get("phase")
+            return bool(phase == "Running")
+
+        try:
+            wait_for("the pod pulled through Detour", running, 180, interval=1)
+        except TimeoutError:
+            pytest.fail(rollout_state(cluster, namespace), pytrace=False)
+        status = cluster.get("pod", "-n", namespace, "app")["status"]
+        (state,) = status["containerStatuses"]
+        assert state["image"].endswith(f"{PAUSE_REPO}:{PAUSE_TAG}"), state
+        # The proxy fetched it: its cache on the node lists the image.
+        listing = subprocess.run(
+            [sys.executable, "-m", "proxy", "cache", "ls", "--dir", str(installed.cache)],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+        ).stdout
+        assert f"{cluster.mirror_host}/{PAUSE_REPO}:{PAUSE_TAG}" in listing, listing
+    finally:
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+def test_an_upgrade_keeps_the_ca_and_signs_a_new_certificate(
+    cluster: Cluster, installed: Installed
+) -> None:
+    """``helm upgrade``: the CA Secret found by ``lookup`` signs a new serving certificate, so
+    the caBundle stays and the webhook, which reloads the Secret, keeps rewriting pods."""
+    namespace = installed.namespace
+    before = cluster.get("secret", "-n", namespace, f"{RELEASE}-webhook-tls")["data"]
+    release = installed.config.upgrade(
+        CHART, RELEASE, installed.values, namespace=namespace, wait="watcher", timeout=300
+    )
+    assert release["status"] == "deployed", release
+    assert release["revision"] == 2
+    after = cluster.get("secret", "-n", namespace, f"{RELEASE}-webhook-tls")["data"]
+    assert after["ca.crt"] == before["ca.crt"]
+    assert after["tls.crt"] != before["tls.crt"]
+    (hook,) = cluster.get("mutatingwebhookconfiguration", RELEASE)["webhooks"]
+    assert hook["clientConfig"]["caBundle"] == before["ca.crt"]
