@@ -25,7 +25,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tests.images import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, Blob, PushedImage, sha256_digest
+from tests.images import (
+    OCI_CONFIG,
+    OCI_LAYER,
+    OCI_MANIFEST,
+    Blob,
+    PushedImage,
+    make_layer,
+    sha256_digest,
+)
 from tests.images import upload_image as upload
 from tests.registry import Registry
 from tests.support import ROOT
@@ -79,9 +87,7 @@ def _image(
     )
 
 
-def push_pause(registry: Registry, repo: str, tag: str) -> PushedImage:
-    """busybox that sleeps (a pause container, or a pod that just runs) as ``repo:tag``."""
-
+def _busybox_layer() -> Blob:
     def fill(tar: tarfile.TarFile) -> None:
         for folder in ("bin", "tmp"):
             info = tarfile.TarInfo(folder)
@@ -93,7 +99,19 @@ def push_pause(registry: Registry, repo: str, tag: str) -> PushedImage:
             link.type, link.linkname = tarfile.SYMTYPE, "busybox"
             tar.addfile(link)
 
-    image = _image(repo, tag, [_layer(fill)], SLEEP_FOR_EVER)
+    return _layer(fill)
+
+
+def push_pause(registry: Registry, repo: str, tag: str) -> PushedImage:
+    """busybox that sleeps (a pause container, or a pod that just runs) as ``repo:tag``."""
+    image = _image(repo, tag, [_busybox_layer()], SLEEP_FOR_EVER)
+    upload(registry, image)
+    return image
+
+
+def push_app(registry: Registry, repo: str, tag: str) -> PushedImage:
+    """busybox that sleeps, and a layer of random bytes of its own: a new image every call."""
+    image = _image(repo, tag, [_busybox_layer(), make_layer(64 * 1024)], SLEEP_FOR_EVER)
     upload(registry, image)
     return image
 

@@ -37,8 +37,7 @@ def pod(
 
 
 def deployment(name: str, image: str, replicas: int) -> dict[str, Any]:
-    template = pod(name, image)
-    template["metadata"] = {"labels": {"app": name}}
+    template = {"metadata": {"labels": {"app": name}}, "spec": pod(name, image)["spec"]}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
