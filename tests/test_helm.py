@@ -69,11 +69,12 @@ COMPONENT_VALUES: dict[str, dict[str, Any]] = {
     "hub": {"hub": {"enabled": True}},
     "monitoring": {"monitoring": {"serviceMonitors": {"enabled": True}}},
 }
-# The kustomize base as the chart's values: it makes its Namespace, and the webhook's
-# certificate comes from outside (`detour webhook-certs`).
+# The kustomize base as the chart's values: it makes its Namespace, the webhook's certificate
+# comes from outside (`detour webhook-certs`), and so does the peers' secret.
 BASE_VALUES: dict[str, Any] = {
     "namespace": {"create": True},
     "webhook": {"certificate": "external"},
+    "cluster": {"peerSecret": {"create": False}},
 }
 # Each overlay's components, and what else it changes.
 OVERLAY_VALUES: dict[str, list[dict[str, Any]]] = {
@@ -220,11 +221,21 @@ def test_the_defaults(charts: dict[str, Objects]) -> None:
         "PodDisruptionBudget",
         "Secret",
         "Secret",
+        "Secret",
         "Service",
         "Service",
     ]
     daemonset = one(objects, "DaemonSet", "detour-proxy")
     assert peer_service(objects, daemonset, member=True) == "detour-peers"
+    # The peers' secret, made by Helm, where Detour's config looks for it.
+    secret = base64.b64decode(one(objects, "Secret", "detour-peer-secret")["data"]["current"])
+    assert re.fullmatch(rb"[A-Za-z0-9]{64}", secret)
+    settings = yaml.safe_load(one(objects, "ConfigMap", "detour-config")["data"]["detour.yaml"])
+    proxy = container(pod_spec(objects, "DaemonSet"), "proxy")
+    (mount,) = [m for m in proxy["volumeMounts"] if m["name"] == "peer-secret"]
+    assert mount["mountPath"] == settings["cluster"]["secret_dir"]
+    (volume,) = [v for v in pod_spec(objects, "DaemonSet")["volumes"] if v["name"] == "peer-secret"]
+    assert volume["secret"]["secretName"] == "detour-peer-secret"
     (port,) = container(pod_spec(objects, "DaemonSet"), "proxy")["ports"]
     assert (port["hostIP"], port["hostPort"]) == ("127.0.0.1", 7439)
     assert pod_spec(objects, "DaemonSet")["volumes"][1]["hostPath"]["path"] == "/var/cache/detour"
@@ -565,7 +576,13 @@ def test_the_release_workflow_publishes_the_chart_for_its_image(tmp_path: Path) 
     )
     with helm().Chart.load(archive) as chart:
         manifests = chart.render({}, name="detour", namespace="detour")
-    objects = [doc for text in manifests.values() for doc in yaml.safe_load_all(text) if doc]
+    objects = [
+        doc
+        for name, text in manifests.items()
+        if name.endswith(".yaml")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
     images = {
         c["image"]
         for o in objects

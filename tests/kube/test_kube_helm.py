@@ -154,13 +154,14 @@ def test_a_new_pod_is_rewritten_and_pulls_through_the_proxy(
         cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
 
 
-def test_an_upgrade_keeps_the_ca_and_signs_a_new_certificate(
+def test_an_upgrade_keeps_the_ca_and_the_peer_secret(
     cluster: Cluster, installed: Installed
 ) -> None:
     """``helm upgrade``: the CA Secret found by ``lookup`` signs a new serving certificate, so
-    the caBundle stays and the webhook, which reloads the Secret, keeps rewriting pods."""
+    the caBundle stays; the peers' secret stays as it is."""
     namespace = installed.namespace
     before = cluster.get("secret", "-n", namespace, f"{RELEASE}-webhook-tls")["data"]
+    peers_before = cluster.get("secret", "-n", namespace, f"{RELEASE}-peer-secret")["data"]
     release = installed.config.upgrade(
         CHART, RELEASE, installed.values, namespace=namespace, wait="watcher", timeout=300
     )
@@ -171,3 +172,6 @@ def test_an_upgrade_keeps_the_ca_and_signs_a_new_certificate(
     assert after["tls.crt"] != before["tls.crt"]
     (hook,) = cluster.get("mutatingwebhookconfiguration", RELEASE)["webhooks"]
     assert hook["clientConfig"]["caBundle"] == before["ca.crt"]
+    # The peers' secret Helm made is kept as it is.
+    peers_after = cluster.get("secret", "-n", namespace, f"{RELEASE}-peer-secret")["data"]
+    assert peers_after == peers_before

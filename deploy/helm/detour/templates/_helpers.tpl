@@ -138,3 +138,21 @@ livenessProbe:
   timeoutSeconds: 5
   failureThreshold: 6
 {{- end -}}
+
+{{/* The peers' shared secret, where config.cluster.secret_dir looks (optional: it may come later). */}}
+{{- define "detour.peerSecretMount" -}}
+{{- with (.Values.config.cluster | default dict).secret_dir }}
+- name: peer-secret
+  mountPath: {{ . }}
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "detour.peerSecretVolume" -}}
+{{- if (.Values.config.cluster | default dict).secret_dir }}
+- name: peer-secret
+  secret:
+    secretName: {{ include "detour.fullname" . }}-peer-secret
+    optional: true
+{{- end }}
+{{- end -}}
