@@ -5,8 +5,9 @@ Every documented combination of values renders, passes ``helm lint --strict``, a
 Kubernetes API schemas; and for the same settings the chart and the kustomize layout
 (deploy/kubernetes) render the same objects, so the two cannot drift apart: each kustomize
 component is a value, and a component without one fails here. What only the chart has is named
-in one place (:func:`comparable`): its own labels, the config checksum that rolls the pods (where
-kustomize hashes the ConfigMap's name), the Helm-made certificate and the Grafana dashboard.
+here: what :func:`comparable` sets aside (its own labels, the config checksum that rolls the pods
+where kustomize hashes the ConfigMap's name), and what ``BASE_VALUES`` turns off (the Helm-made
+certificate and peers' secret; the Grafana dashboard is off by default).
 """
 
 from __future__ import annotations
