@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import copy
 import difflib
-import itertools
 import json
 import re
 import shutil
@@ -33,6 +32,7 @@ from cryptography import x509
 from proxy.settings import load_settings
 from proxy.webhook.certs import service_names
 from tests.kustomize import (
+    COMBINATIONS,
     COMPONENTS,
     HUB_LABELS,
     OVERLAYS,
@@ -176,12 +176,7 @@ CHART_ONLY: dict[str, dict[str, Any]] = {
 
 
 def every_combination() -> dict[str, dict[str, Any]]:
-    layouts = ["default", *OVERLAYS, "all-components"]
-    layouts += [
-        "+".join(["base", *chosen])
-        for size in range(1, len(COMPONENTS))
-        for chosen in itertools.combinations(COMPONENTS, size)
-    ]
+    layouts = ["default", *OVERLAYS, "all-components", *COMBINATIONS]
     return {name: values_for(name) for name in layouts} | CHART_ONLY
 
 
