@@ -11,6 +11,7 @@ the webhook would otherwise rewrite the other tests' pods.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -26,20 +27,11 @@ from tests.kube.cluster import Cluster, wait_for
 from tests.kube.conftest import PAUSE_REPO, PAUSE_TAG
 from tests.kube.oci import push_detour
 from tests.support import ROOT
+from tests.test_helm import CHART, helm, merged
 
-CHART = ROOT / "deploy" / "helm" / "detour"
 RELEASE = "helm-detour"  # its objects: helm-detour-proxy, -webhook, ...; the webhook config too
 IMAGE_REPO = "detour/detour"
 IMAGE_TAG = "helm"
-
-
-def helm() -> Any:
-    try:
-        import helm_python
-    except ImportError:
-        pytest.fail("pip install helm-python-sdk (the test extra)", pytrace=False)
-    helm_python.disable_logging()
-    return helm_python
 
 
 def rollout_state(cluster: Cluster, namespace: str) -> str:
@@ -59,37 +51,59 @@ class Installed:
     config: Any  # helm_python.Config, bound to the cluster
 
 
-@pytest.fixture(scope="module")
-def installed(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
-    """The release, installed and ready."""
-    image = push_detour(cluster.mirror, IMAGE_REPO, IMAGE_TAG)
+_pushed: dict[str, str] = {}
+
+
+def detour_image(cluster: Cluster) -> str:
+    """The Detour image the tests build, in the cluster's mirror (pushed once a session)."""
+    if cluster.mirror_host not in _pushed:
+        image = push_detour(cluster.mirror, IMAGE_REPO, IMAGE_TAG)
+        _pushed[cluster.mirror_host] = f"{cluster.mirror_host}/{image.repo}"
+    return _pushed[cluster.mirror_host]
+
+
+@contextlib.contextmanager
+def release(
+    cluster: Cluster, cache: Path, values: dict[str, Any], name: str = RELEASE
+) -> Iterator[Installed]:
+    """The chart installed and ready as docs/helm.md says (the namespace made and labelled
+    first), with the test's image, a cache under ``cache``, the test registry as plain HTTP,
+    and ``values``; uninstalled, its namespace deleted, at the end."""
     namespace = f"helm-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("create", "namespace", namespace)
     cluster.kubectl(
         "label", "namespace", namespace,
         "detour.io/skip=true", "pod-security.kubernetes.io/enforce=privileged",
     )  # fmt: skip
-    cache = tmp_path_factory.mktemp("helm-node-cache") / "detour"
-    values = {
-        "image": {"repository": f"{cluster.mirror_host}/{image.repo}", "tag": IMAGE_TAG},
-        "proxy": {"cache": {"hostPath": str(cache)}},
-        # The test registry speaks plain HTTP.
-        "config": {"registries": {cluster.mirror_host: {"insecure": True}}},
-    }
+    values = merged(
+        {
+            "image": {"repository": detour_image(cluster), "tag": IMAGE_TAG},
+            "proxy": {"cache": {"hostPath": str(cache)}},
+            "config": {"registries": {cluster.mirror_host: {"insecure": True}}},
+        },
+        values,
+    )
     config = helm().Config(kubeconfig_path=str(cluster.admin), namespace=namespace)
     try:
         try:
-            release = config.install(
-                CHART, RELEASE, values, namespace=namespace, wait="watcher", timeout=600
+            made = config.install(
+                CHART, name, values, namespace=namespace, wait="watcher", timeout=600
             )
         except helm().HelmError as exc:
             pytest.fail(f"helm install: {exc}\n{rollout_state(cluster, namespace)}", False)
-        assert release["status"] == "deployed", release
+        assert made["status"] == "deployed", made
         yield Installed(namespace, cache, values, config)
     finally:
-        config.uninstall(RELEASE, ignore_not_found=True, wait="watcher", timeout=120)
+        config.uninstall(name, ignore_not_found=True, wait="watcher", timeout=120)
         config.close()
         cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="module")
+def installed(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
+    """The release with the chart's defaults, installed and ready."""
+    with release(cluster, tmp_path_factory.mktemp("helm-node-cache") / "detour", {}) as made:
+        yield made
 
 
 def test_the_proxy_and_the_webhook_become_ready(cluster: Cluster, installed: Installed) -> None:
