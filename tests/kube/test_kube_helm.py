@@ -69,6 +69,11 @@ def release(
     """The chart installed and ready as docs/helm.md says (the namespace made and labelled
     first), with the test's image, a cache under ``cache``, the test registry as plain HTTP,
     and ``values``; uninstalled, its namespace deleted, at the end."""
+    # One node has one localhost:7439: another Detour there (the session's ``detour`` fixture,
+    # deployed by the tests that sort after these) would keep this proxy from being scheduled.
+    others = cluster.get("daemonsets", "-A", "-l", "app.kubernetes.io/component=proxy")
+    held = [f"{d['metadata']['namespace']}/{d['metadata']['name']}" for d in others["items"]]
+    assert not held, f"another Detour holds the node's port 7439: {held}"
     namespace = f"helm-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("create", "namespace", namespace)
     cluster.kubectl(
