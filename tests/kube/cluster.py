@@ -45,6 +45,7 @@ import shutil
 import signal
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -63,6 +64,7 @@ ASSETS_VARIABLE = "DETOUR_K8S_ASSETS"
 TARBALL = ROOT.parent / "shared" / "k8s" / "kubernetes-1.35-linux-amd64.tar.zst"
 BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet")
 NODE = "detour-node"
+CLUSTER_DOMAIN = "cluster.local"
 CNI_BIN = "/usr/lib/cni"
 
 
@@ -201,6 +203,7 @@ class Cluster:
         self.containerd_socket = self.dir / "containerd" / "c.sock"
         self.hosts_dir = self.dir / "containerd" / "hosts.d"
         self.kubelet_dir = self.dir / "kubelet"
+        self._dns_records = self.dir / "dns.json"
         self._daemons: list[Daemon] = []
         self.admin: Path = Path()
         self._admin_pair: KeyPair | None = None
@@ -411,6 +414,30 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "hosts.toml").write_text("\n".join(lines))
 
+    def _start_dns(self) -> None:
+        """The pods' name server (the kubelet's ``clusterDNS``): tests.dns_server on the host
+        end of the veth, answering what :meth:`set_dns` says and NXDOMAIN for the rest."""
+        self.set_dns({})
+        argv = [
+            sys.executable, "-m", "tests.dns_server", str(self._dns_records),
+            "--address", self.net.host_ip, "--port", "53",
+        ]  # fmt: skip
+        daemon = Daemon(
+            "dns",
+            argv,
+            self.dir / "dns.log",
+            grace=5,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        self._daemons.append(daemon)
+        daemon.start(lambda: "listening on" in daemon.log_text(), 30)
+
+    def set_dns(self, records: dict[str, list[str]]) -> None:
+        """The cluster DNS's A records from now on: name -> addresses."""
+        partial = self._dns_records.with_suffix(".part")
+        partial.write_text(json.dumps(records))
+        os.replace(partial, self._dns_records)
+
     def _start_node(self, sandbox_image: str) -> None:
         config = self._containerd_config(sandbox_image)
         ctr = ["ctr", "--address", str(self.containerd_socket), "version"]
@@ -453,6 +480,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             },
             "imageGCHighThresholdPercent": 100,
             "imageGCLowThresholdPercent": 99,
+            "clusterDNS": [self.net.host_ip],
+            "clusterDomain": CLUSTER_DOMAIN,
             "syncFrequency": "5s",
             "fileCheckFrequency": "5s",
             "nodeStatusUpdateFrequency": "5s",
@@ -510,6 +539,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         etcd = self._start_etcd()
         self._start_apiserver(etcd)
         self._start_controllers()
+        self._start_dns()
         self._start_node(sandbox_image(self.mirror_host))
         # The controller-manager's doing: without these no pod of a namespace is admitted.
         wait_for(
