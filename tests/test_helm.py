@@ -166,6 +166,20 @@ CHART_ONLY: dict[str, dict[str, Any]] = {
         COMPONENT_VALUES["monitoring"],
         {"monitoring": {"grafanaDashboard": {"enabled": True}}},
     ),
+    "no NetworkPolicies, every knob set": {
+        "networkPolicy": {"enabled": False},
+        "image": {"repository": "registry.example.com/platform/detour", "pullPolicy": "Always"},
+        "hub": {"enabled": True, "storageClassName": "fast-local", "replicas": 5},
+        "webhook": {
+            "replicas": 3,
+            "tolerations": [{"key": "edge", "operator": "Exists", "effect": "NoSchedule"}],
+        },
+        "proxy": {"priorityClassName": "", "cache": {"hostPath": "/mnt/disk1/detour"}},
+        "monitoring": {
+            "serviceMonitors": {"enabled": True, "labels": {"release": "prometheus"}},
+            "grafanaDashboard": {"enabled": True, "namespace": "grafana"},
+        },
+    },
     "mirror mode, host network, own config": merged(
         OVERLAY_VALUES["containerd-mirror"][0],
         OVERLAY_VALUES["containerd-mirror"][1],
@@ -517,6 +531,32 @@ def test_mirror_mode_on_the_host_network_with_ones_own_config(
     config = load_settings(embedded_config(objects, tmp_path))
     assert config.log_level == "debug"
     assert "registry.internal:5000" in config.registries
+
+
+def test_every_knob(charts: dict[str, Objects]) -> None:
+    """Each value of the table lands where it says."""
+    objects = charts["no NetworkPolicies, every knob set"]
+    assert not [o for o in objects if o["kind"] == "NetworkPolicy"]
+    for o in objects:
+        if o["kind"] in WORKLOADS:
+            for c in o["spec"]["template"]["spec"]["containers"]:
+                assert c["image"] == "registry.example.com/platform/detour:0.1.0"
+                assert c["imagePullPolicy"] == "Always"
+    hub = one(objects, "StatefulSet", "detour-hub")
+    assert hub["spec"]["replicas"] == 5
+    (claim,) = hub["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["storageClassName"] == "fast-local"
+    webhook = one(objects, "Deployment", "detour-webhook")
+    assert webhook["spec"]["replicas"] == 3
+    assert webhook["spec"]["template"]["spec"]["tolerations"][0]["key"] == "edge"
+    proxy = pod_spec(objects, "DaemonSet")
+    assert "priorityClassName" not in proxy
+    (cache,) = [v for v in proxy["volumes"] if v["name"] == "cache"]
+    assert cache["hostPath"]["path"] == "/mnt/disk1/detour"
+    for monitor in (o for o in objects if o["kind"] == "ServiceMonitor"):
+        assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    dashboard = one(objects, "ConfigMap", "detour-grafana-dashboard")
+    assert dashboard["metadata"]["namespace"] == "grafana"
 
 
 def test_the_hub_and_the_network_policies(charts: dict[str, Objects]) -> None:
