@@ -2,8 +2,9 @@
 
 The default layout (``deploy/kubernetes``: the proxy DaemonSet, the peers' Service, the webhook
 Deployment and its MutatingWebhookConfiguration), applied with one overlay of the test's own
-that changes only what a user changes: the image (``kustomize edit set image``) and
-``detour.yaml`` (the mirror, a plain-http registry at an address, in ``registries``). The
+that changes only what a user changes: the image (``kustomize edit set image``),
+``detour.yaml`` (the mirror, a plain-http registry at an address, in ``registries``), and the
+cache's hostPath (in the cluster's folder rather than the machine's /var/cache/detour). The
 webhook's certificate is made and installed exactly as deploy/kubernetes/README.md says without
 cert-manager: ``detour webhook-certs``, the Secret, and the caBundle ``kubectl patch``.
 """
@@ -62,6 +63,7 @@ def _config(cluster: Cluster) -> str:
 def deploy(cluster: Cluster, mirror: Registry, workdir: Path) -> Deployed:
     push_detour(mirror, IMAGE_REPO, IMAGE_TAG)
     image = f"{cluster.mirror_host}/{IMAGE_REPO}"
+    cache = {"name": "cache", "hostPath": {"path": str(cluster.dir / "node-cache")}}
     overlay = workdir / "overlay"
     overlay.mkdir(parents=True)
     (overlay / "detour.yaml").write_text(_config(cluster))
@@ -74,6 +76,20 @@ def deploy(cluster: Cluster, mirror: Registry, workdir: Path) -> Deployed:
                 "images": [{"name": "detour", "newName": image, "newTag": IMAGE_TAG}],
                 "configMapGenerator": [
                     {"name": "detour-config", "behavior": "replace", "files": ["detour.yaml"]}
+                ],
+                # The node's cache folder inside the cluster's own, not the machine's
+                # /var/cache/detour: another test cluster on the machine has a node too.
+                "patches": [
+                    {
+                        "patch": json.dumps(
+                            {
+                                "apiVersion": "apps/v1",
+                                "kind": "DaemonSet",
+                                "metadata": {"name": "detour-proxy"},
+                                "spec": {"template": {"spec": {"volumes": [cache]}}},
+                            }
+                        )
+                    }
                 ],
             }
         )
