@@ -52,6 +52,18 @@ def test_webhook_certs_command(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "not a DNS label" in capsys.readouterr().err
 
 
+def test_webhook_certs_ip_adds_ip_sans(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "certs"
+    assert main(["webhook-certs", "--out", str(out), "--ip", "127.0.0.1", "--ip", "fd00::5"]) == 0
+    cert = x509.load_pem_x509_certificate((out / "tls.crt").read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "fd00::5"]
+    assert len(sans.get_values_for_type(x509.DNSName)) == 4  # the Service's names still
+    capsys.readouterr()
+    assert main(["webhook-certs", "--out", str(out), "--ip", "localhost"]) == 2
+    assert "not an IP address" in capsys.readouterr().err
+
+
 @pytest.fixture
 def webhook_process(tmp_path: Path) -> Iterator[Callable[[Path], tuple[int, Path]]]:
     daemons: list[Daemon] = []
