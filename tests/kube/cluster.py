@@ -15,6 +15,7 @@ Layout (``S`` is a subnet octet picked per run, so two runs on one machine don't
     kube-apiserver  10.S.0.1:<port>  <veth>  kubelet, node IP 10.S.0.2
     controller-manager, scheduler            pods in 10.S.1.0/24 on bridge dk<S>br
     the mirror (tests.registry) 127.0.0.1:P  reached from pods as 10.S.0.1:P (DNAT)
+    clusterDNS (tests.dns_server) 10.S.0.1:53
 
 * The node runs in its own namespace so that its ``127.0.0.1:7439`` (the DaemonSet's hostPort)
   is its own. Its programs are started with ``nsenter --net=``, not ``ip netns exec``, which
@@ -24,6 +25,10 @@ Layout (``S`` is a subnet octet picked per run, so two runs on one machine don't
   kube-proxy here for cluster IPs.
 * The mirror listens on the host's loopback; a DNAT rule on the host end of the veth (with
   ``route_localnet``) makes it ``10.S.0.1:P`` for the node and its pods.
+* Each kubelet has a ``cgroupRoot`` of its own (``/dk<S>``): a kubelet kills what runs in pod
+  cgroups it does not know, so two test clusters on one machine would kill each other's pods.
+* The pods' name server answers only what a test gives :meth:`Cluster.set_dns` (there is no
+  CoreDNS here), NXDOMAIN for the rest.
 * What this machine needs (``../shared/k8s/README.md``): ``restrict_oom_score_adj`` in
   containerd's CRI config (no CAP_SYS_RESOURCE), ``failCgroupV1: false`` and the cgroupfs
   driver for the kubelet (cgroup v1).

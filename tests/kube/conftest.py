@@ -1,4 +1,6 @@
-"""The session's one-node cluster (``cluster``) and its mirror registry (``mirror``).
+"""The one-node cluster (``cluster``), its mirror registry (``mirror``) and Detour deployed on
+it (``detour``), shared by the tests of this folder and taken down after the last of them, so
+the rest of the suite runs without them.
 
 Skipped, with the reason, only where no Kubernetes binaries are found (``tests.kube.cluster``).
 """
@@ -19,7 +21,7 @@ PAUSE_REPO = "k8s/pause"
 PAUSE_TAG = "3.10"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def mirror() -> Iterator[Registry]:
     assets()  # skip before starting anything
     with Registry() as registry:
@@ -27,7 +29,7 @@ def mirror() -> Iterator[Registry]:
         yield registry
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def cluster(mirror: Registry) -> Iterator[Cluster]:
     started = time.monotonic()
     node = Cluster(mirror)
@@ -42,11 +44,11 @@ def cluster(mirror: Registry) -> Iterator[Cluster]:
     node.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def detour(
     cluster: Cluster, mirror: Registry, tmp_path_factory: pytest.TempPathFactory
 ) -> Deployed:
-    """Detour deployed as deploy/kubernetes says (``tests.kube.detour``), for the session."""
+    """Detour deployed as deploy/kubernetes says (``tests.kube.detour``)."""
     started = time.monotonic()
     try:
         deployed = deploy(cluster, mirror, tmp_path_factory.mktemp("detour"))
