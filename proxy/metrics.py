@@ -24,7 +24,14 @@ CACHE_RESULTS = {
     "blob": ("hit", "miss", "peer", "joined", "bypass"),
     "manifest": ("hit", "miss", "peer", "joined", "revalidated", "stale", "bypass"),
 }
-CACHE_WRITE_FAILURES = ("disk_full", "read_only", "io_error", "too_large", "no_room")
+CACHE_WRITE_FAILURES = (
+    "disk_full",
+    "read_only",
+    "io_error",
+    "too_large",
+    "no_room",
+    "disk_behind",
+)
 PEER_RESULTS = ("served", "failed", "skipped")
 # Why a peer was bypassed at once (proxy.core.peer_checks): it lied, or could not prove it is one.
 PEER_LIES = ("wrong_blob", "wrong_manifest", "redirect", "unproven_tag")
@@ -188,7 +195,8 @@ class Metrics:
         self.cache_write_failures = Counter(
             "detour_cache_write_failures",
             "Cache writes refused or not attempted, by reason (disk_full, read_only, io_error; "
-            "too_large, no_room under cache.max_size); what they held was served uncached.",
+            "too_large, no_room under cache.max_size; disk_behind: the disk fell further behind "
+            "the network than cache.write_behind); what they held was served uncached.",
             ["reason"],
             registry=r,
         )

@@ -207,6 +207,10 @@ class CacheSettings(_Section):
     # verified, is read back into the page cache before it enters the cache, so the hits that
     # follow a fetch come from memory. 0: never; hits then read the disk.
     read_back_up_to: ByteSizeOrZero = 1024**3
+    # Where the disk is slower than the network, a blob goes through the page cache, and up to
+    # this many of its bytes may wait for the disk; further behind, the fetch gives up the
+    # blob's cache copy (the client still gets it at the network's pace; fetched again later).
+    write_behind: ByteSize = 64 * 1024**2
     tag_ttl: Duration = 300.0
 
     @model_validator(mode="before")

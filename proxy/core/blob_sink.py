@@ -6,12 +6,21 @@ chunk when there is none). If the disk refuses a write (full, or an I/O error), 
 larger than ``cache.max_blob_size``, or there is no room, the sink *spills*: it stops writing
 and keeps hashing, so the blob is still verified as it streams by, but not cached. A spill is
 final; the fetch is told at once (its clients then get every byte from memory).
+
+The clients are fed at the network's pace, not the disk's. When the loop has waited for the
+writes a fifth of the fetch's time, the disk is slower than the network: the writer goes on
+through the page cache (:meth:`~proxy.core.blob_writer.BlobWriter.go_buffered`). If even so
+the writes hold the fetch back (the disk ``cache.write_behind`` bytes behind, or the kernel
+holding the writer while it cleans page cache), the sink spills (``disk_behind``): the clients
+go on at the network's pace and the blob is fetched again on a later pull.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
+from typing import Literal
 
 from proxy.core.blob_writer import Checksums
 from proxy.core.cache import CacheStore, cache_write_failed
@@ -22,6 +31,10 @@ from proxy.metrics import Metrics
 from proxy.reference import Digest
 
 CLOSE_GRACE_SECONDS = 10.0  # at shutdown, for verified blobs to reach the cache
+# The disk holds a fetch back when the loop has waited for its writes this share of the
+# fetch's time (and at least SLOW_DISK_WAIT seconds): the rest goes through the page cache.
+SLOW_DISK_SHARE = 0.2
+SLOW_DISK_WAIT = 0.1
 
 log = get_logger("detour.blobs")
 
@@ -48,6 +61,9 @@ class BlobSink:
         self._on_spill = on_spill
         self.reserved = 0  # bytes of the store's max_size promised to the temp file
         self.spilled = False
+        self._since = time.monotonic()  # the fetch began, or went through the page cache
+        self._waited_before = 0.0  # seconds the loop waited for the writes before _since
+        self._went_buffered: Literal["", "asked", "taken"] = ""
         self.writer = writer = store.begin_blob(digest)
         if writer.failure is not None:
             self.spill(writer.failure)
@@ -89,7 +105,31 @@ class BlobSink:
                 self.spill(None, "no_room")
                 return
             self.reserved += len(chunk)
+        if writing.would_wait(len(chunk)) and self._disk_behind():
+            return
         await writing.put(chunk)
+
+    def _disk_behind(self) -> bool:
+        """The loop is about to wait for the writes. If the disk has held the fetch back for a
+        fifth of its time, go on through the page cache; if it holds it back even so, or is
+        ``cache.write_behind`` bytes behind, spill (True): the client is not kept waiting."""
+        writer, now = self.writer, time.monotonic()
+        if self._went_buffered == "asked" and not writer.direct:
+            # The writer took it (after the O_DIRECT batch it was writing): judged from now.
+            self._went_buffered = "taken"
+            self._since, self._waited_before = now, self._writing.waited
+        waited = self._writing.waited - self._waited_before
+        held_back = waited > max(SLOW_DISK_WAIT, SLOW_DISK_SHARE * (now - self._since))
+        if writer.direct:
+            if held_back and not self._went_buffered:
+                self._went_buffered = "asked"
+                writer.go_buffered()
+                self._store.blob_writes.fell_behind()
+            return False
+        if held_back or writer.disk_behind:
+            self.spill(None, "disk_behind")
+            return True
+        return False
 
     async def close(self) -> None:
         """After the last chunk: wait until every chunk is hashed and written, then write the

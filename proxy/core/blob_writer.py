@@ -1,8 +1,9 @@
 """Writing one blob into the cache: hashed (sha256, and a sum per chunk for its hits) as it
 is written to a temp file, moved into place only once verified.
 
-Blob files are written with ``O_DIRECT`` where the file system takes it (see
-:class:`BlobWrites`), through a page-aligned buffer.
+Blob files are written with ``O_DIRECT`` where the file system takes it and the disk keeps up
+with the network, through a page-aligned buffer; through the page cache where it doesn't (see
+:class:`BlobWrites`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import os
 import struct
 import sys
 import tempfile
+import threading
+import time
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +36,16 @@ DIRECT_ALIGN = 4096  # O_DIRECT: buffer address, length and file offset, multipl
 DIRECT_BUFFER_BYTES = 1 << 20  # a blob writer's aligned buffer: the most one write sends
 
 
+# A disk that fell behind the network keeps new blobs off O_DIRECT for this long, then is tried
+# again (it may have been busy with something else).
+SLOW_DISK_SECONDS = 600.0
+# Written through the page cache, a blob whose bytes wait for the disk beyond its write_behind
+# waits for the disk to take them this many at a time.
+WRITE_BEHIND_STEP = 8 << 20
+
+
 class BlobWrites:
-    """How a cache directory's blob files are written, logged once when it is first known.
+    """How a cache directory's blob files are written, logged whenever it changes.
 
     Blobs are written with ``O_DIRECT`` where the file system takes it (ext4, xfs, btrfs, tmpfs
     since Linux 6.6): new bytes go to the disk without passing through the page cache, so a
@@ -44,17 +55,44 @@ class BlobWrites:
     (ramfs, some overlay and network file systems), at open or at the first write, blobs are
     written through the page cache from then on.
 
-    Once verified and flushed, a blob written with ``O_DIRECT`` of at most ``read_back_up_to``
-    bytes is read back into the page cache before it enters the cache (:func:`read_back`), so
-    the hits that follow a fetch (the site's other nodes asking their owner, another pod of the
-    node) come from memory, at the pace of a mirror serving from its page cache, not the disk's.
+    ``O_DIRECT`` is kept only while the disk keeps up with the network. A fetch whose writes
+    hold its clients back (see :class:`proxy.core.blob_sink.BlobSink`) goes on through the page
+    cache, which takes the bytes at memory speed, and so do the blobs fetched in the next
+    ``SLOW_DISK_SECONDS``: on a slow disk (eMMC, an SD card, a network block device, a busy
+    SATA disk) the client is fed at the network's pace. What waits for the disk is then
+    bounded by ``write_behind`` bytes a blob: past that its writer waits for the disk, and the
+    fetch gives up the cache copy rather than hold its clients.
+
+    Once verified and flushed, the part of a blob written with ``O_DIRECT`` (the whole blob, on
+    a disk that keeps up), if the blob is of at most ``read_back_up_to`` bytes, is read back
+    into the page cache before it enters the cache (:func:`read_back`), so the hits that follow
+    a fetch (the site's other nodes asking their owner, another pod of the node) come from
+    memory, at the pace of a mirror serving from its page cache, not the disk's. The read-back
+    yields to the fetches that write: it stops when another blob is being written.
     """
 
-    def __init__(self, root: Path, read_back_up_to: int = 0) -> None:
+    def __init__(self, root: Path, read_back_up_to: int = 0, write_behind: int = 64 << 20) -> None:
         self.root = root
         self.direct = True  # until the file system refuses it
         self.read_back_up_to = read_back_up_to
+        self.write_behind = write_behind
+        self.writing = 0  # blob files being written now (see count_writer)
+        self._lock = threading.Lock()  # writers end in worker threads
+        self._buffered_until = 0.0  # time.monotonic(): till then, new blobs start buffered
         self._logged = False
+
+    @property
+    def starts_direct(self) -> bool:
+        """Whether a new blob file starts with ``O_DIRECT``."""
+        return self.direct and time.monotonic() >= self._buffered_until
+
+    def count_writer(self, step: int) -> None:
+        with self._lock:
+            self.writing += step
+
+    def others_writing(self) -> bool:
+        """Whether a blob other than the one asking is being written."""
+        return self.writing > 1
 
     def accepted(self) -> None:
         if not self._logged:
@@ -71,6 +109,33 @@ class BlobWrites:
                 mode="buffered",
                 reason=f"O_DIRECT refused: {exc.strerror or exc}",
             )
+
+    def fell_behind(self) -> None:
+        """The disk held a fetch's clients back: new blobs go through the page cache for
+        ``SLOW_DISK_SECONDS``."""
+        now = time.monotonic()
+        if now >= self._buffered_until:
+            log.info(
+                "cache_blob_writes",
+                dir=str(self.root),
+                mode="buffered",
+                reason="the disk is slower than the network",
+                seconds=SLOW_DISK_SECONDS,
+            )
+        self._buffered_until = now + SLOW_DISK_SECONDS
+
+
+# sync_file_range(2), which the os module lacks: start writeback, or wait for it, of a range.
+_SYNC_WAIT_BEFORE, _SYNC_WRITE, _SYNC_WAIT_AFTER = 1, 2, 4
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+_libc.sync_file_range.restype = ctypes.c_int
+
+
+def _sync_file_range(fd: int, offset: int, count: int, flags: int) -> None:
+    if _libc.sync_file_range(fd, offset, count, flags) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
 
 
 def _write_all(fd: int, views: list[memoryview], offset: int) -> int:
@@ -103,22 +168,29 @@ READ_AHEAD_STEP = 8 << 20  # the most one POSIX_FADV_WILLNEED reads ahead
 READ_BACK_BUFFER_BYTES = 1 << 20
 
 
-def read_back(fd: int, size: int) -> None:
-    """Read a file into the page cache and wait until it is there (blocking).
+def read_back(fd: int, size: int, yield_to: Callable[[], bool] = lambda: False) -> bool:
+    """Read a file's first ``size`` bytes into the page cache and wait until they are there
+    (blocking); whether it did, or stopped because ``yield_to()`` said another fetch writes.
 
-    The kernel is asked to read it all ahead first (many requests at once: 0.2 s for 512 MiB
-    here, against 0.6 s for plain sequential reads), then it is read through twice: the first
-    read waits for the disk, the second moves its pages to the kernel's active list, which
-    the first hit would otherwise do (a quarter slower here). Through a 1 MiB buffer, which
-    stays in the CPU's cache.
+    The kernel is asked to read it all ahead first (many requests at once, rather than one
+    sequential read after another), then it is read through twice: the first read waits for
+    the disk, the second moves its pages to the kernel's active list, which the first hit
+    would otherwise do. Through a 1 MiB buffer, which stays in the CPU's cache. Every
+    ``READ_AHEAD_STEP`` it asks ``yield_to``: a cold fetch that writes is never kept waiting
+    for the disk by a read that only makes hits faster.
     """
     _set_direct(fd, False)
     for offset in range(0, size, READ_AHEAD_STEP):
-        os.posix_fadvise(fd, offset, READ_AHEAD_STEP, os.POSIX_FADV_WILLNEED)
+        if yield_to():
+            return False
+        os.posix_fadvise(fd, offset, min(READ_AHEAD_STEP, size - offset), os.POSIX_FADV_WILLNEED)
     buffer = mmap.mmap(-1, READ_BACK_BUFFER_BYTES)
     for _ in range(2):
         for offset in range(0, size, READ_BACK_BUFFER_BYTES):
+            if offset % READ_AHEAD_STEP == 0 and yield_to():
+                return False
             os.preadv(fd, [buffer], offset)
+    return True
 
 
 CHECKED_CHUNK_BYTES = 2 << 20  # a cached blob is checked on its hits, and sent, in chunks of this
@@ -216,7 +288,9 @@ class BlobWriter:
     With ``O_DIRECT`` (see :class:`BlobWrites`) each write goes through a page-aligned buffer
     and only whole 4 KiB blocks reach the file; the last partial block is held back (``on_disk``
     trails the bytes written by less than 4 KiB) until :meth:`finish` writes it without
-    ``O_DIRECT``.
+    ``O_DIRECT``. After :meth:`go_buffered` (the disk fell behind the network) the rest goes
+    through the page cache, ``buffered_from`` on, and the disk is waited for when more than
+    ``write_behind`` bytes may wait for it (``disk_behind`` while it is).
 
     When the disk refuses (full, or an I/O error), ``write`` raises ``OSError`` and writes
     nothing more; hashing goes on, so the blob can still be verified as it streams by, but it
@@ -240,6 +314,11 @@ class BlobWriter:
         self._direct = False
         self._buffer: mmap.mmap | None = None  # O_DIRECT: bytes [on_disk, on_disk + _held)
         self._held = 0
+        self._buffered_wanted = False  # set on the loop: the rest goes through the page cache
+        self.buffered_from = 0  # bytes before it were written with O_DIRECT
+        self._synced = 0  # buffered: bytes known to be on the disk
+        self.disk_behind = False  # waiting for the disk, more than write_behind behind
+        self._counted = False  # in writes.writing
         try:
             fd, name = tempfile.mkstemp(
                 dir=tmp_dir, prefix=f"{digest.hex[:16]}.", suffix=".partial"
@@ -248,26 +327,38 @@ class BlobWriter:
             self.failure = exc
             return
         self._fd, self.path = fd, Path(name)
-        if writes is not None and writes.direct:
+        if writes is None:
+            return
+        writes.count_writer(1)
+        self._counted = True
+        if writes.starts_direct:
             try:
                 _set_direct(fd, True)
             except OSError as exc:
                 writes.refused(exc)
             else:
                 self._direct = True
+                self.buffered_from = -1  # none yet
 
     @property
     def direct(self) -> bool:
         """Whether this file is being written with ``O_DIRECT``."""
         return self._direct
 
+    def go_buffered(self) -> None:
+        """From the loop: write the rest through the page cache (from the next :meth:`write`)."""
+        self._buffered_wanted = True
+
     def write(self, chunks: Sequence[Chunk]) -> None:
         """Append ``chunks`` to the file (blocking)."""
         if self._fd is None:
             raise self.failure or OSError("blob writer is closed")
         try:
+            if self._buffered_wanted and self._direct:
+                self._leave_direct()
             if self._buffer is None and not self._direct:
                 self.on_disk += _write_all(self._fd, [memoryview(c) for c in chunks], self.on_disk)
+                self._write_behind()
                 return
             if self._buffer is None:
                 self._buffer = mmap.mmap(-1, DIRECT_BUFFER_BYTES)  # page-aligned
@@ -288,6 +379,38 @@ class BlobWriter:
         except OSError as exc:
             self.failure = exc
             raise
+
+    def _leave_direct(self) -> None:
+        """Go on through the page cache: the bytes held back for a whole block written now."""
+        assert self._fd is not None
+        self.buffered_from = max(self.buffered_from, 0) or self.on_disk
+        _set_direct(self._fd, False)
+        self._direct = False
+        if self._held:
+            self._write_held()
+        self._buffer = None
+        self._synced = self.on_disk
+
+    def _write_behind(self) -> None:
+        """Buffered: once more than ``write_behind`` bytes of the file may be waiting for the
+        disk, wait for it (``disk_behind`` meanwhile) to take all but ``write_behind`` of them,
+        ``WRITE_BEHIND_STEP`` at a time. The rest is the kernel's to write back, and the
+        commit's fsync's. A file system without sync_file_range leaves it all to those."""
+        writes, fd = self._writes, self._fd
+        if writes is None or fd is None:
+            return
+        behind = self.on_disk - writes.write_behind
+        if behind - self._synced < WRITE_BEHIND_STEP:
+            return
+        self.disk_behind = True
+        try:
+            flags = _SYNC_WAIT_BEFORE | _SYNC_WRITE | _SYNC_WAIT_AFTER
+            _sync_file_range(fd, self._synced, behind - self._synced, flags)
+            self._synced = behind
+        except OSError:
+            self._synced = sys.maxsize  # never again for this file
+        finally:
+            self.disk_behind = False
 
     def _in_place(self, view: memoryview) -> bool:
         """Whether ``view`` can be written to the file as it is: ``O_DIRECT`` taken, and its
@@ -345,6 +468,7 @@ class BlobWriter:
                         raise
                     _set_direct(fd, False)
                     self._direct = False
+                    self.buffered_from = 0
                     if self._writes is not None:
                         self._writes.refused(exc)
                     end = self._held
@@ -396,16 +520,23 @@ class BlobWriter:
         assert self.path is not None
         os.fsync(self._fd)
         writes = self._writes
-        if writes is not None and writes.direct and self.size <= writes.read_back_up_to:
-            read_back(self._fd, self.size)
+        direct_bytes = self.size if self.buffered_from < 0 else self.buffered_from
+        if writes is not None and direct_bytes and self.size <= writes.read_back_up_to:
+            read_back(self._fd, direct_bytes, writes.others_writing)
         stat = os.fstat(self._fd)
         self.checksums = Checksums((stat.st_dev, stat.st_ino), self.size, self.chunk_sums.finish())
         self.checksums.save(self._fd)
         os.close(self._fd)
         self._fd = None
         self._buffer = None
+        self._uncount()
         self.final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self.path, self.final)
+
+    def _uncount(self) -> None:
+        if self._counted and self._writes is not None:
+            self._counted = False
+            self._writes.count_writer(-1)
 
     def discard(self) -> None:
         # The aligned buffer is dropped, never closed: a worker thread may still hold a view.
@@ -413,6 +544,7 @@ class BlobWriter:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        self._uncount()
         if self.path is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()

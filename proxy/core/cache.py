@@ -150,11 +150,12 @@ class CacheStore(CacheIndex):
         max_size: int | None = None,
         on_evict: Callable[[list[Path]], None] = lambda paths: delete_files(paths),
         read_back_up_to: int = 0,
+        write_behind: int = 64 << 20,
     ) -> None:
         super().__init__(max_size, on_evict)
         self.root = root
         self.tmp = root / "tmp"
-        self.blob_writes = BlobWrites(root, read_back_up_to)
+        self.blob_writes = BlobWrites(root, read_back_up_to, write_behind)
         self._manifests: Recent[StoredManifest] = Recent(
             RECENT_MANIFEST_BYTES, lambda manifest: len(manifest.body)
         )

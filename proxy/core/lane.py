@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 # A piece of a body: bytes as aiohttp reads them, or a view of a block read into by
@@ -47,6 +48,7 @@ class Lane:
         self._wanted = False  # the loop waits for a batch to be done
         self._waiting: asyncio.Future[None] | None = None
         self.error: Exception | None = None
+        self.waited = 0.0  # seconds the loop has waited for room
         self.ended: asyncio.Future[None] = self._loop.create_future()  # the thread is gone
         threading.Thread(target=self._run, name=name, daemon=True).start()
 
@@ -55,6 +57,13 @@ class Lane:
         self._pending_bytes += len(chunk)
         if self._pending_bytes >= HANDOFF_BYTES:
             await self._hand_off()
+
+    def would_wait(self, size: int) -> bool:
+        """Whether putting ``size`` more bytes now would make the loop wait for the thread."""
+        return (
+            self._pending_bytes + size >= HANDOFF_BYTES
+            and self._put - self._done >= PIPELINE_BATCHES
+        )
 
     async def _hand_off(self) -> None:
         await self._room(PIPELINE_BATCHES)
@@ -88,7 +97,9 @@ class Lane:
             if self._put - self._done < limit:  # done meanwhile
                 self._wanted = False
                 return
+            began = time.monotonic()
             await waiting
+            self.waited += time.monotonic() - began
 
     def _wake(self) -> None:
         if self._waiting is not None and not self._waiting.done():
