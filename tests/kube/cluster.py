@@ -164,13 +164,14 @@ class Network:
         run(["ip", "link", "set", self.node_if, "netns", self.name])
         run(["ip", "addr", "add", f"{self.host_ip}/30", "dev", self.host_if])
         run(["ip", "link", "set", self.host_if, "up"])
-        run(["sysctl", "-q", "-w", f"net.ipv4.conf.{self.host_if}.route_localnet=1"])
+        # The mirror's DNAT to the host's loopback needs it (no sysctl: procps may be absent).
+        Path(f"/proc/sys/net/ipv4/conf/{self.host_if}/route_localnet").write_text("1")
         inside = [
             ["ip", "link", "set", "lo", "up"],
             ["ip", "addr", "add", f"{self.node_ip}/30", "dev", self.node_if],
             ["ip", "link", "set", self.node_if, "up"],
             ["ip", "route", "add", "default", "via", self.host_ip],
-            ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"],
+            ["sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"],  # this namespace's own
         ]
         for argv in inside:
             run(self.enter(argv))
