@@ -562,6 +562,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 self._remove_sandboxes()
             self.containerd.stop()
         self._kill_leftovers()
+        time.sleep(0.5)  # the killed leave their cgroups as they are reaped
         self._remove_cgroups()
         self.net.down()
         for daemon in reversed(self._daemons):
@@ -578,7 +579,14 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 runtime.remove_sandbox(sandbox)
 
     def _kill_leftovers(self) -> None:
-        """Shims (and their containers) of this node's containerd that outlived it."""
+        """Containers still in the node's cgroups, and shims of its containerd that outlived
+        it (their containers would otherwise run on, and their cgroups stay)."""
+        for root in self._cgroup_roots():
+            for procs in root.glob("**/cgroup.procs"):
+                with contextlib.suppress(OSError):
+                    for pid in procs.read_text().split():
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(int(pid), signal.SIGKILL)
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():
                 continue
