@@ -38,9 +38,6 @@ class Deployed:
     overlay: Path
     image: str  # as the node pulls it: <mirror host>/detour:test
 
-    def mirror_image(self, cluster: Cluster, repo: str, tag: str) -> str:
-        return f"{cluster.mirror_host}/{repo}:{tag}"
-
 
 def container_ids(cluster: Cluster, selector: str) -> list[str]:
     """containerd ids of the running containers of the pods ``selector`` picks in detour."""
