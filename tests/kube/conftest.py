@@ -14,11 +14,10 @@ import pytest
 
 from tests.kube.cluster import Cluster, assets
 from tests.kube.detour import Deployed, deploy
+from tests.kube.oci import PAUSE_REPO as PAUSE_REPO  # also importable from here
+from tests.kube.oci import PAUSE_TAG as PAUSE_TAG
 from tests.kube.oci import push_pause
 from tests.registry import Registry
-
-PAUSE_REPO = "k8s/pause"
-PAUSE_TAG = "3.10"
 
 
 @pytest.fixture(scope="package")

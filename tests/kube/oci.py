@@ -41,6 +41,9 @@ from tests.support import ROOT
 BUSYBOX = Path("/bin/busybox")
 SLEEP_FOR_EVER = ["/bin/busybox", "sleep", "2147483647"]
 ROOT_PACKAGES = ("python3", "python3-venv")
+# The node's sandbox image (containerd's sandbox_image), pushed to the mirror at the start.
+PAUSE_REPO = "k8s/pause"
+PAUSE_TAG = "3.10"
 
 
 def _layer(fill: Callable[[tarfile.TarFile], None]) -> Blob:

@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from tests.kube.cluster import Cluster, run, wait_for
-from tests.kube.conftest import PAUSE_REPO, PAUSE_TAG
 from tests.kube.detour import NAMESPACE, PREFIX, Deployed, container_ids
+from tests.kube.oci import PAUSE_REPO, PAUSE_TAG
 from tests.kube.pods import created, pod, ready_endpoints, wait_running
 from tests.kustomize import KUBERNETES
 
