@@ -393,6 +393,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 {cri}]
   sandbox_image = "{sandbox_image}"
   restrict_oom_score_adj = true
+  # The pods' network namespaces under the state folder, not /var/run/netns: unmounted with
+  # it at the end even if containerd could not remove them itself.
+  netns_mounts_under_state_dir = true
 {cri}.containerd]
   snapshotter = "overlayfs"
   default_runtime_name = "runc"
