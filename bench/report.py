@@ -28,6 +28,13 @@ ROWS = (
     Row("hit blob GET again, GB/s", "blob_hit_again_gbps", ".2f", "higher"),
     Row("cold blob: the cache's CPU-s, until stored", "blob_cold_cpu_s", ".2f", "lower", CACHE_ROW),
     Row("cold blob: the mirror's CPU-s", "blob_cold_mirror_cpu_s", ".2f", "lower", CACHE_ROW),
+    Row(
+        "image pull (6 layers, 3 at a time), cold GB/s",
+        "image_cold_gbps",
+        ".2f",
+        "higher",
+        CACHE_ROW,
+    ),
     Row("herd: wall time, s", "herd_wall_s", ".2f", "lower"),
     Row("herd: upstream GETs of the blob", "herd_upstream_gets", ".0f", "lower", CACHE_ROW),
     Row("herd: upstream HEADs of the blob", "herd_upstream_heads", ".0f", "lower", CACHE_ROW),

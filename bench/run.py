@@ -86,6 +86,13 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         help="the baseline's cache on a ramfs, which refuses O_DIRECT: with --baseline .  this "
         "tree's buffered writes beside its direct ones (needs root)",
     )
+    parser.add_argument(
+        "--slow-disk",
+        type=int,
+        metavar="BYTES_PER_S",
+        help="each cache's storage on a disk whose writes are held to this rate (a loop "
+        "device throttled by the block layer, tests/slow_disk.py; needs root)",
+    )
     parser.add_argument("--json", type=Path, help="write every sample and check here")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, storage)")
     parser.add_argument(
@@ -111,6 +118,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         keep=args.keep,
         baseline=args.baseline.resolve() if args.baseline is not None else None,
         baseline_ramfs=args.baseline_ramfs,
+        slow_disk=args.slow_disk,
     )
 
 

@@ -20,7 +20,7 @@ from clients import AiohttpClient, Client, CurlClient
 from common import GB, MIB, log
 from environment import tree_revision, write_speed
 from mirror import Pusher
-from phases import RUNNERS
+from phases import RUNNERS, image
 from processes import reap, spawn
 from targets import TargetKey, Targets
 
@@ -34,6 +34,7 @@ class Content:
     herd: dict[str, list[str]] = field(default_factory=dict)
     rss_cold: dict[str, str] = field(default_factory=dict)
     rss_warm: dict[str, str] = field(default_factory=dict)
+    image_layers: dict[str, list[list[str]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -53,6 +54,12 @@ class Options:
     keep: bool = False
     baseline: Path | None = None  # another source tree's Detour, run beside this one
     baseline_ramfs: bool = False  # its cache on a ramfs, which refuses O_DIRECT
+    slow_disk: int | None = None  # bytes a second: each cache's storage on a disk this slow
+
+    @property
+    def layer_size(self) -> int:
+        """An image phase layer: a quarter of a blob."""
+        return self.blob_size // 4
 
     @property
     def blob_size(self) -> int:
@@ -70,7 +77,7 @@ class Bench:
     def __init__(self, options: Options, workdir: Path) -> None:
         self.o = options
         self.dir = workdir
-        self.targets = Targets(workdir, options.baseline, options.baseline_ramfs)
+        self.targets = Targets(workdir, options.baseline, options.baseline_ramfs, options.slow_disk)
         self.content = Content()
         self.samples: Samples = {}
         self.details: dict[str, Any] = {"errors": [], "checks": {}}
@@ -99,6 +106,11 @@ class Bench:
         for key in self.targets.caches:
             c.cold[key] = [blob(o.blob_size) for _ in range(o.repeat)] if "blob" in o.phases else []
             c.herd[key] = [blob(o.herd_size) for _ in range(o.repeat)] if "herd" in o.phases else []
+            if "image" in o.phases:
+                layers = image.IMAGE_LAYERS
+                c.image_layers[key] = [
+                    [blob(o.layer_size) for _ in range(layers)] for _ in range(o.repeat)
+                ]
             if "rss" in o.phases:
                 c.rss_cold[key] = blob(o.blob_size)
                 c.rss_warm[key] = blob(o.blob_size)

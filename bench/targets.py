@@ -19,6 +19,11 @@ from configs import detour_config, registry_config, write_config
 from mirror import AccessLog
 from processes import Service, free_port
 
+sys.path.insert(0, str(REPO_ROOT))  # the tests' slow disk, for --slow-disk
+from tests.slow_disk import SlowDisk
+
+SLOW_DISK_BYTES = 64 << 30  # sparse: only what the caches write takes room
+
 TargetKey = Literal["detour", "base", "peer", "mirror"]
 CACHES: tuple[TargetKey, ...] = ("detour", "peer")
 ALL_TARGETS: tuple[TargetKey, ...] = ("detour", "peer", "mirror")
@@ -54,11 +59,17 @@ class Targets:
     process, stopped in reverse by :meth:`stop`."""
 
     def __init__(
-        self, workdir: Path, baseline: Path | None = None, baseline_ramfs: bool = False
+        self,
+        workdir: Path,
+        baseline: Path | None = None,
+        baseline_ramfs: bool = False,
+        slow_disk: int | None = None,
     ) -> None:
         self.dir = workdir
         self.baseline = baseline
         self.baseline_ramfs = baseline_ramfs
+        self.slow_disk = slow_disk
+        self.slow_disks: list[SlowDisk] = []
         self.mirror_port, self.peer_port, self.detour_port = (free_port() for _ in range(3))
         self.base_port = free_port()
         self.peer_root = workdir / "peer-storage"
@@ -137,6 +148,12 @@ class Targets:
 
     def start_caches(self) -> None:
         """The peer and the Detours, once the mirror holds the content."""
+        if self.slow_disk is not None:
+            for storage in (self.peer_root, self.detour_cache, self.base_cache):
+                disk = SlowDisk(self.slow_disk, size=SLOW_DISK_BYTES).__enter__()
+                self.slow_disks.append(disk)
+                storage.symlink_to(disk.path)
+            log(f"each cache's storage on a disk written at {self.slow_disk / 1e6:.0f} MB/s")
         self.peer.start()
         self.peer.wait_ready(f"http://127.0.0.1:{self.peer_port}/v2/")
         self.detour.start()
@@ -162,6 +179,9 @@ class Targets:
         self.unmount()
 
     def unmount(self) -> None:
+        for disk in self.slow_disks:
+            disk.__exit__()
+        self.slow_disks = []
         if self.ramfs is not None:
             subprocess.run(["umount", "-l", str(self.ramfs)], check=False)
             self.ramfs = None

@@ -210,7 +210,7 @@ class CacheSettings(_Section):
     # Where the disk is slower than the network, a blob goes through the page cache, and up to
     # this many of its bytes may wait for the disk; further behind, the fetch gives up the
     # blob's cache copy (the client still gets it at the network's pace; fetched again later).
-    write_behind: ByteSize = 64 * 1024**2
+    write_behind: ByteSize = 1024**3
     tag_ttl: Duration = 300.0
 
     @model_validator(mode="before")

@@ -10,9 +10,10 @@ final; the fetch is told at once (its clients then get every byte from memory).
 The clients are fed at the network's pace, not the disk's. When the loop has waited for the
 writes a fifth of the fetch's time, the disk is slower than the network: the writer goes on
 through the page cache (:meth:`~proxy.core.blob_writer.BlobWriter.go_buffered`). If even so
-the writes hold the fetch back (the disk ``cache.write_behind`` bytes behind, or the kernel
-holding the writer while it cleans page cache), the sink spills (``disk_behind``): the clients
-go on at the network's pace and the blob is fetched again on a later pull.
+the disk falls ``cache.write_behind`` bytes behind, the sink spills (``disk_behind``): the
+clients go on at the network's pace and the blob is fetched again on a later pull. Where new
+page cache itself comes slower than the network (a VM that backs its memory lazily), the
+clients get its pace.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ class BlobSink:
 
     def _disk_behind(self) -> bool:
         """The loop is about to wait for the writes. If the disk has held the fetch back for a
-        fifth of its time, go on through the page cache; if it holds it back even so, or is
+        fifth of its time, go on through the page cache; if even so the disk is
         ``cache.write_behind`` bytes behind, spill (True): the client is not kept waiting."""
         writer, now = self.writer, time.monotonic()
         if self._went_buffered == "asked" and not writer.direct:
@@ -126,10 +127,10 @@ class BlobSink:
                 writer.go_buffered()
                 self._store.blob_writes.fell_behind()
             return False
-        if held_back or writer.disk_behind:
+        if writer.disk_behind:
             self.spill(None, "disk_behind")
             return True
-        return False
+        return False  # the page cache itself is slower than the network here: its pace
 
     async def close(self) -> None:
         """After the last chunk: wait until every chunk is hashed and written, then write the

@@ -71,7 +71,7 @@ class BlobWrites:
     yields to the fetches that write: it stops when another blob is being written.
     """
 
-    def __init__(self, root: Path, read_back_up_to: int = 0, write_behind: int = 64 << 20) -> None:
+    def __init__(self, root: Path, read_back_up_to: int = 0, write_behind: int = 1 << 30) -> None:
         self.root = root
         self.direct = True  # until the file system refuses it
         self.read_back_up_to = read_back_up_to

@@ -150,7 +150,7 @@ class CacheStore(CacheIndex):
         max_size: int | None = None,
         on_evict: Callable[[list[Path]], None] = lambda paths: delete_files(paths),
         read_back_up_to: int = 0,
-        write_behind: int = 64 << 20,
+        write_behind: int = 1 << 30,
     ) -> None:
         super().__init__(max_size, on_evict)
         self.root = root
