@@ -24,8 +24,7 @@ from typing import Any
 import pytest
 
 from tests.kube.cluster import Cluster, wait_for
-from tests.kube.conftest import PAUSE_REPO, PAUSE_TAG
-from tests.kube.oci import push_detour
+from tests.kube.oci import PAUSE_REPO, PAUSE_TAG, push_detour
 from tests.support import ROOT
 from tests.test_helm import CHART, helm, merged
 

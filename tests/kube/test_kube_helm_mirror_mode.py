@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.kube.cluster import Cluster, wait_for
-from tests.kube.conftest import PAUSE_REPO, PAUSE_TAG
+from tests.kube.oci import PAUSE_REPO, PAUSE_TAG
 from tests.kube.test_kube_helm import Installed, release, rollout_state
 from tests.support import ROOT
 
