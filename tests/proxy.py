@@ -159,14 +159,24 @@ async def slow_client_get(
     return reader, writer, head
 
 
-async def pull_image(proxy: Proxy, name: str, image: PushedImage, reference: str = "v1") -> None:
-    """A whole pull of ``image`` through the proxy, as a runtime does it one blob after the
-    other: its manifest by ``reference``, then every blob, each answered 200 with its bytes."""
+async def pull_image(
+    proxy: Proxy, name: str, image: PushedImage, reference: str = "v1", *, at_once: bool = False
+) -> None:
+    """A whole pull of ``image`` through the proxy, as a runtime does it: its manifest by
+    ``reference``, then every blob (one after the other, or ``at_once``), each answered 200
+    with its bytes."""
     url = f"{proxy.url}/v2/{name}/manifests/{reference}"
     async with proxy.session.get(url, headers={"Accept": ACCEPT_ALL}) as response:
         assert response.status == 200, await response.text()
         assert await response.read() == image.manifest
-    for blob in image.blobs:
-        async with proxy.session.get(f"{proxy.url}/v2/{name}/blobs/{blob.digest}") as response:
+
+    async def blob(data: bytes, digest: str) -> None:
+        async with proxy.session.get(f"{proxy.url}/v2/{name}/blobs/{digest}") as response:
             assert response.status == 200, await response.text()
-            assert await response.read() == blob.data
+            assert await response.read() == data
+
+    if at_once:
+        await asyncio.gather(*(blob(b.data, b.digest) for b in image.blobs))
+    else:
+        for b in image.blobs:
+            await blob(b.data, b.digest)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import signal
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -22,7 +21,7 @@ from proxy.metrics import Metrics
 from proxy.reference import ImageName
 from proxy.settings import ClusterSettings
 from tests.images import ACCEPT_ALL, PushedImage, get_manifest, push_image, unique_repo
-from tests.proxy import Proxy, wait_cached
+from tests.proxy import Proxy, pull_image, wait_cached
 from tests.registry import Registry
 from tests.relay import Relay
 
@@ -65,20 +64,8 @@ async def start_site(
 
 
 async def pull(proxy: Proxy, name: str, image: PushedImage) -> None:
-    """What a runtime does: the manifest by tag, then every blob, each checked."""
-    url = f"{proxy.url}/v2/{name}/manifests/v1"
-    async with proxy.session.get(url, headers={"Accept": ACCEPT_ALL}) as response:
-        assert response.status == 200, await response.text()
-        assert await response.read() == image.manifest
-
-    async def blob(data: bytes, digest: str) -> None:
-        async with proxy.session.get(f"{proxy.url}/v2/{name}/blobs/{digest}") as response:
-            assert response.status == 200, await response.text()
-            body = await response.read()
-        assert "sha256:" + hashlib.sha256(body).hexdigest() == digest
-        assert body == data
-
-    await asyncio.gather(*(blob(b.data, b.digest) for b in image.blobs))
+    """What a runtime does: the manifest by tag, then every blob at once, each checked."""
+    await pull_image(proxy, name, image, at_once=True)
 
 
 def test_ownership_moves_only_the_share_of_a_peer_that_leaves() -> None:

@@ -8,7 +8,6 @@ mirror; a lying or hostile peer is a small aiohttp app of the test's own, listed
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import secrets
 import time
@@ -25,7 +24,7 @@ from proxy.cluster.peering import PEER_HEADER, blob_key, manifest_key, rendezvou
 from proxy.core.peer_auth import PROOF_HEADER, PeerAuth, fingerprint, new_secret
 from proxy.reference import ImageName
 from tests.images import ACCEPT_ALL, PushedImage, push_image, unique_repo
-from tests.proxy import Proxy
+from tests.proxy import Proxy, pull_image
 from tests.registry import Registry
 from tests.support import free_port
 
@@ -68,20 +67,8 @@ async def start_nodes(
 
 
 async def pull(proxy: Proxy, name: str, image: PushedImage) -> None:
-    """What a runtime does: the manifest by tag, then every blob, each checked."""
-    url = f"{proxy.url}/v2/{name}/manifests/v1"
-    async with proxy.session.get(url, headers={"Accept": ACCEPT_ALL}) as response:
-        assert response.status == 200, await response.text()
-        assert await response.read() == image.manifest
-
-    async def blob(data: bytes, digest: str) -> None:
-        async with proxy.session.get(f"{proxy.url}/v2/{name}/blobs/{digest}") as response:
-            assert response.status == 200, await response.text()
-            body = await response.read()
-        assert "sha256:" + hashlib.sha256(body).hexdigest() == digest
-        assert body == data
-
-    await asyncio.gather(*(blob(b.data, b.digest) for b in image.blobs))
+    """What a runtime does: the manifest by tag, then every blob at once, each checked."""
+    await pull_image(proxy, name, image, at_once=True)
 
 
 def digest_owned_by(peers: list[str], owner: str) -> str:
