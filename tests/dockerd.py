@@ -48,7 +48,8 @@ class Dockerd:
         self.dir = Path(tempfile.mkdtemp(prefix="dkd-", dir="/tmp"))
         self.socket = self.dir / "d.sock"
         self.host = f"unix://{self.socket}"
-        name = self.dir.name
+        # Its containerd namespaces: letters and digits between single separators, no "_".
+        name = self.dir.name.replace("_", "0")
         self.netns = name if netns else None
         enter = ["nsenter", f"--net=/run/netns/{name}"] if netns else []
         argv = [
