@@ -136,8 +136,10 @@ def test_the_image_workflow_builds_both_platforms_on_a_tag() -> None:
     workflow = yaml.safe_load(IMAGE_WORKFLOW.read_text())
     assert workflow[True] == {"push": {"tags": ["v*"]}}  # YAML 1.1 reads the key on as True
     assert workflow["permissions"] == {"contents": "read", "packages": "write"}
-    (job,) = workflow["jobs"].values()
-    steps = {step["uses"].split("@")[0]: step for step in job["steps"]}
+    jobs = workflow["jobs"]
+    assert list(jobs) == ["image", "chart"]  # the chart is published for the image just pushed
+    assert jobs["chart"]["needs"] == "image"
+    steps = {step["uses"].split("@")[0]: step for step in jobs["image"]["steps"]}
     assert list(steps) == [
         "actions/checkout",
         "docker/setup-qemu-action",
