@@ -33,7 +33,7 @@ from proxy.settings import Settings
 log = get_logger("detour")
 
 # The client's read buffer per connection (aiohttp pauses reading at twice this): with the
-# blob pipeline, what bounds memory per fetch (see the README's memory formula).
+# blob pipeline, what bounds memory per fetch (see the memory formula in docs/caching.md).
 READ_BUFFER_BYTES = 512 * 1024
 
 
