@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Literal
 
 from proxy.core.blob_writer import Checksums
 from proxy.core.cache import CacheStore, cache_write_failed
@@ -62,9 +61,8 @@ class BlobSink:
         self._on_spill = on_spill
         self.reserved = 0  # bytes of the store's max_size promised to the temp file
         self.spilled = False
-        self._since = time.monotonic()  # the fetch began, or went through the page cache
-        self._waited_before = 0.0  # seconds the loop waited for the writes before _since
-        self._went_buffered: Literal["", "asked", "taken"] = ""
+        self._began = time.monotonic()
+        self._went_buffered = False
         self.writer = writer = store.begin_blob(digest)
         if writer.failure is not None:
             self.spill(writer.failure)
@@ -113,24 +111,20 @@ class BlobSink:
     def _disk_behind(self) -> bool:
         """The loop is about to wait for the writes. If the disk has held the fetch back for a
         fifth of its time, go on through the page cache; if even so the disk is
-        ``cache.write_behind`` bytes behind, spill (True): the client is not kept waiting."""
-        writer, now = self.writer, time.monotonic()
-        if self._went_buffered == "asked" and not writer.direct:
-            # The writer took it (after the O_DIRECT batch it was writing): judged from now.
-            self._went_buffered = "taken"
-            self._since, self._waited_before = now, self._writing.waited
-        waited = self._writing.waited - self._waited_before
-        held_back = waited > max(SLOW_DISK_WAIT, SLOW_DISK_SHARE * (now - self._since))
-        if writer.direct:
-            if held_back and not self._went_buffered:
-                self._went_buffered = "asked"
+        ``cache.write_behind`` bytes behind, spill (True): the client is not kept waiting.
+        Where the page cache itself is slower than the network, the client gets its pace."""
+        writer = self.writer
+        if writer.direct:  # (or still finishing the O_DIRECT batch it was given)
+            waited, fetching = self._writing.waited, time.monotonic() - self._began
+            if not self._went_buffered and waited > max(SLOW_DISK_WAIT, SLOW_DISK_SHARE * fetching):
+                self._went_buffered = True
                 writer.go_buffered()
                 self._store.blob_writes.fell_behind()
             return False
         if writer.disk_behind:
             self.spill(None, "disk_behind")
             return True
-        return False  # the page cache itself is slower than the network here: its pace
+        return False
 
     async def close(self) -> None:
         """After the last chunk: wait until every chunk is hashed and written, then write the
