@@ -12,7 +12,6 @@ the webhook would otherwise rewrite the other tests' pods.
 from __future__ import annotations
 
 import contextlib
-import json
 import subprocess
 import sys
 import uuid
@@ -25,6 +24,7 @@ import pytest
 
 from tests.kube.cluster import Cluster, wait_for
 from tests.kube.oci import PAUSE_REPO, PAUSE_TAG, push_detour
+from tests.kube.pods import created, pod
 from tests.support import ROOT
 from tests.test_helm import CHART, helm, merged
 
@@ -130,20 +130,7 @@ def test_a_new_pod_is_rewritten_and_pulls_through_the_proxy(
     cluster.kubectl("create", "namespace", namespace)
     try:
         image = f"{cluster.mirror_host}/{PAUSE_REPO}:{PAUSE_TAG}"
-        pod = {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": "app"},
-            "spec": {
-                "containers": [{"name": "main", "image": image}],
-                "automountServiceAccountToken": False,
-            },
-        }
-        made = json.loads(
-            cluster.kubectl(
-                "create", "-n", namespace, "-f", "-", "-o", "json", input=json.dumps(pod)
-            ).stdout
-        )
+        made = created(cluster, namespace, pod("app", image))
         host, port = cluster.mirror_host.split(":")
         through = f"localhost:7439/{host}_{port}/{PAUSE_REPO}:{PAUSE_TAG}"
         assert [c["image"] for c in made["spec"]["containers"]] == [through]

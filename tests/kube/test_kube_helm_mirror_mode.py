@@ -10,7 +10,6 @@ containerd-hosts --remove`` (the uninstall step) leaves the node's file as it wa
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import pytest
 
 from tests.kube.cluster import Cluster, wait_for
 from tests.kube.oci import PAUSE_REPO, PAUSE_TAG
+from tests.kube.pods import created, pod
 from tests.kube.test_kube_helm import Installed, release, rollout_state
 from tests.support import ROOT
 
@@ -76,20 +76,7 @@ def test_a_pod_of_a_redirected_registry_pulls_through_detour(
     cluster.kubectl("create", "namespace", namespace)
     try:
         image = f"{ABSENT}/{PAUSE_REPO}:{PAUSE_TAG}"
-        pod = {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": "app"},
-            "spec": {
-                "containers": [{"name": "main", "image": image}],
-                "automountServiceAccountToken": False,
-            },
-        }
-        made = json.loads(
-            cluster.kubectl(
-                "create", "-n", namespace, "-f", "-", "-o", "json", input=json.dumps(pod)
-            ).stdout
-        )
+        made = created(cluster, namespace, pod("app", image))
         assert [c["image"] for c in made["spec"]["containers"]] == [image]  # as written
 
         def running() -> bool:
