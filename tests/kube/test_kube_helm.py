@@ -42,6 +42,30 @@ def rollout_state(cluster: Cluster, namespace: str) -> str:
     return f"{pods}\n{events[-4000:]}"
 
 
+def wait_pulled(cluster: Cluster, namespace: str, name: str) -> None:
+    """Until the pod runs, its image pulled through Detour; fails with the rollout's state."""
+
+    def running() -> bool:
+        phase = cluster.get("pod", "-n", namespace, name)["status"].get("phase")
+        return bool(phase == "Running")
+
+    try:
+        wait_for("the pod pulled through Detour", running, 180, interval=1)
+    except TimeoutError:
+        pytest.fail(rollout_state(cluster, namespace), pytrace=False)
+
+
+def cache_listing(cache: Path) -> str:
+    """``detour cache ls`` of a node's cache directory."""
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", "cache", "ls", "--dir", str(cache)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    ).stdout
+
+
 @dataclass(frozen=True)
 class Installed:
     namespace: str
@@ -134,26 +158,12 @@ def test_a_new_pod_is_rewritten_and_pulls_through_the_proxy(
         host, port = cluster.mirror_host.split(":")
         through = f"localhost:7439/{host}_{port}/{PAUSE_REPO}:{PAUSE_TAG}"
         assert [c["image"] for c in made["spec"]["containers"]] == [through]
-
-        def running() -> bool:
-            phase = cluster.get("pod", "-n", namespace, "app")["status"].get("phase")
-            return bool(phase == "Running")
-
-        try:
-            wait_for("the pod pulled through Detour", running, 180, interval=1)
-        except TimeoutError:
-            pytest.fail(rollout_state(cluster, namespace), pytrace=False)
+        wait_pulled(cluster, namespace, "app")
         status = cluster.get("pod", "-n", namespace, "app")["status"]
         (state,) = status["containerStatuses"]
         assert state["image"].endswith(f"{PAUSE_REPO}:{PAUSE_TAG}"), state
         # The proxy fetched it: its cache on the node lists the image.
-        listing = subprocess.run(
-            [sys.executable, "-m", "proxy", "cache", "ls", "--dir", str(installed.cache)],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=ROOT,
-        ).stdout
+        listing = cache_listing(installed.cache)
         assert f"{cluster.mirror_host}/{PAUSE_REPO}:{PAUSE_TAG}" in listing, listing
     finally:
         cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)

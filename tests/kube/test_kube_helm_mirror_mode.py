@@ -18,10 +18,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.kube.cluster import Cluster, wait_for
+from tests.kube.cluster import Cluster
 from tests.kube.oci import PAUSE_REPO, PAUSE_TAG
 from tests.kube.pods import created, pod
-from tests.kube.test_kube_helm import Installed, release, rollout_state
+from tests.kube.test_kube_helm import (
+    Installed,
+    cache_listing,
+    release,
+    wait_pulled,
+)
 from tests.support import ROOT
 
 NAME = "helm-mirror-detour"
@@ -78,22 +83,8 @@ def test_a_pod_of_a_redirected_registry_pulls_through_detour(
         image = f"{ABSENT}/{PAUSE_REPO}:{PAUSE_TAG}"
         made = created(cluster, namespace, pod("app", image))
         assert [c["image"] for c in made["spec"]["containers"]] == [image]  # as written
-
-        def running() -> bool:
-            phase = cluster.get("pod", "-n", namespace, "app")["status"].get("phase")
-            return bool(phase == "Running")
-
-        try:
-            wait_for("the pod pulled through Detour", running, 180, interval=1)
-        except TimeoutError:
-            pytest.fail(rollout_state(cluster, namespace), pytrace=False)
-        listing = subprocess.run(
-            [sys.executable, "-m", "proxy", "cache", "ls", "--dir", str(mirror_mode.cache)],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=ROOT,
-        ).stdout
+        wait_pulled(cluster, namespace, "app")
+        listing = cache_listing(mirror_mode.cache)
         assert f"{PAUSE_REPO}:{PAUSE_TAG}" in listing, listing
     finally:
         cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
