@@ -267,6 +267,17 @@ class ClusterSettings(_Section):
     # The site's shared secret (a mounted Secret): its file "current" signs, "current" and
     # "accepted" are accepted (proxy.core.peer_auth). Unset: peers are known by address only.
     secret_dir: Path | None = None
+    # A blob wanted by many nodes at once travels down a tree in rendezvous order: the owner
+    # serves this many peers, each of them as many more (proxy.cluster.peering). 1: a chain.
+    fan_out: int = Field(default=3, ge=1, le=64)
+    # The peers asked for a key before the upstream: its parent in the tree and the nodes
+    # above it, at most this many (the owner's successor included when the owner fails).
+    peers_tried: int = Field(default=2, ge=1, le=16)
+    # A peer that failed (connection error, timeout) is not asked again for this long.
+    down_seconds: Duration = 30.0
+    # When the peers above and every upstream failed (the site offline), the other peers are
+    # asked for a copy they already hold (Cache-Control: only-if-cached) before failing.
+    ask_all_peers: bool = True
 
     @field_validator("peers")
     @classmethod
