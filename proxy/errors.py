@@ -21,6 +21,7 @@ place that turns them into the OCI error body ``{"errors": [{"code", "message", 
     │   ├── RegistryDenied           403     DENIED            (a registry or address the
     │   │                                                       operator did not allow)
     │   └── AdminDenied              403     DENIED            (cache admin, not from loopback)
+    ├── NotHeld                      504     UNAVAILABLE       (a peer's only-if-cached: not here)
     └── UpstreamError                5xx     (the upstream failed us; never the client's fault)
         ├── UpstreamUnreachable      502     UNAVAILABLE       (dns, refused, tls, connect, ...)
         ├── UpstreamTimeout          504     UNAVAILABLE       (timeout)
@@ -153,6 +154,14 @@ class AdminDenied(ClientError):
 
     status = 403
     code = "DENIED"
+
+
+class NotHeld(DetourError):
+    """A peer asked only for what this instance holds (``Cache-Control: only-if-cached``, the
+    site offline) and it holds none of it: RFC 9111's 504, so the peer asks the next one."""
+
+    status = 504
+    code = "UNAVAILABLE"
 
 
 class TooBusy(DetourError):

@@ -40,11 +40,12 @@ async def start_site(
     peers: list[str],
     nodes: list[str] | None = None,
     tag_ttl: str | None = None,
+    cluster: dict[str, Any] | None = None,
     **upstream: Any,
 ) -> list[Proxy]:
     """One ``detour serve`` per address of ``nodes`` (default: every peer), each advertising
     its own address, all sending docker.io/ to ``mirror_host``; ``tag_ttl`` is
-    ``cache.tag_ttl`` (default: Detour's)."""
+    ``cache.tag_ttl`` (default: Detour's); ``cluster`` more cluster settings."""
     started = []
     for address in nodes or peers:
         cache: dict[str, Any] = {"dir": str(tmp_path / address.replace(":", "_"))}
@@ -55,7 +56,7 @@ async def start_site(
             "cache": cache,
             "redirects": [{"src": "docker.io/", "to": f"{mirror_host}/docker-mirror/"}],
             "registries": {mirror_host: {"insecure": True}},
-            "cluster": {"peers": peers, "advertise": address},
+            "cluster": {"peers": peers, "advertise": address, **(cluster or {})},
         }
         if upstream:
             config["upstream"] = upstream
@@ -84,11 +85,11 @@ def test_a_node_asks_the_owners_ranked_above_it_and_no_one_when_it_owns() -> Non
     for key in (blob_key(f"sha256:{i:064x}") for i in range(50)):
         ranked = rendezvous(peers, key)
         owner = Peering(ClusterSettings(peers=peers, advertise=ranked[0]), Metrics())
-        assert owner.owners(key) == []
+        assert owner.ahead(key) == []
         third = Peering(ClusterSettings(peers=peers, advertise=ranked[2]), Metrics())
-        assert third.owners(key) == ranked[:2]
+        assert third.ahead(key) == ranked[:2]
         client = Peering(ClusterSettings(peers=peers, advertise="10.9.9.9:7439"), Metrics())
-        assert client.owners(key) == ranked[:2]  # a pure client (hub topology): never owner
+        assert client.ahead(key) == ranked[:2]  # a pure client (hub topology): never owner
 
 
 async def test_every_node_pulling_at_once_costs_the_mirror_one_get_each(

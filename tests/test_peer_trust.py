@@ -316,8 +316,9 @@ async def test_an_unproven_peer_gets_client_treatment_and_cannot_set_a_tag(
     """With cluster.secret_dir: a "peer" in the peer set without the secret (a pod that
     matches the peers' Service, say) owns a tag and answers it with another image, under that
     image's own digest: not taken, the real tag comes from the mirror. A request marked as a
-    peer's, from a peer's own address but without proof, is a client's: forwarded to the
-    owner as a client's would be; with proof, it is not."""
+    peer's and asking only for what B holds, from a peer's own address but without proof, is a
+    client's: forwarded to the owner as a client's would be; with proof, B answers from its own
+    cache alone, and it holds nothing."""
     peers = node_addresses(3, first=60)
     fake_address, a_address, b_address = peers
     secret = new_secret()
@@ -349,15 +350,19 @@ async def test_an_unproven_peer_gets_client_treatment_and_cannot_set_a_tag(
     connector = aiohttp.TCPConnector(local_addr=(a_address.split(":")[0], 0))
     async with aiohttp.ClientSession(connector=connector) as as_a:
         before = await b.metric("detour_peer_requests_total", result="served")
-        async with as_a.get(f"{b.url}{path}", headers={PEER_HEADER: a_address}) as response:
-            assert response.status == 404
+        cached = {"Cache-Control": "only-if-cached"}
+        headers = {PEER_HEADER: a_address, **cached}
+        async with as_a.get(f"{b.url}{path}", headers=headers) as response:
+            assert response.status == 404  # the owner's answer: the mirror has no such blob
         assert await b.metric("detour_peer_requests_total", result="served") == before + 1
         proof = auth.sign_request("GET", path, a_address)
         assert proof is not None
-        headers = {PEER_HEADER: a_address, PROOF_HEADER: proof}
+        headers = {PEER_HEADER: a_address, PROOF_HEADER: proof, **cached}
+        mark = registry.mark()
         async with as_a.get(f"{b.url}{path}", headers=headers) as response:
-            assert response.status == 404
+            assert response.status == 504, await response.text()
         assert await b.metric("detour_peer_requests_total", result="served") == before + 1
+        assert await registry.wait_paths(mark) == []
     assert any("peer_proof_refused" in line for line in b.log_lines())
 
 

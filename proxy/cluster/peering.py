@@ -8,16 +8,26 @@ upstream fetch, with its own single flight, and the node verifies and caches wha
 while streaming it to its client. The owner's answer comes over the same registry API, so
 nothing new can go wrong in between: digests are checked on the node as on any upstream.
 
-* **Routes.** :meth:`Peering.route` puts the owner, and the next peer in rendezvous order, in
-  front of a route's upstreams (:class:`~proxy.core.rules.Upstream` with ``peer=True``); the
-  upstream client tries them in order and skips one that failed lately, so an owner that times
-  out, answers 5xx or breaks mid-stream costs one attempt, and the next peer, then the upstream,
-  serve. An owner's 4xx (401, 403, 404, 406) is an answer, relayed, and the owner stays up; a
-  name this instance's egress policy refuses is refused before any peer is asked.
+* **Routes.** :meth:`Peering.route` puts the peers :meth:`~Peering.ahead` of this instance for
+  the key in front of a route's upstreams (:class:`~proxy.core.rules.Upstream` with
+  ``peer=True``): for a manifest or tag, the owner and the next peer in rendezvous order; for a
+  blob, its parent in a tree of ``cluster.fan_out`` children a node laid over the same order,
+  then the nodes above it up to the owner, then the owner's successor. So a blob that every
+  node wants at once leaves each node at most ``fan_out`` times, streamed as it arrives, and
+  the WAN still carries it once. The upstream client tries them in order and skips one that
+  failed lately, so an owner that times out, answers 5xx or breaks mid-stream costs one
+  attempt, and the next peer, then the upstream, serve. An owner's 4xx (401, 403, 404, 406)
+  is an answer, relayed, and the owner stays up; a name this instance's egress policy refuses
+  is refused before any peer is asked.
+* **The last resort.** With ``cluster.ask_all_peers``, every other peer stands behind the
+  upstreams, asked only for a copy it holds (``Cache-Control: only-if-cached``, answered 504
+  when it has none): a site whose uplink is down loses nothing any live node holds.
 * **Marking.** Requests to a peer carry :data:`PEER_HEADER`; one that arrives with it and a valid
   proof of the site's secret (:mod:`proxy.core.peer_auth`; without ``cluster.secret_dir``: from
-  an address in the peer set) is a peer request and is never forwarded to another peer. Any
-  other is a client's, whatever its source address.
+  an address in the peer set) is a peer request. A peer's request for a blob goes on up the
+  tree only (:meth:`Peering.relay`: to peers ranked above this one, so it never comes back);
+  for anything else it is never forwarded to another peer. Any other request is a client's,
+  whatever its source address.
 * **Private content** (a request with the client's own credentials) never goes to a peer.
 * **Membership.** ``cluster.peers`` is a list of ``host:port`` or one ``dns:<name>:<port>``,
   resolved again every ``cluster.refresh`` (a headless Service over the DaemonSet's ready
@@ -44,8 +54,6 @@ from proxy.metrics import Metrics
 from proxy.settings import ClusterSettings
 
 __all__ = ["PEER_HEADER", "Peering", "rendezvous"]
-
-PEERS_TRIED = 2  # the owner and the next in rendezvous order; then the upstream itself
 
 log = get_logger("detour.cluster")
 
@@ -188,25 +196,61 @@ class Peering:
             return self.auth.check_request(method, target, name, proof, remote)
         return self.trusted(remote)
 
-    def owners(self, key: str) -> list[str]:
-        """The peers to ask for ``key`` before the upstream: those ranked above this instance
-        in rendezvous order (none when it owns the key), at most :data:`PEERS_TRIED`."""
+    def ahead(self, key: str, *, tree: bool = False) -> list[str]:
+        """The peers to ask for ``key`` before the upstream, at most ``cluster.peers_tried``,
+        all ranked above this instance in rendezvous order (none when it owns the key).
+
+        Without ``tree``: the owner, then its successor (which fetches once for everyone when
+        the owner is gone). With ``tree`` (blobs), the ranking is a tree of ``cluster.fan_out``
+        children a node: this instance asks its parent first, then the nodes above it up to the
+        owner, then the owner's successor; so the owner serves ``fan_out`` nodes, and every
+        node at most ``fan_out`` more, however large the site. A pure client of the set (a
+        hub's client) has no place in the tree and asks the owner and its successor."""
+        ranked = rendezvous(self.peers, key)
+        if self.advertise not in ranked:
+            return ranked[: self._settings.peers_tried]
+        place = ranked.index(self.advertise)
         ahead: list[str] = []
-        for peer in rendezvous(self.peers, key):
-            if peer == self.advertise or len(ahead) == PEERS_TRIED:
-                break
-            ahead.append(peer)
-        return ahead
+        if tree:
+            parent = place
+            while parent > 0:
+                parent = (parent - 1) // self._settings.fan_out
+                ahead.append(ranked[parent])
+        elif place > 0:
+            ahead.append(ranked[0])
+        if place > 1 and ranked[1] not in ahead:
+            ahead.append(ranked[1])
+        return ahead[: self._settings.peers_tried]
 
     def owner(self, key: str) -> str | None:
         ranked = rendezvous(self.peers, key)
         return ranked[0] if ranked else None
 
-    def route(self, route: Route, key: str) -> Route:
-        """``route`` with the owners of ``key`` in front of its upstreams."""
-        ahead = self.owners(key)
+    def route(self, route: Route, key: str, *, tree: bool = False) -> Route:
+        """``route`` with the peers :meth:`ahead` for ``key`` in front of its upstreams and,
+        with ``cluster.ask_all_peers``, every other peer behind them, asked only for a copy
+        it holds: the last resort of a site whose uplink is down."""
+        ahead = self.ahead(key, tree=tree)
+        peers = tuple(self._peer(peer, route) for peer in ahead)
+        rest: tuple[Upstream, ...] = ()
+        if self._settings.ask_all_peers:
+            asked = {*ahead, self.advertise}
+            others = (peer for peer in rendezvous(self.peers, key) if peer not in asked)
+            rest = tuple(self._peer(peer, route, cached_only=True) for peer in others)
+        if not peers and not rest:
+            return route
+        return replace(route, upstreams=peers + route.upstreams + rest)
+
+    def relay(self, route: Route, key: str) -> Route:
+        """For a peer's request for a blob: ``route`` through the peers above this instance in
+        the tree (ranked above it, so a relayed request never comes back), none beyond."""
+        ahead = self.ahead(key, tree=True) if self.member else []
         if not ahead:
             return route
-        repository = route.name.path_form()
-        peers = tuple(Upstream(peer, repository, insecure=True, peer=True) for peer in ahead)
+        peers = tuple(self._peer(peer, route) for peer in ahead)
         return replace(route, upstreams=peers + route.upstreams)
+
+    @staticmethod
+    def _peer(peer: str, route: Route, *, cached_only: bool = False) -> Upstream:
+        repository = route.name.path_form()
+        return Upstream(peer, repository, insecure=True, peer=True, cached_only=cached_only)

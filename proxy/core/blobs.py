@@ -37,7 +37,7 @@ from proxy.core.outcome import Outcome, Sharing
 from proxy.core.rules import Route
 from proxy.core.streamer import blob_headers, serve
 from proxy.core.upstream import UpstreamClient
-from proxy.errors import DetourError
+from proxy.errors import DetourError, NotHeld
 from proxy.metrics import Metrics
 from proxy.reference import Digest
 
@@ -96,6 +96,8 @@ class Blobs:
                 return await self._from_disk(request, cached, outcome)
             fetch = None
         if fetch is None or fetch.spilled:
+            if not route.upstreams:  # a peer's only-if-cached request (handlers)
+                raise NotHeld("blob not held here", {"digest": str(digest)})
             fetch = self._start(route, digest, client_auth, shared=shared)
             # A miss asked first of the site's owner of the blob (proxy.cluster.peering) is "peer".
             asked_peer = bool(route.upstreams) and route.upstreams[0].peer
@@ -188,6 +190,8 @@ class Blobs:
             await fetch.headers_ready()
             outcome.upstream = fetch.source
             return web.Response(headers=blob_headers(fetch.digest, fetch.size))
+        if not route.upstreams:  # a peer's only-if-cached request (handlers)
+            raise NotHeld("blob not held here", {"digest": str(digest)})
         outcome.count(self._sharing.result("miss", client_auth))
         async with await self._upstream.open(
             route, "HEAD", f"blobs/{digest}", client_auth=client_auth

@@ -13,7 +13,7 @@ import asyncio
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 from urllib.parse import urlencode
 
@@ -127,7 +127,7 @@ async def api(request: web.Request) -> web.StreamResponse:
     route = services.rules.route(path.name)
     client_auth = request.headers.get("Authorization")
     if path.kind == "blobs":
-        route = _through_peers(request, route, blob_key(path.reference), client_auth)
+        route = _through_peers(request, route, blob_key(path.reference), client_auth, blob=True)
     elif path.kind == "manifests":
         key = (
             manifest_key(path.reference)
@@ -158,10 +158,15 @@ async def api(request: web.Request) -> web.StreamResponse:
     return await _tags_list(request, path, ns, client_auth)
 
 
-def _through_peers(request: web.Request, route: Route, key: str, client_auth: str | None) -> Route:
-    """The route with the owner of the blob, manifest or tag in front (see proxy.cluster.peering),
-    unless the request comes from a peer (never forwarded again) or carries the client's own
-    credentials (private content never travels between peers)."""
+def _through_peers(
+    request: web.Request, route: Route, key: str, client_auth: str | None, *, blob: bool = False
+) -> Route:
+    """The route through the site's peers (see proxy.cluster.peering): a client's request goes
+    to the peers ahead of this instance for the key, unless it carries the client's own
+    credentials (private content never travels between peers). A proven peer's request for a
+    blob goes on up the tree only, to peers ranked above this one; for anything else it is
+    not forwarded again. A peer's ``only-if-cached`` request is answered from what this
+    instance holds or is fetching, never from an upstream."""
     peering = request.app[SERVICES].peering
     if not peering.enabled:
         return route
@@ -172,11 +177,19 @@ def _through_peers(request: web.Request, route: Route, key: str, client_auth: st
             request[LOG]["from_peer"] = marked[:100]
             if proof is not None and peering.auth.required:
                 request[PEER_PROOF] = proof
-            return route
+            if _only_if_cached(request):
+                request[LOG]["only_if_cached"] = True
+                return replace(route, upstreams=())
+            return peering.relay(route, key) if blob else route
         log.debug("peer_mark_ignored", remote=request.remote)  # not a proven peer's
     if not request.app[SERVICES].sharing.shared(client_auth):
         return route
-    return peering.route(route, key)
+    return peering.route(route, key, tree=blob)
+
+
+def _only_if_cached(request: web.Request) -> bool:
+    directives = ",".join(request.headers.getall("Cache-Control", []))
+    return any(d.strip().lower() == "only-if-cached" for d in directives.split(","))
 
 
 def _prove_answer(request: web.Request, answer: web.StreamResponse) -> None:

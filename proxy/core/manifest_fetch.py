@@ -93,7 +93,11 @@ class ManifestFetches:
         """The manifest, and whether this request joined another's download."""
         if not self._sharing.shared(client_auth):
             return await self._download(route, reference, accept, client_auth), False
-        key = (route.upstreams, str(reference), accept.upstream)
+        # Requests that would fetch from the same sources share one flight; the peers asked
+        # last, for a copy they hold, are no source of their own (the owner's client's route
+        # has them, its peers' requests don't).
+        sources = tuple(u for u in route.upstreams if not u.cached_only)
+        key = (sources, str(reference), accept.upstream)
         flight = self._flights.get(key)
         joined = flight is not None
         if flight is None:

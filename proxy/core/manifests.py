@@ -50,6 +50,7 @@ from proxy.core.rules import Route
 from proxy.core.upstream import UpstreamClient
 from proxy.errors import (
     DetourError,
+    NotHeld,
     UpstreamError,
 )
 from proxy.logs import get_logger
@@ -202,6 +203,8 @@ class Manifests:
             asked.client_auth,
             asked.outcome,
         )
+        if not route.upstreams:  # a peer's only-if-cached request (handlers)
+            raise NotHeld("manifest not held here", {"reference": str(reference)})
         result = "miss"
         try:
             fetched, joined = await self._fetches.fetch(route, reference, accept, client_auth)

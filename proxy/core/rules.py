@@ -34,6 +34,7 @@ class Upstream:
     insecure: bool = False
     origin: bool = False  # the name's own registry, not a mirror
     peer: bool = False  # another Detour of the site (its registry is the peer's host:port)
+    cached_only: bool = False  # a peer asked only for what it holds (Cache-Control: only-if-cached)
 
     @property
     def base_url(self) -> str:

@@ -131,6 +131,8 @@ class UpstreamClient:
             if upstream.origin:
                 self._egress.check_registry(upstream.registry)
         upstreams = route.upstreams
+        if fallback:  # an answer of its own to fall back on: no other peer's copy is wanted
+            upstreams = tuple(u for u in upstreams if not u.cached_only)
         if upstreams and upstreams[0].peer:
             await self._check_addresses(route)
             if self._peer_auth.required and not self._peer_auth.signing and is_tag(suffix):
@@ -290,6 +292,8 @@ class UpstreamClient:
         registry = upstream.registry
         if upstream.peer:  # never with credentials: private content stays off the peers
             headers[PEER_HEADER] = self._peer_name
+            if upstream.cached_only:
+                headers["Cache-Control"] = "only-if-cached"
             proof = self._peer_auth.sign_request(method, url.raw_path_qs, self._peer_name)
             if proof is not None:
                 headers[PROOF_HEADER] = proof
