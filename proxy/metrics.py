@@ -36,6 +36,10 @@ PEER_RESULTS = ("served", "failed", "skipped")
 # Why a peer was bypassed at once (proxy.core.peer_checks): it lied, or could not prove it is one.
 PEER_LIES = ("wrong_blob", "wrong_manifest", "redirect", "unproven_tag")
 ENDED_FETCHES = ("abandoned", "too_slow")
+# A silent peer probed (proxy.core.liveness): alive, waited on; hung, bypassed.
+PEER_PROBES = ("alive", "hung")
+# Where a blob client was let go of after upstream.client_wait with nothing to send it.
+CLIENT_WAITS = ("headers", "body")
 SOURCES = ("cache", "upstream")
 DIGEST_KINDS = ("blob", "manifest")
 TOKEN_OUTCOMES = ("issued", "refused", "error")
@@ -212,8 +216,8 @@ class Metrics:
         )
         self.peers_down = Gauge(
             "detour_peers_down",
-            "Peers taken as down now: one that failed (or was bypassed) in the last 30 s is not "
-            "asked until then.",
+            "Peers taken as down now: one that failed, hung or was bypassed is not asked for "
+            "a while (the cluster's down period, 30 s by default).",
             registry=r,
         )
         self.peer_requests = Counter(
@@ -230,6 +234,28 @@ class Metrics:
             "unproven_tag (a tag without proof of cluster.secret_dir's secret); the next peer "
             "or the upstream served instead.",
             ["reason"],
+            registry=r,
+        )
+        self.peer_probes = Counter(
+            "detour_peer_probes",
+            "Peers silent for cluster.read_timeout, probed on a new connection, by result: alive "
+            "(waited on: it waits for its own upstream), hung (no answer: marked down, the "
+            "fetch went on from the next source).",
+            ["result"],
+            registry=r,
+        )
+        self.fetch_retries = Counter(
+            "detour_blob_fetch_retries",
+            "Blob fetches tried again, after a back-off, when every upstream failed (a WAN cut): "
+            "within upstream.retry_for, from the byte reached.",
+            registry=r,
+        )
+        self.client_waits = Counter(
+            "detour_blob_client_waits_ended",
+            "Blob clients sent nothing for upstream.client_wait while the fetch waited for its "
+            "upstream, by where: headers (answered 504), body (connection closed); their retry "
+            "joins the same fetch.",
+            ["where"],
             registry=r,
         )
         self.queued_fetches = Gauge(
@@ -268,6 +294,10 @@ class Metrics:
             self.peers_bypassed.labels(reason)
         for reason in ENDED_FETCHES:
             self.ended_fetches.labels(reason)
+        for result in PEER_PROBES:
+            self.peer_probes.labels(result)
+        for where in CLIENT_WAITS:
+            self.client_waits.labels(where)
         for source in SOURCES:
             self.served_bytes.labels(source)
         self.verify_failures.labels("blob", CACHE)  # the cache's own files (proxy.core.blobs)

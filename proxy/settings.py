@@ -78,6 +78,7 @@ def _parse_size(value: Any) -> Any:
 Duration = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0)]
 ByteSize = Annotated[int, BeforeValidator(_parse_size), Field(gt=0)]
 ByteSizeOrZero = Annotated[int, BeforeValidator(_parse_size), Field(ge=0)]
+DurationOrZero = Annotated[float, BeforeValidator(_parse_duration), Field(ge=0)]
 
 
 def split_host_port(value: str, default_port: int) -> tuple[str, int]:
@@ -242,6 +243,11 @@ class UpstreamSettings(_Section):
     # When a full disk makes a fetch hand its bytes to its clients from memory, a client that
     # keeps the others waiting this long is cut off (it can resume with a Range request).
     slow_client: Duration = 10.0
+    # A blob fetch whose upstreams all fail (no connection, silence past read_timeout, a 5xx) is
+    # tried again with back-off (0.5s doubling to 5s) for this long after the failure, each
+    # time from the byte reached (Range): a WAN cut shorter than this costs a wait, not a failed
+    # pull, and the site's nodes keep waiting on this one fetch. 0: no retries.
+    retry_for: DurationOrZero = 60.0
 
 
 def _peer_address(value: str) -> str:
@@ -273,8 +279,16 @@ class ClusterSettings(_Section):
     # The peers asked for a key before the upstream: its parent in the tree and the nodes
     # above it, at most this many (the owner's successor included when the owner fails).
     peers_tried: int = Field(default=2, ge=1, le=16)
-    # A peer that failed (connection error, timeout) is not asked again for this long.
+    # A peer that failed (connection error, timeout, hung) is not asked again for this long.
     down_seconds: Duration = 30.0
+    # Peers are on the LAN: a peer that takes longer to connect is taken as gone, and one
+    # silent for read_timeout (before its first byte, or mid-body) is probed (GET /v2/) on a
+    # new connection within these same timeouts. No answer: it is hung, marked down and
+    # bypassed, the fetch going on from the byte reached. An answer: it is waiting for its own
+    # upstream (a WAN cut), and is waited on: up to upstream.retry_for plus three
+    # upstream.read_timeout, as long as that upstream fetch may take to fail.
+    connect_timeout: Duration = 1.0
+    read_timeout: Duration = 1.0
     # When the peers above and every upstream failed (the site offline), the other peers are
     # asked for a copy they already hold (Cache-Control: only-if-cached) before failing.
     ask_all_peers: bool = True

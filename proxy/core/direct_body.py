@@ -14,7 +14,8 @@ aiohttp's parser is left mid-body, so the connection is closed after the body ra
 back to the pool: a new connection for the next blob costs little on a link this fast, which is
 why slow links are never taken over (their bodies, read through aiohttp, keep the connection).
 A body cut short, or silent for ``read_timeout``, ends with the same exceptions aiohttp's own
-reads raise, so :func:`proxy.core.transport.transport_errors` names them alike.
+reads raise, so :func:`proxy.core.transport.transport_errors` names them alike. A peer's silence
+is judged by its caller instead, every ``cluster.read_timeout`` (:mod:`proxy.core.liveness`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import mmap
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -88,6 +89,7 @@ class DirectReads:
     read_timeout: float
     rate: float = TAKE_OVER_RATE  # bytes per second
     bodies: int = 0
+    peer_read_timeout: float = 1.0  # cluster.read_timeout: a peer's silence, then a probe
 
     def worth_it(self, received: int, seconds: float, left: int) -> bool:
         """Whether a body that gave ``received`` bytes in ``seconds``, with ``left`` to come,
@@ -170,12 +172,21 @@ class _Receiver(asyncio.BufferedProtocol):
 
 
 async def read_on(
-    response: aiohttp.ClientResponse, offset: int, left: int, reads: DirectReads
+    response: aiohttp.ClientResponse,
+    offset: int,
+    left: int,
+    reads: DirectReads,
+    silent: Callable[[float], Awaitable[None]] | None = None,
 ) -> AsyncIterator[memoryview]:
     """The last ``left`` bytes of ``response``'s body, the blob's from byte ``offset`` on, from
     its connection, each chunk a view of one of the blocks. The connection is closed at the
-    end. Call between reads of aiohttp's stream, never during one."""
+    end. Call between reads of aiohttp's stream, never during one.
+
+    With ``silent`` (a peer's body), a silence of ``peer_read_timeout`` is not an error by
+    itself: ``silent`` is called with how long it has lasted, and raises to end the read."""
     pool, read_timeout = reads.blocks, reads.read_timeout
+    if silent is not None:
+        read_timeout = reads.peer_read_timeout
     pending = response.content.read_nowait(-1)  # what aiohttp holds (raises what it met)
     connection = response.connection
     transport = None if connection is None else connection.transport
@@ -197,8 +208,18 @@ async def read_on(
             pending = pending[taken:]
             receiver.aim(target, start + taken)
             given = start
+            silence = read_timeout
             while given < end:
-                await receiver.wait(given, read_timeout)
+                try:
+                    await receiver.wait(given, silence)
+                except TimeoutError:
+                    if silent is None:
+                        raise
+                    quiet = asyncio.get_running_loop().time() - receiver.last_data
+                    await silent(quiet)  # alive: another read_timeout, then ask again
+                    silence = quiet + read_timeout
+                    continue
+                silence = read_timeout
                 if receiver.filled == given:
                     cause = f": {receiver.error}" if receiver.error else ""
                     raise aiohttp.ClientPayloadError(f"Response payload is not completed{cause}")

@@ -3,7 +3,8 @@
 Redirects (blob GETs often go to object storage) are followed by hand, so that each hop is
 checked: it must pass the egress policy (:mod:`proxy.core.egress`), it may go only to http(s)
 and never from https to http, and ``Authorization`` never leaves the first origin. A peer's
-(another Detour of the site) is never followed. Each hop is
+(another Detour of the site) is never followed, and its answer is waited for only as long as the
+peer answers probes (:mod:`proxy.core.liveness`). Each hop is
 made with its host's TLS (:func:`proxy.core.connections.registry_tls`), carries this proxy's
 entry in ``Via``, and is counted in the upstream metrics.
 """
@@ -21,6 +22,7 @@ from yarl import URL
 from proxy import __version__
 from proxy.core.connections import TLS, api_key, host_key
 from proxy.core.egress import AddressRefused, EgressPolicy
+from proxy.core.liveness import PeerWatch
 from proxy.core.transport import transport_errors
 from proxy.errors import (
     DetourError,
@@ -56,6 +58,7 @@ class Sender:
         *,
         via: str,
         max_redirects: int,
+        peers: PeerWatch | None = None,
     ) -> None:
         self._session = session
         self._peer_session = peer_session
@@ -64,6 +67,7 @@ class Sender:
         self._tls = tls  # see registry_tls
         self._via = via
         self._max_redirects = max_redirects
+        self._peers = peers
 
     async def send(
         self,
@@ -135,7 +139,7 @@ class Sender:
             self._egress.check_url(url)
             with transport_errors(registry, None if own else url.host_port_subcomponent):
                 session = self._peer_session if peer else self._session
-                response = await session.request(
+                asked = session.request(
                     method,
                     url,
                     headers=sent,
@@ -143,6 +147,10 @@ class Sender:
                     timeout=limits or session.timeout,
                     ssl=tls,
                 )
+                if peer and self._peers is not None:
+                    response = await self._peers.patiently(registry, asked)
+                else:
+                    response = await asked
         except UpstreamError as exc:
             status = "timeout" if isinstance(exc, UpstreamTimeout) else "error"
             self._metrics.upstream_requests.labels(label, status).inc()

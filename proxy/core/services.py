@@ -25,7 +25,7 @@ from proxy.core.manifests import Manifests
 from proxy.core.outcome import Sharing
 from proxy.core.peer_auth import PeerAuth
 from proxy.core.rules import Rules
-from proxy.core.upstream import UpstreamClient
+from proxy.core.upstream import UpstreamClient, peer_patience
 from proxy.logs import get_logger
 from proxy.metrics import Metrics
 from proxy.settings import Settings
@@ -96,6 +96,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
             "see docs/security.md",
         )
     peer_session = _peer_session(settings, resolver) if peering.enabled else None
+    probe_session = _peer_session(settings, resolver, probe=True) if peering.enabled else None
     upstream = UpstreamClient(
         session,
         settings.upstream,
@@ -107,6 +108,8 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
         peer_name=settings.cluster.advertise or "client",
         resolver=resolver,
         peer_auth=peer_auth,
+        cluster=settings.cluster,
+        probe_session=probe_session,
     )
     metrics.peers_down.set_function(lambda: upstream.down_among(peering.peers))
     slots = FetchSlots(
@@ -123,8 +126,9 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     finally:
         await blobs.close()
         await session.close()
-        if peer_session is not None:
-            await peer_session.close()
+        for peers in (peer_session, probe_session):
+            if peers is not None:
+                await peers.close()
 
 
 def _log_failed_deletion(files: int, deleting: asyncio.Future[None]) -> None:
@@ -149,11 +153,14 @@ def _log_failed_deletion(files: int, deleting: asyncio.Future[None]) -> None:
         )
 
 
-def _session(settings: Settings, **connector: Any) -> aiohttp.ClientSession:
-    """A client session with the upstream settings' timeouts and connection limits."""
+def _session(
+    settings: Settings, timeout: aiohttp.ClientTimeout | None = None, **connector: Any
+) -> aiohttp.ClientSession:
+    """A client session with the upstream settings' timeouts (unless ``timeout``) and
+    connection limits."""
     upstream = settings.upstream
     return aiohttp.ClientSession(
-        timeout=client_timeout(upstream.connect_timeout, upstream.read_timeout),
+        timeout=timeout or client_timeout(upstream.connect_timeout, upstream.read_timeout),
         auto_decompress=False,
         read_bufsize=READ_BUFFER_BYTES,
         connector=aiohttp.TCPConnector(
@@ -164,13 +171,23 @@ def _session(settings: Settings, **connector: Any) -> aiohttp.ClientSession:
     )
 
 
-def _peer_session(settings: Settings, resolver: GuardedResolver) -> aiohttp.ClientSession:
+def _peer_session(
+    settings: Settings, resolver: GuardedResolver, *, probe: bool = False
+) -> aiohttp.ClientSession:
     """The connections to the site's other Detours: from the advertised address when it is an
     IP address (on a node it is the pod's address anyway), each through the egress policy's
-    ``resolver`` like every other connection."""
+    ``resolver`` like every other connection. Peers are on the LAN: connecting takes
+    ``cluster.connect_timeout``; a silence is judged by a probe (proxy.core.liveness), and
+    bounded here only by the longest wait on a live peer. A ``probe`` session's connections are
+    new each time and wait ``cluster.read_timeout`` at most."""
+    cluster = settings.cluster
     local: tuple[str, int] | None = None
-    if settings.cluster.advertise is not None:
-        host = settings.cluster.advertise.rpartition(":")[0].strip("[]")
+    if cluster.advertise is not None:
+        host = cluster.advertise.rpartition(":")[0].strip("[]")
         with contextlib.suppress(ValueError):
             local = (str(ipaddress.ip_address(host)), 0)
-    return _session(settings, local_addr=local, resolver=resolver)
+    if probe:
+        timeout = client_timeout(cluster.connect_timeout, cluster.read_timeout)
+        return _session(settings, timeout, local_addr=local, resolver=resolver, force_close=True)
+    timeout = client_timeout(cluster.connect_timeout, peer_patience(settings.upstream))
+    return _session(settings, timeout, local_addr=local, resolver=resolver)

@@ -11,10 +11,13 @@ what failed; every upstream tried is listed in the error's detail with its cause
     tls           TLS handshake failed: untrusted certificate, wrong host name, not TLS at all
     connect       any other failure to connect (no route to host, network unreachable)
     timeout       no connection within connect_timeout, or silence longer than read_timeout
+    hung          a peer silent for cluster.read_timeout that did not answer a probe either
+                  (proxy.core.liveness)
     disconnected  the connection dropped before the answer was complete
     protocol      the answer was not HTTP that aiohttp could read
     http          the upstream answered 5xx or 429 (the entry has its ``status``)
-    down          not tried: it failed less than DOWN_SECONDS ago (only with ``fallback``)
+    down          not tried: it failed less than DOWN_SECONDS ago (a registry, only with
+                  ``fallback``), or cluster.down_seconds (a peer)
 
 The words of a failure (an error's ``reason``, an attempt's ``error``) never name a URL: a signed
 object-storage URL carries credentials in its query.
@@ -44,7 +47,16 @@ from proxy.logs import get_logger
 log = get_logger("detour.upstream")
 
 Cause = Literal[
-    "dns", "refused", "tls", "connect", "timeout", "disconnected", "protocol", "http", "down"
+    "dns",
+    "refused",
+    "tls",
+    "connect",
+    "timeout",
+    "hung",
+    "disconnected",
+    "protocol",
+    "http",
+    "down",
 ]
 # What OpenSSL says when the other end answers a TLS handshake in plain HTTP.
 _PLAIN_HTTP = ("wrong version number", "packet length too long", "record layer failure")

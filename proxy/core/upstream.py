@@ -14,6 +14,9 @@ For each upstream of a :class:`~proxy.core.rules.Route`:
    ``Authorization`` whenever the next hop is another origin (:mod:`proxy.core.sender`).
 4. A connection error, a timeout, a 5xx or a 429 moves on to the next upstream. A peer's 4xx
    (401, 403, 404, 406, ...) is an answer like a registry's: relayed, and the peer stays up.
+   A peer is on the LAN, so its timeouts are ``cluster.connect_timeout`` and, for silence,
+   :mod:`proxy.core.liveness`' probe after ``cluster.read_timeout``; one that failed is skipped
+   for ``cluster.down_seconds``.
 
 What failed, and the one word (``cause``) that says so for each upstream tried, is
 :mod:`proxy.core.transport`'s vocabulary; the TLS of each registry is
@@ -34,6 +37,7 @@ from proxy.core.auth import Credentials, CredentialStore, Token, TokenCache, par
 from proxy.core.connections import TLS, client_timeout
 from proxy.core.direct_body import TAKE_OVER_RATE, BlockPool, DirectReads
 from proxy.core.egress import AddressRefused, EgressPolicy, GuardedResolver
+from proxy.core.liveness import PeerWatch
 from proxy.core.peer_auth import PROOF_HEADER, PeerAuth
 from proxy.core.peer_checks import Lie, PeerLied, checked_manifest, is_tag, manifest_digest
 from proxy.core.rules import Route, Upstream
@@ -44,7 +48,7 @@ from proxy.core.upstream_response import UpstreamResponse
 from proxy.errors import UpstreamInvalid, UpstreamTimeout, UpstreamUnreachable
 from proxy.logs import get_logger
 from proxy.metrics import Metrics
-from proxy.settings import UpstreamSettings
+from proxy.settings import ClusterSettings, UpstreamSettings
 
 log = get_logger("detour.upstream")
 
@@ -52,7 +56,8 @@ log = get_logger("detour.upstream")
 PEER_HEADER = "X-Detour-Peer"
 # After a connection error or timeout, a registry counts as down this long for requests that
 # have a cached answer to fall back on (tag revalidation), so an edge site whose uplink is cut
-# serves from disk at once instead of waiting out a connect timeout on every tag.
+# serves from disk at once instead of waiting out a connect timeout on every tag. (A peer: for
+# cluster.down_seconds, for every request.)
 DOWN_SECONDS = 30.0
 
 
@@ -75,7 +80,10 @@ class UpstreamClient:
         take_over_rate: float = TAKE_OVER_RATE,
         resolver: GuardedResolver | None = None,
         peer_auth: PeerAuth | None = None,
+        cluster: ClusterSettings | None = None,
+        probe_session: aiohttp.ClientSession | None = None,
     ) -> None:
+        cluster = cluster or ClusterSettings()
         self._peer_name = peer_name
         self._peer_auth = peer_auth or PeerAuth(None)
         self._resolver = resolver
@@ -84,6 +92,15 @@ class UpstreamClient:
         # with it has looped (a redirect, or a mirror pointed back at this proxy).
         self.pseudonym = f"detour-{secrets.token_hex(6)}"
         self.via = f"1.1 {self.pseudonym}"
+        # A silent peer is probed, and waited on only while it answers (proxy.core.liveness).
+        self.peers = PeerWatch(
+            probe_session,
+            self._egress,
+            metrics,
+            probe_after=cluster.read_timeout,
+            longest=peer_patience(settings),
+            headers={PEER_HEADER: peer_name, "Via": self.via},
+        )
         # Requests to the site's other Detours (proxy.cluster.peering): their own connections, from
         # this instance's advertised address, which is how a peer knows a peer.
         self._sender = Sender(
@@ -94,6 +111,7 @@ class UpstreamClient:
             dict(tls or {}),
             via=self.via,
             max_redirects=settings.max_redirects,
+            peers=self.peers,
         )
         self._credentials = credentials
         self._metrics = metrics
@@ -101,9 +119,16 @@ class UpstreamClient:
         self._fetcher = TokenFetcher(self._sender, self._tokens, metrics)
         self._basic_registries: set[str] = set()
         self._down_until: dict[str, float] = {}
+        self._peer_down = cluster.down_seconds
         self._quick_timeout = client_timeout(settings.connect_timeout, settings.connect_timeout)
+        self._quick_peer_timeout = client_timeout(cluster.connect_timeout, settings.connect_timeout)
         # For the blob bodies read by Detour itself (proxy.core.direct_body).
-        self.direct = DirectReads(BlockPool(), settings.read_timeout, take_over_rate)
+        self.direct = DirectReads(
+            BlockPool(),
+            settings.read_timeout,
+            take_over_rate,
+            peer_read_timeout=cluster.read_timeout,
+        )
 
     async def open(
         self,
@@ -144,7 +169,8 @@ class UpstreamClient:
             )
             if answer is not None:
                 response, private, body = answer
-                return UpstreamResponse(upstream, response, private, self.direct, body)
+                watch = self.peers if upstream.peer else None
+                return UpstreamResponse(upstream, response, private, self.direct, body, watch)
         raise tried.error()
 
     async def _check_addresses(self, route: Route) -> None:
@@ -174,7 +200,10 @@ class UpstreamClient:
     def mark_down(self, upstream: Upstream) -> None:
         """``upstream`` failed: skipped for a while by requests that can do without it (all
         requests, for a peer; those with a cached answer to fall back on, for a registry)."""
-        self._down_until[upstream.registry] = time.monotonic() + DOWN_SECONDS
+        self._down_until[upstream.registry] = time.monotonic() + self._down_seconds(upstream)
+
+    def _down_seconds(self, upstream: Upstream) -> float:
+        return self._peer_down if upstream.peer else DOWN_SECONDS
 
     def down_among(self, names: Iterable[str]) -> int:
         """How many of ``names`` (the peers) are taken as down now (see :meth:`mark_down`)."""
@@ -204,7 +233,7 @@ class UpstreamClient:
         registry = upstream.registry
         down = self._down_until.get(registry, 0.0) > time.monotonic()
         if down and (fallback or upstream.peer):  # a peer that failed lately: skipped
-            tried.skipped(registry, DOWN_SECONDS)
+            tried.skipped(registry, self._down_seconds(upstream))
             self._count_peer(upstream, "skipped")
             return None
         try:
@@ -265,7 +294,8 @@ class UpstreamClient:
         anything else as it is (None)."""
         digest = manifest_digest(method, suffix)
         if digest is not None:
-            return await checked_manifest(upstream.registry, digest, response)
+            checked = checked_manifest(upstream.registry, digest, response)
+            return await self.peers.patiently(upstream.registry, checked)
         if self._peer_auth.required and is_tag(suffix):
             proof = sent.get(PROOF_HEADER)
             if not self._peer_auth.check_answer(proof, response.status, response.headers):
@@ -288,7 +318,9 @@ class UpstreamClient:
         """The request to one upstream, with its auth: the response, and whether it was
         fetched with the client's own credentials."""
         url = URL(f"{upstream.base_url}/{suffix}", encoded=True)
-        limits = self._quick_timeout if quick else None
+        limits = None
+        if quick:
+            limits = self._quick_peer_timeout if upstream.peer else self._quick_timeout
         registry = upstream.registry
         if upstream.peer:  # never with credentials: private content stays off the peers
             headers[PEER_HEADER] = self._peer_name
@@ -344,3 +376,10 @@ class UpstreamClient:
             self._basic_registries.add(registry)
             return creds.basic()
         return None
+
+
+def peer_patience(settings: UpstreamSettings) -> float:
+    """The longest silence from a peer that answers probes: as long as its own upstream fetch
+    may take to fail (a first attempt silent for ``read_timeout``, then ``retry_for`` of
+    retries, the last silent for ``read_timeout`` too), and one more ``read_timeout``."""
+    return settings.retry_for + 3 * settings.read_timeout

@@ -2,13 +2,15 @@
 
 Its body is read through :func:`proxy.core.transport.transport_errors`, so a connection that
 drops mid-body is an upstream error like any other, and whole reads are capped: a body longer
-than the caller's limit is refused without reading more than one byte past it.
+than the caller's limit is refused without reading more than one byte past it. A peer's body
+is waited for as long as the peer answers probes (:mod:`proxy.core.liveness`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
@@ -17,6 +19,7 @@ import aiohttp
 from proxy.bodies import read_capped
 from proxy.core.direct_body import DirectReads, read_on
 from proxy.core.lane import Chunk
+from proxy.core.liveness import PeerWatch
 from proxy.core.rules import Upstream
 from proxy.core.transport import transport_errors
 from proxy.errors import DetourError, UpstreamDenied, UpstreamInvalid
@@ -31,6 +34,7 @@ class UpstreamResponse:
     private: bool  # fetched with the client's own credentials: never cache
     direct: DirectReads | None = None  # for a fast blob body (see chunks)
     body: bytes | None = None  # the whole body, when it was read (and checked) already
+    watch: PeerWatch | None = None  # a peer's: its silences judged by probes
 
     @property
     def status(self) -> int:
@@ -55,7 +59,11 @@ class UpstreamResponse:
         if length is not None and length > limit:
             raise self._too_large(what, limit)
         with transport_errors(self.where):
-            body = await read_capped(self.response.content, limit)
+            reading = read_capped(self.response.content, limit)
+            if self.watch is not None:
+                body = await self.watch.patiently(self.upstream.registry, reading)
+            else:
+                body = await reading
         if body is None:
             raise self._too_large(what, limit)
         if length is not None and len(body) != length:
@@ -88,8 +96,11 @@ class UpstreamResponse:
         direct = self.direct if plain and length is not None else None
         loop = asyncio.get_running_loop()
         began, received = loop.time(), 0
+        pieces: AsyncIterator[tuple[bytes, bool]] = response.content.iter_chunks()
+        if self.watch is not None:
+            pieces = self._watched(pieces, self.watch)
         with transport_errors(self.where):
-            async for chunk, _ in response.content.iter_chunks():
+            async for chunk, _ in pieces:
                 yield chunk
                 received += len(chunk)
                 if direct is not None and direct.worth_it(
@@ -100,8 +111,23 @@ class UpstreamResponse:
                 return
             assert direct is not None
             assert length is not None
-            async for view in read_on(response, offset + received, length - received, direct):
+            silent = None  # a peer's silence is judged by a probe, after cluster.read_timeout
+            if self.watch is not None and self.watch.enabled:
+                silent = functools.partial(self.watch.still_alive, self.upstream.registry)
+            ahead = length - received
+            async for view in read_on(response, offset + received, ahead, direct, silent):
                 yield view
+
+    async def _watched(
+        self, pieces: AsyncIterator[tuple[bytes, bool]], watch: PeerWatch
+    ) -> AsyncIterator[tuple[bytes, bool]]:
+        """A peer's body: each next piece waited for as long as the peer is alive."""
+        while True:
+            try:
+                piece = await watch.patiently(self.upstream.registry, anext(pieces))
+            except StopAsyncIteration:
+                return
+            yield piece
 
     def refusal(self, not_found: DetourError) -> DetourError:
         """The error for an answer other than the one asked for: ``not_found`` for a 404, the

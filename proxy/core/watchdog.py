@@ -4,7 +4,7 @@
 connection and its fetch slot for ever, and a fetch whose clients all hung up would go on for
 nobody. The watchdog ends a fetch with no client left after ``upstream.abandon_after`` (unless
 it is nearly done: then it goes on for the cache), and one that receives less than
-``upstream.min_rate`` over a ``rate_window``, while bytes are still coming.
+``upstream.min_rate`` (but some) over a ``rate_window``, while bytes are still coming.
 """
 
 from __future__ import annotations
@@ -67,6 +67,8 @@ async def watch(fetch: Progress, limits: Limits) -> tuple[str, str]:
             window_start, window_bytes = now, fetch.received  # the clock starts with bytes
         elif now - window_start >= limits.rate_window:
             rate = (fetch.received - window_bytes) / (now - window_start)
-            if limits.min_rate is not None and rate < limits.min_rate:
+            # Nothing at all is silence, which the timeouts judge (read_timeout, a peer's
+            # probe, a fetch waiting out a WAN cut for upstream.retry_for), not the pace.
+            if limits.min_rate is not None and 0 < rate < limits.min_rate:
                 return "too_slow", f"{rate:.0f} bytes/s, below upstream.min_rate"
             window_start, window_bytes = now, fetch.received
