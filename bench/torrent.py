@@ -61,8 +61,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from common import DETOUR_NAME, MIRROR_REPO, REPO_ROOT, TAG, first_line, log
+from common import ACCEPT, DETOUR_NAME, MIRROR_REPO, REPO_ROOT, TAG, first_line, log
 from configs import detour_config, registry_config, write_config
 from edge import Site, node_address
 from processes import Service
@@ -77,10 +78,19 @@ MIRROR = f"http://{MIRROR_HOST}"
 PORT = 7439
 TORRENT_PORT = 6881
 ALONE = "Detour, one node alone"
+TORRENT_LABELS = {
+    "seed": "BitTorrent, node 1 seeds",
+    "rarest": "BitTorrent, node 1 seeds, rarest first",
+    "webseed": "BitTorrent, web seed",
+}
 SYSTEM_PYTHON = "/usr/bin/python3"
-MODES = ("one", "peers", "tree", "seed", "webseed")
+MODES = ("one", "peers", "tree", "seed", "rarest", "webseed")
 POLL = 0.05  # seconds between a torrent agent's looks at its torrents
 READ = 1 << 20
+# The longest a pull waits on a silent source: containerd's image_pull_progress_timeout (5 min).
+# A Detour that holds a peer's blob until it is verified (cluster.verify_peer_blobs_first)
+# sends nothing for the whole blob's time, longer than edge.py's client waits (30 s).
+SILENCE = 300.0
 
 
 # ------------------------------------------------------------------------------- the agent
@@ -104,27 +114,48 @@ def _sha256_file(path: Path) -> str:
     return f"sha256:{hasher.hexdigest()}"
 
 
-def _fetch_blob(base: str, digest: str, path: Path) -> int:
-    """GET ``base/blobs/digest`` into ``path``, hashing as it comes; the byte count."""
-    host, _, port = base.split("/")[2].partition(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+def _get(url: str, silence: float, accept: str | None = None) -> http.client.HTTPResponse:
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=silence)
+    headers = {"User-Agent": "detour-bench-torrent", **({"Accept": accept} if accept else {})}
+    conn.request("GET", parts.path, headers=headers)
+    response = conn.getresponse()
+    if response.status != 200:
+        conn.close()
+        raise RuntimeError(f"GET {parts.path}: {response.status}")
+    return response
+
+
+def _fetch_blob(base: str, digest: str, path: Path | None = None, silence: float = SILENCE) -> int:
+    """GET ``base/blobs/digest`` (into ``path``), checking its sha256; the byte count."""
+    response = _get(f"{base}/blobs/{digest}", silence)
     hasher = hashlib.sha256()
     got = 0
-    try:
-        conn.request("GET", f"/v2/{MIRROR_REPO}/blobs/{digest}", headers={"User-Agent": "torrent"})
-        response = conn.getresponse()
-        if response.status != 200:
-            raise RuntimeError(f"{digest[:19]}: {response.status}")
-        with path.open("wb") as file:
-            while chunk := response.read(READ):
-                hasher.update(chunk)
+    with response, contextlib.ExitStack() as stack:
+        file = stack.enter_context(path.open("wb")) if path is not None else None
+        while chunk := response.read(READ):
+            hasher.update(chunk)
+            if file is not None:
                 file.write(chunk)
-                got += len(chunk)
-    finally:
-        conn.close()
+            got += len(chunk)
     if f"sha256:{hasher.hexdigest()}" != digest:
         raise RuntimeError(f"{digest[:19]}: wrong sha256")
     return got
+
+
+def pull(base: str, reference: str) -> dict[str, Any]:
+    """Pull a whole image from ``base`` (``http://host:port/v2/<name>``), as edge.py's agent
+    does (the manifest, then every blob 3 at a time, each sha256 checked), but waiting for a
+    silent source up to :data:`SILENCE`, as containerd's progress timeout does."""
+    response = _get(f"{base}/manifests/{reference}", SILENCE, ACCEPT)
+    with response:
+        manifest = json.loads(response.read())
+    blobs = [manifest["config"], *manifest["layers"]]
+    with ThreadPoolExecutor(3) as pool:
+        sizes = list(pool.map(_fetch_blob, [base] * len(blobs), [b["digest"] for b in blobs]))
+    if sizes != [b["size"] for b in blobs]:
+        raise RuntimeError(f"sizes {sizes}")
+    return {"ok": True, "end": time.time()}
 
 
 class TorrentNode:
@@ -153,16 +184,19 @@ class TorrentNode:
         )
         self.cpu_mark = _cpu()
 
-    def add(self, directory: str, torrents: dict[str, str], seed: bool, url: str | None) -> None:
+    def add(
+        self, directory: str, torrents: dict[str, str], seed: bool, url: str | None, order: bool
+    ) -> None:
+        """``order``: sequential download (as a blob streamed to its client), else libtorrent's
+        rarest first."""
         lt = _lt()
         for digest, data in torrents.items():
             params = lt.add_torrent_params()
             params.ti = lt.torrent_info(lt.bdecode(base64.b64decode(data)))
             params.save_path = directory
             # Not auto-managed: every layer at once (libtorrent would run 3 downloads, 5 seeds).
-            params.flags = (
-                lt.torrent_flags.seed_mode if seed else lt.torrent_flags.sequential_download
-            )
+            download = lt.torrent_flags.sequential_download if order else 0
+            params.flags = lt.torrent_flags.seed_mode if seed else download
             if url is not None:
                 params.url_seeds = [f"{url}/{digest}"]
             self.handles[digest] = self.session.add_torrent(params)
@@ -241,11 +275,13 @@ def agent_main() -> int:
             if op == "fetch":  # the owner's WAN fetch, 3 blobs at a time as a pull
                 Path(request["dir"]).mkdir(parents=True, exist_ok=True)
                 mark = _cpu()
-                base, into = request["base"], request["dir"]
+                base, into = f"{request['base']}/v2/{MIRROR_REPO}", request["dir"]
                 with ThreadPoolExecutor(3) as pool:
                     paths = [Path(into, d.removeprefix("sha256:")) for d in request["blobs"]]
                     list(pool.map(_fetch_blob, [base] * len(paths), request["blobs"], paths))
                 reply["cpu"] = _cpu() - mark
+            elif op == "pull":
+                reply = pull(request["base"], request["reference"])
             elif op == "make":
                 mark = _cpu()
                 reply["torrents"] = make_torrents(
@@ -256,7 +292,13 @@ def agent_main() -> int:
                 Path(request["dir"]).mkdir(parents=True, exist_ok=True)
                 node.start(request["listen"])
                 node.peers = [(host, port) for host, port in request["peers"]]
-                node.add(request["dir"], request["torrents"], request["seed"], request["url"])
+                node.add(
+                    request["dir"],
+                    request["torrents"],
+                    request["seed"],
+                    request["url"],
+                    request["sequential"],
+                )
             elif op == "download":
                 reply = node.download(request["dir"], request["timeout"])
             elif op == "stats":
@@ -552,8 +594,8 @@ class TorrentBench:
         request = {"op": "pull", "base": base, "reference": TAG, "timeout": self.a.timeout}
         started = time.time()
         for index in range(count):
-            self.pullers[index].send(request)
-        replies = [self.pullers[index].receive() for index in range(count)]
+            self.tagents[index].send(request)
+        replies = [self.tagents[index].receive() for index in range(count)]
         wan_after = self.settle_wan()
         sent = [b - a for a, b in zip(tx, node_tx(self.site), strict=True)]
         cpu, problems = self._stop_caches()
@@ -587,7 +629,7 @@ class TorrentBench:
         cpu = 0.0
         torrents = self.torrents
         downloading = list(range(nodes))
-        if mode == "seed":  # node 1 fetches, makes the torrents, seeds
+        if mode != "webseed":  # node 1 fetches, makes the torrents, seeds
             owner = agents[0]
             fetch = {"op": "fetch", "base": MIRROR, "blobs": self.layers, "dir": dirs[0]}
             cpu += owner.checked(fetch)["cpu"]
@@ -608,6 +650,7 @@ class TorrentBench:
                     "torrents": torrents,
                     "seed": index not in downloading,
                     "url": url,
+                    "sequential": mode != "rarest",
                 }
             )
         distributing = time.time()
@@ -625,7 +668,7 @@ class TorrentBench:
             shutil.rmtree(directory, ignore_errors=True)
         last = max(ends) if ends else float("nan")
         return Result(
-            label="BitTorrent, node 1 seeds" if mode == "seed" else "BitTorrent, web seed",
+            label=TORRENT_LABELS[mode],
             repeat=repeat,
             wall=last - distributing,
             total=last - started,
@@ -707,8 +750,8 @@ def report(bench: TorrentBench) -> str:
         f"{a.nodes} nodes, each link held to {a.node_mbit:g} Mbit/s both ways, the WAN to "
         f"{a.wan_mbit:g} Mbit/s; a {bench.image_bytes / MB:.0f} MB image ({a.layers} layers of "
         f"{a.layer_mb:g} MB); libtorrent {bench.lt_version}, pieces of "
-        f"{a.piece_kib} KiB; Detour {a.detour_rev} (peers) and {a.tree_rev} (tree). Machine: "
-        f"{os.cpu_count()} CPUs."
+        f"{a.piece_kib} KiB, sequential download unless said; Detour {a.detour_rev} (one, "
+        f"peers) and {a.tree_rev} (tree). Machine: {os.cpu_count()} CPUs."
     )
     return header + "\n\n" + "\n".join(rows) + "\n"
 
