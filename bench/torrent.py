@@ -106,6 +106,17 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _status_mb(field: str, pid: int | str = "self") -> float:
+    """``field`` of /proc/<pid>/status (VmRSS, VmHWM), in MB; 0 when gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024 / MB
+    except OSError:
+        pass
+    return 0.0
+
+
 def _sha256_file(path: Path) -> str:
     hasher = hashlib.sha256()
     with path.open("rb") as file:
@@ -166,6 +177,7 @@ class TorrentNode:
         self.handles: dict[str, Any] = {}
         self.peers: list[tuple[str, int]] = []
         self.cpu_mark = 0.0
+        self.rss = 0.0  # the largest resident size seen while the session ran, MB
 
     def start(self, listen: str) -> None:
         lt = _lt()
@@ -183,6 +195,7 @@ class TorrentNode:
             }
         )
         self.cpu_mark = _cpu()
+        self.rss = 0.0
 
     def add(
         self, directory: str, torrents: dict[str, str], seed: bool, url: str | None, order: bool
@@ -231,6 +244,7 @@ class TorrentNode:
                         done[digest] = time.time()
                         path = Path(directory, status.name)
                         checked[digest] = checks.submit(_sha256_file, path)
+                self.rss = max(self.rss, _status_mb("VmRSS"))
                 time.sleep(POLL)
             wrong = [d[:19] for d, f in checked.items() if f.result() != d]
         finally:
@@ -241,7 +255,8 @@ class TorrentNode:
 
     def stats(self) -> dict[str, Any]:
         upload = sum(h.status().total_payload_upload for h in self.handles.values())
-        return {"upload": upload, "cpu": _cpu() - self.cpu_mark}
+        self.rss = max(self.rss, _status_mb("VmRSS"))
+        return {"upload": upload, "cpu": _cpu() - self.cpu_mark, "rss": self.rss}
 
     def close(self) -> None:
         for handle in self.handles.values():
@@ -442,6 +457,7 @@ class Result:
     wan: float  # WAN bytes / image bytes
     upload_max: float  # largest node upload / image bytes
     cpu: float
+    rss: float  # the largest peak resident size of a node's process, MB
     verified: int
     pulls: int
     per_node: list[float | None] = field(default_factory=list)  # s from the start
@@ -468,6 +484,7 @@ class TorrentBench:
         self.results: list[Result] = []
         self.paths: dict[str, str] = {}
         self.lt_version = ""
+        self.cache_rss = 0.0
 
     def _helper(self, netns: str, python: str, script: Path, name: str) -> Helper:
         return Helper(netns, [python, str(script), "agent"], self.dir / f"{name}.log")
@@ -568,7 +585,9 @@ class TorrentBench:
                 )
 
     def _stop_caches(self) -> tuple[float, list[str]]:
-        cpu = sum(process_cpu(s.pid) for s in self.caches if s.exit_code() is None)
+        live = [s for s in self.caches if s.exit_code() is None]
+        cpu = sum(process_cpu(s.pid) for s in live)
+        self.cache_rss = max((_status_mb("VmHWM", s.pid) for s in live), default=0.0)
         problems = []
         for service in self.caches:
             if service.exit_code() is not None:
@@ -610,6 +629,7 @@ class TorrentBench:
             wan=(wan_after - wan_before) / self.image_bytes,
             upload_max=max(sent) / self.image_bytes,
             cpu=cpu,
+            rss=self.cache_rss,
             verified=len(ends),
             pulls=count,
             per_node=[r["end"] - started if r.get("ok") else None for r in replies],
@@ -626,7 +646,7 @@ class TorrentBench:
         wan_before = self.settle_wan()
         tx = node_tx(self.site)
         started = time.time()
-        cpu = 0.0
+        cpu, rss = 0.0, 0.0
         torrents = self.torrents
         downloading = list(range(nodes))
         if mode != "webseed":  # node 1 fetches, makes the torrents, seeds
@@ -660,7 +680,9 @@ class TorrentBench:
         ends = [r["end"] for r in replies.values() if r.get("ok")]
         errors = [f"node{i + 1}: {r.get('error')}" for i, r in replies.items() if not r.get("ok")]
         for agent in agents:
-            cpu += agent.checked({"op": "stats"})["cpu"]
+            stats = agent.checked({"op": "stats"})
+            cpu += stats["cpu"]
+            rss = max(rss, stats["rss"])
             agent.checked({"op": "close"})
         wan_after = self.settle_wan()
         sent = [b - a for a, b in zip(tx, node_tx(self.site), strict=True)]
@@ -675,6 +697,7 @@ class TorrentBench:
             wan=(wan_after - wan_before) / self.image_bytes,
             upload_max=max(sent) / self.image_bytes,
             cpu=cpu,
+            rss=rss,
             verified=len(ends),
             pulls=len(downloading),
             per_node=[
@@ -706,7 +729,8 @@ class TorrentBench:
                         f"{result.label} #{repeat}: {result.wall:.1f}s "
                         f"(total {result.total:.1f}s), "
                         f"WAN {result.wan:.2f}x, upload max {result.upload_max:.2f}x, "
-                        f"CPU {result.cpu:.0f}s, verified {result.verified}/{result.pulls}"
+                        f"CPU {result.cpu:.0f}s, RSS {result.rss:.0f} MB, "
+                        f"verified {result.verified}/{result.pulls}"
                     )
                     for line in result.errors:
                         log(f"  ERROR {line}")
@@ -730,8 +754,8 @@ def report(bench: TorrentBench) -> str:
     base = statistics.median(one) if one else None
     rows = [
         f"| {a.nodes} nodes (median of {a.repeat}) | to the last node, s | total, s "
-        "| / one pull | WAN / image | largest upload / image | CPU s | verified |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| / one pull | WAN / image | largest upload / image | CPU s | peak RSS, MB | verified |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for label in labels:
         runs = [r for r in bench.results if r.label == label]
@@ -744,6 +768,7 @@ def report(bench: TorrentBench) -> str:
             f"| {statistics.median(r.wan for r in runs):.2f}{TIMES} "
             f"| {statistics.median(r.upload_max for r in runs):.2f}{TIMES} "
             f"| {statistics.median(r.cpu for r in runs):.0f} "
+            f"| {statistics.median(r.rss for r in runs):.0f} "
             f"| {sum(r.verified for r in runs)}/{sum(r.pulls for r in runs)} |"
         )
     header = (
