@@ -236,6 +236,11 @@ class Tree:
     label: str
     path: Path | None
 
+    def knows(self, setting: str) -> bool:
+        """Whether this tree's settings declare ``setting`` (an older one refuses it)."""
+        settings = (self.path or REPO_ROOT) / "proxy" / "settings.py"
+        return f"    {setting}:" in settings.read_text()
+
 
 @dataclass(frozen=True, slots=True)
 class Options:
@@ -253,6 +258,7 @@ class Options:
     fan_outs: tuple[int | None, ...]
     trees: tuple[str, ...]  # as given: directories or git revisions, "" for this tree
     retries: int
+    silence: float
     timeout: float
     json_path: Path | None
     keep: bool
@@ -379,7 +385,9 @@ class EdgeBench:
                 if mode == "distribution" and tree is not self.trees[0]:
                     continue  # no Detour in it
                 cuts: Sequence[float | None] = self.o.cut_seconds if mode in CUT_MODES else [None]
-                fan_outs = self.o.fan_outs if TOPOLOGY[mode] == "peers" else (None,)
+                fan_outs = self.o.fan_outs
+                if TOPOLOGY[mode] != "peers" or not tree.knows("fan_out"):
+                    fan_outs = (None,)
                 out += [Variant(mode, c, f, tree) for c in cuts for f in fan_outs]
         return out
 
@@ -551,6 +559,7 @@ class EdgeBench:
             "reference": TAG,
             "timeout": self.o.timeout,
             "retries": self.o.retries,
+            "silence": self.o.silence,
         }
 
     def rollout(self, variant: Variant, repeat: int) -> Run:
@@ -799,7 +808,8 @@ def report(bench: EdgeBench) -> str:
         f"{o.wan_mbit:g} Mbit/s with tbf; a {bench.image_bytes / MB:.1f} MB image ({o.layers} "
         f"layers of {o.layer_size / MB:g} MB and a config); every node pulls it at once, 3 blobs "
         f"at a time, each blob's sha256 checked, up to {o.retries} retries per pull (back-off "
-        f"1, 2, 4 ... 10 s, blobs resumed by Range). Detour from: {trees}. Wall time: until the "
+        f"1, 2, 4 ... 10 s, blobs resumed by Range; a request silent for {o.silence:g} s "
+        f"fails). Detour from: {trees}. Wall time: until the "
         f"last node has its image (range in brackets). WAN / image: bytes the mirror's end of "
         f"the WAN link sent, over the image's bytes. Upload: bytes a node's LAN link sent (max "
         f"over nodes; all nodes' sum). Machine: {os.cpu_count()} CPUs, Python "
@@ -855,6 +865,13 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument(
         "--retries", type=int, default=10, help="failed requests a pull retries (10)"
     )
+    parser.add_argument(
+        "--client-silence",
+        type=float,
+        default=30,
+        help="seconds a pull client waits for a byte before it fails the request (30; "
+        "containerd's image_pull_progress_timeout is 300 for a whole pull)",
+    )
     parser.add_argument("--timeout", type=float, default=180, help="per pull, seconds (180)")
     parser.add_argument("--json", type=Path, help="write every run's numbers here")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, caches)")
@@ -883,6 +900,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         fan_outs=fan_outs,
         trees=tuple(t.strip() for t in args.detour_tree.split(",")) or ("",),
         retries=args.retries,
+        silence=args.client_silence,
         timeout=args.timeout,
         json_path=args.json,
         keep=args.keep,

@@ -32,7 +32,7 @@ from common import (
 from mirror import Pusher, random_chunks
 
 PULL_PARALLEL = 3  # blobs at once per client, containerd's default max_concurrent_downloads
-READ_TIMEOUT = 30.0  # longest silence a pull client accepts
+READ_TIMEOUT = 30.0  # longest silence a pull client accepts, by default
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 10.0
 
@@ -45,8 +45,9 @@ class Attempts:
     """A pull's retry budget, shared by its requests: ``retries`` failures in all are retried,
     each after its own back-off (1, 2, 4 ... s, at most 10 s, per request)."""
 
-    def __init__(self, retries: int, deadline: float) -> None:
+    def __init__(self, retries: int, deadline: float, silence: float = READ_TIMEOUT) -> None:
         self.left = retries
+        self.silence = silence
         self.deadline = deadline
         self.used = 0
         self.errors: list[str] = []
@@ -65,10 +66,10 @@ class Attempts:
 
 
 def _get(
-    url: str, deadline: float, accept: str | None = None, start: int = 0
+    url: str, deadline: float, silence: float, accept: str | None = None, start: int = 0
 ) -> http.client.HTTPResponse:
     parts = urlsplit(url)
-    timeout = max(0.1, min(READ_TIMEOUT, deadline - time.monotonic()))
+    timeout = max(0.1, min(silence, deadline - time.monotonic()))
     conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
     headers = {"User-Agent": "edge-pull"}
     if accept is not None:
@@ -99,9 +100,10 @@ class _Partial:
         self.hasher, self.got = hashlib.sha256(), 0
 
 
-def _read_into(url: str, digest: str, size: int | None, deadline: float, held: _Partial) -> None:
+def _read_into(url: str, digest: str, size: int | None, attempts: Attempts, held: _Partial) -> None:
     """One GET of the blob from the bytes ``held`` on (a Range if any), into ``held``."""
-    response = _get(url, deadline, start=held.got)
+    deadline = attempts.deadline
+    response = _get(url, deadline, attempts.silence, start=held.got)
     if held.got and response.status == 206:
         content_range = response.getheader("Content-Range", "")
         if not content_range.startswith(f"bytes {held.got}-"):
@@ -137,7 +139,7 @@ def _read_checked(
     attempt = 0
     while True:
         try:
-            _read_into(url, digest, size, deadline, held)
+            _read_into(url, digest, size, attempts, held)
         except PullError as exc:
             if size is not None and held.got > size:  # nothing to resume from
                 held.restart()
@@ -153,7 +155,7 @@ def _manifest(url: str, deadline: float, attempts: Attempts) -> tuple[str, bytes
     attempt = 0
     while True:
         try:
-            response = _get(url, deadline, ACCEPT)
+            response = _get(url, deadline, attempts.silence, ACCEPT)
             try:
                 body = response.read()
             except (OSError, http.client.HTTPException) as exc:
@@ -171,11 +173,14 @@ def _manifest(url: str, deadline: float, attempts: Attempts) -> tuple[str, bytes
         return digest, body
 
 
-def pull(base: str, reference: str, timeout: float, retries: int = 0) -> dict[str, Any]:
-    """Pull a whole image from ``base`` (``http://host:port/v2/<name>``) and check it."""
+def pull(
+    base: str, reference: str, timeout: float, retries: int = 0, silence: float = READ_TIMEOUT
+) -> dict[str, Any]:
+    """Pull a whole image from ``base`` (``http://host:port/v2/<name>``) and check it: a
+    request silent for ``silence`` seconds fails (and is retried, if any are left)."""
     started = time.time()
     deadline = time.monotonic() + timeout
-    attempts = Attempts(retries, deadline)
+    attempts = Attempts(retries, deadline, silence)
     result: dict[str, Any] = {"start": started, "ok": False, "bytes": 0}
 
     def blob(descriptor: dict[str, Any]) -> int:
@@ -285,6 +290,7 @@ def agent_main() -> int:
                     request["reference"],
                     request["timeout"],
                     request.get("retries", 0),
+                    request.get("silence", READ_TIMEOUT),
                 )
             elif op == "get":
                 reply = fetch_text(request["url"])
