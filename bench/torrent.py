@@ -8,33 +8,42 @@ One image of ``--layers`` random layers is pushed to the mirror; then, on the sa
 turn (each ``--repeat`` times, modes interleaved, so the ratios come from one run):
 
 * ``one``: Detour, no cluster settings, one node pulls the image alone (the baseline);
-* ``peers``: Detour with ``cluster.peers``, every node pulls: the owner of each blob serves all
-  the others (the code of ``--detour-rev``, exported, first on ``PYTHONPATH``);
-* ``tree``: the same with ``cluster.fan_out`` = each of ``--fan-out`` (the code of
-  ``--tree-rev``);
+* ``peers``: Detour with ``cluster.peers``, every node pulls, the code of ``--detour-rev``
+  (exported with ``git archive``, first on ``PYTHONPATH``): before the peer tree (cab393e),
+  the owner of each blob serves all the others;
+* ``tree``: the same with ``cluster.fan_out`` = each of ``--fan-out``, the code of
+  ``--tree-rev``, and any ``--tree-setting``;
 * ``seed``: BitTorrent. Node 1, the owner, fetches every layer from the mirror over the WAN
-  (checking its sha256), makes one torrent per layer (libtorrent's ``create_torrent``: it needs
-  the whole file), and seeds; nodes 2..K download every torrent at once with sequential
-  download, from a fixed peer list (``connect_peer`` to every other node; no tracker, no DHT,
-  no LSD), and check each layer's sha256 once it is complete. Reported: the distribution alone
-  and the total from the owner's first WAN byte;
+  (checking its sha256), makes one torrent per layer (``create_torrent``: it needs the whole
+  file; v1, ``--piece-kib`` pieces), and seeds; nodes 2..K download every torrent at once with
+  sequential download, from a fixed peer list (``connect_peer`` to every other node; no
+  tracker, no DHT, no LSD, no uTP), and check each layer's sha256 once it is complete.
+  Reported: the distribution alone, and the total from the owner's first WAN byte;
+* ``rarest``: as ``seed``, with libtorrent's rarest-first order instead of sequential;
 * ``webseed``: BitTorrent with a BEP 19 web seed: every node has the torrents (made beforehand)
   with the mirror's blob URL as url seed, and the other nodes as peers; no seed on the site.
 
+Every node pulls Detour's image as edge.py's client does (the manifest, then the blobs 3 at a
+time, each sha256 checked), but waits on a silent source up to 5 minutes, as containerd's
+progress timeout, where edge.py's client gives up after 30 s: a node holds a peer's blob until
+it is verified (``cluster.verify_peer_blobs_first``), so its client hears nothing meanwhile.
+
 Measured per rollout: wall time to the last node with its verified image; WAN bytes (the
 mirror's ``tx_bytes``) over the image's; each node's upload (``tx_bytes`` of its ``eth0``) over
-the image's, the largest reported; CPU seconds of the processes doing the work (Detour's
-processes; the torrent agents, which include libtorrent's hashing and the sha256 check). The
-Detour pull client's own sha256 (edge.py's agent) is not counted.
+the image's, the largest reported; CPU seconds of the processes doing the work (Detour's; the
+torrent agents', libtorrent's hashing and the sha256 check included; not the Detour client's);
+the largest peak resident size of one node's (Detour's VmHWM; the torrent agent's VmRSS,
+sampled, libtorrent's mapped files included).
 
 libtorrent is Debian's ``python3-libtorrent``, for the system ``python3`` (``--torrent-python``):
-the torrent agents run under it (``torrent.py agent``, one per node namespace, one JSON request
-per line), the rest under the bench's venv. Namespaces are edge.py's (``dedge<pid>-*``) and are
-removed on every exit; each rollout's caches and downloads are deleted when it ends.
+the node agents run under it (``torrent.py agent``, one per node namespace, one JSON request
+per line; they pull Detour's image too), the rest under the bench's venv. Namespaces are
+edge.py's (``dedge<pid>-*``) and are removed on every exit, Ctrl-C and errors included; each
+rollout's caches and downloads are deleted when it ends.
 
-    .venv/bin/python bench/torrent.py --nodes 6 --repeat 1
-    .venv/bin/python bench/torrent.py --nodes 12 --modes one,peers,tree,seed --fan-out 2,4 \\
-        --detour-rev cab393e --tree-rev HEAD --json torrent.json
+    .venv/bin/python bench/torrent.py --nodes 6 --repeat 1 --detour-rev cab393e
+    .venv/bin/python bench/torrent.py --nodes 12 --modes one,peers,tree,seed,rarest \\
+        --fan-out 2,3,4 --detour-rev cab393e --tree-rev HEAD --json torrent.json
 """
 
 from __future__ import annotations
@@ -559,6 +568,7 @@ class TorrentBench:
                     }
                     if fan_out is not None:
                         config["cluster"]["fan_out"] = fan_out
+                        config["cluster"].update(self.a.tree_settings)
                 path = write_config(self.dir / f"{name}-node{index}.yml", config)
                 argv = [sys.executable, "-m", "proxy", "serve", "--config", str(path)]
                 netns = self.site.nodes[index - 1]
@@ -710,6 +720,7 @@ class TorrentBench:
     # --------------------------------------------------------------------- runs
 
     def run(self) -> None:
+        extra = "".join(f", {k}: {v}" for k, v in self.a.tree_settings.items())
         for repeat in range(1, self.a.repeat + 1):
             for mode in self.a.modes:
                 if mode == "one":
@@ -718,7 +729,9 @@ class TorrentBench:
                     runs = [self.detour("Detour, peers", repeat, self.paths["detour"], None)]
                 elif mode == "tree":
                     runs = [
-                        self.detour(f"Detour tree, fan_out {f}", repeat, self.paths["tree"], f)
+                        self.detour(
+                            f"Detour tree, fan_out {f}{extra}", repeat, self.paths["tree"], f
+                        )
                         for f in self.a.fan_out
                     ]
                 else:
@@ -797,6 +810,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=3, help="rollouts per mode (3)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"of {','.join(MODES)} (all)")
     parser.add_argument("--fan-out", default="2,4", help="cluster.fan_out of tree (2,4)")
+    parser.add_argument(
+        "--tree-setting",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a cluster setting more for tree (a JSON value or a string), e.g. "
+        "verify_peer_blobs_first=0",
+    )
     parser.add_argument("--detour-rev", default="HEAD", help="Detour for one, peers (HEAD)")
     parser.add_argument("--tree-rev", default="HEAD", help="Detour for tree (HEAD)")
     parser.add_argument(
@@ -810,6 +831,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.modes = [m for m in MODES if m in args.modes.split(",")]
     args.fan_out = [int(f) for f in args.fan_out.split(",") if f]
+    args.tree_settings = {}
+    for item in args.tree_setting:
+        key, _, value = item.partition("=")
+        try:
+            args.tree_settings[key] = json.loads(value)
+        except ValueError:
+            args.tree_settings[key] = value
     return args
 
 
