@@ -248,6 +248,12 @@ class UpstreamSettings(_Section):
     # time from the byte reached (Range): a WAN cut shorter than this costs a wait, not a failed
     # pull, and the site's nodes keep waiting on this one fetch. 0: no retries.
     retry_for: DurationOrZero = 60.0
+    # A blob client that could be sent nothing for this long while the fetch waits for its
+    # upstream (slow to answer, or a WAN cut being waited out) gets a 5xx before any byte (the
+    # upstreams' last failure, or 504), or, mid-body, its connection closed: the runtime
+    # retries (with Range), and the retry joins the same fetch. A peer's request is not cut:
+    # the peer watches this one itself (cluster.read_timeout).
+    client_wait: Duration = 30.0
 
 
 def _peer_address(value: str) -> str:

@@ -4,7 +4,9 @@ mid-blob, a slow one, or a long one.
 On loopback a response arrives in one read; through this relay it doesn't. With ``rtt`` each
 direction holds every segment for half the round trip and lets at most ``window`` bytes be in
 flight, as TCP does over a WAN: a 200 KB body over a 20 ms link arrives in four round trips,
-in many reads. With ``rate`` responses trickle at that many bytes per second.
+in many reads. With ``rate`` responses trickle at that many bytes per second. ``cut()`` takes
+the link down (a WAN cut) until ``mend()``: bytes on their way stop, in both directions, and a
+new connection is reset at once; when it comes back the stopped bytes go on.
 """
 
 from __future__ import annotations
@@ -40,6 +42,15 @@ class Relay:
         self.rtt = rtt
         self.window = window
         self.server: asyncio.Server | None = None
+        self._up = asyncio.Event()
+        self._up.set()
+
+    def cut(self) -> None:
+        """The link goes down: nothing passes, new connections are reset."""
+        self._up.clear()
+
+    def mend(self) -> None:
+        self._up.set()
 
     @property
     def host(self) -> str:
@@ -55,6 +66,9 @@ class Relay:
         self.server.close()
 
     async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        if not self._up.is_set():
+            client_w.transport.abort()  # the link is down
+            return
         host, port = self.target.host.split(":")
         up_r, up_w = await asyncio.open_connection(host, int(port))
         request = await client_r.readuntil(b"\r\n\r\n")
@@ -103,6 +117,7 @@ class Relay:
                 due, data = item
                 if (wait := due - loop.time()) > 0:
                     await asyncio.sleep(wait)
+                await self._up.wait()  # a cut holds what is on its way
                 if cut_after is not None and sent + len(data) > cut_after:
                     writer.write(data[: cut_after - sent])
                     await writer.drain()

@@ -171,7 +171,9 @@ async def test_hung_upstream_is_a_prompt_504(
 ) -> None:
     hung = make_registry()
     hung.freeze()  # accepts connections (the kernel does), never answers
-    config = scenario(registry, tmp_path / "cache", upstream={"read_timeout": "1s"})
+    # A blob's fetch tries again (upstream.retry_for), its client told within client_wait.
+    upstream = {"read_timeout": "1s", "client_wait": "2s"}
+    config = scenario(registry, tmp_path / "cache", upstream=upstream)
     config["redirects"].append({"src": "quay.io/", "to": f"{hung.host}/quay/"})
     config["registries"][hung.host] = {"insecure": True}
     proxy = await make_proxy(config)

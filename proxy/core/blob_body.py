@@ -7,22 +7,39 @@ site) that broke mid-stream is marked down, so the next fetches skip it a while;
 sent any of the bytes are in :attr:`BlobBody.peers`, for the fetch to distrust if the digest
 does not match. More bytes than announced, or, with no length announced, more than
 ``cache.max_blob_size``, end it.
+
+When every upstream fails (no connection, silence, a 5xx: a WAN cut), the request is made again
+after a back-off (0.5 s, doubling up to 5 s, with some jitter) for ``upstream.retry_for`` after
+the failure, from the byte reached: a cut shorter than that costs the fetch a wait, and its
+clients, and the site's nodes that asked this one, keep waiting on this one fetch.
 """
 
 from __future__ import annotations
 
+import asyncio
+import random
+import time
 from collections.abc import AsyncIterator
 
 from proxy.core.lane import Chunk
 from proxy.core.rules import Route, Upstream
 from proxy.core.upstream import UpstreamClient
 from proxy.core.upstream_response import UpstreamResponse
-from proxy.errors import BlobUnknown, UpstreamError, UpstreamInvalid
+from proxy.errors import (
+    BlobUnknown,
+    UpstreamError,
+    UpstreamInvalid,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from proxy.logs import get_logger
+from proxy.metrics import Metrics
 from proxy.reference import Digest
 
 CHUNK_BYTES = 1 << 20  # the most one read from the upstream gives
 MAX_RESUMES = 3
+FIRST_BACKOFF = 0.5  # seconds before the first retry when every upstream failed; doubling
+MAX_BACKOFF = 5.0
 
 log = get_logger("detour.blobs")
 
@@ -41,18 +58,24 @@ class BlobBody:
         client_auth: str | None,
         upstream: UpstreamClient,
         max_unannounced: int,
+        *,
+        retry_for: float = 0.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.digest = digest
         self._route = route
         self._client_auth = client_auth
         self._upstream = upstream
         self._max_unannounced = max_unannounced
+        self._retry_for = retry_for
+        self._metrics = metrics
         self._response: UpstreamResponse | None = None
         self.size: int | None = None  # as announced
         self.source = ""  # the upstream that answered
         self.private = False  # fetched with the client's own credentials
         self.received = 0
         self.peers: list[Upstream] = []  # the peers that sent any of its bytes
+        self.failing: UpstreamError | None = None  # while retrying: what the last try met
 
     async def open(self) -> None:
         """Ask for the blob; raise the upstream's refusal (404: BLOB_UNKNOWN)."""
@@ -62,6 +85,40 @@ class BlobBody:
         self.private = response.private
 
     async def _request(self, offset: int) -> UpstreamResponse:
+        """The blob from byte ``offset``, asked again with back-off while every upstream
+        fails, for ``retry_for`` after the first failure."""
+        failing_since: float | None = None
+        backoff = FIRST_BACKOFF
+        attempt = 0
+        while True:
+            try:
+                response = await self._ask(offset)
+            except (UpstreamTimeout, UpstreamUnreachable) as exc:
+                self.failing = exc
+                now = time.monotonic()
+                failing_since = now if failing_since is None else failing_since
+                left = failing_since + self._retry_for - now
+                if left <= 0:
+                    raise
+                attempt += 1
+                wait = min(left, backoff * random.uniform(0.8, 1.2))  # noqa: S311 (jitter)
+                log.warning(
+                    "blob_fetch_retry",
+                    digest=str(self.digest),
+                    offset=offset,
+                    attempt=attempt,
+                    after=round(wait, 2),
+                    error=exc.message,
+                )
+                if self._metrics is not None:
+                    self._metrics.fetch_retries.inc()
+                await asyncio.sleep(wait)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+            else:
+                self.failing = None
+                return response
+
+    async def _ask(self, offset: int) -> UpstreamResponse:
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         response = await self._upstream.open(
             self._route,

@@ -35,7 +35,7 @@ from proxy.core.download import Download, FetchLimits, FetchSlots, State
 from proxy.core.hits import Hits
 from proxy.core.outcome import Outcome, Sharing
 from proxy.core.rules import Route
-from proxy.core.streamer import blob_headers, serve
+from proxy.core.streamer import blob_headers, client_patience, serve, waited_out
 from proxy.core.upstream import UpstreamClient
 from proxy.errors import DetourError, NotHeld
 from proxy.metrics import Metrics
@@ -109,12 +109,14 @@ class Blobs:
             # the fetch (which the whole pull needs anyway), then answer from the cache.
             fetch.waiting += 1
             try:
-                await fetch.finished()
-            except DetourError:
-                # One that won't be cached (too large, or the disk is full) ends once only
-                # waiters are left: it has no bytes kept for them.
-                if not fetch.spilled:
-                    raise
+                async with waited_out(fetch, outcome):
+                    try:
+                        await fetch.finished(client_patience(request, fetch))
+                    except DetourError:
+                        # One that won't be cached (too large, or the disk is full) ends once
+                        # only waiters are left: it has no bytes kept for them.
+                        if not fetch.spilled:
+                            raise
             finally:
                 fetch.waiting -= 1
             outcome.upstream, outcome.source = fetch.source, "cache"
@@ -187,7 +189,8 @@ class Blobs:
         fetch = self._inflight.get(digest)
         if fetch is not None and self._sharing.shared(client_auth):
             outcome.count("joined")
-            await fetch.headers_ready()
+            async with waited_out(fetch, outcome):
+                await fetch.headers_ready(client_patience(request, fetch))
             outcome.upstream = fetch.source
             return web.Response(headers=blob_headers(fetch.digest, fetch.size))
         if not route.upstreams:  # a peer's only-if-cached request (handlers)

@@ -11,7 +11,10 @@ The states::
 A fetch waits for its turn (:class:`FetchSlots`), and ends early when its clients are gone
 (after ``upstream.abandon_after``, unless it is nearly done) or the upstream crawls below
 ``upstream.min_rate``. Its clients are sent each byte but the last while it is ``RUNNING``; the
-last once it is ``VERIFIED``, so no client takes wrong bytes for a whole blob.
+last once it is ``VERIFIED``, so no client takes wrong bytes for a whole blob. When every
+upstream fails, the fetch tries again for ``upstream.retry_for`` (:mod:`proxy.core.blob_body`);
+a client that could be sent nothing meanwhile for ``upstream.client_wait`` is let go of
+(:meth:`Download.wait_change`), so it retries, and its retry joins this fetch.
 
 A blob from a peer (another Detour of the site) of at most ``cluster.verify_peer_blobs_first``
 bytes is *held*: the fetch stays ``OPENING`` for its clients until every byte is verified, and
@@ -25,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +59,15 @@ PEER_RETRIES = 2  # fetched again after a peer's wrong bytes: the next peer, the
 log = get_logger("detour.blobs")
 
 
+class ClientWaitOver(Exception):
+    """A client could be sent nothing for ``upstream.client_wait`` (``patience`` seconds):
+    the upstream is slow to answer, or a WAN cut is being waited out."""
+
+    def __init__(self, patience: float) -> None:
+        super().__init__(f"nothing to send for {patience:g}s")
+        self.patience = patience
+
+
 class State(enum.Enum):
     OPENING = "opening"  # waiting for the upstream's response headers
     RUNNING = "running"
@@ -72,6 +85,8 @@ class FetchLimits:
     rate_window: float
     slow_client: float
     verify_peer_blobs_first: int = 0  # a peer's blob up to this size: verified, then sent
+    retry_for: float = 0.0  # every upstream failing, tried again for this long
+    client_wait: float | None = None  # a client sent nothing this long is let go of
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FetchLimits:
@@ -83,6 +98,8 @@ class FetchLimits:
             rate_window=upstream.read_timeout,
             slow_client=upstream.slow_client,
             verify_peer_blobs_first=settings.cluster.verify_peer_blobs_first,
+            retry_for=upstream.retry_for,
+            client_wait=upstream.client_wait,
         )
 
 
@@ -156,13 +173,36 @@ class Download:
         self.source = ""
         self._client_auth = client_auth
         self._upstream = upstream
-        self._body = BlobBody(digest, route, client_auth, upstream, limits.max_blob_size)
+        self._body = self._new_body()
         self.held = False  # receiving, its clients not sent a byte until it is verified
         self.committed = False
         self.checksums: Checksums | None = None  # once committed: for its hits' checks
         self.window = Window(str(digest), limits.slow_client)
         self._sink: BlobSink | None = None
         self._done = asyncio.Event()  # verified and committed (or not kept), or failed
+        self.last_progress = time.monotonic()  # when the upstream last sent bytes, or began
+
+    def _new_body(self) -> BlobBody:
+        return BlobBody(
+            self.digest,
+            self.route,
+            self._client_auth,
+            self._upstream,
+            self._limits.max_blob_size,
+            retry_for=self._limits.retry_for,
+            metrics=self._metrics,
+        )
+
+    @property
+    def failing(self) -> UpstreamError | None:
+        """While every upstream fails and the fetch tries again: what the last try met."""
+        return self._body.failing
+
+    @property
+    def client_wait(self) -> float | None:
+        """``upstream.client_wait``: how long a client may be sent nothing (see
+        :meth:`wait_change`)."""
+        return self._limits.client_wait
 
     @property
     def received(self) -> int:
@@ -282,13 +322,7 @@ class Download:
                 log.warning("blob_refetched", digest=str(self.digest), error=exc.message)
                 sink.discard()
                 self.window.restart()
-                self._body = BlobBody(
-                    self.digest,
-                    self.route,
-                    self._client_auth,
-                    self._upstream,
-                    self._limits.max_blob_size,
-                )
+                self._body = self._new_body()
                 continue
             return sink
         raise AssertionError("unreachable")  # pragma: no cover
@@ -316,6 +350,7 @@ class Download:
                     self._start_sending()  # the disk won't keep it: sent as it comes after all
                 if sink.spilled:
                     await self.window.room(sink.on_disk)
+                self.last_progress = time.monotonic()
                 self.window.append(chunk, sink.on_disk, sink.spilled)
                 await sink.put(chunk)
             await sink.close()
@@ -357,17 +392,53 @@ class Download:
         if self._sink is not None:
             self._sink.discard()
 
-    async def headers_ready(self) -> None:
-        """Wait for the upstream's answer; raise its error if it failed before any bytes."""
+    @property
+    def awaiting_upstream(self) -> bool:
+        """Whether the fetch waits for its upstream's answer or next bytes (not for the disk,
+        or for the check of bytes all received)."""
+        whole = self.size is not None and self.received >= self.size
+        if self.state is State.OPENING:
+            return not (self.held and whole)
+        return self.state is State.RUNNING and not whole
+
+    async def wait_change(
+        self, changed: asyncio.Event, since: float, patience: float | None
+    ) -> None:
+        """Wait for ``changed`` (this fetch's :attr:`Window.changed`, taken before looking);
+        raise :class:`ClientWaitOver` once a client that had nothing since ``since``
+        (``time.monotonic()``) has waited ``patience`` seconds while the upstream sent
+        nothing. A wait on the disk is not cut."""
+        if patience is None:
+            await changed.wait()
+            return
+        while not changed.is_set():
+            deadline = max(since, self.last_progress) + patience
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if self.awaiting_upstream:
+                    raise ClientWaitOver(patience)
+                await changed.wait()
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await changed.wait()
+
+    async def headers_ready(self, patience: float | None = None) -> None:
+        """Wait for the upstream's answer; raise its error if it failed before any bytes, or
+        :class:`ClientWaitOver` after ``patience`` seconds of nothing from the upstream."""
+        since = time.monotonic()
         while self.state is State.OPENING:
-            await self.window.changed.wait()
+            await self.wait_change(self.window.changed, since, patience)
         if self.state is State.FAILED and (self.received == 0 or self.held):
             assert self.error is not None
             raise self.error
 
-    async def finished(self) -> None:
-        """Wait for the end of the fetch, commit included; raise its error if it failed."""
-        await self._done.wait()
+    async def finished(self, patience: float | None = None) -> None:
+        """Wait for the end of the fetch, commit included; raise its error if it failed, or
+        :class:`ClientWaitOver` after ``patience`` seconds of nothing from the upstream."""
+        since = time.monotonic()
+        while not self._done.is_set():
+            await self.wait_change(self.window.changed, since, patience)
         if self.state is State.FAILED:
             assert self.error is not None
             raise self.error

@@ -80,6 +80,7 @@ class Sender:
         *,
         chosen_by_upstream: bool = False,
         peer: bool = False,
+        patient: bool = True,
     ) -> aiohttp.ClientResponse:
         """One request, following redirects; ``auth`` never leaves the first origin.
 
@@ -87,7 +88,9 @@ class Sender:
         client's choice, unless ``chosen_by_upstream`` (a token realm): refused, it is a 403
         that names the setting to change. A redirect is the upstream's choice: it may go only
         to http(s), never from https to http, and a refused one is a bad reply (502). A
-        ``peer``'s redirect is never followed (a Detour never answers one): a bad reply.
+        ``peer``'s redirect is never followed (a Detour never answers one): a bad reply. A
+        peer's silence is judged by probes (:mod:`proxy.core.liveness`) unless not ``patient``:
+        then ``limits`` alone bound it.
         """
         first_origin = origin(url)
         for hop in range(self._max_redirects + 1):
@@ -100,7 +103,9 @@ class Sender:
             if auth is not None and origin(url) == first_origin:
                 sent["Authorization"] = auth
             first = hop == 0 and not chosen_by_upstream
-            response = await self._hop(registry, method, url, sent, limits, first=first, peer=peer)
+            response = await self._hop(
+                registry, method, url, sent, limits, first=first, peer=peer, patient=patient
+            )
             location = response.headers.get("Location")
             if response.status not in REDIRECT_STATUSES or not location:
                 return response
@@ -128,6 +133,7 @@ class Sender:
         *,
         first: bool,
         peer: bool,
+        patient: bool = True,
     ) -> aiohttp.ClientResponse:
         """One request to ``url`` as it stands, checked and counted."""
         key = host_key(url)
@@ -147,7 +153,7 @@ class Sender:
                     timeout=limits or session.timeout,
                     ssl=tls,
                 )
-                if peer and self._peers is not None:
+                if peer and patient and self._peers is not None:
                     response = await self._peers.patiently(registry, asked)
                 else:
                     response = await asked

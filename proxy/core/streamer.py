@@ -4,6 +4,12 @@ A client whose position is in the fetch's window is sent its bytes from memory; 
 (it joined late, or fell behind) reads the fetch's file, up to what is on disk, until it
 catches up. The last byte waits until the blob is verified. If the fetch fails after bytes went
 out under a 200, the connection is aborted, so no client takes what it got for a whole blob.
+
+A client is never left hanging on an upstream that sends nothing (slow to answer, or a WAN cut
+being waited out, :mod:`proxy.core.blob_body`): after ``upstream.client_wait`` with nothing to
+send it, it gets a 504 before its headers, or mid-body its connection is aborted; the runtime
+retries (resuming with ``Range``), and its retry joins the same fetch. A peer's request is not
+cut: the peer watches this instance itself (:mod:`proxy.core.liveness`).
 """
 
 from __future__ import annotations
@@ -11,17 +17,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
+from collections.abc import AsyncIterator
 from typing import IO
 
 from aiohttp import web
 
 from proxy.core.blob_body import CHUNK_BYTES
 from proxy.core.cache import CacheStore
-from proxy.core.download import Download, State
+from proxy.core.download import ClientWaitOver, Download, State
 from proxy.core.outcome import Abort, Outcome, send_body
 from proxy.core.window import Reader
 from proxy.errors import DetourError, UpstreamInvalid, UpstreamTimeout
-from proxy.logs import CLIENT_DISCONNECTED
+from proxy.logs import CLIENT_DISCONNECTED, LOG
 from proxy.reference import Digest
 
 BLOB_CONTENT_TYPE = "application/octet-stream"
@@ -46,11 +54,13 @@ async def serve(
     """Stream the fetch to the client ``reader`` stands for; it leaves the fetch at the end."""
     final = store.blob_path(fetch.digest)
     store.pin(final)  # once committed, not evicted while this reader reads it
+    patience = client_patience(request, fetch)
     try:
-        await fetch.headers_ready()
+        async with waited_out(fetch, outcome):
+            await fetch.headers_ready(patience)
         source = _open_file(fetch)
         try:
-            return await _stream(request, fetch, reader, source, outcome)
+            return await _stream(request, fetch, reader, source, outcome, patience)
         finally:
             if source is not None:
                 source.close()
@@ -58,6 +68,39 @@ async def serve(
         fetch.window.leave(reader)
         store.unpin(final)
         fetch.release_file()
+
+
+def client_patience(request: web.Request, fetch: Download) -> float | None:
+    """How long this client may be sent nothing while the fetch waits for its upstream:
+    ``upstream.client_wait``, or, for a proven peer's request (the handler marks it so in its
+    log fields), as long as the fetch lasts."""
+    fields = request.get(LOG)
+    return None if isinstance(fields, dict) and "from_peer" in fields else fetch.client_wait
+
+
+@contextlib.asynccontextmanager
+async def waited_out(fetch: Download, outcome: Outcome) -> AsyncIterator[None]:
+    """A client let go of before its headers (:class:`ClientWaitOver`), counted: the error
+    every upstream gave last, while the fetch tries again; else a 504."""
+    try:
+        yield
+    except ClientWaitOver as over:
+        outcome.metrics.client_waits.labels("headers").inc()
+        failing = fetch.failing
+        if failing is not None:
+            raise type(failing)(
+                f"{failing.message} (Detour tries again for upstream.retry_for: try again, "
+                "the retry joins the same fetch)",
+                failing.detail,
+                cause=failing.cause,
+                reason=failing.reason,
+            ) from None
+        raise UpstreamTimeout(
+            f"the upstream has sent nothing for {over.patience:g}s (Detour goes on trying, "
+            "for upstream.retry_for): try again; the retry joins the same fetch",
+            {"digest": str(fetch.digest)},
+            cause="waiting",
+        ) from None
 
 
 def _open_file(fetch: Download) -> IO[bytes] | None:
@@ -76,11 +119,12 @@ async def _stream(
     reader: Reader,
     source: IO[bytes] | None,
     outcome: Outcome,
+    patience: float | None,
 ) -> web.StreamResponse:
     response = web.StreamResponse(headers=blob_headers(fetch.digest, fetch.size))
     await response.prepare(request)
     outcome.streamed = True  # its bytes counted as they go out, for the access log
-    body = _send_body(request, fetch, reader, source, response, outcome)
+    body = _send_body(request, fetch, reader, source, response, outcome, patience)
 
     def hung_up() -> str:
         # One cut off for being too slow got its bytes, like one that hung up; the fetch goes
@@ -97,10 +141,13 @@ async def _send_body(
     source: IO[bytes] | None,
     response: web.StreamResponse,
     outcome: Outcome,
+    patience: float | None,
 ) -> None:
     """From the window, or behind it from the file, as the fetch receives; the last byte once
-    the blob is verified. A fetch that fails is an :class:`Abort` (bytes already went out)."""
+    the blob is verified. A fetch that fails is an :class:`Abort` (bytes already went out), and
+    so is ``patience`` seconds with nothing to send while the upstream sends nothing."""
     window = fetch.window
+    sent_at = time.monotonic()  # when this client was last sent bytes (or began)
     try:
         while True:
             changed = window.changed
@@ -115,8 +162,17 @@ async def _send_body(
             if reader.position >= limit:
                 if fetch.state is State.VERIFIED:
                     return
-                await changed.wait()
-            elif reader.position >= window.start:
+                try:
+                    await fetch.wait_change(changed, sent_at, patience)
+                except ClientWaitOver as over:
+                    outcome.metrics.client_waits.labels("body").inc()
+                    raise Abort(
+                        f"nothing to send for {over.patience:g}s, the upstream silent; "
+                        "resume with a Range request"
+                    ) from None
+                continue
+            sent_at = time.monotonic()
+            if reader.position >= window.start:
                 await _send_window(fetch, response, reader, limit, outcome)
             elif source is not None and reader.position < fetch.on_disk:
                 # Behind the window: from the file, catching up.

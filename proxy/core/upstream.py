@@ -122,6 +122,9 @@ class UpstreamClient:
         self._peer_down = cluster.down_seconds
         self._quick_timeout = client_timeout(settings.connect_timeout, settings.connect_timeout)
         self._quick_peer_timeout = client_timeout(cluster.connect_timeout, settings.connect_timeout)
+        # A peer asked only for a copy it holds answers at once, or not at all: it is not
+        # waited on as one fetching for this instance is (it may be waiting on this instance).
+        self._held_copy_timeout = client_timeout(cluster.connect_timeout, cluster.read_timeout)
         # For the blob bodies read by Detour itself (proxy.core.direct_body).
         self.direct = DirectReads(
             BlockPool(),
@@ -241,7 +244,8 @@ class UpstreamClient:
                 upstream, method, suffix, headers, client_auth, fallback
             )
         except (UpstreamTimeout, UpstreamUnreachable) as exc:
-            self.mark_down(upstream)
+            if not (upstream.cached_only and isinstance(exc, UpstreamTimeout)):
+                self.mark_down(upstream)  # (one asked for a copy it holds and slow: not down)
             tried.failed(registry, exc)
             self._count_peer(upstream, "failed")
             return None
@@ -329,8 +333,17 @@ class UpstreamClient:
             proof = self._peer_auth.sign_request(method, url.raw_path_qs, self._peer_name)
             if proof is not None:
                 headers[PROOF_HEADER] = proof
+            if upstream.cached_only:
+                limits = self._held_copy_timeout
             response = await self._sender.send(
-                registry, method, url, headers, None, limits, peer=True
+                registry,
+                method,
+                url,
+                headers,
+                None,
+                limits,
+                peer=True,
+                patient=not upstream.cached_only,
             )
             return response, False
         scope = f"repository:{upstream.repository}:pull"
