@@ -202,3 +202,50 @@ async def test_a_client_cut_off_mid_blob_resumes_with_range(
             wan.mend()
     assert bytes(got) == layer.data
     assert await node.metric("detour_blob_client_waits_ended_total", where="body") == 1
+
+
+async def pull_retrying(node: Proxy, name: str, blob: Blob) -> int:
+    """GET a blob as a kubelet pulls through containerd: a 5xx is retried after a back-off
+    (shortened here). How many 5xx it met."""
+    failed = 0
+    while True:
+        async with node.session.get(f"{node.url}/v2/{name}/blobs/{blob.digest}") as response:
+            if response.status == 200:
+                assert await response.read() == blob.data
+                return failed
+            assert response.status in (502, 504), await response.text()
+        failed += 1
+        await asyncio.sleep(1.0)
+
+
+async def test_a_cut_longer_than_the_clients_wait_still_costs_one_fetch_per_blob(
+    detour_process: StartProxy, registry: Registry, tmp_path: Path
+) -> None:
+    """Three nodes pull at once through a 10 s cut, their clients let go of after 3 s and
+    retrying: the nodes keep waiting on the owners (a peer's request is not let go of), the
+    retries join their fetches, and the mirror is still asked for each blob once."""
+    name = unique_repo("longsite").split("/")[1]
+    image = push_image(
+        registry, f"docker-mirror/library/{name}", "v1", layers=3, layer_size=512 * 1024
+    )
+    async with Relay(registry) as wan:
+        _, nodes = await start_site(
+            detour_process, wan.host, tmp_path, 3, upstream={"client_wait": "3s"}
+        )
+        mark = registry.mark()
+        wan.cut()
+        mending = asyncio.get_running_loop().call_later(10.0, wan.mend)
+        try:
+            async with asyncio.timeout(90):
+                failures = await asyncio.gather(
+                    *(pull_retrying(n, name, b) for n in nodes for b in image.blobs)
+                )
+        finally:
+            mending.cancel()
+            wan.mend()
+    assert all(failed >= 1 for failed in failures)  # every client was let go of, and retried
+    for blob in image.blobs:
+        gets = await blob_gets(registry, mark, blob)
+        assert [e.status for e in gets] == [200], blob.digest
+    hung = [await n.metric("detour_peer_probes_total", result="hung") for n in nodes]
+    assert sum(hung) == 0
