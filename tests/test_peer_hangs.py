@@ -238,3 +238,25 @@ async def test_an_owner_waiting_for_its_mirror_is_not_bypassed(
     hung = sum([await node.metric("detour_peer_probes_total", result="hung") for node in nodes])
     assert alive >= 1
     assert hung == 0
+
+
+async def test_a_failed_peer_is_skipped_for_cluster_down_seconds(
+    detour_process: StartProxy, registry: Registry, tmp_path: Path
+) -> None:
+    """A peer nothing answers for (every key's owner) fails, is skipped for
+    ``cluster.down_seconds`` (here 2 s), then asked again."""
+    name = unique_repo("down").split("/")[1]
+    image = push_image(registry, f"docker-mirror/library/{name}", "v1", layers=3, layer_size=512)
+    gone = f"127.0.0.1:{free_port()}"
+    node = await client_of(
+        detour_process, registry, tmp_path, gone, cluster={"peers": [gone], "down_seconds": "2s"}
+    )
+    first, second, third = image.blobs[:3]
+    await get_blob(node, name, first)
+    await get_blob(node, name, second)
+    failed = await node.metric("detour_peer_requests_total", result="failed")
+    skipped = await node.metric("detour_peer_requests_total", result="skipped")
+    assert (failed, skipped) == (1, 1)
+    await asyncio.sleep(2.5)
+    await get_blob(node, name, third)
+    assert await node.metric("detour_peer_requests_total", result="failed") == 2
