@@ -13,6 +13,9 @@ turn (each ``--repeat`` times, modes interleaved, so the ratios come from one ru
   the owner of each blob serves all the others;
 * ``tree``: the same with ``cluster.fan_out`` = each of ``--fan-out``, the code of
   ``--tree-rev``, and any ``--tree-setting``;
+* ``warm``: as ``tree``, but node 1 pulls the image first (not timed), so that every blob's
+  owner holds it, and then the other nodes pull: the figure to set beside ``seed``'s
+  distribution alone;
 * ``seed``: BitTorrent. Node 1, the owner, fetches every layer from the mirror over the WAN
   (checking its sha256), makes one torrent per layer (``create_torrent``: it needs the whole
   file; v1, ``--piece-kib`` pieces), and seeds; nodes 2..K download every torrent at once with
@@ -93,7 +96,7 @@ TORRENT_LABELS = {
     "webseed": "BitTorrent, web seed",
 }
 SYSTEM_PYTHON = "/usr/bin/python3"
-MODES = ("one", "peers", "tree", "seed", "rarest", "webseed")
+MODES = ("one", "peers", "tree", "warm", "seed", "rarest", "webseed")
 POLL = 0.05  # seconds between a torrent agent's looks at its torrents
 READ = 1 << 20
 # The longest a pull waits on a silent source: containerd's image_pull_progress_timeout (5 min).
@@ -612,24 +615,39 @@ class TorrentBench:
         self.caches = []
         return cpu, problems
 
-    def detour(self, label: str, repeat: int, source: str, fan_out: int | None) -> Result:
+    def detour(
+        self, label: str, repeat: int, source: str, fan_out: int | None, warm: bool = False
+    ) -> Result:
+        """One Detour rollout; ``warm``: node 1 pulls the image first (not timed), so every
+        blob's owner holds it, then the other nodes pull (as ``seed``'s distribution)."""
         one = label == ALONE
         count = 1 if one else self.a.nodes
-        name = f"r{repeat}-{'one' if one else 'peers'}-{fan_out or 0}"
+        name = f"r{repeat}-{'one' if one else 'peers'}-{fan_out or 0}{'-warm' if warm else ''}"
         self._start_caches(name, count, source, fan_out, peers=not one)
+        base = f"http://127.0.0.1:{PORT}/v2/{DETOUR_NAME}"
+        request = {"op": "pull", "base": base, "reference": TAG}
+        pulling = list(range(count))
+        errors = []
+        if warm:
+            first = self.tagents[0].call(request)
+            if not first.get("ok"):
+                errors.append(f"node1 (warming): {first.get('error')}")
+            pulling = pulling[1:]
         wan_before = self.settle_wan()
         tx = node_tx(self.site)
-        base = f"http://127.0.0.1:{PORT}/v2/{DETOUR_NAME}"
-        request = {"op": "pull", "base": base, "reference": TAG, "timeout": self.a.timeout}
         started = time.time()
-        for index in range(count):
+        for index in pulling:
             self.tagents[index].send(request)
-        replies = [self.tagents[index].receive() for index in range(count)]
+        replies = [self.tagents[index].receive() for index in pulling]
         wan_after = self.settle_wan()
         sent = [b - a for a, b in zip(tx, node_tx(self.site), strict=True)]
         cpu, problems = self._stop_caches()
         ends = [r["end"] for r in replies if r.get("ok")]
-        errors = [f"node{i}: {r.get('error')}" for i, r in enumerate(replies, 1) if not r.get("ok")]
+        errors += [
+            f"node{i + 1}: {r.get('error')}"
+            for i, r in zip(pulling, replies, strict=True)
+            if not r.get("ok")
+        ]
         last = max(ends) if ends else float("nan")
         return Result(
             label=label,
@@ -641,7 +659,7 @@ class TorrentBench:
             cpu=cpu,
             rss=self.cache_rss,
             verified=len(ends),
-            pulls=count,
+            pulls=len(pulling),
             per_node=[r["end"] - started if r.get("ok") else None for r in replies],
             errors=errors + problems[:3],
         )
@@ -731,6 +749,17 @@ class TorrentBench:
                     runs = [
                         self.detour(
                             f"Detour tree, fan_out {f}{extra}", repeat, self.paths["tree"], f
+                        )
+                        for f in self.a.fan_out
+                    ]
+                elif mode == "warm":
+                    runs = [
+                        self.detour(
+                            f"Detour tree, fan_out {f}{extra}, owners warm",
+                            repeat,
+                            self.paths["tree"],
+                            f,
+                            warm=True,
                         )
                         for f in self.a.fan_out
                     ]
