@@ -32,7 +32,7 @@ CACHE_WRITE_FAILURES = (
     "no_room",
     "disk_behind",
 )
-PEER_RESULTS = ("served", "failed", "skipped")
+PEER_RESULTS = ("served", "failed", "skipped", "not_held")
 # Why a peer was bypassed at once (proxy.core.peer_checks): it lied, or could not prove it is one.
 PEER_LIES = ("wrong_blob", "wrong_manifest", "redirect", "unproven_tag")
 ENDED_FETCHES = ("abandoned", "too_slow")
@@ -223,7 +223,8 @@ class Metrics:
         self.peer_requests = Counter(
             "detour_peer_requests",
             "Requests to the owners of blobs, manifests and tags among the peers, by result: "
-            "served, failed (the next peer or the upstream served), skipped (down lately).",
+            "served, failed (the next peer or the upstream served), skipped (down lately), "
+            "not_held (asked only for a copy it holds, it had none).",
             ["result"],
             registry=r,
         )

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from proxy.cluster.peering import Peering, blob_key, rendezvous, tag_key
-from proxy.metrics import Metrics
+from proxy.metrics import PEER_RESULTS, Metrics
 from proxy.reference import ImageName
 from proxy.settings import ClusterSettings
 from tests.images import ACCEPT_ALL, PushedImage, get_manifest, push_image, unique_repo
@@ -201,7 +201,7 @@ async def test_private_pulls_never_go_to_a_peer(
                 assert response.status == 200
                 assert await response.read() == blob.data
     for node in nodes:
-        for result in ("served", "failed", "skipped"):
+        for result in PEER_RESULTS:
             assert await node.metric("detour_peer_requests_total", result=result) == 0
 
 

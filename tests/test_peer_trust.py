@@ -22,6 +22,7 @@ from aiohttp import web
 
 from proxy.cluster.peering import PEER_HEADER, blob_key, manifest_key, rendezvous, tag_key
 from proxy.core.peer_auth import PROOF_HEADER, PeerAuth, fingerprint, new_secret
+from proxy.metrics import PEER_RESULTS
 from proxy.reference import ImageName
 from tests.images import ACCEPT_ALL, PushedImage, push_image, unique_repo
 from tests.proxy import Proxy, pull_image
@@ -81,10 +82,7 @@ def digest_owned_by(peers: list[str], owner: str) -> str:
 
 async def peer_requests(node: Proxy) -> float:
     return sum(
-        [
-            await node.metric("detour_peer_requests_total", result=result)
-            for result in ("served", "failed", "skipped")
-        ]
+        [await node.metric("detour_peer_requests_total", result=result) for result in PEER_RESULTS]
     )
 
 

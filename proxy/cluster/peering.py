@@ -25,9 +25,9 @@ nothing new can go wrong in between: digests are checked on the node as on any u
 * **Marking.** Requests to a peer carry :data:`PEER_HEADER`; one that arrives with it and a valid
   proof of the site's secret (:mod:`proxy.core.peer_auth`; without ``cluster.secret_dir``: from
   an address in the peer set) is a peer request. A peer's request for a blob goes on up the
-  tree only (:meth:`Peering.relay`: to peers ranked above this one, so it never comes back);
-  for anything else it is never forwarded to another peer. Any other request is a client's,
-  whatever its source address.
+  tree (:meth:`Peering.relay`: to peers ranked above this one, so it never comes back; the
+  others only for what they hold, which they never forward); for anything else it is never
+  forwarded to another peer. Any other request is a client's, whatever its source address.
 * **Private content** (a request with the client's own credentials) never goes to a peer.
 * **Membership.** ``cluster.peers`` is a list of ``host:port`` or one ``dns:<name>:<port>``,
   resolved again every ``cluster.refresh`` (a headless Service over the DaemonSet's ready
@@ -242,13 +242,11 @@ class Peering:
         return replace(route, upstreams=peers + route.upstreams + rest)
 
     def relay(self, route: Route, key: str) -> Route:
-        """For a peer's request for a blob: ``route`` through the peers above this instance in
-        the tree (ranked above it, so a relayed request never comes back), none beyond."""
-        ahead = self.ahead(key, tree=True) if self.member else []
-        if not ahead:
-            return route
-        peers = tuple(self._peer(peer, route) for peer in ahead)
-        return replace(route, upstreams=peers + route.upstreams)
+        """For a peer's request for a blob: ``route`` through the tree as for a client's (the
+        peers ahead are ranked above this instance, so a relayed request never comes back; the
+        others, behind the upstreams, are asked only for what they hold, which never goes
+        further). An instance that is no member of the set goes to the upstream alone."""
+        return self.route(route, key, tree=True) if self.member else route
 
     @staticmethod
     def _peer(peer: str, route: Route, *, cached_only: bool = False) -> Upstream:

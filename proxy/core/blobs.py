@@ -95,9 +95,11 @@ class Blobs:
             if cached is not None:
                 return await self._from_disk(request, cached, outcome)
             fetch = None
+        if not route.upstreams:
+            # A peer's only-if-cached request (handlers): what is here, not what may come. A
+            # fetch under way may be waiting on that very peer (the site offline).
+            raise NotHeld("blob not held here", {"digest": str(digest)})
         if fetch is None or fetch.spilled:
-            if not route.upstreams:  # a peer's only-if-cached request (handlers)
-                raise NotHeld("blob not held here", {"digest": str(digest)})
             fetch = self._start(route, digest, client_auth, shared=shared)
             # A miss asked first of the site's owner of the blob (proxy.cluster.peering) is "peer".
             asked_peer = bool(route.upstreams) and route.upstreams[0].peer
@@ -186,6 +188,8 @@ class Blobs:
         if size is not None:
             outcome.count("hit")
             return web.Response(headers=blob_headers(digest, size))
+        if not route.upstreams:  # a peer's only-if-cached request (handlers): see get()
+            raise NotHeld("blob not held here", {"digest": str(digest)})
         fetch = self._inflight.get(digest)
         if fetch is not None and self._sharing.shared(client_auth):
             outcome.count("joined")
@@ -193,8 +197,6 @@ class Blobs:
                 await fetch.headers_ready(client_patience(request, fetch))
             outcome.upstream = fetch.source
             return web.Response(headers=blob_headers(fetch.digest, fetch.size))
-        if not route.upstreams:  # a peer's only-if-cached request (handlers)
-            raise NotHeld("blob not held here", {"digest": str(digest)})
         outcome.count(self._sharing.result("miss", client_auth))
         async with await self._upstream.open(
             route, "HEAD", f"blobs/{digest}", client_auth=client_auth

@@ -164,9 +164,9 @@ def _through_peers(
     """The route through the site's peers (see proxy.cluster.peering): a client's request goes
     to the peers ahead of this instance for the key, unless it carries the client's own
     credentials (private content never travels between peers). A proven peer's request for a
-    blob goes on up the tree only, to peers ranked above this one; for anything else it is
-    not forwarded again. A peer's ``only-if-cached`` request is answered from what this
-    instance holds or is fetching, never from an upstream."""
+    blob goes on up the tree (to peers ranked above this one); for anything else it is not
+    forwarded again. A peer's ``only-if-cached`` request is answered from what this instance
+    holds, never from an upstream or a fetch under way."""
     peering = request.app[SERVICES].peering
     if not peering.enabled:
         return route

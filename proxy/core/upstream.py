@@ -257,6 +257,13 @@ class UpstreamClient:
             self._count_peer(upstream, "failed")
             return None
         self._down_until.pop(registry, None)
+        if upstream.cached_only and response.status not in (200, 206):
+            # Asked only for a copy it holds: anything else (its 504, or the 403 of a peer this
+            # very request has already passed through) is no answer for the client. Not down.
+            tried.refused_by_peer(registry, response.status)
+            self._count_peer(upstream, "not_held")
+            response.release()
+            return None
         if _retryable(response.status):
             self._count_peer(upstream, "failed")
             named = self._egress.named_registry(registry)
