@@ -382,13 +382,17 @@ class Helper:
             raise RuntimeError(f"{self.netns} {request['op']}: {reply.get('error')}")
         return reply
 
-    def stop(self) -> None:
+    def close_input(self) -> None:
+        """The end of its requests: it exits once it has answered the one it is on."""
+        with contextlib.suppress(OSError):
+            assert self._proc.stdin is not None
+            self._proc.stdin.close()
+
+    def stop(self, grace: float = 5.0) -> None:
         if self._proc.poll() is None:
-            with contextlib.suppress(OSError):
-                assert self._proc.stdin is not None
-                self._proc.stdin.close()
+            self.close_input()
             try:
-                self._proc.wait(timeout=5)
+                self._proc.wait(timeout=grace)
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self._proc.pid, signal.SIGKILL)
@@ -780,8 +784,12 @@ class TorrentBench:
     def stop(self) -> None:
         with contextlib.suppress(Exception):
             self._stop_caches()
-        for helper in [*self.tagents, *self.pullers]:
-            helper.stop()
+        helpers = [*self.tagents, *self.pullers]
+        for helper in helpers:  # all told first, then 5 s for all of them, not 5 s each
+            helper.close_input()
+        deadline = time.monotonic() + 5
+        for helper in helpers:
+            helper.stop(max(0.1, deadline - time.monotonic()))
         self.mirror.stop()
         self.site.destroy()
 
