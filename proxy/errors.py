@@ -1,6 +1,6 @@
 """Detour's exception tree.
 
-Every error a request can meet is one of these; ``proxy.core.app``'s error middleware is the one
+Every error a request can meet is one of these; ``proxy.api.app``'s error middleware is the one
 place that turns them into the OCI error body ``{"errors": [{"code", "message", "detail"}]}``::
 
     DetourError                      status  code
@@ -29,7 +29,7 @@ place that turns them into the OCI error body ``{"errors": [{"code", "message", 
         └── UpstreamInvalid          502     UNAVAILABLE       (wrong digest, oversize, bad reply)
 
 An :class:`UpstreamError` carries a ``cause``, one short stable word for what failed (the words
-are listed in :mod:`proxy.core.transport`), and a ``reason``, the failure in words without host
+are listed in :mod:`proxy.upstream.transport`), and a ``reason``, the failure in words without host
 names.
 When every upstream of a request failed, the detail lists each one tried: ``{"name", "attempts":
 [{"upstream", "cause", "error"[, "host"][, "status"]}, ...]}``.

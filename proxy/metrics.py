@@ -33,10 +33,11 @@ CACHE_WRITE_FAILURES = (
     "disk_behind",
 )
 PEER_RESULTS = ("served", "failed", "skipped", "not_held")
-# Why a peer was bypassed at once (proxy.core.peer_checks): it lied, or could not prove it is one.
+# Why a peer was bypassed at once (proxy.upstream.peer_checks): it lied, or could not
+# prove it is one.
 PEER_LIES = ("wrong_blob", "wrong_manifest", "redirect", "unproven_tag")
 ENDED_FETCHES = ("abandoned", "too_slow")
-# A silent peer probed (proxy.core.liveness): alive, waited on; hung, bypassed.
+# A silent peer probed (proxy.upstream.liveness): alive, waited on; hung, bypassed.
 PEER_PROBES = ("alive", "hung")
 # Where a blob client was let go of after upstream.client_wait with nothing to send it.
 CLIENT_WAITS = ("headers", "body")
@@ -301,7 +302,7 @@ class Metrics:
             self.client_waits.labels(where)
         for source in SOURCES:
             self.served_bytes.labels(source)
-        self.verify_failures.labels("blob", CACHE)  # the cache's own files (proxy.core.blobs)
+        self.verify_failures.labels("blob", CACHE)  # the cache's own files (proxy.content.blobs)
         for registry in sorted(self.known_registries | {OTHER}):
             for kind in DIGEST_KINDS:
                 self.verify_failures.labels(kind, registry)
@@ -314,7 +315,7 @@ class Metrics:
     def request_finished(
         self, method: str, path: str, status: int, seconds: float, source: str | None, sent: int
     ) -> None:
-        """Count a client request once it is answered (``proxy.core.app.metrics_middleware``):
+        """Count a client request once it is answered (``proxy.api.app.metrics_middleware``):
         by method, endpoint kind and status, its duration, and its body bytes by source."""
         method = method if method in ("GET", "HEAD") else OTHER
         kind = endpoint_kind(path)

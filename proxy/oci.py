@@ -1,7 +1,7 @@
 """The OCI (and Docker v2) formats Detour reads: manifest media types, the stored manifest,
 the JSON shapes of manifests and indexes, and the check that a body is a manifest Detour serves.
 
-Shared by the proxy (:mod:`proxy.core.manifests`) and the tools (:mod:`proxy.tools.warm`), so
+Shared by the proxy (:mod:`proxy.content.manifests`) and the tools (:mod:`proxy.tools.warm`), so
 neither imports the other to know what a manifest is.
 """
 

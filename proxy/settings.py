@@ -120,7 +120,7 @@ class RegistrySettings(_Section):
     (a mirror with a private CA); ``tls_verify: false`` accepts any certificate from it. Both
     apply to the registry's own API host; a host it redirects to is verified as usual unless it
     has an entry of its own. The file is read when the proxy starts
-    (:func:`proxy.core.connections.registry_tls`), not here: the webhook reads the same settings
+    (:func:`proxy.upstream.connections.registry_tls`), not here: the webhook reads the same settings
     without mounting the CA.
     """
 
@@ -277,7 +277,7 @@ class ClusterSettings(_Section):
     # client, so a peer's wrong bytes cost the client nothing; a larger one is sent as it comes.
     verify_peer_blobs_first: ByteSize = 512 * 1024 * 1024
     # The site's shared secret (a mounted Secret): its file "current" signs, "current" and
-    # "accepted" are accepted (proxy.core.peer_auth). Unset: peers are known by address only.
+    # "accepted" are accepted (proxy.upstream.peer_auth). Unset: peers are known by address only.
     secret_dir: Path | None = None
     # A blob wanted by many nodes at once travels down a tree in rendezvous order: the owner
     # serves this many peers, each of them as many more (proxy.cluster.peering). 1: a chain.

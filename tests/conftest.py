@@ -24,7 +24,7 @@ import aiohttp
 import pytest
 import structlog
 
-from proxy.core.app import create_app
+from proxy.api.app import create_app
 from proxy.logs import configure_logging
 from proxy.settings import Settings
 from tests.containerd import CONTAINERD_BIN, CTR_BIN, Containerd

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from proxy.core.handlers import rewrite_link
+from proxy.api.handlers import rewrite_link
 from tests.images import (
     ACCEPT_ALL,
     DOCKER_MANIFEST,

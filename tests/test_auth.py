@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.core.auth import Challenge, CredentialStore, load_docker_config, parse_challenges
 from proxy.settings import ConfigError, RegistrySettings
+from proxy.upstream.auth import Challenge, CredentialStore, load_docker_config, parse_challenges
 
 HUB = (
     'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.core.blob_writer import CHECKED_CHUNK_BYTES, BlobWriter, Checksums
-from proxy.core.cache import CacheStore
+from proxy.cache.store import CacheStore
+from proxy.cache.writer import CHECKED_CHUNK_BYTES, BlobWriter, Checksums
 from proxy.reference import Digest
 
 MiB = 1 << 20

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-import proxy.core.rules
 import proxy.tools.cache_commands
+import proxy.upstream.rules
 import proxy.webhook
 from proxy import __version__
 from proxy.cluster.peering import manifest_key, rendezvous, tag_key
@@ -155,7 +155,7 @@ def test_a_bug_is_not_reported_as_bad_input(
     def broken(*_: object, **__: object) -> str:
         raise ValueError("a bug")
 
-    monkeypatch.setattr(proxy.core.rules, "describe_resolution", broken)
+    monkeypatch.setattr(proxy.upstream.rules, "describe_resolution", broken)
     with pytest.raises(ValueError, match="a bug"):
         main(["resolve", "nats:2.10"])
 

@@ -34,9 +34,9 @@ from typing import Any
 
 import yaml
 
-from proxy.core.rules import Rules
 from proxy.reference import ImageName
 from proxy.settings import load_settings, split_host_port
+from proxy.upstream.rules import Rules
 from tests.dockerd import Dockerd
 from tests.proxy import Proxy
 from tests.registry import Registry

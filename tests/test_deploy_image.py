@@ -13,9 +13,9 @@ from typing import Any
 
 import yaml
 
-from proxy.core.rules import Rules
 from proxy.reference import ImageName
 from proxy.settings import Settings, load_settings, split_host_port
+from proxy.upstream.rules import Rules
 from tests.proxy import Proxy
 from tests.support import ROOT
 

@@ -20,20 +20,20 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy.core.auth import CredentialStore
-from proxy.core.blob_writer import CHECKED_CHUNK_BYTES
-from proxy.core.cache import CacheStore
-from proxy.core.connections import registry_tls
-from proxy.core.direct_body import MAX_BODIES, TAKE_OVER_AFTER, TAKE_OVER_RATE
-from proxy.core.download import Download, FetchLimits, FetchSlots, State
-from proxy.core.egress import EgressPolicy
-from proxy.core.rules import Route, Upstream
-from proxy.core.upstream import UpstreamClient
-from proxy.core.window import Reader
+from proxy.cache.store import CacheStore
+from proxy.cache.writer import CHECKED_CHUNK_BYTES
+from proxy.content.download import Download, FetchLimits, FetchSlots, State
+from proxy.content.window import Reader
 from proxy.errors import BlobUnknown, UpstreamInvalid, UpstreamUnreachable
 from proxy.metrics import Metrics
 from proxy.reference import Digest, ImageName
 from proxy.settings import Settings
+from proxy.upstream.auth import CredentialStore
+from proxy.upstream.client import UpstreamClient
+from proxy.upstream.connections import registry_tls
+from proxy.upstream.direct_body import MAX_BODIES, TAKE_OVER_AFTER, TAKE_OVER_RATE
+from proxy.upstream.egress import EgressPolicy
+from proxy.upstream.rules import Route, Upstream
 from tests.registry import make_certificates
 
 KiB = 1024
@@ -355,8 +355,8 @@ async def test_a_fetch_nobody_waits_for_ends_before_it_begins(
     assert s.metric("detour_ended_blob_fetches_total", reason="abandoned") == 1
 
 
-# Read on by Detour itself (proxy.core.direct_body): past its first TAKE_OVER_AFTER bytes, a body
-# fast enough (here: any) is read from its connection into page-aligned blocks, which the
+# Read on by Detour itself (proxy.upstream.direct_body): past its first TAKE_OVER_AFTER bytes, a
+# body fast enough (here: any) is read from its connection into page-aligned blocks, which the
 # blob writer writes from where they are.
 
 

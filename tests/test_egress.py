@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from proxy.core.egress import EgressPolicy
 from proxy.errors import RegistryDenied
+from proxy.upstream.egress import EgressPolicy
 from tests.images import push_image, unique_repo
 from tests.proxy import Proxy, scenario
 from tests.registry import Registry, make_certificates
@@ -283,7 +283,7 @@ async def test_a_loop_between_detours_ends_at_once(
 ) -> None:
     """Two proxies, each the other's mirror (a misconfiguration): the request carries each
     one's Via, and the first to see itself again refuses, instead of looping."""
-    from proxy.core.app import create_app
+    from proxy.api.app import create_app
     from proxy.settings import Settings
 
     ports = [free_port(), free_port()]

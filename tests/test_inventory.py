@@ -23,10 +23,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.core.admin import from_loopback
-from proxy.core.cache import CacheStore, TagRecord
-from proxy.core.inventory import scan
-from proxy.core.removals import NotCached, plan_prune, plan_remove
+from proxy.api.admin import from_loopback
+from proxy.cache.inventory import scan
+from proxy.cache.removals import NotCached, plan_prune, plan_remove
+from proxy.cache.store import CacheStore, TagRecord
 from proxy.files import write_atomic
 from proxy.oci import StoredManifest
 from proxy.reference import Digest, ImageName

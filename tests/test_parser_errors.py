@@ -1,5 +1,5 @@
 """A request aiohttp's HTTP parser refuses gets Detour's OCI 400 and a log line of the right
-level, through :func:`proxy.core.app.answer_parser_errors`, which leans on private parts of
+level, through :func:`proxy.api.app.answer_parser_errors`, which leans on private parts of
 aiohttp (it has no supported hook for this). When an aiohttp upgrade takes one away, the first
 test here fails and says which, instead of every refused request silently getting aiohttp's
 plain-text 400 (or no answer at all)."""
@@ -16,11 +16,11 @@ import pytest
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from proxy.core.app import AccessLog, _ProtocolErrors, answer_parser_errors
+from proxy.api.app import AccessLog, _ProtocolErrors, answer_parser_errors
 from proxy.logs import configure_logging
 
 ReadLogs = Callable[[], list[dict[str, Any]]]
-BROKEN = "aiohttp no longer has what proxy.core.app.answer_parser_errors relies on"
+BROKEN = "aiohttp no longer has what proxy.api.app.answer_parser_errors relies on"
 
 
 @pytest.fixture

@@ -21,9 +21,9 @@ import pytest
 from aiohttp import web
 
 from proxy.cluster.peering import PEER_HEADER, blob_key, manifest_key, rendezvous, tag_key
-from proxy.core.peer_auth import PROOF_HEADER, PeerAuth, fingerprint, new_secret
 from proxy.metrics import PEER_RESULTS
 from proxy.reference import ImageName
+from proxy.upstream.peer_auth import PROOF_HEADER, PeerAuth, fingerprint, new_secret
 from tests.images import ACCEPT_ALL, PushedImage, push_image, unique_repo
 from tests.proxy import Proxy, pull_image
 from tests.registry import Registry

@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.core.rules import Rules
 from proxy.reference import ImageName
 from proxy.settings import load_settings
+from proxy.upstream.rules import Rules
 from tests.images import push_image
 from tests.proxy import Proxy
 from tests.registry import Registry

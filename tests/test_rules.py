@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from proxy.core.rules import Rules, describe_resolution
 from proxy.reference import ImageName
 from proxy.settings import Settings
+from proxy.upstream.rules import Rules, describe_resolution
 
 SCENARIO: list[dict[str, Any]] = [
     {"src": "docker.io/", "to": "project-a.azurecr.io/docker-mirror/"},

@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.core.auth import parse_challenges
 from proxy.settings import Settings
+from proxy.upstream.auth import parse_challenges
 from tests.images import ACCEPT_ALL, PushedImage, push_image, unique_repo
 from tests.proxy import Proxy
 from tests.registry import Registry

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from proxy.core.connections import registry_tls
 from proxy.settings import ConfigError, RegistrySettings, load_settings
+from proxy.upstream.connections import registry_tls
 from tests.conftest import ReadLogs
 from tests.images import ACCEPT_ALL, Client, PushedImage, Response, build_image, unique_repo
 from tests.images import upload_image as _upload_image

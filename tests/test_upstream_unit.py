@@ -14,8 +14,6 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from proxy.core.egress import AddressRefused
-from proxy.core.transport import Attempts, transport_errors
 from proxy.errors import (
     DetourError,
     UpstreamDenied,
@@ -23,6 +21,8 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from proxy.upstream.egress import AddressRefused
+from proxy.upstream.transport import Attempts, transport_errors
 from tests.conftest import ReadLogs
 
 # A signed object-storage URL: its host and query must never reach an error's words.

@@ -9,7 +9,7 @@ while streaming it to its client. The owner's answer comes over the same registr
 nothing new can go wrong in between: digests are checked on the node as on any upstream.
 
 * **Routes.** :meth:`Peering.route` puts the peers :meth:`~Peering.ahead` of this instance for
-  the key in front of a route's upstreams (:class:`~proxy.core.rules.Upstream` with
+  the key in front of a route's upstreams (:class:`~proxy.upstream.rules.Upstream` with
   ``peer=True``): for a manifest or tag, the owner and the next peer in rendezvous order; for a
   blob, its parent in a tree of ``cluster.fan_out`` children a node laid over the same order,
   then the nodes above it up to the owner, then the owner's successor. So a blob that every
@@ -23,7 +23,7 @@ nothing new can go wrong in between: digests are checked on the node as on any u
   upstreams, asked only for a copy it holds (``Cache-Control: only-if-cached``, answered 504
   when it has none): a site whose uplink is down loses nothing any live node holds.
 * **Marking.** Requests to a peer carry :data:`PEER_HEADER`; one that arrives with it and a valid
-  proof of the site's secret (:mod:`proxy.core.peer_auth`; without ``cluster.secret_dir``: from
+  proof of the site's secret (:mod:`proxy.upstream.peer_auth`; without ``cluster.secret_dir``: from
   an address in the peer set) is a peer request. A peer's request for a blob goes on up the
   tree (:meth:`Peering.relay`: to peers ranked above this one, so it never comes back; the
   others only for what they hold, which they never forward); for anything else it is never
@@ -45,13 +45,13 @@ import socket
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import replace
 
-from proxy.core.egress import EgressPolicy
-from proxy.core.peer_auth import PeerAuth
-from proxy.core.rules import Route, Upstream
-from proxy.core.upstream import PEER_HEADER
 from proxy.logs import get_logger
 from proxy.metrics import Metrics
 from proxy.settings import ClusterSettings
+from proxy.upstream.client import PEER_HEADER
+from proxy.upstream.egress import EgressPolicy
+from proxy.upstream.peer_auth import PeerAuth
+from proxy.upstream.rules import Route, Upstream
 
 __all__ = ["PEER_HEADER", "Peering", "rendezvous"]
 

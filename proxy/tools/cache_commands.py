@@ -1,9 +1,9 @@
 """``detour cache ls``, ``rm`` and ``prune``: the command-line side of the cache inventory.
 
 Each works on the files of a cache directory no proxy is serving (DIR, or the settings'
-``cache.dir``), reading them with :func:`proxy.core.inventory.scan` and removing through a
-:class:`~proxy.core.cache.CacheStore` of its own; or, with ``--endpoint``, asks the running
-proxy's loopback admin endpoints (:mod:`proxy.core.admin`), so that the proxy removes the files
+``cache.dir``), reading them with :func:`proxy.cache.inventory.scan` and removing through a
+:class:`~proxy.cache.store.CacheStore` of its own; or, with ``--endpoint``, asks the running
+proxy's loopback admin endpoints (:mod:`proxy.api.admin`), so that the proxy removes the files
 itself and its size accounting stays right. Here are the arguments, the calls to the proxy, and
 the tables and reports printed.
 """
@@ -24,8 +24,8 @@ from urllib.error import HTTPError, URLError
 from urllib.parse import quote, urlencode
 from urllib.request import ProxyHandler, Request, build_opener
 
-from proxy.core.inventory import ADMIN_PATH, Inventory, scan
-from proxy.core.removals import (
+from proxy.cache.inventory import ADMIN_PATH, Inventory, scan
+from proxy.cache.removals import (
     NotCached,
     Plan,
     check_target,
@@ -227,7 +227,7 @@ def _carry_out(args: argparse.Namespace, steps: Sequence[tuple[str, str, Planner
                 f"the Detour at {running} serves {root}: use --endpoint {running}, so that "
                 "it removes the files itself and its size accounting stays right"
             )
-    from proxy.core.cache import CacheStore
+    from proxy.cache.store import CacheStore
 
     outcomes: list[dict[str, Any]] = []
     missed = 0

@@ -38,7 +38,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from proxy.core.app import run
+    from proxy.api.app import run
 
     run(_settings(args))
     return 0
@@ -52,8 +52,8 @@ def _webhook(args: argparse.Namespace) -> int:
 
 
 def _resolve(args: argparse.Namespace) -> int:
-    from proxy.core.rules import describe_resolution
     from proxy.reference import ImageName, Reference
+    from proxy.upstream.rules import describe_resolution
     from proxy.webhook import rewrite_image
 
     settings = _settings(args)
@@ -280,7 +280,7 @@ def _warn_evicted(warmed: int, settings: Settings | None) -> None:
 
 
 def _cache_verify(args: argparse.Namespace) -> int:
-    from proxy.core.cache_check import verify_cache
+    from proxy.cache.check import verify_cache
 
     try:
         take_dir(args)
@@ -308,7 +308,7 @@ def _cache_verify(args: argparse.Namespace) -> int:
 
 
 def _peer_secret(_: argparse.Namespace) -> int:
-    from proxy.core.peer_auth import new_secret
+    from proxy.upstream.peer_auth import new_secret
 
     print(new_secret())
     return 0

@@ -4,7 +4,7 @@ Warming is an ordinary pull through Detour, so it follows the same redirect rule
 auth, verification and cache directory as any client's pull:
 
 * without an endpoint, Detour is started in this process from the settings
-  (:func:`proxy.core.app.create_app` on 127.0.0.1, an ephemeral port) and stopped at the end: for
+  (:func:`proxy.api.app.create_app` on 127.0.0.1, an ephemeral port) and stopped at the end: for
   preloading before the proxy runs (a staging machine, an initContainer);
 * with an endpoint (``http://127.0.0.1:7439``), an already running proxy does the work: use
   this while the proxy runs: a second Detour on the same cache directory would delete the
@@ -364,7 +364,7 @@ async def _read_capped(response: aiohttp.ClientResponse, limit: int, where: str)
 @contextlib.asynccontextmanager
 async def _in_process(settings: Settings) -> AsyncIterator[str]:
     """Detour itself, from ``settings``, on 127.0.0.1 at an ephemeral port, for the duration."""
-    from proxy.core.app import create_app
+    from proxy.api.app import create_app
 
     runner = web.AppRunner(create_app(settings), access_log=None, handle_signals=False)
     try:

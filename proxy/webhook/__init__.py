@@ -1,9 +1,9 @@
 """The admission webhook that adds the node-local prefix to pod images.
 
-It runs as its own Deployment and imports nothing from the proxy's core, cluster or tools: of
-the shared modules at the root it uses :mod:`proxy.reference` (image references and the JSON
-parser), :mod:`proxy.settings`, :mod:`proxy.logs`, and, for ``detour webhook-certs``,
-:mod:`proxy.files` (the atomic write). Its modules:
+It runs as its own Deployment and imports nothing from the proxy's api, content, upstream,
+cache, cluster or tools: of the shared modules at the root it uses :mod:`proxy.reference`
+(image references and the JSON parser), :mod:`proxy.settings`, :mod:`proxy.logs`, and, for
+``detour webhook-certs``, :mod:`proxy.files` (the atomic write). Its modules:
 
 - :mod:`proxy.webhook.rewrite`: what is rewritten in a pod and what is skipped, and the
   JSONPatch that does it (pure);

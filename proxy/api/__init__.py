@@ -1,0 +1,1 @@
+"""The HTTP face: the app, its routes and handlers, the admin endpoints, the services they share."""

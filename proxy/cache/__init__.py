@@ -1,0 +1,1 @@
+"""The disk: the store, its index, blobs written and read back checked, inventory, removals."""

@@ -1,0 +1,1 @@
+"""Blobs and manifests: hits, one shared fetch per blob, its clients, what a request came to."""

@@ -1,0 +1,1 @@
+"""The way out: the upstream client, auth and tokens, each hop, egress, TLS, peers checked."""
