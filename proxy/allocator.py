@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import ctypes
 
+from proxy.memory import KEEP_FREE_BYTES, MMAP_ABOVE_BYTES
+
 M_TRIM_THRESHOLD = -1  # mallopt's parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
-MMAP_ABOVE_BYTES = 4 << 20  # buffers up to this come from the heap
-KEEP_FREE_BYTES = 32 << 20  # freed heap kept at its top before it goes back to the kernel
 
 
 def tune() -> bool:

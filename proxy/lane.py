@@ -13,17 +13,11 @@ import threading
 import time
 from collections.abc import Callable
 
+from proxy.memory import HANDOFF_BYTES, PIPELINE_BATCHES
+
 # A piece of a body: bytes as aiohttp reads them, or a view of a block read into by
 # proxy.upstream.direct_body.
 Chunk = bytes | memoryview
-
-# Chunks are handed to the thread this many bytes at a time (and at the end): a thread woken
-# per chunk would cost a context switch, and a turn of the GIL, for each one.
-HANDOFF_BYTES = 1 << 20
-# Batches handed over and not yet done: the one the thread works on and the next, so it goes
-# on without waiting for the loop (2 MiB of aiohttp's 1 MiB chunks, or 8 MiB of
-# proxy.upstream.direct_body's 4 MiB blocks).
-PIPELINE_BATCHES = 2
 
 
 class Lane:

@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.content.blob_body import CHUNK_BYTES
+from proxy.memory import CHUNK_BYTES
 from tests.images import Blob, Client, push_image, unique_repo
 from tests.proxy import Proxy, blob_path, scenario, slow_client_get
 from tests.registry import Registry

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from proxy.cache.store import CacheStore
-from proxy.cache.writer import CHECKED_CHUNK_BYTES, BlobWriter, Checksums
+from proxy.cache.writer import BlobWriter, Checksums
+from proxy.memory import CHECKED_CHUNK_BYTES
 from proxy.reference import Digest
 
 MiB = 1 << 20

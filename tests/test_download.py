@@ -21,17 +21,17 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy.cache.store import CacheStore
-from proxy.cache.writer import CHECKED_CHUNK_BYTES
 from proxy.content.download import Download, FetchLimits, FetchSlots, State
 from proxy.content.window import Reader
 from proxy.errors import BlobUnknown, UpstreamInvalid, UpstreamUnreachable
+from proxy.memory import CHECKED_CHUNK_BYTES, MAX_BODIES
 from proxy.metrics import Metrics
 from proxy.reference import Digest, ImageName
 from proxy.settings import Settings
 from proxy.upstream.auth import CredentialStore
 from proxy.upstream.client import UpstreamClient
 from proxy.upstream.connections import registry_tls
-from proxy.upstream.direct_body import MAX_BODIES, TAKE_OVER_AFTER, TAKE_OVER_RATE
+from proxy.upstream.direct_body import TAKE_OVER_AFTER, TAKE_OVER_RATE
 from proxy.upstream.egress import EgressPolicy
 from proxy.upstream.rules import Route, Upstream
 from tests.registry import make_certificates

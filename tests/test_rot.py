@@ -30,7 +30,8 @@ import aiohttp
 import pytest
 import xxhash
 
-from proxy.cache.writer import CHECKED_CHUNK_BYTES, SUMS_ATTRIBUTE, Checksums
+from proxy.cache.writer import SUMS_ATTRIBUTE, Checksums
+from proxy.memory import CHECKED_CHUNK_BYTES
 from tests.containerd import Containerd
 from tests.images import Blob, PushedImage, push_image, unique_repo
 from tests.proxy import Proxy, blob_path, scenario, slow_client_get, stop_process, wait_cached

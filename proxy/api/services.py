@@ -21,6 +21,7 @@ from proxy.content.download import FetchLimits, FetchSlots
 from proxy.content.manifests import Manifests
 from proxy.content.outcome import Sharing
 from proxy.logs import get_logger
+from proxy.memory import READ_BUFFER_BYTES
 from proxy.metrics import Metrics
 from proxy.settings import Settings
 from proxy.upstream.auth import CredentialStore
@@ -31,10 +32,6 @@ from proxy.upstream.peer_auth import PeerAuth
 from proxy.upstream.rules import Rules
 
 log = get_logger("detour")
-
-# The client's read buffer per connection (aiohttp pauses reading at twice this): with the
-# blob pipeline, what bounds memory per fetch (see the memory formula in docs/caching.md).
-READ_BUFFER_BYTES = 512 * 1024
 
 
 @dataclass(frozen=True)
@@ -162,6 +159,7 @@ def _session(
     return aiohttp.ClientSession(
         timeout=timeout or client_timeout(upstream.connect_timeout, upstream.read_timeout),
         auto_decompress=False,
+        # With the blob pipeline, what bounds a fetch's memory (proxy.memory).
         read_bufsize=READ_BUFFER_BYTES,
         connector=aiohttp.TCPConnector(
             limit=upstream.max_connections,

@@ -31,7 +31,8 @@ from typing import IO, Any, TypeVar
 
 import xxhash
 
-from proxy.cache.writer import CHECKED_CHUNK_BYTES, Checksums
+from proxy.cache.writer import Checksums
+from proxy.memory import CHECKED_CHUNK_BYTES
 from proxy.reference import Digest
 
 READ_AHEAD_BYTES = 8 << 20  # asked of the kernel when a chunk had to come from the disk

@@ -33,6 +33,7 @@ from proxy.cache.writer import BlobWriter, BlobWrites, Checksums
 from proxy.errors import UpstreamInvalid
 from proxy.files import write_atomic
 from proxy.logs import get_logger
+from proxy.memory import RECENT_MANIFEST_BYTES, RECENT_TAGS
 from proxy.metrics import Metrics
 from proxy.oci import StoredManifest
 from proxy.reference import Digest, ImageName
@@ -99,13 +100,12 @@ def cache_write_failed(
     )
 
 
-# What was last read from the disk, kept in memory: a manifest (verified when read; it is
-# content-addressed, so only its leaving the cache can make a kept one wrong to serve) and a
-# tag record (replaced or dropped only through this store). A hit by digest, or by a tag within
-# its tag_ttl, then needs no disk at all. A change made to the directory behind a running
-# proxy's back (not through its /_detour/cache endpoint) is seen once the entry leaves memory.
-RECENT_MANIFEST_BYTES = 16 << 20
-RECENT_TAGS = 16384
+# What was last read from the disk, kept in memory (up to RECENT_MANIFEST_BYTES of manifests
+# and RECENT_TAGS tag records): a manifest (verified when read; it is content-addressed, so only
+# its leaving the cache can make a kept one wrong to serve) and a tag record (replaced or
+# dropped only through this store). A hit by digest, or by a tag within its tag_ttl, then needs
+# no disk at all. A change made to the directory behind a running proxy's back (not through its
+# /_detour/cache endpoint) is seen once the entry leaves memory.
 
 
 class Recent(Generic[T]):

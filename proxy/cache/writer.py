@@ -28,12 +28,10 @@ import xxhash
 
 from proxy.lane import Chunk
 from proxy.logs import get_logger
+from proxy.memory import ALIGN, CHECKED_CHUNK_BYTES, DIRECT_BUFFER_BYTES
 from proxy.reference import Digest
 
 log = get_logger("detour.cache")
-
-DIRECT_ALIGN = 4096  # O_DIRECT: buffer address, length and file offset, multiples of this
-DIRECT_BUFFER_BYTES = 1 << 20  # a blob writer's aligned buffer: the most one write sends
 
 
 # A disk that fell behind the network keeps new blobs off O_DIRECT for this long, then is tried
@@ -191,9 +189,6 @@ def read_back(fd: int, size: int, yield_to: Callable[[], bool] = lambda: False) 
                 return False
             os.preadv(fd, [buffer], offset)
     return True
-
-
-CHECKED_CHUNK_BYTES = 2 << 20  # a cached blob is checked on its hits, and sent, in chunks of this
 
 
 @dataclass(frozen=True, slots=True)
@@ -419,9 +414,9 @@ class BlobWriter:
         return (
             self._direct
             and self.on_disk > 0  # O_DIRECT accepted by a first write
-            and self._held < DIRECT_ALIGN
+            and self._held < ALIGN
             and (address := _address(view)) >= 0
-            and address % DIRECT_ALIGN == self._held
+            and address % ALIGN == self._held
         )
 
     def _write_in_place(self, view: memoryview) -> None:
@@ -430,17 +425,17 @@ class BlobWriter:
         assert self._fd is not None
         assert self._buffer is not None
         buffer = self._buffer
-        top = -self._held % DIRECT_ALIGN  # bytes that complete the held block
+        top = -self._held % ALIGN  # bytes that complete the held block
         if len(view) < top:
             buffer[self._held : self._held + len(view)] = view
             self._held += len(view)
             return
         views = []
         if top:
-            buffer[self._held : DIRECT_ALIGN] = view[:top]
-            views.append(memoryview(buffer)[:DIRECT_ALIGN])
+            buffer[self._held : ALIGN] = view[:top]
+            views.append(memoryview(buffer)[:ALIGN])
         rest = view[top:]
-        whole = len(rest) - len(rest) % DIRECT_ALIGN
+        whole = len(rest) - len(rest) % ALIGN
         if whole:
             views.append(rest[:whole])
         if views:
@@ -455,7 +450,7 @@ class BlobWriter:
         assert self._buffer is not None
         buffer, fd = self._buffer, self._fd
         whole = memoryview(buffer)
-        end = self._held - self._held % DIRECT_ALIGN if self._direct else self._held
+        end = self._held - self._held % ALIGN if self._direct else self._held
         done = 0
         try:
             while done < end:

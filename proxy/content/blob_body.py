@@ -30,13 +30,13 @@ from proxy.errors import (
 )
 from proxy.lane import Chunk
 from proxy.logs import get_logger
+from proxy.memory import CHUNK_BYTES
 from proxy.metrics import Metrics
 from proxy.reference import Digest
 from proxy.upstream.client import UpstreamClient
 from proxy.upstream.response import UpstreamResponse
 from proxy.upstream.rules import Route, Upstream
 
-CHUNK_BYTES = 1 << 20  # the most one read from the upstream gives
 MAX_RESUMES = 3
 FIRST_BACKOFF = 0.5  # seconds before the first retry when every upstream failed; doubling
 MAX_BACKOFF = 5.0

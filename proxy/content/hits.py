@@ -17,10 +17,11 @@ from aiohttp import web
 
 from proxy.cache.cached_file import CachedFile, Corrupt
 from proxy.cache.store import CacheStore
-from proxy.cache.writer import CHECKED_CHUNK_BYTES, Checksums
+from proxy.cache.writer import Checksums
 from proxy.content.outcome import Abort, Outcome, send_body
 from proxy.content.streamer import blob_headers
 from proxy.logs import get_logger
+from proxy.memory import CHECKED_CHUNK_BYTES
 from proxy.metrics import CACHE, Metrics
 from proxy.reference import Digest
 

@@ -24,12 +24,12 @@ from typing import IO
 from aiohttp import web
 
 from proxy.cache.store import CacheStore
-from proxy.content.blob_body import CHUNK_BYTES
 from proxy.content.download import ClientWaitOver, Download, State
 from proxy.content.outcome import Abort, Outcome, send_body
 from proxy.content.window import Reader
 from proxy.errors import DetourError, UpstreamInvalid, UpstreamTimeout
 from proxy.logs import CLIENT_DISCONNECTED, LOG
+from proxy.memory import CHUNK_BYTES
 from proxy.reference import Digest
 
 BLOB_CONTENT_TYPE = "application/octet-stream"

@@ -20,13 +20,7 @@ from dataclasses import dataclass
 from proxy.errors import UpstreamInvalid
 from proxy.lane import Chunk
 from proxy.logs import get_logger
-
-# The last bytes received, kept in memory for the clients that keep up (and, after a spill,
-# for every client): a fetch holds at most this, plus the chunks not yet on disk.
-WINDOW_BYTES = 2 << 20
-# The most one write to a client takes from the window, whatever the chunk: its connection holds
-# at most this beyond what the kernel took.
-SEND_BYTES = 1 << 20
+from proxy.memory import SEND_BYTES, WINDOW_BYTES
 
 log = get_logger("detour.blobs")
 

@@ -28,21 +28,15 @@ from dataclasses import dataclass
 
 import aiohttp
 
-# What each block costs (a receive, a hand-over to each thread, a write, a turn of the GIL for
-# each) is paid a quarter as often as with 1 MiB blocks; 8 MiB saved no more (bench/README.md,
-# "The cold path", says how that was measured).
-BLOCK_BYTES = 4 << 20
-ALIGN = 4096  # a block's bytes sit at addresses congruent to their file offsets modulo this
+# A block's bytes sit at addresses congruent to their file offsets modulo ALIGN; the sizes of
+# blocks, and how many are read into and kept, are in proxy.memory.
+from proxy.memory import ALIGN, BLOCK_BYTES, FREE_BLOCKS, MAX_BODIES
 
 # A body is taken over once this much of it came through aiohttp at TAKE_OVER_RATE or faster,
 # with at least TAKE_OVER_LEFT still to come.
 TAKE_OVER_AFTER = 4 << 20
 TAKE_OVER_RATE = 200e6  # bytes per second: below this, the link, not the processor, sets the pace
 TAKE_OVER_LEFT = 8 << 20
-# Bodies read on at once: each holds up to three blocks (one received, two handed to its threads,
-# see proxy.lane), about 5 MiB more than a body read through aiohttp; past this many, the
-# next stay with aiohttp.
-MAX_BODIES = 4
 
 # A chunk is passed on once its block is full, or once bytes have waited PATIENCE seconds for
 # more: whole blocks over a fast link, and no stall when it slows.
@@ -58,7 +52,7 @@ class BlockPool:
     most ``keep`` free blocks are kept; the rest are unmapped. Used from the event loop only.
     """
 
-    def __init__(self, keep: int = 4) -> None:
+    def __init__(self, keep: int = FREE_BLOCKS) -> None:
         self._keep = keep
         self._free: list[mmap.mmap] = []
         self._lent: list[mmap.mmap] = []
