@@ -26,6 +26,7 @@ ROWS = (
     Row("cold blob GET, GB/s", "blob_cold_gbps", ".2f", "higher"),
     Row("hit blob GET, GB/s", "blob_hit_gbps", ".2f", "higher"),
     Row("hit blob GET again, GB/s", "blob_hit_again_gbps", ".2f", "higher"),
+    Row("hit blob GET: the server's CPU-s", "blob_hit_cpu_s", ".2f", "lower"),
     Row("cold blob: the cache's CPU-s, until stored", "blob_cold_cpu_s", ".2f", "lower", CACHE_ROW),
     Row("cold blob: the mirror's CPU-s", "blob_cold_mirror_cpu_s", ".2f", "lower", CACHE_ROW),
     Row(

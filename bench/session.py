@@ -124,6 +124,18 @@ class Bench:
     def record(self, metric: str, key: TargetKey, value: float) -> None:
         self.samples.setdefault(metric, {}).setdefault(key, []).append(value)
 
+    async def warm_mirror(self, digests: list[str], size: int) -> None:
+        """Read these blobs from the mirror (the bench's own reads, not counted as upstream
+        requests), so that the caches' cold GETs find them in its page cache: an upstream that
+        serves at a network's pace, not at this machine's disk's. Pushed minutes before, they
+        may have left it (this VM's DAMON pages out what is idle for a minute)."""
+        assert self.client is not None
+        mirror = self.targets["mirror"]
+        for digest in digests:
+            result = await self.client.fetch(mirror.blob(digest), verify=False)
+            if not result.ok(size):
+                self.error("mirror warm-up", result.problem(size))
+
     def error(self, where: str, message: str) -> None:
         self.details["errors"].append(f"{where}: {message}")
         log(f"ERROR {where}: {message}")

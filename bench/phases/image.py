@@ -3,7 +3,8 @@ repeat, fetched three at a time (as containerd's ``max_concurrent_downloads``), 
 started as soon as one ends; GB/s is the image's bytes over the pull's wall time. Back to back
 like this, a cache's work for one layer (writing it, flushing it, reading it back) competes
 with the next layer's fetch, which one blob at a time hides. Checks each layer cost one
-upstream GET, and counts the layers each cache kept."""
+upstream GET, and counts the layers each cache kept. The mirror reads the layers itself first
+(:meth:`session.Bench.warm_mirror`)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ async def run(bench: Bench) -> None:
     for r in range(bench.o.repeat):
         for key in rotated(bench.targets.caches, r):
             layers = bench.content.image_layers[key][r]
+            await bench.warm_mirror(layers, bench.o.layer_size)
             mark = bench.targets.mirror_log.mark()
             gbps = await pull_image(bench, key, layers)
             if gbps is None:
