@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from proxy.cache.checksums import Checksums
 from proxy.cache.store import CacheStore
-from proxy.cache.writer import BlobWriter, Checksums
+from proxy.cache.writer import BlobWriter
 from proxy.memory import CHECKED_CHUNK_BYTES
 from proxy.reference import Digest
 

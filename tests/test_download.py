@@ -21,7 +21,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy.cache.store import CacheStore
-from proxy.content.download import Download, FetchLimits, FetchSlots, State
+from proxy.content.download import Download, State
+from proxy.content.fetch_limits import FetchLimits, FetchSlots
 from proxy.content.window import Reader
 from proxy.errors import BlobUnknown, UpstreamInvalid, UpstreamUnreachable
 from proxy.memory import CHECKED_CHUNK_BYTES, MAX_BODIES

@@ -30,7 +30,7 @@ import aiohttp
 import pytest
 import xxhash
 
-from proxy.cache.writer import SUMS_ATTRIBUTE, Checksums
+from proxy.cache.checksums import SUMS_ATTRIBUTE, Checksums
 from proxy.memory import CHECKED_CHUNK_BYTES
 from tests.containerd import Containerd
 from tests.images import Blob, PushedImage, push_image, unique_repo

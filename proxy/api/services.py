@@ -17,7 +17,7 @@ from aiohttp import web
 from proxy.cache.store import CacheStore, delete_files
 from proxy.cluster.peering import Peering
 from proxy.content.blobs import Blobs
-from proxy.content.download import FetchLimits, FetchSlots
+from proxy.content.fetch_limits import FetchLimits, FetchSlots
 from proxy.content.manifests import Manifests
 from proxy.content.outcome import Sharing
 from proxy.logs import get_logger

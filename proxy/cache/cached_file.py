@@ -2,7 +2,7 @@
 byte of it is sent.
 
 A fetch that puts a blob in the cache takes an XXH3-64 of each of its ``CHECKED_CHUNK_BYTES``
-chunks from the very bytes whose digest it verified (:class:`~proxy.cache.writer.Checksums`).
+chunks from the very bytes whose digest it verified (:class:`~proxy.cache.checksums.Checksums`).
 A hit reads each chunk into a buffer of its own, checks it against its sum there and sends it
 from there: the bytes checked are the bytes sent. A blob without checksums (the first hit after
 a restart) is hashed whole (sha256) as it is read, which takes its checksums for the next hits;
@@ -31,7 +31,7 @@ from typing import IO, Any, TypeVar
 
 import xxhash
 
-from proxy.cache.writer import Checksums
+from proxy.cache.checksums import Checksums
 from proxy.memory import CHECKED_CHUNK_BYTES
 from proxy.reference import Digest
 

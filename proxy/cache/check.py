@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from proxy.cache.writer import Checksums, ChunkSums
+from proxy.cache.checksums import Checksums, ChunkSums
 from proxy.oci import MANIFEST_MAX_BYTES
 from proxy.reference import Digest
 

@@ -22,8 +22,8 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from proxy.cache.checksums import Checksums
 from proxy.cache.store import CacheStore, cache_write_failed
-from proxy.cache.writer import Checksums
 from proxy.errors import DetourError, UpstreamInvalid
 from proxy.lane import Chunk, Lane
 from proxy.logs import get_logger

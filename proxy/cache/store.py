@@ -28,8 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar
 
+from proxy.cache.checksums import Checksums
 from proxy.cache.index import CacheIndex
-from proxy.cache.writer import BlobWriter, BlobWrites, Checksums
+from proxy.cache.write_mode import BlobWrites
+from proxy.cache.writer import BlobWriter
 from proxy.errors import UpstreamInvalid
 from proxy.files import write_atomic
 from proxy.logs import get_logger

@@ -31,7 +31,8 @@ from proxy.cache.cached_file import CachedFile
 from proxy.cache.sink import CLOSE_GRACE_SECONDS
 from proxy.cache.store import CacheStore
 from proxy.content.blob_body import blob_unknown
-from proxy.content.download import Download, FetchLimits, FetchSlots, State
+from proxy.content.download import Download, State
+from proxy.content.fetch_limits import FetchLimits, FetchSlots
 from proxy.content.hits import Hits
 from proxy.content.outcome import Outcome, Sharing
 from proxy.content.streamer import blob_headers, client_patience, serve, waited_out

@@ -8,13 +8,14 @@ The states::
        │                            │                                      (or not kept)
        └──────────── FAILED ◀───────┘ (refused, cut short past resuming, wrong bytes, ended)
 
-A fetch waits for its turn (:class:`FetchSlots`), and ends early when its clients are gone
-(after ``upstream.abandon_after``, unless it is nearly done) or the upstream crawls below
-``upstream.min_rate``. Its clients are sent each byte but the last while it is ``RUNNING``; the
-last once it is ``VERIFIED``, so no client takes wrong bytes for a whole blob. When every
-upstream fails, the fetch tries again for ``upstream.retry_for`` (:mod:`proxy.content.blob_body`);
-a client that could be sent nothing meanwhile for ``upstream.client_wait`` is let go of
-(:meth:`Download.wait_change`), so it retries, and its retry joins this fetch.
+A fetch waits for its turn (:class:`~proxy.content.fetch_limits.FetchSlots`), and ends early when
+its clients are gone (after ``upstream.abandon_after``, unless it is nearly done) or the upstream
+crawls below ``upstream.min_rate``. Its clients are sent each byte but the last while it is
+``RUNNING``; the last once it is ``VERIFIED``, so no client takes wrong bytes for a whole blob.
+When every upstream fails, the fetch tries again for ``upstream.retry_for``
+(:mod:`proxy.content.blob_body`); a client that could be sent nothing meanwhile for
+``upstream.client_wait`` is let go of (:meth:`Download.wait_change`), so it retries, and its retry
+joins this fetch.
 
 A blob from a peer (another Detour of the site) of at most ``cluster.verify_peer_blobs_first``
 bytes is *held*: the fetch stays ``OPENING`` for its clients until every byte is verified, and
@@ -29,14 +30,14 @@ import asyncio
 import contextlib
 import enum
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
+from proxy.cache.checksums import Checksums
 from proxy.cache.sink import BlobSink
 from proxy.cache.store import CacheStore
-from proxy.cache.writer import Checksums
 from proxy.content.blob_body import BlobBody
+from proxy.content.fetch_limits import FetchLimits, FetchSlots
 from proxy.content.watchdog import watch
 from proxy.content.window import Reader, Window
 from proxy.errors import (
@@ -49,7 +50,6 @@ from proxy.errors import (
 from proxy.logs import get_logger
 from proxy.metrics import Metrics
 from proxy.reference import Digest
-from proxy.settings import Settings
 from proxy.upstream.client import UpstreamClient
 from proxy.upstream.rules import Route
 
@@ -73,73 +73,6 @@ class State(enum.Enum):
     RUNNING = "running"
     VERIFIED = "verified"
     FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class FetchLimits:
-    """The bounds on blob fetches, from the settings (see :class:`FetchSlots`)."""
-
-    max_blob_size: int  # larger: streamed, not cached; larger and of no announced length: cut
-    abandon_after: float
-    min_rate: int | None  # bytes per second, over each ``rate_window``
-    rate_window: float
-    slow_client: float
-    verify_peer_blobs_first: int = 0  # a peer's blob up to this size: verified, then sent
-    retry_for: float = 0.0  # every upstream failing, tried again for this long
-    client_wait: float | None = None  # a client sent nothing this long is let go of
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> FetchLimits:
-        cache, upstream = settings.cache, settings.upstream
-        return cls(
-            max_blob_size=min(cache.max_blob_size, cache.max_size or cache.max_blob_size),
-            abandon_after=upstream.abandon_after,
-            min_rate=upstream.min_rate,
-            rate_window=upstream.read_timeout,
-            slow_client=upstream.slow_client,
-            verify_peer_blobs_first=settings.cluster.verify_peer_blobs_first,
-            retry_for=upstream.retry_for,
-            client_wait=upstream.client_wait,
-        )
-
-
-class FetchSlots:
-    """At most ``total`` fetches at once, and ``per_registry`` from one registry, so memory is
-    bounded and one slow upstream can't hold every slot; the rest wait their turn, in order,
-    counted as queued, then as under way."""
-
-    def __init__(self, total: int, per_registry: int, metrics: Metrics) -> None:
-        self._total = asyncio.Semaphore(total)
-        self._per_registry = per_registry
-        self._registries: dict[str, tuple[asyncio.Semaphore, int]] = {}  # with their users
-        self._metrics = metrics
-
-    @contextlib.asynccontextmanager
-    async def slot(self, registry: str) -> AsyncIterator[None]:
-        metrics = self._metrics
-        semaphore, users = self._registries.get(
-            registry, (asyncio.Semaphore(self._per_registry), 0)
-        )
-        self._registries[registry] = (semaphore, users + 1)
-        metrics.queued_fetches.inc()
-        queued = True
-        try:
-            async with semaphore, self._total:
-                metrics.queued_fetches.dec()
-                queued = False
-                metrics.inflight_fetches.inc()
-                try:
-                    yield
-                finally:
-                    metrics.inflight_fetches.dec()
-        finally:
-            if queued:
-                metrics.queued_fetches.dec()
-            semaphore, users = self._registries[registry]
-            if users > 1:
-                self._registries[registry] = (semaphore, users - 1)
-            else:
-                del self._registries[registry]  # names a client invents don't pile up
 
 
 class Download:

@@ -16,8 +16,8 @@ from pathlib import Path
 from aiohttp import web
 
 from proxy.cache.cached_file import CachedFile, Corrupt
+from proxy.cache.checksums import Checksums
 from proxy.cache.store import CacheStore
-from proxy.cache.writer import Checksums
 from proxy.content.outcome import Abort, Outcome, send_body
 from proxy.content.streamer import blob_headers
 from proxy.logs import get_logger
