@@ -35,7 +35,8 @@ from typing import Any
 import yaml
 
 from proxy.reference import ImageName
-from proxy.settings import load_settings, split_host_port
+from proxy.setting_types import split_host_port
+from proxy.settings import load_settings
 from proxy.upstream.rules import Rules
 from tests.dockerd import Dockerd
 from tests.proxy import Proxy

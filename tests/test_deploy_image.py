@@ -14,7 +14,8 @@ from typing import Any
 import yaml
 
 from proxy.reference import ImageName
-from proxy.settings import Settings, load_settings, split_host_port
+from proxy.setting_types import split_host_port
+from proxy.settings import Settings, load_settings
 from proxy.upstream.rules import Rules
 from tests.proxy import Proxy
 from tests.support import ROOT

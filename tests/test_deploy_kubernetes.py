@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.settings import load_settings, split_host_port
+from proxy.setting_types import split_host_port
+from proxy.settings import load_settings
 from proxy.tools.cli import main
 from proxy.webhook.certs import service_names
 from tests.kustomize import (

@@ -28,13 +28,8 @@ from proxy.api.services import METRICS, SETTINGS, services_ctx
 from proxy.errors import BadRequest, DetourError, NotFound, TooBusy, Unsupported, oci_error_body
 from proxy.logs import CLIENT_DISCONNECTED, LOG, configure_logging, get_logger
 from proxy.metrics import Metrics
-from proxy.settings import (
-    ConfigError,
-    Settings,
-    named_registries,
-    split_host_port,
-    unknown_environment,
-)
+from proxy.setting_types import split_host_port
+from proxy.settings import ConfigError, Settings, named_registries, unknown_environment
 
 log = get_logger("detour")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

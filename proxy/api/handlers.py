@@ -46,8 +46,7 @@ from proxy.reference import (
     parse_manifest_reference,
     validate_tag,
 )
-from proxy.upstream.client import PEER_HEADER
-from proxy.upstream.peer_auth import PROOF_HEADER
+from proxy.upstream.peer_auth import PEER_HEADER, PROOF_HEADER
 from proxy.upstream.rules import Route
 from proxy.upstream.sender import INCOMING_VIA
 

@@ -25,9 +25,10 @@ from proxy.memory import READ_BUFFER_BYTES
 from proxy.metrics import Metrics
 from proxy.settings import Settings
 from proxy.upstream.auth import CredentialStore
-from proxy.upstream.client import UpstreamClient, peer_patience
+from proxy.upstream.client import UpstreamClient
 from proxy.upstream.connections import client_timeout, registry_tls
 from proxy.upstream.egress import EgressPolicy, GuardedResolver
+from proxy.upstream.liveness import peer_patience
 from proxy.upstream.peer_auth import PeerAuth
 from proxy.upstream.rules import Rules
 

@@ -23,7 +23,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from proxy.cache.inventory import CachedFile, CachedTag, Group, Inventory, Key
 from proxy.reference import Reference
-from proxy.settings import Duration
+from proxy.setting_types import Duration
 
 if TYPE_CHECKING:  # proxy.cache.store (metrics, logging) is imported where it is used: `detour`
     # builds the cache commands' parser for every command, and starts faster without it.

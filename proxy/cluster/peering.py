@@ -48,9 +48,8 @@ from dataclasses import replace
 from proxy.logs import get_logger
 from proxy.metrics import Metrics
 from proxy.settings import ClusterSettings
-from proxy.upstream.client import PEER_HEADER
 from proxy.upstream.egress import EgressPolicy
-from proxy.upstream.peer_auth import PeerAuth
+from proxy.upstream.peer_auth import PEER_HEADER, PeerAuth
 from proxy.upstream.rules import Route, Upstream
 
 __all__ = ["PEER_HEADER", "Peering", "rendezvous"]

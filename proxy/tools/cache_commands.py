@@ -34,7 +34,8 @@ from proxy.cache.removals import (
     plan_prune,
     plan_remove,
 )
-from proxy.settings import Settings, load_settings, split_host_port
+from proxy.setting_types import split_host_port
+from proxy.settings import Settings, load_settings
 from proxy.tools.hosts import check_endpoint
 from proxy.tools.humanize import counted, human_bytes
 

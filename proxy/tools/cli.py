@@ -1,317 +1,29 @@
-"""The ``detour`` command."""
+"""The ``detour`` command: its arguments, parsed, and the run of the one command they name
+(:mod:`proxy.tools.commands`), whose errors are printed as ``detour: ...`` lines."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from proxy import __version__
-from proxy.errors import DigestInvalid, NameInvalid, TagInvalid
-from proxy.settings import ConfigError, Settings, load_settings, unknown_environment
-from proxy.tools.cache_commands import BadArgument, add_cache_commands, add_dir_arguments, take_dir
-
-if TYPE_CHECKING:
-    from proxy.reference import Reference
-
-# Reference parsing's errors: a bad image reference on the command line.
-_BAD_REFERENCE = (NameInvalid, TagInvalid, DigestInvalid)
-
-
-def _error(message: str) -> None:
-    """Each line of ``message`` on stderr, as ``detour: ...``."""
-    for line in message.splitlines() or [""]:
-        print(f"detour: {line}", file=sys.stderr)
-
-
-def _settings(args: argparse.Namespace) -> Settings:
-    """The settings from ``--config`` and the environment, after a warning for each
-    ``DETOUR_*`` variable that sets nothing (a misspelt one is otherwise silently ignored)."""
-    for problem in unknown_environment(os.environ):
-        _error(f"warning: {problem}")
-    path: Path | None = args.config
-    return load_settings(path)
-
-
-def _serve(args: argparse.Namespace) -> int:
-    from proxy.api.app import run
-
-    run(_settings(args))
-    return 0
-
-
-def _webhook(args: argparse.Namespace) -> int:
-    from proxy.webhook import run_webhook
-
-    run_webhook(_settings(args))
-    return 0
-
-
-def _resolve(args: argparse.Namespace) -> int:
-    from proxy.reference import ImageName, Reference
-    from proxy.upstream.rules import describe_resolution
-    from proxy.webhook import rewrite_image
-
-    settings = _settings(args)
-    prefix = settings.webhook.prefix
-    image: str = args.image
-    try:
-        reference = Reference.parse(image)
-        if image.startswith(prefix + "/"):  # as the webhook wrote it: read it as the proxy will
-            name = ImageName.from_path(reference.name.repository)
-            reference = Reference(name, reference.tag, reference.digest)
-            image = str(reference)
-    except _BAD_REFERENCE as exc:
-        _error(f"invalid image reference {args.image!r}: {exc}")
-        return 2
-    print(describe_resolution(settings, image, owners=_owners(settings, reference)))
-    try:
-        print(f"path:   {rewrite_image(image, prefix)}")
-    except _BAD_REFERENCE:  # the rewritten form is no reference: an IPv6 registry literal
-        print("path:   (none: an IPv6 registry can't be spelled in path mode)")
-    return 0
-
-
-def _owners(settings: Settings, reference: Reference) -> list[str] | str | None:
-    """With ``cluster.peers``, the peers from the owner of ``reference``'s tag (or manifest
-    digest) down; a ``dns:`` set is resolved here, once, and if it does not resolve, a note
-    saying so. None without peers."""
-    import asyncio
-
-    from proxy.cluster.peering import Peering, manifest_key, rendezvous, tag_key
-    from proxy.logs import configure_logging
-    from proxy.metrics import Metrics
-
-    spec = settings.cluster.peers
-    if not spec:
-        return None
-    peers: Sequence[str] = spec if isinstance(spec, list) else []
-    if isinstance(spec, str):
-        configure_logging("error", stream="stderr")  # stdout is the answer
-        peering = Peering(settings.cluster, Metrics())
-        with contextlib.suppress(TimeoutError):
-            asyncio.run(asyncio.wait_for(peering.refresh(), timeout=10))
-        if not peering.peers:
-            return f"({spec} not resolved here)"
-        peers = peering.peers
-    if reference.digest is not None:
-        key = manifest_key(reference.digest)
-    else:
-        key = tag_key(reference.name, reference.tag or "latest")
-    return rendezvous(peers, key)
-
-
-def _containerd_hosts(args: argparse.Namespace) -> int:
-    from proxy.tools.hosts import (
-        Mode,
-        check_endpoint,
-        hosts_files,
-        remove_hosts_files,
-        write_hosts_files,
-    )
-
-    out: Path = args.out
-    if args.remove:
-        try:
-            removed = remove_hosts_files(out)
-        except OSError as exc:
-            _error(f"cannot remove from {out}: {exc}")
-            return 1
-        for outcome in removed:
-            print(f"{outcome.action} {outcome.path}")
-        if not removed:
-            print(f"detour: nothing of Detour's in {out}", file=sys.stderr)
-        return 0
-    try:
-        endpoint = check_endpoint(args.endpoint)
-    except ValueError as exc:
-        _error(str(exc))
-        return 2
-    settings = _settings(args)
-    files = hosts_files(settings, endpoint)
-    if not files:
-        where = args.config or "the settings"
-        _error(
-            f"{where}: no redirect rules and no registries, so no registry for containerd to "
-            "send to Detour: no hosts.toml written"
-        )
-        return 1
-    mode = Mode.APPEND if args.append else Mode.OVERWRITE if args.overwrite else Mode.KEEP
-    try:
-        outcomes = write_hosts_files(files, out, mode)
-    except OSError as exc:
-        _error(f"cannot write into {out}: {exc}")
-        return 1
-    kept = 0
-    for hosts, outcome in zip(files, outcomes, strict=True):
-        if outcome.action == "kept":
-            kept += 1
-            _error(
-                f"kept {outcome.path}: {outcome.reason}; --append adds Detour to it, "
-                "--overwrite replaces it"
-            )
-        else:
-            print(
-                f"{outcome.action} {outcome.path}: {hosts.registry} -> {hosts.endpoint}, "
-                f"then {hosts.server}"
-            )
-    return 1 if kept else 0
-
-
-def _registries_conf(args: argparse.Namespace) -> int:
-    from proxy.files import write_atomic
-    from proxy.tools.registries_conf import registries_conf
-
-    settings = _settings(args)
-    try:
-        text = registries_conf(settings, args.endpoint)
-    except ValueError as exc:
-        _error(str(exc))
-        return 2
-    if args.out is None:
-        print(text, end="")
-        return 0
-    try:
-        write_atomic(args.out, text.encode(), mode=0o644, sync_dir=True)
-    except OSError as exc:
-        _error(f"cannot write {args.out}: {exc}")
-        return 1
-    print(f"wrote {args.out}")
-    return 0
-
-
-def _webhook_certs(args: argparse.Namespace) -> int:
-    from proxy.webhook.certs import generate, write
-
-    try:
-        # It refuses a namespace or service that is not a DNS label before making any key.
-        certs = generate(args.namespace, args.service, days=args.days, ips=args.ip)
-    except ValueError as exc:
-        _error(str(exc))
-        return 2
-    try:
-        paths = write(certs, args.out)
-    except OSError as exc:
-        print(f"detour: cannot write into {args.out}: {exc}", file=sys.stderr)
-        return 1
-    for path in paths:
-        print(f"wrote {path}", file=sys.stderr)
-    print(f"the serving certificate expires {certs.not_after:%Y-%m-%d}", file=sys.stderr)
-    print(certs.ca_bundle)
-    return 0
-
-
-def _warm(args: argparse.Namespace) -> int:
-    """0 when every image was warmed, 1 when any failed (the others are still warmed), 2 for a
-    bad reference, platform or endpoint (every one is checked before anything starts)."""
-    import asyncio
-
-    from proxy.logs import configure_logging
-    from proxy.reference import Reference
-    from proxy.tools.hosts import check_endpoint
-    from proxy.tools.platforms import Platform
-    from proxy.tools.warm import Failed, Outcome, Warmed, warm
-
-    for image in args.image:
-        try:
-            Reference.parse(image)
-        except _BAD_REFERENCE as exc:
-            _error(f"invalid image reference {image!r}: {exc}")
-            return 2
-    wanted = None
-    if args.platform is not None:
-        try:
-            wanted = Platform.parse(args.platform)
-        except ValueError as exc:
-            _error(str(exc))
-            return 2
-    if args.endpoint is not None:
-        try:
-            check_endpoint(args.endpoint)
-        except ValueError:
-            _error(f"invalid endpoint {args.endpoint!r}: expected e.g. http://127.0.0.1:7439")
-            return 2
-    settings = _settings(args)
-    if args.endpoint is None:
-        configure_logging("warning", stream="stderr")  # stdout: one line per image
-
-    def report(outcome: Outcome) -> None:
-        stream = sys.stdout if isinstance(outcome, Warmed) else sys.stderr
-        print(outcome.line(), file=stream, flush=True)
-
-    try:
-        outcomes = asyncio.run(
-            warm(
-                args.image,
-                settings,
-                endpoint=args.endpoint,
-                platform=wanted,
-                all_platforms=args.all_platforms,
-                report=report,
-            )
-        )
-    except KeyboardInterrupt:
-        _error("warm interrupted")
-        return 130
-    warmed = sum(outcome.bytes for outcome in outcomes if isinstance(outcome, Warmed))
-    _warn_evicted(warmed, settings if args.endpoint is None else None)
-    failed = sum(isinstance(outcome, Failed) for outcome in outcomes)
-    if failed:
-        _error(f"{failed} of {len(outcomes)} images not warmed")
-        return 1
-    return 0
-
-
-def _warn_evicted(warmed: int, settings: Settings | None) -> None:
-    """Warn when Detour, started here from ``settings``, warmed more than its cache keeps."""
-    from proxy.tools.humanize import human_bytes
-
-    limit = settings.cache.max_size if settings is not None else None
-    if limit is not None and warmed > limit:
-        _error(
-            f"warning: warmed {human_bytes(warmed)} but cache.max_size is "
-            f"{human_bytes(limit)}: the least recently used blobs, maybe some warmed here, "
-            "were evicted"
-        )
-
-
-def _cache_verify(args: argparse.Namespace) -> int:
-    from proxy.cache.check import verify_cache
-
-    try:
-        take_dir(args)
-    except BadArgument as exc:
-        print(f"detour: {exc}", file=sys.stderr)
-        return 2
-    if args.dir is None:
-        print("detour: cache verify: name the cache directory: --dir DIR", file=sys.stderr)
-        return 2
-    root: Path = args.dir
-    if not ((root / "blobs").is_dir() or (root / "manifests").is_dir()):
-        print(f"detour: {root} is not a cache directory (no blobs/ or manifests/)", file=sys.stderr)
-        return 2
-    check = verify_cache(root, threads=args.threads)
-    for entry in check.bad:
-        action = "dropped" if entry.deleted else "bad"
-        print(f"{action} {entry.path.relative_to(root)}: {entry.reason}")
-    summary = f"checked {check.blobs} blobs, {check.manifests} manifests; dropped {check.dropped}"
-    if len(check.bad) > check.dropped:
-        summary += f"; could not delete {len(check.bad) - check.dropped}"
-    if check.leftovers:
-        summary += f"; removed {len(check.leftovers)} leftover temp files"
-    print(summary)
-    return 1 if check.bad else 0
-
-
-def _peer_secret(_: argparse.Namespace) -> int:
-    from proxy.upstream.peer_auth import new_secret
-
-    print(new_secret())
-    return 0
+from proxy.settings import ConfigError
+from proxy.tools.cache_commands import add_cache_commands, add_dir_arguments
+from proxy.tools.commands import (
+    BAD_REFERENCE,
+    cache_verify_command,
+    containerd_hosts_command,
+    peer_secret_command,
+    print_error,
+    registries_conf_command,
+    resolve_command,
+    serve_command,
+    warm_command,
+    webhook_certs_command,
+    webhook_command,
+)
 
 
 def _positive(text: str) -> int:
@@ -340,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         )
         return sub
 
-    command("serve", "Run the caching proxy.").set_defaults(func=_serve)
-    command("webhook", "Run the mutating admission webhook.").set_defaults(func=_webhook)
+    command("serve", "Run the caching proxy.").set_defaults(func=serve_command)
+    command("webhook", "Run the mutating admission webhook.").set_defaults(func=webhook_command)
     resolve = command(
         "resolve",
         "Show where an image is fetched from, in order, and how path mode spells it.",
@@ -350,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         "image",
         help="an image reference, e.g. nats:2.10.26-alpine, or one the webhook rewrote",
     )
-    resolve.set_defaults(func=_resolve)
+    resolve.set_defaults(func=resolve_command)
     hosts = command(
         "containerd-hosts",
         "Write containerd hosts.toml files sending each registry a rule's src or registries "
@@ -385,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="delete every hosts.toml under --out that Detour wrote and take out what "
         "--append added, whatever the settings name now (for uninstalling)",
     )
-    hosts.set_defaults(func=_containerd_hosts)
+    hosts.set_defaults(func=containerd_hosts_command)
     conf = command(
         "registries-conf",
         "Write a registries.conf drop-in (CRI-O, podman) sending each registry a rule's src "
@@ -403,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the file to write, e.g. /etc/containers/registries.conf.d/50-detour.conf "
         "(default: standard output)",
     )
-    conf.set_defaults(func=_registries_conf)
+    conf.set_defaults(func=registries_conf_command)
     certs = commands.add_parser(
         "webhook-certs",
         help="Make a CA and a serving certificate for the webhook; print the caBundle.",
@@ -424,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also valid for this IP address (repeatable), for a webhook the API server reaches "
         "by clientConfig.url at an address, e.g. --ip 127.0.0.1",
     )
-    certs.set_defaults(func=_webhook_certs)
+    certs.set_defaults(func=webhook_certs_command)
     warm = command(
         "warm",
         "Fill the cache with images, through the same rules, e.g. before an edge site is cut off.",
@@ -449,14 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     warm.add_argument(
         "image", nargs="+", metavar="IMAGE", help="image references, e.g. nats:2.10.26-alpine"
     )
-    warm.set_defaults(func=_warm)
+    warm.set_defaults(func=warm_command)
     commands.add_parser(
         "peer-secret",
         help="Print a new secret for the peers of a site (cluster.secret_dir).",
         description="Print 32 random bytes in hex: the content of cluster.secret_dir's file "
         "'current' (or 'accepted', while rotating), e.g. kubectl -n detour create secret "
         "generic detour-peer-secret --from-literal=current=$(detour peer-secret).",
-    ).set_defaults(func=_peer_secret)
+    ).set_defaults(func=peer_secret_command)
     cache = commands.add_parser(
         "cache",
         help="Look after the cache: list, remove, prune, verify.",
@@ -478,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=4,
         help="files hashed at once (default: %(default)s)",
     )
-    verify.set_defaults(func=_cache_verify)
+    verify.set_defaults(func=cache_verify_command)
     add_cache_commands(cache_commands)  # ls, rm, prune (proxy.tools.cache_commands)
     return parser
 
@@ -490,10 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
     except ConfigError as exc:
-        _error(str(exc))
+        print_error(str(exc))
         return 2
-    except _BAD_REFERENCE as exc:  # an image reference on the command line
-        _error(str(exc))
+    except BAD_REFERENCE as exc:  # an image reference on the command line
+        print_error(str(exc))
         return 2
     return code
 

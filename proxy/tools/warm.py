@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -37,17 +36,21 @@ from proxy.oci import (
     MANIFEST_MAX_BYTES,
     OCI_MANIFEST,
     Descriptor,
-    ImageIndex,
-    ImageManifest,
-    PlatformSpec,
     StoredManifest,
     manifest_media_type,
 )
-from proxy.reference import Digest, ImageName, Reference, parse_json
+from proxy.reference import Digest, ImageName, Reference
 from proxy.settings import ConfigError, Settings
 from proxy.tools.hosts import check_endpoint
 from proxy.tools.humanize import counted, human_bytes
 from proxy.tools.platforms import Platform, describe_platform
+from proxy.tools.warm_parsing import (
+    WarmError,
+    parse_digest,
+    parse_image_manifest,
+    parse_index,
+    refusal,
+)
 
 CONCURRENCY = 4  # blob downloads in flight per image
 CHUNK_BYTES = 1 << 20
@@ -62,10 +65,6 @@ IMAGE_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
 _FOREIGN_MARKERS = ("foreign", "nondistributable")
 
 # --------------------------------------------------------------------------- values
-
-
-class WarmError(Exception):
-    """One image could not be warmed; the message says why, for the operator."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,103 +93,6 @@ class Failed:
 
 
 Outcome = Warmed | Failed
-
-
-# --------------------------------------------------------------------------- parsing
-
-
-def _text(obj: dict[str, Any], key: str, where: str) -> str:
-    value = obj.get(key)
-    if not isinstance(value, str) or not value:
-        raise WarmError(f"{where}: missing or invalid {key!r}")
-    return value
-
-
-def _descriptor(obj: Any, where: str) -> Descriptor:
-    if not isinstance(obj, dict):
-        raise WarmError(f"{where}: a descriptor is not an object")
-    size = obj.get("size")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise WarmError(f"{where}: missing or invalid 'size'")
-    desc: Descriptor = {
-        "mediaType": _text(obj, "mediaType", where),
-        "digest": _text(obj, "digest", where),
-        "size": size,
-    }
-    plat = obj.get("platform")
-    if isinstance(plat, dict):
-        spec: PlatformSpec = {
-            "os": str(plat.get("os", "")),
-            "architecture": str(plat.get("architecture", "")),
-        }
-        if isinstance(plat.get("variant"), str):
-            spec["variant"] = plat["variant"]
-        desc["platform"] = spec
-    urls = obj.get("urls")
-    if isinstance(urls, list):
-        desc["urls"] = [str(u) for u in urls]
-    return desc
-
-
-def _json_object(body: bytes, where: str) -> dict[str, Any]:
-    try:
-        doc = parse_json(body)
-    except ValueError:
-        raise WarmError(f"{where}: not valid JSON") from None
-    if not isinstance(doc, dict):
-        raise WarmError(f"{where}: not a JSON object")
-    return doc
-
-
-def parse_image_manifest(body: bytes, where: str) -> ImageManifest:
-    doc = _json_object(body, where)
-    layers = doc.get("layers")
-    if not isinstance(layers, list):
-        raise WarmError(f"{where}: missing 'layers'")
-    return {
-        "schemaVersion": int(doc.get("schemaVersion", 2)),
-        "config": _descriptor(doc.get("config"), f"{where} config"),
-        "layers": [_descriptor(layer, f"{where} layer") for layer in layers],
-    }
-
-
-def parse_index(body: bytes, where: str) -> ImageIndex:
-    doc = _json_object(body, where)
-    children = doc.get("manifests")
-    if not isinstance(children, list):
-        raise WarmError(f"{where}: missing 'manifests'")
-    return {
-        "schemaVersion": int(doc.get("schemaVersion", 2)),
-        "manifests": [_descriptor(child, f"{where} entry") for child in children],
-    }
-
-
-def _digest(text: str, where: str) -> Digest:
-    try:
-        return Digest.parse(text)
-    except ValueError:
-        raise WarmError(f"{where}: invalid or unsupported digest {text[:100]!r}") from None
-
-
-def refusal(status: int, body: bytes) -> str:
-    """The proxy's OCI error body, as one line: message, code, status, what was tried."""
-    try:
-        entry = parse_json(body)["errors"][0]
-        code, message = str(entry["code"]), str(entry["message"])
-    except (ValueError, KeyError, IndexError, TypeError):
-        return f"HTTP {status}: {body[:200].decode('utf-8', 'replace').strip()}"
-    text = f"{message} ({code}, HTTP {status})"
-    detail = entry.get("detail")
-    if isinstance(detail, dict):
-        attempts = detail.get("attempts")
-        if isinstance(attempts, list) and attempts:
-            tried = ", ".join(
-                f"{a.get('upstream')}: {a.get('error')}" for a in attempts if isinstance(a, dict)
-            )
-            text += f"; tried {tried}"
-        elif isinstance(detail.get("upstream"), str):
-            text += f"; upstream {detail['upstream']}"
-    return text
 
 
 # --------------------------------------------------------------------------- warming
@@ -262,7 +164,7 @@ class _Warmer:
                 f"(it has {', '.join(offered) or 'none'}; try --platform or --all-platforms)"
             )
         for child in chosen:
-            digest = _digest(child["digest"], where)
+            digest = parse_digest(child["digest"], where)
             fetched = await self._manifest(name, str(digest), digest, child=True)
             if "platform" in child:
                 platforms.append(describe_platform(child))
@@ -293,7 +195,9 @@ class _Warmer:
                 content_type = response.headers.get("Content-Type", "")
         except aiohttp.ClientError as exc:
             raise WarmError(f"{where}{_transport(exc)}") from None
-        expected = digest or (_digest(header, f"{where}Docker-Content-Digest") if header else None)
+        expected = digest or (
+            parse_digest(header, f"{where}Docker-Content-Digest") if header else None
+        )
         actual = Digest.of(body, expected.algorithm if expected else "sha256")
         if expected is not None and actual != expected:
             raise WarmError(f"{where}the manifest's bytes do not match {expected}")
@@ -316,7 +220,7 @@ class _Warmer:
 
     async def _blob(self, name: ImageName, desc: Descriptor) -> int:
         """Read one blob to its end, hashing it; its size and digest must be the descriptor's."""
-        digest = _digest(desc["digest"], "blob")
+        digest = parse_digest(desc["digest"], "blob")
         where = f"blob {digest}"
         expected = desc["size"]
         hasher = digest.hasher()

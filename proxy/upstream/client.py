@@ -41,8 +41,8 @@ from proxy.upstream.auth import Credentials, CredentialStore, Token, TokenCache,
 from proxy.upstream.connections import TLS, client_timeout
 from proxy.upstream.direct_body import TAKE_OVER_RATE, BlockPool, DirectReads
 from proxy.upstream.egress import AddressRefused, EgressPolicy, GuardedResolver
-from proxy.upstream.liveness import PeerWatch
-from proxy.upstream.peer_auth import PROOF_HEADER, PeerAuth
+from proxy.upstream.liveness import PeerWatch, peer_patience
+from proxy.upstream.peer_auth import PEER_HEADER, PROOF_HEADER, PeerAuth
 from proxy.upstream.peer_checks import Lie, PeerLied, checked_manifest, is_tag, manifest_digest
 from proxy.upstream.response import UpstreamResponse
 from proxy.upstream.rules import Route, Upstream
@@ -52,8 +52,6 @@ from proxy.upstream.transport import Attempts
 
 log = get_logger("detour.upstream")
 
-# Marks a request from one of the site's Detours to another (see proxy.cluster.peering).
-PEER_HEADER = "X-Detour-Peer"
 # After a connection error or timeout, a registry counts as down this long for requests that
 # have a cached answer to fall back on (tag revalidation), so an edge site whose uplink is cut
 # serves from disk at once instead of waiting out a connect timeout on every tag. (A peer: for
@@ -396,10 +394,3 @@ class UpstreamClient:
             self._basic_registries.add(registry)
             return creds.basic()
         return None
-
-
-def peer_patience(settings: UpstreamSettings) -> float:
-    """The longest silence from a peer that answers probes: as long as its own upstream fetch
-    may take to fail (a first attempt silent for ``read_timeout``, then ``retry_for`` of
-    retries, the last silent for ``read_timeout`` too), and one more ``read_timeout``."""
-    return settings.retry_for + 3 * settings.read_timeout

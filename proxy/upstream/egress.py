@@ -31,7 +31,8 @@ from yarl import URL
 
 from proxy.errors import RegistryDenied
 from proxy.reference import api_host
-from proxy.settings import Settings, named_registries, split_host_port
+from proxy.setting_types import split_host_port
+from proxy.settings import Settings, named_registries
 
 DEFAULT_PORTS = (443, 80)
 

@@ -32,6 +32,7 @@ from yarl import URL
 from proxy.errors import UpstreamError, UpstreamTimeout
 from proxy.logs import get_logger
 from proxy.metrics import Metrics
+from proxy.settings import UpstreamSettings
 from proxy.upstream.egress import AddressRefused, EgressPolicy
 from proxy.upstream.transport import transport_errors
 
@@ -132,3 +133,10 @@ class PeerWatch:
         self._answered[peer] = time.monotonic()
         self._metrics.peer_probes.labels("alive").inc()
         return None
+
+
+def peer_patience(settings: UpstreamSettings) -> float:
+    """The longest silence from a peer that answers probes: as long as its own upstream fetch
+    may take to fail (a first attempt silent for ``read_timeout``, then ``retry_for`` of
+    retries, the last silent for ``read_timeout`` too), and one more ``read_timeout``."""
+    return settings.retry_for + 3 * settings.read_timeout

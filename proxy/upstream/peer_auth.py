@@ -33,6 +33,9 @@ from pathlib import Path
 
 from proxy.logs import get_logger
 
+# Marks a request from one of the site's Detours to another (see proxy.cluster.peering), and
+# carries the proof that it is one.
+PEER_HEADER = "X-Detour-Peer"
 PROOF_HEADER = "X-Detour-Peer-Proof"
 PROOF_SECONDS = 300.0  # how far a request's time may be from this instance's clock
 SIGNING_FILE = "current"

@@ -55,7 +55,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy.logs import configure_logging, get_logger
 from proxy.reference import parse_json
-from proxy.settings import ConfigError, Settings, WebhookSettings, split_host_port
+from proxy.setting_types import split_host_port
+from proxy.settings import ConfigError, Settings, WebhookSettings
 from proxy.webhook.metrics import WebhookMetrics
 from proxy.webhook.review import (
     AdmissionRequest,
