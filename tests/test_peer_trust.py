@@ -280,6 +280,71 @@ async def test_a_large_blob_from_a_lying_peer_aborts_one_pull_and_not_the_next(
     assert await node.metric("detour_peers_bypassed_total", reason="wrong_blob") == 1
 
 
+async def test_a_held_blob_goes_on_down_the_tree_as_it_arrives_and_wrong_bytes_stop_there(
+    detour_process: StartProxy, registry: Registry, tmp_path: Path
+) -> None:
+    """A node holds a peer's blob from its own client until it is verified, but a peer that
+    asks it for that blob (the next hop down the tree) is sent the bytes as they arrive, so
+    each hop doesn't wait for the whole blob. When the bytes turn out wrong, that peer's
+    response is cut short (never a whole 200), and the node's own client gets the right blob
+    from the mirror."""
+    peers = node_addresses(2, first=60)
+    fake_address, node_address = peers
+    repo = f"docker-mirror/library/{unique_repo('relay').split('/')[1]}"
+    for _ in range(50):
+        image = push_image(registry, repo, "v1", layers=1, layer_size=1024 * KiB)
+        if rendezvous(peers, blob_key(image.layers[0].digest))[0] == fake_address:
+            break
+    blob = image.layers[0]
+    half_sent, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_liar(request: web.Request) -> web.StreamResponse:
+        wrong = flipped(blob.data)
+        response = web.StreamResponse(headers={"Docker-Content-Digest": blob.digest})
+        response.content_length = len(wrong)
+        await response.prepare(request)
+        await response.write(wrong[: len(wrong) // 2])
+        half_sent.set()
+        await release.wait()
+        await response.write(wrong[len(wrong) // 2 :])
+        return response
+
+    extra = {"cluster": {"read_timeout": "60s"}}  # the source's pause is not taken as a hang
+    async with FakePeer(fake_address, slow_liar):
+        (node,) = await start_nodes(
+            detour_process, registry, tmp_path, peers, [node_address], extra=extra
+        )
+        path = f"/v2/{repo.removeprefix('docker-mirror/')}/blobs/{blob.digest}"
+
+        async def client_pull() -> bytes:
+            async with node.session.get(node.url + path) as response:
+                assert response.status == 200, await response.text()
+                return await response.read()
+
+        client = asyncio.create_task(client_pull())
+        try:
+            async with asyncio.timeout(30):
+                await half_sent.wait()
+            # The next node down the tree (from an address of the peer set: a proven peer).
+            connector = aiohttp.TCPConnector(local_addr=(fake_address.split(":")[0], 0))
+            async with aiohttp.ClientSession(connector=connector) as as_peer:
+                headers = {PEER_HEADER: fake_address}
+                async with asyncio.timeout(20):  # while the source still holds back its rest
+                    relayed = await as_peer.get(node.url + path, headers=headers)
+                    assert relayed.status == 200, await relayed.text()
+                    assert await relayed.content.readany()
+                async with relayed:
+                    assert not client.done()  # the node's own client: still held
+                    release.set()
+                    with pytest.raises(aiohttp.ClientPayloadError):
+                        await relayed.read()
+            async with asyncio.timeout(60):
+                assert await client == blob.data
+        finally:
+            release.set()  # the fake peer's handler ends, whatever happened
+    assert await node.metric("detour_peers_bypassed_total", reason="wrong_blob") == 1
+
+
 def write_secrets(directory: Path, current: str | None, accepted: str | None = None) -> None:
     """``cluster.secret_dir`` as a mounted Secret holds it: each file replaced at once."""
     directory.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,9 @@ joins this fetch.
 A blob from a peer (another Detour of the site) of at most ``cluster.verify_peer_blobs_first``
 bytes is *held*: the fetch stays ``OPENING`` for its clients until every byte is verified, and
 when the bytes are wrong the peers that sent them are distrusted and the blob is fetched again
-from the next peer or the upstream, so the clients get the right blob, a little later. A larger
+from the next peer or the upstream, so the clients get the right blob, a little later. Peers
+relaying it down the tree are sent it as it arrives (each hop verifies it before its own clients
+see a byte); when it turns out wrong, their responses are cut short. A larger
 one is sent as it arrives; wrong bytes then abort its clients (and the peer is distrusted).
 """
 
@@ -263,7 +265,8 @@ class Download:
     def _holds(self, body: BlobBody, sink: BlobSink) -> bool:
         """Whether the clients wait for every byte to be verified before their first: for a
         blob from a peer of at most ``cluster.verify_peer_blobs_first`` bytes that the cache
-        takes (a client can then be sent it from the file)."""
+        takes (a client can then be sent it from the file). Peers relaying it are not held
+        (:meth:`headers_ready`), so a blob flows down the tree as it arrives."""
         return (
             bool(body.peers)
             and not sink.spilled
@@ -356,11 +359,14 @@ class Download:
                 async with asyncio.timeout(left):
                     await changed.wait()
 
-    async def headers_ready(self, patience: float | None = None) -> None:
+    async def headers_ready(self, patience: float | None = None, *, relay: bool = False) -> None:
         """Wait for the upstream's answer; raise its error if it failed before any bytes, or
-        :class:`ClientWaitOver` after ``patience`` seconds of nothing from the upstream."""
+        :class:`ClientWaitOver` after ``patience`` seconds of nothing from the upstream. A
+        ``relay`` (a peer's request, the blob going on down the tree) doesn't wait for a held
+        blob to be verified: the node it goes to verifies it before its own clients see a
+        byte, and this fetch still sends no last byte before its own check."""
         since = time.monotonic()
-        while self.state is State.OPENING:
+        while self.state is State.OPENING and not (relay and self.held):
             await self.wait_change(self.window.changed, since, patience)
         if self.state is State.FAILED and (self.received == 0 or self.held):
             assert self.error is not None

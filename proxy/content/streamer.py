@@ -57,7 +57,7 @@ async def serve(
     patience = client_patience(request, fetch)
     try:
         async with waited_out(fetch, outcome):
-            await fetch.headers_ready(patience)
+            await fetch.headers_ready(patience, relay=from_peer(request))
         source = _open_file(fetch)
         try:
             return await _stream(request, fetch, reader, source, outcome, patience)
@@ -70,12 +70,16 @@ async def serve(
         fetch.release_file()
 
 
+def from_peer(request: web.Request) -> bool:
+    """Whether ``request`` is a proven peer's (the handler marks it so in its log fields)."""
+    fields = request.get(LOG)
+    return isinstance(fields, dict) and "from_peer" in fields
+
+
 def client_patience(request: web.Request, fetch: Download) -> float | None:
     """How long this client may be sent nothing while the fetch waits for its upstream:
-    ``upstream.client_wait``, or, for a proven peer's request (the handler marks it so in its
-    log fields), as long as the fetch lasts."""
-    fields = request.get(LOG)
-    return None if isinstance(fields, dict) and "from_peer" in fields else fetch.client_wait
+    ``upstream.client_wait``, or, for a proven peer's request, as long as the fetch lasts."""
+    return None if from_peer(request) else fetch.client_wait
 
 
 @contextlib.asynccontextmanager
@@ -153,6 +157,10 @@ async def _send_body(
             changed = window.changed
             if fetch.state is State.FAILED:
                 raise fetch.error or UpstreamInvalid("blob fetch failed")
+            if reader.restarted:
+                raise UpstreamInvalid(
+                    "the bytes relayed were wrong (the source lied); fetched again from the next"
+                )
             if reader.too_slow:
                 raise UpstreamTimeout(
                     "client too slow for a blob streamed from memory (the cache disk is "

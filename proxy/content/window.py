@@ -32,6 +32,9 @@ class Reader:
     position: int = 0  # bytes sent to it
     gone: bool = False
     too_slow: bool = False  # cut off for holding a spilled fetch back
+    # Sent bytes of an attempt that turned out wrong (a peer relaying a held blob down the
+    # tree): what it has can't be completed, so its response is cut short.
+    restarted: bool = False
     # The client's connection: one that closed while waiting for the fetch's first bytes
     # (aiohttp does not cancel its handler) no longer counts as waiting for it.
     transport: asyncio.Transport | None = None
@@ -108,9 +111,13 @@ class Window:
         self._chunks.clear()
 
     def restart(self) -> None:
-        """Forget every byte: the fetch starts again from its first byte (no client has any)."""
+        """Forget every byte: the fetch starts again from its first byte. A reader that was
+        sent some (a peer relaying the blob) is told: they were wrong."""
+        for reader in self.readers:
+            reader.restarted = reader.restarted or reader.position > 0
         self.clear()
         self.start = 0
+        self.notify()
 
     def views(self, start: int, end: int) -> list[memoryview]:
         """Bytes ``[start, end)`` (``start`` in the window), in views of its chunks of at most
