@@ -16,9 +16,9 @@ from proxy.lane import Chunk
 # file): the kernel (ext4 since Linux 6.16, xfs) makes a write's page cache of folios as large
 # as the write, up to 2 MiB, and on a VM that hands its free memory back to the host (virtio
 # free page reporting: Firecracker, Cloud Hypervisor, QEMU with a balloon) free 2 MiB blocks are
-# the memory handed back, faulted in again 4 KiB at a time. There, 4 MiB writes ran at 0.2 to
-# 0.6 GB/s and used ten times the processor of 64 KiB writes, which ran at 1 to 3 GB/s
-# (docs/disk-writes.md).
+# the memory handed back, faulted in again 4 KiB at a time. There, 1 GiB in 4 MiB writes ran
+# at 0.33 to 1.49 GB/s with 0.7 to 3.2 CPU-seconds, in 64 KiB writes at 2.66 to 4.02 GB/s with
+# 0.3 to 0.4 (docs/disk-writes.md).
 PAGE_CACHE_WRITE_BYTES = 64 << 10
 
 # sync_file_range(2), which the os module lacks: start writeback, or wait for it, of a range.

@@ -103,7 +103,7 @@ class Blobs:
         if fetch is None or fetch.spilled:
             fetch = self._start(route, digest, client_auth, shared=shared)
             # A miss asked first of the site's owner of the blob (proxy.cluster.peering) is "peer".
-            asked_peer = bool(route.upstreams) and route.upstreams[0].peer
+            asked_peer = route.upstreams[0].peer
             outcome.count(self._sharing.result("peer" if asked_peer else "miss", client_auth))
         else:
             outcome.count("joined")
