@@ -33,6 +33,27 @@ def node_addresses(count: int) -> list[str]:
     return [f"127.0.0.{2 + i}:7439" for i in range(count)]
 
 
+def blob_order(
+    peers: list[str], digest: str, image: PushedImage | None = None, fan_out: int = 3
+) -> list[str]:
+    """The order blob ``digest``'s tree is laid over (proxy.cluster.peering), reckoned here:
+    on a node that served ``image``'s manifest, a layer's is the image's rendezvous order
+    turned by the layer's index times the number of parents in a tree of ``fan_out``
+    (proxy.cluster.layers); any other blob's (a config, a blob asked for alone) its own."""
+    layers = [layer.digest for layer in image.layers] if image is not None else []
+    if image is None or digest not in layers:
+        return rendezvous(peers, blob_key(digest))
+    order = rendezvous(peers, f"image {image.digest}")
+    turn = layers.index(digest) * ((len(peers) - 2) // fan_out + 1) % len(peers)
+    return order[turn:] + order[:turn]
+
+
+def blob_owner(
+    peers: list[str], digest: str, image: PushedImage | None = None, fan_out: int = 3
+) -> str:
+    return blob_order(peers, digest, image, fan_out)[0]
+
+
 async def start_site(
     detour_process: StartProxy,
     mirror_host: str,
@@ -133,7 +154,7 @@ async def test_an_owner_killed_mid_stream_costs_no_pull(
     peers = node_addresses(3)
     async with Relay(registry, rate=8 * MiB) as slow:
         nodes = await start_site(detour_process, slow.host, tmp_path, peers)
-        owner = rendezvous(peers, blob_key(layer.digest))[0]
+        owner = blob_owner(peers, layer.digest, image)
         victim = nodes[peers.index(owner)]
         others = [node for node in nodes if node is not victim]
         pulls = asyncio.gather(*(pull(node, name, image) for node in others))
@@ -237,6 +258,7 @@ async def test_with_the_wan_down_a_node_gets_what_it_lacks_from_the_owners(
     by_peer = dict(zip(peers, nodes, strict=True))
     keys = site_keys(name, image)
     owner = {key: rendezvous(peers, key)[0] for key in keys}
+    owner.update({blob_key(b.digest): blob_owner(peers, b.digest, image) for b in image.blobs})
     tag_owner = owner[keys[0]]
     a, c = (peer for peer in peers if peer != tag_owner)  # neither owns the tag
 
@@ -277,7 +299,7 @@ async def test_a_tag_resolves_the_same_on_every_node_during_a_rollout(
     nodes = await start_site(detour_process, registry.host, tmp_path, peers, tag_ttl="1h")
     await pull(nodes[0], name, first)
     for blob in first.blobs:  # every blob's owner holds it, as in the tag case below
-        owner = nodes[peers.index(rendezvous(peers, blob_key(blob.digest))[0])]
+        owner = nodes[peers.index(blob_owner(peers, blob.digest, first))]
         assert await wait_cached(owner.cache_dir, blob.digest)
 
     moved = push_image(registry, repo, "v1", layers=2, layer_size=64 * 1024)

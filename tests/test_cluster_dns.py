@@ -38,7 +38,7 @@ from proxy.cluster.peering import blob_key, rendezvous
 from tests.images import PushedImage, build_image, unique_repo, upload_image
 from tests.proxy import Proxy, blob_path, stop_process, wait_cached
 from tests.registry import Registry
-from tests.test_cluster import pull, site_keys
+from tests.test_cluster import blob_owner, pull, site_keys
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="a network namespace of the test's own: root"),
@@ -249,7 +249,7 @@ def spread(peer_set: list[str], first_seed: int) -> PushedImage:
     every peer of ``peer_set`` among their owners."""
     for seed in itertools.count(first_seed):
         image = build_image("spread", "v1", layers=3, layer_size=16 * 1024, seed=seed)
-        if {rendezvous(peer_set, blob_key(b.digest))[0] for b in image.blobs} == set(peer_set):
+        if {blob_owner(peer_set, b.digest, image) for b in image.blobs} == set(peer_set):
             return image
     raise AssertionError("unreachable")
 
@@ -280,6 +280,12 @@ def test_ownership_follows_the_dns_peer_set(netns: Namespace) -> None:
                     pulled.append((name, image))
 
                     owner = {key: rendezvous(peer_set, key)[0] for key in site_keys(name, image)}
+                    owner.update(
+                        {
+                            blob_key(b.digest): blob_owner(peer_set, b.digest, image)
+                            for b in image.blobs
+                        }
+                    )
                     asked = sum(1 for address in owner.values() if address != two)
                     now = await puller.metric("detour_peer_requests_total", result="served")
                     assert now - served == asked, f"step {step}: {peer_set}"

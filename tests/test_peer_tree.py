@@ -21,9 +21,14 @@ from proxy.cluster.peering import blob_key, rendezvous
 from tests.images import push_image, unique_repo
 from tests.proxy import Proxy, blob_path, pull_image, wait_cached
 from tests.registry import Registry
-from tests.test_cluster import StartProxy, node_addresses, start_site
+from tests.test_cluster import StartProxy, blob_order, node_addresses, start_site
 
 MiB = 1024 * 1024
+
+
+def parent(order: list[str], peer: str, fan_out: int) -> str | None:
+    place = order.index(peer)
+    return order[(place - 1) // fan_out] if place else None
 
 
 def peer_gets(node: Proxy, digest: str) -> list[dict[str, object]]:
@@ -60,10 +65,46 @@ async def test_a_blob_wanted_by_every_node_leaves_each_node_at_most_fan_out_time
     by_peer = dict(zip(peers, nodes, strict=True))
     for blob in image.blobs:
         sent = {peer: len(peer_gets(node, blob.digest)) for peer, node in by_peer.items()}
-        owner = rendezvous(peers, blob_key(blob.digest))[0]
+        owner = blob_order(peers, blob.digest, image, fan_out)[0]
         assert max(sent.values()) <= fan_out, sent
         assert sent[owner] == most, sent  # the owner's upload of this blob, in copies
         assert sum(sent.values()) == len(peers) - 1  # every other node asked one peer, once
+
+
+async def test_an_images_layers_take_turns_at_being_parents(
+    detour_process: StartProxy, registry: Registry, tmp_path: Path
+) -> None:
+    """Six nodes, ``fan_out`` 2, an image of six layers pulled by five of them at once. Each
+    layer's tree is laid over the image's order, turned layer by layer, so the nodes that pass
+    one layer on are leaves of the next: the busiest node sends no more than the image once,
+    where trees over each layer's own digest leave it to chance. The sixth node never sees the
+    manifest; asked by its children, it relays each layer to its parent in the same tree (the
+    place its children tell it), and the mirror still sends each blob once."""
+    name = unique_repo("turns").split("/")[1]
+    image = push_image(registry, f"docker-mirror/library/{name}", "v1", layers=6, layer_size=MiB)
+    peers = node_addresses(6)
+    nodes = await start_site(detour_process, registry.host, tmp_path, peers, cluster={"fan_out": 2})
+    by_peer = dict(zip(peers, nodes, strict=True))
+    aside = peers[-1]  # pulls nothing itself
+    mark = registry.mark()
+    await asyncio.gather(
+        *(pull_image(node, name, image, at_once=True) for p, node in by_peer.items() if p != aside)
+    )
+
+    blobs = {f"/v2/docker-mirror/library/{name}/blobs/{b.digest}" for b in image.blobs}
+    entries = await registry.wait_paths(mark, at_least=len(blobs))
+    assert Counter(e for e in entries if e in blobs) == dict.fromkeys(blobs, 1)
+    sent_in_all = Counter[str]()
+    for layer in image.layers:
+        order = blob_order(peers, layer.digest, image, 2)
+        for peer, node in by_peer.items():
+            gets = peer_gets(node, layer.digest)
+            sent_in_all[peer] += len(gets)
+            for entry in gets:  # every request came from a child of this node in the tree
+                child = str(entry["from_peer"])
+                assert parent(order, child, 2) == peer, (layer.digest, peer, child, order)
+    # Five pulling nodes and the relay: 6 layers x at most 5 copies, spread over 6 nodes.
+    assert max(sent_in_all.values()) <= len(image.layers), sent_in_all
 
 
 async def test_offline_a_lost_owner_loses_nothing_another_node_holds(

@@ -28,6 +28,7 @@ from tests.images import ACCEPT_ALL, PushedImage, push_image, unique_repo
 from tests.proxy import Proxy, pull_image
 from tests.registry import Registry
 from tests.support import free_port
+from tests.test_cluster import blob_owner
 
 StartProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
 KiB = 1024
@@ -563,7 +564,8 @@ async def test_a_node_without_the_secret_still_shares_blobs_but_asks_no_peer_for
     tag = tag_owned_by(peers, owner_address, name)
     for _ in range(50):
         image = push_image(registry, repo, tag, layers=1, layer_size=KiB)
-        if rendezvous(peers, blob_key(image.layers[0].digest))[0] == owner_address:
+        # The node is asked for the manifest first: the layer's tree is its image's.
+        if blob_owner(peers, image.layers[0].digest, image) == owner_address:
             break
     write_secrets(tmp_path / "secret", new_secret())
     (owner,) = await start_nodes(

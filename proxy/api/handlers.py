@@ -22,6 +22,7 @@ from yarl import URL
 
 from proxy.api.services import SERVICES
 from proxy.cache.store import writable
+from proxy.cluster.layers import TREE_HEADER, Place
 from proxy.cluster.peering import blob_key, manifest_key, tag_key
 from proxy.content.outcome import Outcome
 from proxy.errors import (
@@ -126,7 +127,10 @@ async def api(request: web.Request) -> web.StreamResponse:
     route = services.rules.route(path.name)
     client_auth = request.headers.get("Authorization")
     if path.kind == "blobs":
-        route = _through_peers(request, route, blob_key(path.reference), client_auth, blob=True)
+        assert isinstance(path.reference, Digest)
+        route = _through_peers(
+            request, route, blob_key(path.reference), client_auth, path.reference
+        )
     elif path.kind == "manifests":
         key = (
             manifest_key(path.reference)
@@ -149,6 +153,7 @@ async def api(request: web.Request) -> web.StreamResponse:
                 request, route, path.reference, client_auth, outcome
             )
             _prove_answer(request, answer)
+            _note_layers(request, answer)
             return answer
         finally:
             outcome.record(fields)
@@ -158,12 +163,17 @@ async def api(request: web.Request) -> web.StreamResponse:
 
 
 def _through_peers(
-    request: web.Request, route: Route, key: str, client_auth: str | None, *, blob: bool = False
+    request: web.Request,
+    route: Route,
+    key: str,
+    client_auth: str | None,
+    blob: Digest | None = None,
 ) -> Route:
     """The route through the site's peers (see proxy.cluster.peering): a client's request goes
     to the peers ahead of this instance for the key, unless it carries the client's own
     credentials (private content never travels between peers). A proven peer's request for a
-    blob goes on up the tree (to peers ranked above this one); for anything else it is not
+    blob goes on up the tree (to peers ranked above this one, in the tree of the layer's place
+    the peer tells, else of the one this instance knows); for anything else it is not
     forwarded again. A peer's ``only-if-cached`` request is answered from what this instance
     holds, never from an upstream or a fetch under way."""
     peering = request.app[SERVICES].peering
@@ -179,11 +189,25 @@ def _through_peers(
             if _only_if_cached(request):
                 request[LOG]["only_if_cached"] = True
                 return replace(route, upstreams=())
-            return peering.relay(route, key) if blob else route
+            if blob is None:
+                return route
+            told = Place.parse(request.headers.get(TREE_HEADER))
+            return peering.relay(route, key, told or peering.layers.place(str(blob)))
         log.debug("peer_mark_ignored", remote=request.remote)  # not a proven peer's
     if not request.app[SERVICES].sharing.shared(client_auth):
         return route
-    return peering.route(route, key, tree=blob)
+    if blob is None:
+        return peering.route(route, key)
+    return peering.route(route, key, tree=True, place=peering.layers.place(str(blob)))
+
+
+def _note_layers(request: web.Request, answer: web.StreamResponse) -> None:
+    """An image manifest served whole: its layers' places, for their trees (cluster.layers)."""
+    peering = request.app[SERVICES].peering
+    if peering.enabled and request.method == "GET" and isinstance(answer, web.Response):
+        digest = answer.headers.get("Docker-Content-Digest")
+        if answer.status == 200 and digest and isinstance(answer.body, bytes):
+            peering.layers.note(digest, answer.body)
 
 
 def _only_if_cached(request: web.Request) -> bool:

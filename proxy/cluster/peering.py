@@ -45,6 +45,7 @@ import socket
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import replace
 
+from proxy.cluster.layers import ImageLayers, Place
 from proxy.logs import get_logger
 from proxy.metrics import Metrics
 from proxy.settings import ClusterSettings
@@ -104,6 +105,7 @@ class Peering:
         self.advertise = settings.advertise
         self.peers: tuple[str, ...] = ()
         self._addresses: frozenset[str] = frozenset()  # what peers connect from
+        self.layers = ImageLayers()  # each layer's place in its image, for its tree
         if isinstance(settings.peers, list):
             self._set(settings.peers, self._static_addresses(settings.peers))
 
@@ -195,7 +197,7 @@ class Peering:
             return self.auth.check_request(method, target, name, proof, remote)
         return self.trusted(remote)
 
-    def ahead(self, key: str, *, tree: bool = False) -> list[str]:
+    def ahead(self, key: str, *, tree: bool = False, place: Place | None = None) -> list[str]:
         """The peers to ask for ``key`` before the upstream, at most ``cluster.peers_tried``,
         all ranked above this instance in rendezvous order (none when it owns the key).
 
@@ -203,34 +205,54 @@ class Peering:
         the owner is gone). With ``tree`` (blobs), the ranking is a tree of ``cluster.fan_out``
         children a node: this instance asks its parent first, then the nodes above it up to the
         owner, then the owner's successor; so the owner serves ``fan_out`` nodes, and every
-        node at most ``fan_out`` more, however large the site. A pure client of the set (a
-        hub's client) has no place in the tree and asks the owner and its successor."""
-        ranked = rendezvous(self.peers, key)
+        node at most ``fan_out`` more, however large the site. A layer's ``place`` in its image
+        lays the tree over the image's order, turned so that layers take turns at being
+        parents (:mod:`proxy.cluster.layers`). A pure client of the set (a hub's client) has
+        no place in the tree and asks the owner and its successor."""
+        ranked = self.ranked(key, place)
         if self.advertise not in ranked:
             return ranked[: self._settings.peers_tried]
-        place = ranked.index(self.advertise)
+        place_here = ranked.index(self.advertise)
         ahead: list[str] = []
         if tree:
-            parent = place
+            parent = place_here
             while parent > 0:
                 parent = (parent - 1) // self._settings.fan_out
                 ahead.append(ranked[parent])
-        elif place > 0:
+        elif place_here > 0:
             ahead.append(ranked[0])
-        if place > 1 and ranked[1] not in ahead:
+        if place_here > 1 and ranked[1] not in ahead:
             ahead.append(ranked[1])
         return ahead[: self._settings.peers_tried]
+
+    def ranked(self, key: str, place: Place | None = None) -> list[str]:
+        """The peers in ``key``'s rendezvous order; for a layer with a ``place``, the order of
+        its image turned by the layer's index times the number of parents in a tree of
+        ``cluster.fan_out`` (nodes 0 to ``(n - 2) // fan_out``), so that the parents of one
+        layer are leaves in the next few."""
+        if place is None:
+            return rendezvous(self.peers, key)
+        ranked = rendezvous(self.peers, f"image {place.image}")
+        if len(ranked) < 2:
+            return ranked
+        parents = (len(ranked) - 2) // self._settings.fan_out + 1
+        turn = place.index * parents % len(ranked)
+        return ranked[turn:] + ranked[:turn]
 
     def owner(self, key: str) -> str | None:
         ranked = rendezvous(self.peers, key)
         return ranked[0] if ranked else None
 
-    def route(self, route: Route, key: str, *, tree: bool = False) -> Route:
+    def route(
+        self, route: Route, key: str, *, tree: bool = False, place: Place | None = None
+    ) -> Route:
         """``route`` with the peers :meth:`ahead` for ``key`` in front of its upstreams and,
         with ``cluster.ask_all_peers``, every other peer behind them, asked only for a copy
-        it holds: the last resort of a site whose uplink is down."""
-        ahead = self.ahead(key, tree=tree)
-        peers = tuple(self._peer(peer, route) for peer in ahead)
+        it holds: the last resort of a site whose uplink is down. The peers ahead are told
+        the layer's ``place``, so that they place themselves in the same tree."""
+        ahead = self.ahead(key, tree=tree, place=place)
+        told = place.header() if place is not None else ""
+        peers = tuple(self._peer(peer, route, tree=told) for peer in ahead)
         rest: tuple[Upstream, ...] = ()
         if self._settings.ask_all_peers:
             asked = {*ahead, self.advertise}
@@ -240,14 +262,16 @@ class Peering:
             return route
         return replace(route, upstreams=peers + route.upstreams + rest)
 
-    def relay(self, route: Route, key: str) -> Route:
+    def relay(self, route: Route, key: str, place: Place | None = None) -> Route:
         """For a peer's request for a blob: ``route`` through the tree as for a client's (the
         peers ahead are ranked above this instance, so a relayed request never comes back; the
         others, behind the upstreams, are asked only for what they hold, which never goes
         further). An instance that is no member of the set goes to the upstream alone."""
-        return self.route(route, key, tree=True) if self.member else route
+        return self.route(route, key, tree=True, place=place) if self.member else route
 
     @staticmethod
-    def _peer(peer: str, route: Route, *, cached_only: bool = False) -> Upstream:
+    def _peer(peer: str, route: Route, *, cached_only: bool = False, tree: str = "") -> Upstream:
         repository = route.name.path_form()
-        return Upstream(peer, repository, insecure=True, peer=True, cached_only=cached_only)
+        return Upstream(
+            peer, repository, insecure=True, peer=True, cached_only=cached_only, tree=tree
+        )

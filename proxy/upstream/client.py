@@ -42,7 +42,7 @@ from proxy.upstream.connections import TLS, client_timeout
 from proxy.upstream.direct_body import TAKE_OVER_RATE, BlockPool, DirectReads
 from proxy.upstream.egress import AddressRefused, EgressPolicy, GuardedResolver
 from proxy.upstream.liveness import PeerWatch, peer_patience
-from proxy.upstream.peer_auth import PEER_HEADER, PROOF_HEADER, PeerAuth
+from proxy.upstream.peer_auth import PEER_HEADER, PROOF_HEADER, TREE_HEADER, PeerAuth
 from proxy.upstream.peer_checks import Lie, PeerLied, checked_manifest, is_tag, manifest_digest
 from proxy.upstream.response import UpstreamResponse
 from proxy.upstream.rules import Route, Upstream
@@ -335,6 +335,8 @@ class UpstreamClient:
             headers[PEER_HEADER] = self._peer_name
             if upstream.cached_only:
                 headers["Cache-Control"] = "only-if-cached"
+            if upstream.tree:
+                headers[TREE_HEADER] = upstream.tree
             proof = self._peer_auth.sign_request(method, url.raw_path_qs, self._peer_name)
             if proof is not None:
                 headers[PROOF_HEADER] = proof

@@ -36,6 +36,8 @@ from proxy.logs import get_logger
 # Marks a request from one of the site's Detours to another (see proxy.cluster.peering), and
 # carries the proof that it is one.
 PEER_HEADER = "X-Detour-Peer"
+# On a peer's request for a layer: the layer's place in its image (proxy.cluster.layers).
+TREE_HEADER = "X-Detour-Tree"
 PROOF_HEADER = "X-Detour-Peer-Proof"
 PROOF_SECONDS = 300.0  # how far a request's time may be from this instance's clock
 SIGNING_FILE = "current"

@@ -35,6 +35,7 @@ class Upstream:
     origin: bool = False  # the name's own registry, not a mirror
     peer: bool = False  # another Detour of the site (its registry is the peer's host:port)
     cached_only: bool = False  # a peer asked only for what it holds (Cache-Control: only-if-cached)
+    tree: str = ""  # a peer asked for a layer: the layer's place in its image (cluster.layers)
 
     @property
     def base_url(self) -> str:
