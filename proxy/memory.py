@@ -58,7 +58,7 @@ CHECKED_CHUNK_BYTES = 2 * MiB
 # digest, or by a tag within its tag_ttl, needs no disk at all:
 RECENT_MANIFEST_BYTES = 16 * MiB  # manifests, by their bodies' bytes
 RECENT_TAGS = 16384  # tag records, by count (a few MiB)
-# glibc's allocator (proxy.allocator): buffers up to MMAP_ABOVE_BYTES come from the heap, and
+# glibc's allocator (proxy.api.allocator): buffers up to MMAP_ABOVE_BYTES come from the heap, and
 # up to KEEP_FREE_BYTES of it, freed, is kept for the next buffers instead of each one being a
 # fresh mmap, page-faulted in anew.
 MMAP_ABOVE_BYTES = 4 * MiB

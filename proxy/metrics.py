@@ -104,8 +104,110 @@ def endpoint_kind(path: str) -> str:
     return OTHER
 
 
+class _PeerMetrics:
+    """The site's peers (proxy.cluster, proxy.upstream): how many, which are down, and what
+    asking them gave."""
+
+    peers: Gauge
+    peers_down: Gauge
+    peer_requests: Counter
+    peers_bypassed: Counter
+    peer_probes: Counter
+
+    def _add_peer_metrics(self, r: CollectorRegistry) -> None:
+        self.peers = Gauge(
+            "detour_peers",
+            "Detours in the site's peer set (cluster.peers), this one included if a member.",
+            registry=r,
+        )
+        self.peers_down = Gauge(
+            "detour_peers_down",
+            "Peers taken as down now: one that failed, hung or was bypassed is not asked for "
+            "a while (the cluster's down period, 30 s by default).",
+            registry=r,
+        )
+        self.peer_requests = Counter(
+            "detour_peer_requests",
+            "Requests to the owners of blobs, manifests and tags among the peers, by result: "
+            "served, failed (the next peer or the upstream served), skipped (down lately), "
+            "not_held (asked only for a copy it holds, it had none).",
+            ["result"],
+            registry=r,
+        )
+        self.peers_bypassed = Counter(
+            "detour_peers_bypassed",
+            "Peers marked down at once for an answer no Detour of the site gives, by reason: "
+            "wrong_blob, wrong_manifest (bytes that do not match their digest), redirect, "
+            "unproven_tag (a tag without proof of cluster.secret_dir's secret); the next peer "
+            "or the upstream served instead.",
+            ["reason"],
+            registry=r,
+        )
+        self.peer_probes = Counter(
+            "detour_peer_probes",
+            "Peers silent for cluster.read_timeout, probed on a new connection, by result: alive "
+            "(waited on: it waits for its own upstream), hung (no answer: marked down, the "
+            "fetch went on from the next source).",
+            ["result"],
+            registry=r,
+        )
+        for result in PEER_RESULTS:
+            self.peer_requests.labels(result)
+        for reason in PEER_LIES:
+            self.peers_bypassed.labels(reason)
+        for result in PEER_PROBES:
+            self.peer_probes.labels(result)
+
+
+class _FetchMetrics:
+    """Blob fetches (proxy.content): under way, queued, tried again, ended early, and the
+    clients let go of while one waited."""
+
+    inflight_fetches: Gauge
+    queued_fetches: Gauge
+    fetch_retries: Counter
+    client_waits: Counter
+    ended_fetches: Counter
+
+    def _add_fetch_metrics(self, r: CollectorRegistry) -> None:
+        self.inflight_fetches = Gauge(
+            "detour_inflight_blob_fetches",
+            "Blob fetches from upstream under way.",
+            registry=r,
+        )
+        self.fetch_retries = Counter(
+            "detour_blob_fetch_retries",
+            "Blob fetches tried again, after a back-off, when every upstream failed (a WAN cut): "
+            "within upstream.retry_for, from the byte reached.",
+            registry=r,
+        )
+        self.client_waits = Counter(
+            "detour_blob_client_waits_ended",
+            "Blob clients sent nothing for upstream.client_wait while the fetch waited for its "
+            "upstream, by where: headers (answered 504), body (connection closed); their retry "
+            "joins the same fetch.",
+            ["where"],
+            registry=r,
+        )
+        self.queued_fetches = Gauge(
+            "detour_queued_blob_fetches",
+            "Blob fetches waiting for a slot (upstream.max_fetches, max_fetches_per_registry).",
+            registry=r,
+        )
+        self.ended_fetches = Counter(
+            "detour_ended_blob_fetches",
+            "Blob fetches Detour ended early: abandoned (no client left), or too slow.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ENDED_FETCHES:
+            self.ended_fetches.labels(reason)
+        for where in CLIENT_WAITS:
+            self.client_waits.labels(where)
+
+
 @dataclass
-class Metrics:
+class Metrics(_PeerMetrics, _FetchMetrics):
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     # The registries the operator named; every other one is labelled "other", so names a
     # client invents can't grow the number of series.
@@ -205,72 +307,8 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        self.inflight_fetches = Gauge(
-            "detour_inflight_blob_fetches",
-            "Blob fetches from upstream under way.",
-            registry=r,
-        )
-        self.peers = Gauge(
-            "detour_peers",
-            "Detours in the site's peer set (cluster.peers), this one included if a member.",
-            registry=r,
-        )
-        self.peers_down = Gauge(
-            "detour_peers_down",
-            "Peers taken as down now: one that failed, hung or was bypassed is not asked for "
-            "a while (the cluster's down period, 30 s by default).",
-            registry=r,
-        )
-        self.peer_requests = Counter(
-            "detour_peer_requests",
-            "Requests to the owners of blobs, manifests and tags among the peers, by result: "
-            "served, failed (the next peer or the upstream served), skipped (down lately), "
-            "not_held (asked only for a copy it holds, it had none).",
-            ["result"],
-            registry=r,
-        )
-        self.peers_bypassed = Counter(
-            "detour_peers_bypassed",
-            "Peers marked down at once for an answer no Detour of the site gives, by reason: "
-            "wrong_blob, wrong_manifest (bytes that do not match their digest), redirect, "
-            "unproven_tag (a tag without proof of cluster.secret_dir's secret); the next peer "
-            "or the upstream served instead.",
-            ["reason"],
-            registry=r,
-        )
-        self.peer_probes = Counter(
-            "detour_peer_probes",
-            "Peers silent for cluster.read_timeout, probed on a new connection, by result: alive "
-            "(waited on: it waits for its own upstream), hung (no answer: marked down, the "
-            "fetch went on from the next source).",
-            ["result"],
-            registry=r,
-        )
-        self.fetch_retries = Counter(
-            "detour_blob_fetch_retries",
-            "Blob fetches tried again, after a back-off, when every upstream failed (a WAN cut): "
-            "within upstream.retry_for, from the byte reached.",
-            registry=r,
-        )
-        self.client_waits = Counter(
-            "detour_blob_client_waits_ended",
-            "Blob clients sent nothing for upstream.client_wait while the fetch waited for its "
-            "upstream, by where: headers (answered 504), body (connection closed); their retry "
-            "joins the same fetch.",
-            ["where"],
-            registry=r,
-        )
-        self.queued_fetches = Gauge(
-            "detour_queued_blob_fetches",
-            "Blob fetches waiting for a slot (upstream.max_fetches, max_fetches_per_registry).",
-            registry=r,
-        )
-        self.ended_fetches = Counter(
-            "detour_ended_blob_fetches",
-            "Blob fetches Detour ended early: abandoned (no client left), or too slow.",
-            ["reason"],
-            registry=r,
-        )
+        self._add_peer_metrics(r)
+        self._add_fetch_metrics(r)
         self._initialise()
 
     def _initialise(self) -> None:
@@ -290,16 +328,6 @@ class Metrics:
                 self.cache_requests.labels(kind, result)
         for reason in CACHE_WRITE_FAILURES:
             self.cache_write_failures.labels(reason)
-        for result in PEER_RESULTS:
-            self.peer_requests.labels(result)
-        for reason in PEER_LIES:
-            self.peers_bypassed.labels(reason)
-        for reason in ENDED_FETCHES:
-            self.ended_fetches.labels(reason)
-        for result in PEER_PROBES:
-            self.peer_probes.labels(result)
-        for where in CLIENT_WAITS:
-            self.client_waits.labels(where)
         for source in SOURCES:
             self.served_bytes.labels(source)
         self.verify_failures.labels("blob", CACHE)  # the cache's own files (proxy.content.blobs)

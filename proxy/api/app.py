@@ -21,8 +21,8 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from proxy import __version__, allocator
-from proxy.api import handlers
+from proxy import __version__
+from proxy.api import allocator, handlers
 from proxy.api.admin import add_admin_routes
 from proxy.api.services import METRICS, SETTINGS, services_ctx
 from proxy.errors import BadRequest, DetourError, NotFound, TooBusy, Unsupported, oci_error_body
