@@ -58,6 +58,7 @@ CHECKED_CHUNK_BYTES = 2 * MiB
 # digest, or by a tag within its tag_ttl, needs no disk at all:
 RECENT_MANIFEST_BYTES = 16 * MiB  # manifests, by their bodies' bytes
 RECENT_TAGS = 16384  # tag records, by count (a few MiB)
+LAYER_PLACES = 4096  # each layer's place in its image, for its peer tree (about 1 MiB)
 # glibc's allocator (proxy.api.allocator): buffers up to MMAP_ABOVE_BYTES come from the heap, and
 # up to KEEP_FREE_BYTES of it, freed, is kept for the next buffers instead of each one being a
 # fresh mmap, page-faulted in anew.
@@ -65,7 +66,7 @@ MMAP_ABOVE_BYTES = 4 * MiB
 KEEP_FREE_BYTES = 32 * MiB
 
 # The process before any fetch or hit: the interpreter and Detour's modules (an estimate, not a
-# bound), the tag records, and what kept_bytes() counts.
+# bound), the tag records and layer places, and what kept_bytes() counts.
 BASE_BYTES = 106 * MiB
 
 

@@ -11,10 +11,11 @@ manifest's digest), turned for layer ``i`` by ``i`` times the number of parents 
 parents of consecutive layers are different nodes, and the upload evens out (about 1.1x).
 
 Every node of a rollout computes the same trees alone: it has served the image's manifest to
-its own client before the client asks for a layer (:meth:`ImageLayers.note`), and a node asked
+its own client before the client asks for a layer (:meth:`ImageLayers.note`; the last
+:data:`~proxy.memory.LAYER_PLACES` layers), and a node asked
 for a layer by a peer takes the layer's place from the peer's request (:data:`TREE_HEADER`),
 so a node that never saw the manifest places itself in the same tree. A layer this node knows
-no image for (a blob fetched alone, or a place forgotten) goes by its own digest, as before.
+no image for (a blob fetched alone, or a place forgotten) goes by its own digest.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from proxy.memory import LAYER_PLACES
 from proxy.upstream.peer_auth import TREE_HEADER
 
 __all__ = ["TREE_HEADER", "ImageLayers", "Place"]
 
-PLACES_KEPT = 4096  # layers whose place is remembered (about 0.5 MiB), the oldest forgotten
 MAX_LAYERS = 1000  # an image manifest with more layers is not placed (registries allow ~128)
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
@@ -58,7 +59,7 @@ class Place:
 class ImageLayers:
     """The place of each layer of the image manifests this node served lately."""
 
-    def __init__(self, kept: int = PLACES_KEPT) -> None:
+    def __init__(self, kept: int = LAYER_PLACES) -> None:
         self._kept = kept
         self._places: OrderedDict[str, Place] = OrderedDict()
 
