@@ -98,7 +98,7 @@ async def test_a_fetched_blob_is_read_back_into_the_page_cache_up_to_the_setting
     store, _ = await store_at(tmp_path / "cache", read_back_up_to=read_back_up_to)
     data, digest = blob(5 * MiB + 7)
     writer = written(store, data, digest)
-    if not store.blob_writes.direct:
+    if not store.write_mode.direct:
         pytest.skip(f"{tmp_path} refuses O_DIRECT: blobs go through the page cache anyway")
     await store.commit_blob(writer, 0)
     resident = in_page_cache(store.blob_path(digest))

@@ -23,7 +23,7 @@ from proxy.cache.file_io import (
     write_all,
     write_small,
 )
-from proxy.cache.write_mode import BlobWrites
+from proxy.cache.write_mode import WriteMode
 from proxy.lane import Chunk
 from proxy.memory import ALIGN, DIRECT_BUFFER_BYTES
 
@@ -36,29 +36,29 @@ class Appender:
     """The bytes of one blob appended to its open temp file ``fd`` (blocking; one call at a
     time, in the order of the bytes), which it owns until :meth:`close`.
 
-    With ``O_DIRECT`` (see :class:`~proxy.cache.write_mode.BlobWrites`) each write goes through
+    With ``O_DIRECT`` (see :class:`~proxy.cache.write_mode.WriteMode`) each write goes through
     a page-aligned buffer and only whole 4 KiB blocks reach the file; the last partial block is
     held back (``on_disk`` trails the bytes appended by less than 4 KiB) until :meth:`finish`
     writes it without ``O_DIRECT``. After :meth:`go_buffered` (the disk fell behind the network)
     the rest goes through the page cache, ``buffered_from`` on, bounded by :class:`WriteBehind`.
     """
 
-    def __init__(self, fd: int, writes: BlobWrites | None) -> None:
+    def __init__(self, fd: int, mode: WriteMode | None) -> None:
         self.fd = fd
         self.closed = False
         self.on_disk = 0  # bytes in the file
-        self._writes = writes
+        self._mode = mode
         self._direct = False
         self._buffer: mmap.mmap | None = None  # O_DIRECT: bytes [on_disk, on_disk + _held)
         self._held = 0
         self._buffered_wanted = False  # set on the loop: the rest goes through the page cache
         self.buffered_from = 0  # bytes before it were written with O_DIRECT
-        self._behind = None if writes is None else WriteBehind(fd, writes.write_behind)
-        if writes is not None and writes.starts_direct:
+        self._behind = None if mode is None else WriteBehind(fd, mode.write_behind)
+        if mode is not None and mode.starts_direct:
             try:
                 set_direct(fd, True)
             except OSError as exc:
-                writes.refused(exc)
+                mode.refused(exc)
             else:
                 self._direct = True
                 self.buffered_from = -1  # none yet
@@ -185,11 +185,11 @@ class Appender:
                     set_direct(fd, False)
                     self._direct = False
                     self.buffered_from = 0
-                    if self._writes is not None:
-                        self._writes.refused(exc)
+                    if self._mode is not None:
+                        self._mode.refused(exc)
                     end = self._held
-            if done and self._direct and self._writes is not None:
-                self._writes.accepted()
+            if done and self._direct and self._mode is not None:
+                self._mode.accepted()
         finally:
             if done:
                 buffer.move(0, done, self._held - done)

@@ -119,7 +119,7 @@ class BlobSink:
             if not self._went_buffered and waited > max(SLOW_DISK_WAIT, SLOW_DISK_SHARE * fetching):
                 self._went_buffered = True
                 writer.go_buffered()
-                self._store.blob_writes.fell_behind()
+                self._store.write_mode.fell_behind()
             return False
         if writer.disk_behind:
             self.spill(None, "disk_behind")

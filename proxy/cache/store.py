@@ -30,7 +30,7 @@ from typing import Generic, TypeVar
 
 from proxy.cache.checksums import Checksums
 from proxy.cache.index import CacheIndex
-from proxy.cache.write_mode import BlobWrites
+from proxy.cache.write_mode import WriteMode
 from proxy.cache.writer import BlobWriter
 from proxy.errors import UpstreamInvalid
 from proxy.files import write_atomic
@@ -157,7 +157,7 @@ class CacheStore(CacheIndex):
         super().__init__(max_size, on_evict)
         self.root = root
         self.tmp = root / "tmp"
-        self.blob_writes = BlobWrites(root, read_back_up_to, write_behind)
+        self.write_mode = WriteMode(root, read_back_up_to, write_behind)
         self._manifests: Recent[StoredManifest] = Recent(
             RECENT_MANIFEST_BYTES, lambda manifest: len(manifest.body)
         )
@@ -194,7 +194,7 @@ class CacheStore(CacheIndex):
             return None
 
     def begin_blob(self, digest: Digest) -> BlobWriter:
-        return BlobWriter(digest, self.blob_path(digest), self.tmp, self.blob_writes)
+        return BlobWriter(digest, self.blob_path(digest), self.tmp, self.write_mode)
 
     async def commit_blob(self, writer: BlobWriter, reserved: int) -> Checksums:
         """Put a blob whose digest matched into the cache: flushed to the disk and moved into

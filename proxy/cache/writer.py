@@ -3,7 +3,7 @@ is written to a temp file, moved into place only once verified.
 
 Blob files are written with ``O_DIRECT`` where the file system takes it and the disk keeps up
 with the network, through a page-aligned buffer; through the page cache where it doesn't (see
-:class:`~proxy.cache.write_mode.BlobWrites`). How the bytes reach the file is
+:class:`~proxy.cache.write_mode.WriteMode`). How the bytes reach the file is
 :class:`~proxy.cache.appender.Appender`'s; this module is the blob's lifecycle around it.
 """
 
@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proxy.cache.appender import Appender
-from proxy.cache.checksums import Checksums, ChunkSums
+from proxy.cache.checksums import ChecksumHasher, Checksums
 from proxy.cache.file_io import read_back
-from proxy.cache.write_mode import BlobWrites
+from proxy.cache.write_mode import WriteMode
 from proxy.lane import Chunk
 from proxy.logs import get_logger
 from proxy.reference import Digest
@@ -44,19 +44,19 @@ class BlobWriter:
     """
 
     def __init__(
-        self, digest: Digest, final: Path, tmp_dir: Path, writes: BlobWrites | None = None
+        self, digest: Digest, final: Path, tmp_dir: Path, mode: WriteMode | None = None
     ) -> None:
         self.digest = digest
         self.final = final
         self.size = 0  # bytes hashed
         self._hasher = digest.hasher()
-        self.chunk_sums = ChunkSums()  # for the hits' checks, once the digest matched
+        self._checksum_hasher = ChecksumHasher()  # for the hits' checks, once the digest matched
         self.checksums: Checksums | None = None  # once committed
         self.path: Path | None = None
         self.failure: OSError | None = None
-        self._writes = writes
+        self._mode = mode
         self._file: Appender | None = None  # the temp file, open until committed or discarded
-        self._counted = False  # in writes.writing
+        self._counted = False  # in mode.writing
         try:
             fd, name = tempfile.mkstemp(
                 dir=tmp_dir, prefix=f"{digest.hex[:16]}.", suffix=".partial"
@@ -65,10 +65,10 @@ class BlobWriter:
             self.failure = exc
             return
         self.path = Path(name)
-        if writes is not None:
-            writes.count_writer(1)
+        if mode is not None:
+            mode.count_writer(1)
             self._counted = True
-        self._file = Appender(fd, writes)
+        self._file = Appender(fd, mode)
 
     @property
     def on_disk(self) -> int:
@@ -118,7 +118,7 @@ class BlobWriter:
         """Hash ``chunks`` (blocking)."""
         for chunk in chunks:
             self._hasher.update(chunk)
-            self.chunk_sums.update(chunk)
+            self._checksum_hasher.update(chunk)
             self.size += len(chunk)
 
     def matches(self, expected_size: int | None = None) -> bool:
@@ -132,19 +132,21 @@ class BlobWriter:
 
     def commit(self) -> None:
         """Flush to the disk, read back into the page cache (see
-        :class:`~proxy.cache.write_mode.BlobWrites`), and move into place (blocking: call from
+        :class:`~proxy.cache.write_mode.WriteMode`), and move into place (blocking: call from
         a worker thread); the caller has checked :meth:`matches`."""
         file = self._file
         assert file is not None
         assert not file.closed
         assert self.path is not None
         os.fsync(file.fd)
-        writes = self._writes
+        mode = self._mode
         direct_bytes = self.size if file.buffered_from < 0 else file.buffered_from
-        if writes is not None and direct_bytes and self.size <= writes.read_back_up_to:
-            read_back(file.fd, direct_bytes, writes.others_writing)
+        if mode is not None and direct_bytes and self.size <= mode.read_back_up_to:
+            read_back(file.fd, direct_bytes, mode.others_writing)
         stat = os.fstat(file.fd)
-        self.checksums = Checksums((stat.st_dev, stat.st_ino), self.size, self.chunk_sums.finish())
+        self.checksums = Checksums(
+            (stat.st_dev, stat.st_ino), self.size, self._checksum_hasher.finish()
+        )
         self.checksums.save(file.fd)
         file.close()
         self._uncount()
@@ -152,9 +154,9 @@ class BlobWriter:
         os.replace(self.path, self.final)
 
     def _uncount(self) -> None:
-        if self._counted and self._writes is not None:
+        if self._counted and self._mode is not None:
             self._counted = False
-            self._writes.count_writer(-1)
+            self._mode.count_writer(-1)
 
     def discard(self) -> None:
         if self._file is not None:
