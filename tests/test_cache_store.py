@@ -1,4 +1,4 @@
-"""The cache store on its own: a blob's way into the cache (CacheStore.commit_blob), and the
+"""The cache store on its own: a blob's way into the cache (written, committed, admitted), and the
 index's space accounting and eviction. A real directory, real files; what is asserted is what
 is on disk and what the store counts, as ``/metrics`` and ``detour cache ls`` show it."""
 
@@ -44,7 +44,7 @@ async def store_at(
 
 def written(store: CacheStore, data: bytes, digest: Digest) -> BlobWriter:
     """A blob written and hashed as a fetch does it, not yet committed."""
-    writer = store.begin_blob(digest)
+    writer = BlobWriter(digest, store.blob_path(digest), store.tmp, store.write_mode)
     for offset in range(0, len(data), MiB):
         chunk = data[offset : offset + MiB]
         writer.update([chunk])
@@ -54,12 +54,21 @@ def written(store: CacheStore, data: bytes, digest: Digest) -> BlobWriter:
     return writer
 
 
+async def commit_blob(store: CacheStore, writer: BlobWriter, reserved: int) -> Checksums:
+    """Into the cache as a fetch's sink puts it (BlobSink.commit): the file flushed and moved
+    into place in a worker thread, then indexed under the ``reserved`` bytes."""
+    await asyncio.get_running_loop().run_in_executor(None, writer.commit)
+    store.admit(writer.final, writer.size, reserved)
+    assert writer.checksums is not None
+    return writer.checksums
+
+
 async def test_a_committed_blob_is_in_place_indexed_and_summed(tmp_path: Path) -> None:
     store, _ = await store_at(tmp_path / "cache", max_size=64 * MiB)
     data, digest = blob(5 * MiB + 7)
     assert store.reserve(len(data))
     writer = written(store, data, digest)
-    checksums = await store.commit_blob(writer, len(data))
+    checksums = await commit_blob(store, writer, len(data))
     final = store.blob_path(digest)
     assert final.read_bytes() == data
     assert list(store.tmp.iterdir()) == []
@@ -98,9 +107,9 @@ async def test_a_fetched_blob_is_read_back_into_the_page_cache_up_to_the_setting
     store, _ = await store_at(tmp_path / "cache", read_back_up_to=read_back_up_to)
     data, digest = blob(5 * MiB + 7)
     writer = written(store, data, digest)
-    if not store.blob_writes.direct:
+    if not store.write_mode.direct:
         pytest.skip(f"{tmp_path} refuses O_DIRECT: blobs go through the page cache anyway")
-    await store.commit_blob(writer, 0)
+    await commit_blob(store, writer, 0)
     resident = in_page_cache(store.blob_path(digest))
     if len(data) <= read_back_up_to:
         assert resident == -(-len(data) // 4096) * 4096  # every page
@@ -118,7 +127,7 @@ async def test_a_commit_the_disk_refuses_leaves_nothing_indexed(tmp_path: Path) 
     final.parent.parent.mkdir(parents=True, exist_ok=True)
     final.parent.write_bytes(b"")
     with pytest.raises(FileExistsError):
-        await store.commit_blob(writer, len(data))
+        await commit_blob(store, writer, len(data))
     assert store.total == 0
     assert store.reserved == len(data)  # the caller releases it with the discarded file
     writer.discard()
@@ -133,7 +142,7 @@ async def test_the_least_recently_used_unpinned_blob_is_evicted(tmp_path: Path) 
     for _ in range(3):
         data, digest = blob(1 * MiB)
         assert store.reserve(len(data))
-        await store.commit_blob(written(store, data, digest), len(data))
+        await commit_blob(store, written(store, data, digest), len(data))
         paths.append(store.blob_path(digest))
     oldest, middle, newest = paths
     store.pin(oldest)  # being sent: not evicted

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from proxy.cache.checksums import Checksums, ChunkSums
+from proxy.cache.checksums import ChecksumHasher, Checksums
 from proxy.oci import MANIFEST_MAX_BYTES
 from proxy.reference import Digest
 
@@ -54,7 +54,7 @@ def _entry_problem(kind: str, path: Path) -> tuple[str, os.stat_result] | None:
     if path.parent.name != hexpart[:2]:
         return "not in its digest's directory", path.stat()
     hasher = digest.hasher()
-    sums = ChunkSums()
+    sums = ChecksumHasher()
     with path.open("rb", buffering=0) as file:
         checked = os.fstat(file.fileno())
         if kind == "manifests":

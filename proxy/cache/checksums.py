@@ -67,8 +67,9 @@ _SUMS_MAGIC = b"DTR1"
 _SUMS_HEADER = struct.Struct("<4sQI")  # magic, the file's size, the chunk size
 
 
-class ChunkSums:
-    """The per-chunk sums of :class:`Checksums`, taken as a stream of bytes goes by."""
+class ChecksumHasher:
+    """Takes the per-chunk sums of :class:`Checksums` from a stream of bytes as it goes by:
+    fed like a hashlib hasher (:meth:`update`), the sums had at the end (:meth:`finish`)."""
 
     def __init__(self) -> None:
         self.sums: array[int] = array("Q")

@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 from proxy.cache.checksums import Checksums
 from proxy.cache.store import CacheStore, cache_write_failed
+from proxy.cache.writer import BlobWriter
 from proxy.errors import DetourError, UpstreamInvalid
 from proxy.lane import Chunk, Lane
 from proxy.logs import get_logger
@@ -63,7 +64,9 @@ class BlobSink:
         self.spilled = False
         self._began = time.monotonic()
         self._went_buffered = False
-        self.writer = writer = store.begin_blob(digest)
+        self.writer = writer = BlobWriter(
+            digest, store.blob_path(digest), store.tmp, store.write_mode
+        )
         if writer.failure is not None:
             self.spill(writer.failure)
         elif private:
@@ -119,7 +122,7 @@ class BlobSink:
             if not self._went_buffered and waited > max(SLOW_DISK_WAIT, SLOW_DISK_SHARE * fetching):
                 self._went_buffered = True
                 writer.go_buffered()
-                self._store.blob_writes.fell_behind()
+                self._store.write_mode.fell_behind()
             return False
         if writer.disk_behind:
             self.spill(None, "disk_behind")
@@ -174,14 +177,20 @@ class BlobSink:
         return not self._private and self.writer.complete_on_disk
 
     async def commit(self) -> Checksums | None:
-        """Put the verified blob into the cache; None (counted, logged) if the disk won't."""
+        """Put the verified blob into the cache: flushed and moved into place in a worker
+        thread, then indexed by the store under the bytes reserved for it; the checksums its
+        hits are checked against. None (counted, logged) if the disk won't: the reservation is
+        then kept, released with the discarded file."""
+        writer = self.writer
         try:
-            checksums = await self._store.commit_blob(self.writer, self.reserved)
+            await asyncio.get_running_loop().run_in_executor(None, writer.commit)
+            self._store.admit(writer.final, writer.size, self.reserved)
         except OSError as exc:  # verified, but the disk would not keep it: served, not cached
             self._write_refused(exc)
             return None
         self.reserved = 0
-        return checksums
+        assert writer.checksums is not None
+        return writer.checksums
 
     def discard(self) -> None:
         """Delete the temp file and give back its reservation, once no write is under way."""

@@ -28,10 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from proxy.cache.checksums import Checksums
 from proxy.cache.index import CacheIndex
-from proxy.cache.write_mode import BlobWrites
-from proxy.cache.writer import BlobWriter
+from proxy.cache.write_mode import WriteMode
 from proxy.errors import UpstreamInvalid
 from proxy.files import write_atomic
 from proxy.logs import get_logger
@@ -157,7 +155,7 @@ class CacheStore(CacheIndex):
         super().__init__(max_size, on_evict)
         self.root = root
         self.tmp = root / "tmp"
-        self.blob_writes = BlobWrites(root, read_back_up_to, write_behind)
+        self.write_mode = WriteMode(root, read_back_up_to, write_behind)
         self._manifests: Recent[StoredManifest] = Recent(
             RECENT_MANIFEST_BYTES, lambda manifest: len(manifest.body)
         )
@@ -192,19 +190,6 @@ class CacheStore(CacheIndex):
             return self.blob_path(digest).stat().st_size
         except FileNotFoundError:
             return None
-
-    def begin_blob(self, digest: Digest) -> BlobWriter:
-        return BlobWriter(digest, self.blob_path(digest), self.tmp, self.blob_writes)
-
-    async def commit_blob(self, writer: BlobWriter, reserved: int) -> Checksums:
-        """Put a blob whose digest matched into the cache: flushed to the disk and moved into
-        place in a worker thread, then indexed under the ``reserved`` bytes it was written
-        under. ``OSError`` when the disk refuses (the caller keeps the reservation to release
-        with the discarded file); the checksums its hits are checked against otherwise."""
-        await asyncio.get_running_loop().run_in_executor(None, writer.commit)
-        self.admit(writer.final, writer.size, reserved)
-        assert writer.checksums is not None
-        return writer.checksums
 
     # ----------------------------------------------------------------------- manifests
 

@@ -17,7 +17,7 @@ log = get_logger("detour.cache")
 SLOW_DISK_SECONDS = 600.0
 
 
-class BlobWrites:
+class WriteMode:
     """How a cache directory's blob files are written, logged whenever it changes.
 
     Blobs are written with ``O_DIRECT`` where the file system takes it (ext4, xfs, btrfs, tmpfs
