@@ -39,7 +39,9 @@ ADMIN_PATH = "/_detour/cache"  # the proxy's admin endpoints, which the commands
 
 
 @dataclass(frozen=True, slots=True)
-class CachedFile:
+class FileStat:
+    """A file of the cache as the listing saw it: where, how large, when last used."""
+
     path: Path
     size: int
     mtime: float
@@ -48,7 +50,7 @@ class CachedFile:
 @dataclass(frozen=True, slots=True)
 class CachedManifest:
     digest: str
-    file: CachedFile
+    file: FileStat
     media_type: str
     children: tuple[str, ...]  # the manifests an index names
     blobs: tuple[str, ...]  # config and layers
@@ -62,7 +64,7 @@ class CachedTag:
     digest: str
     media_type: str
     checked_at: float
-    file: CachedFile
+    file: FileStat
 
     @property
     def image(self) -> str:
@@ -83,12 +85,12 @@ class Group:
 # --------------------------------------------------------------------------- reading the files
 
 
-def _stat(path: Path) -> CachedFile | None:
+def _stat(path: Path) -> FileStat | None:
     try:
         stat = path.stat()
     except OSError:  # gone meanwhile (a running proxy evicted it)
         return None
-    return CachedFile(path, stat.st_size, stat.st_mtime)
+    return FileStat(path, stat.st_size, stat.st_mtime)
 
 
 def _entry_digest(path: Path) -> str | None:
@@ -136,7 +138,7 @@ def _read_manifest(path: Path, digest: str) -> CachedManifest | None:
     children, blobs = _references(body)
     return CachedManifest(
         digest,
-        CachedFile(path, stat.st_size, stat.st_mtime),
+        FileStat(path, stat.st_size, stat.st_mtime),
         media_type.decode("ascii", "replace"),
         children,
         blobs,
@@ -155,7 +157,7 @@ def _read_tag(path: Path) -> CachedTag | None:
             str(Digest.parse(data["digest"])),
             str(data["media_type"]),
             float(data["checked_at"]),
-            file or CachedFile(path, 0, 0.0),
+            file or FileStat(path, 0, 0.0),
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None  # unreadable, or gone meanwhile: the proxy does not use it either
@@ -172,7 +174,7 @@ def scan(root: Path) -> Inventory:
         digest = _entry_digest(path)
         if digest is not None and (manifest := _read_manifest(path, digest)) is not None:
             manifests[digest] = manifest
-    blobs: dict[str, CachedFile] = {}
+    blobs: dict[str, FileStat] = {}
     for path in sorted((root / "blobs").glob("*/*/*")):
         digest = _entry_digest(path)
         if digest is not None and (file := _stat(path)) is not None:
@@ -195,7 +197,7 @@ class Inventory:
         root: Path,
         tags: Sequence[CachedTag],
         manifests: dict[str, CachedManifest],
-        blobs: dict[str, CachedFile],
+        blobs: dict[str, FileStat],
     ) -> None:
         self.root = root
         self.tags = list(tags)
@@ -203,7 +205,7 @@ class Inventory:
         self.blobs = blobs
         self.groups = self._group()
 
-    def file(self, key: Key) -> CachedFile:
+    def file(self, key: Key) -> FileStat:
         kind, digest = key
         return self.manifests[digest].file if kind == "manifest" else self.blobs[digest]
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from proxy.cache.inventory import CachedFile, CachedTag, Group, Inventory, Key
+from proxy.cache.inventory import CachedTag, FileStat, Group, Inventory, Key
 from proxy.reference import Reference
 from proxy.setting_types import Duration
 
@@ -39,7 +39,7 @@ class Plan:
 
     targets: tuple[str, ...]
     tags: tuple[CachedTag, ...]
-    entries: tuple[tuple[Key, CachedFile], ...]
+    entries: tuple[tuple[Key, FileStat], ...]
 
     @property
     def paths(self) -> list[Path]:

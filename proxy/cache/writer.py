@@ -20,10 +20,7 @@ from proxy.cache.checksums import ChecksumHasher, Checksums
 from proxy.cache.file_io import read_back
 from proxy.cache.write_mode import WriteMode
 from proxy.lane import Chunk
-from proxy.logs import get_logger
 from proxy.reference import Digest
-
-log = get_logger("detour.cache")
 
 
 class BlobWriter:
