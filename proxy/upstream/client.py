@@ -32,7 +32,6 @@ from proxy.metrics import Metrics
 from proxy.settings import ClusterSettings, UpstreamSettings
 from proxy.upstream.auth import CredentialStore
 from proxy.upstream.connections import TLS
-from proxy.upstream.direct_body import TAKE_OVER_RATE, BlockPool, DirectReads
 from proxy.upstream.egress import AddressRefused, EgressPolicy, GuardedResolver
 from proxy.upstream.exchange import Exchange
 from proxy.upstream.failover import Downtime, Failover
@@ -42,6 +41,7 @@ from proxy.upstream.peer_checks import Lie, is_tag
 from proxy.upstream.response import UpstreamResponse
 from proxy.upstream.rules import Route, Upstream
 from proxy.upstream.sender import Sender, refused_error
+from proxy.upstream.socket_body import TAKE_OVER_RATE, BlockPool, SocketReads
 from proxy.upstream.transport import Attempts
 
 
@@ -104,8 +104,8 @@ class UpstreamClient:
         self._failover = Failover(
             exchange, self._downtime, self._egress, self.peers, self._peer_auth, metrics
         )
-        # For the blob bodies read by Detour itself (proxy.upstream.direct_body).
-        self.direct = DirectReads(
+        # For the blob bodies read by Detour itself (proxy.upstream.socket_body).
+        self.socket_reads = SocketReads(
             BlockPool(),
             settings.read_timeout,
             take_over_rate,
@@ -152,7 +152,7 @@ class UpstreamClient:
             if answer is not None:
                 response, private, body = answer
                 watch = self.peers if upstream.peer else None
-                return UpstreamResponse(upstream, response, private, self.direct, body, watch)
+                return UpstreamResponse(upstream, response, private, self.socket_reads, body, watch)
         raise tried.error()
 
     async def _check_addresses(self, route: Route) -> None:
