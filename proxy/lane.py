@@ -16,7 +16,7 @@ from collections.abc import Callable
 from proxy.memory import HANDOFF_BYTES, PIPELINE_BATCHES
 
 # A piece of a body: bytes as aiohttp reads them, or a view of a block read into by
-# proxy.upstream.direct_body.
+# proxy.upstream.socket_body.
 Chunk = bytes | memoryview
 
 

@@ -39,7 +39,7 @@ SEND_BYTES = 1 * MiB
 ALIGN = 4096
 DIRECT_BUFFER_BYTES = 1 * MiB  # a blob writer's aligned buffer: the most one write sends
 
-# A fast body, read by Detour itself into page-aligned blocks (proxy.upstream.direct_body).
+# A fast body, read by Detour itself into page-aligned blocks (proxy.upstream.socket_body).
 # What each block costs (a receive, a hand-over to each thread, a write, a turn of the GIL for
 # each) is paid a quarter as often as with 1 MiB blocks; 8 MiB saved no more (bench/README.md,
 # "The cold path", says how that was measured).

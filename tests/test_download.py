@@ -32,9 +32,9 @@ from proxy.settings import Settings
 from proxy.upstream.auth import CredentialStore
 from proxy.upstream.client import UpstreamClient
 from proxy.upstream.connections import registry_tls
-from proxy.upstream.direct_body import TAKE_OVER_AFTER, TAKE_OVER_RATE
 from proxy.upstream.egress import EgressPolicy
 from proxy.upstream.rules import Route, Upstream
+from proxy.upstream.socket_body import TAKE_OVER_AFTER, TAKE_OVER_RATE
 from tests.registry import make_certificates
 
 KiB = 1024
@@ -356,7 +356,7 @@ async def test_a_fetch_nobody_waits_for_ends_before_it_begins(
     assert s.metric("detour_ended_blob_fetches_total", reason="abandoned") == 1
 
 
-# Read on by Detour itself (proxy.upstream.direct_body): past its first TAKE_OVER_AFTER bytes, a
+# Read on by Detour itself (proxy.upstream.socket_body): past its first TAKE_OVER_AFTER bytes, a
 # body fast enough (here: any) is read from its connection into page-aligned blocks, which the
 # blob writer writes from where they are.
 

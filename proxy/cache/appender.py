@@ -133,7 +133,7 @@ class Appender:
     def _in_place(self, view: memoryview) -> bool:
         """Whether ``view`` can be written to the file as it is: ``O_DIRECT`` taken, and its
         bytes at addresses congruent to their file offsets modulo 4 KiB (a chunk read into a
-        block, see :mod:`proxy.upstream.direct_body`)."""
+        block, see :mod:`proxy.upstream.socket_body`)."""
         return (
             self._direct
             and self.on_disk > 0  # O_DIRECT accepted by a first write

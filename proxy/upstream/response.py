@@ -19,9 +19,9 @@ import aiohttp
 from proxy.bodies import read_capped
 from proxy.errors import DetourError, UpstreamDenied, UpstreamInvalid
 from proxy.lane import Chunk
-from proxy.upstream.direct_body import DirectReads, read_on
 from proxy.upstream.liveness import PeerWatch
 from proxy.upstream.rules import Upstream
+from proxy.upstream.socket_body import SocketReads, read_on
 from proxy.upstream.transport import transport_errors
 
 
@@ -32,7 +32,7 @@ class UpstreamResponse:
     upstream: Upstream
     response: aiohttp.ClientResponse
     private: bool  # fetched with the client's own credentials: never cache
-    direct: DirectReads | None = None  # for a fast blob body (see chunks)
+    socket_reads: SocketReads | None = None  # for a fast blob body (see chunks)
     body: bytes | None = None  # the whole body, when it was read (and checked) already
     watch: PeerWatch | None = None  # a peer's: its silences judged by probes
 
@@ -84,8 +84,8 @@ class UpstreamResponse:
         ``read_size`` bytes at a time, each piece passed on as the connection delivered it
         (not joined or split: not copied again). Larger reads than asyncio's 256 KiB mean
         fewer trips through the event loop for a blob: a cold GET ran a tenth faster with
-        1 MiB. A body that proves fast is read on by Detour itself, with ``direct``
-        (:mod:`proxy.upstream.direct_body`)."""
+        1 MiB. A body that proves fast is read on by Detour itself, with ``socket_reads``
+        (:mod:`proxy.upstream.socket_body`)."""
         response = self.response
         connection = response.connection
         if connection is not None and connection.transport is not None:
@@ -93,7 +93,7 @@ class UpstreamResponse:
                 connection.transport.max_size = read_size  # type: ignore[attr-defined]
         length = response.content_length
         plain = "Content-Encoding" not in self.headers and "Transfer-Encoding" not in self.headers
-        direct = self.direct if plain and length is not None else None
+        reads = self.socket_reads if plain and length is not None else None
         loop = asyncio.get_running_loop()
         began, received = loop.time(), 0
         pieces: AsyncIterator[tuple[bytes, bool]] = response.content.iter_chunks()
@@ -103,19 +103,19 @@ class UpstreamResponse:
             async for chunk, _ in pieces:
                 yield chunk
                 received += len(chunk)
-                if direct is not None and direct.worth_it(
+                if reads is not None and reads.worth_it(
                     received, loop.time() - began, (length or 0) - received
                 ):
                     break
             else:
                 return
-            assert direct is not None
+            assert reads is not None
             assert length is not None
             silent = None  # a peer's silence is judged by a probe, after cluster.read_timeout
             if self.watch is not None and self.watch.enabled:
                 silent = functools.partial(self.watch.still_alive, self.upstream.registry)
             ahead = length - received
-            async for view in read_on(response, offset + received, ahead, direct, silent):
+            async for view in read_on(response, offset + received, ahead, reads, silent):
                 yield view
 
     async def _watched(

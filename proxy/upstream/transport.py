@@ -16,7 +16,7 @@ what failed; every upstream tried is listed in the error's detail with its cause
     disconnected  the connection dropped before the answer was complete
     protocol      the answer was not HTTP that aiohttp could read
     http          the upstream answered 5xx or 429 (the entry has its ``status``)
-    down          not tried: it failed less than DOWN_SECONDS ago (a registry, only with
+    down          not tried: it failed less than failover.DOWN_SECONDS ago (a registry, only with
                   ``fallback``), or cluster.down_seconds (a peer)
 
 The words of a failure (an error's ``reason``, an attempt's ``error``) never name a URL: a signed

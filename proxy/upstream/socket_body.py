@@ -3,7 +3,7 @@
 aiohttp reads a body into bytes objects of its own: the socket's read, then its parser's copy,
 and a blob writer with ``O_DIRECT`` copies each chunk once more into an aligned buffer. Over a
 link that is not the bottleneck (a mirror on the node's network, a site's peer) a cold blob is
-paced by the processors, so once a body has shown itself fast (:meth:`DirectReads.worth_it`),
+paced by the processors, so once a body has shown itself fast (:meth:`SocketReads.worth_it`),
 Detour takes its connection over from aiohttp (:meth:`asyncio.BaseTransport.set_protocol`, the
 transport's documented way to change hands) and reads the rest with ``recv_into`` straight into
 4 MiB page-aligned blocks. Each chunk is a view of a block, placed so that a byte's address and
@@ -16,6 +16,9 @@ why slow links are never taken over (their bodies, read through aiohttp, keep th
 A body cut short, or silent for ``read_timeout``, ends with the same exceptions aiohttp's own
 reads raise, so :func:`proxy.upstream.transport.transport_errors` names them alike. A peer's silence
 is judged by its caller instead, every ``cluster.read_timeout`` (:mod:`proxy.upstream.liveness`).
+
+The word for this is *socket*: a body's socket reads. *Direct* is kept for the blob writer's
+``O_DIRECT`` disk writes (:mod:`proxy.cache.write_mode`), the other end of the same blocks.
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ class BlockPool:
 
 
 @dataclass
-class DirectReads:
+class SocketReads:
     """What reading bodies on needs: the blocks, the silence allowed (``read_timeout``), the
     pace at which a body is worth it, and how many are being read on now."""
 
@@ -169,7 +172,7 @@ async def read_on(
     response: aiohttp.ClientResponse,
     offset: int,
     left: int,
-    reads: DirectReads,
+    reads: SocketReads,
     silent: Callable[[float], Awaitable[None]] | None = None,
 ) -> AsyncIterator[memoryview]:
     """The last ``left`` bytes of ``response``'s body, the blob's from byte ``offset`` on, from
