@@ -1,6 +1,6 @@
 """Blobs: served from disk on a hit, fetched once from upstream on a miss.
 
-A miss starts a :class:`~proxy.content.download.Download`, a background task that streams the
+A miss starts a :class:`~proxy.content.fetch.Fetch`, a background task that streams the
 upstream body into a temp file, hashing as it writes. Every client of that blob (the first and
 any that arrive while it runs) is sent each chunk from memory as it arrives from the upstream,
 while the same chunk is hashed and written alongside; a client that falls behind the fetch's
@@ -31,8 +31,9 @@ from proxy.cache.cached_file import CachedFile
 from proxy.cache.sink import CLOSE_GRACE_SECONDS
 from proxy.cache.store import CacheStore
 from proxy.content.blob_body import blob_unknown
-from proxy.content.download import Download, State
+from proxy.content.fetch import Fetch
 from proxy.content.fetch_limits import FetchLimits, FetchSlots
+from proxy.content.fetch_state import State
 from proxy.content.hits import Hits
 from proxy.content.outcome import Outcome, Sharing
 from proxy.content.streamer import blob_headers, client_patience, serve, waited_out
@@ -61,8 +62,8 @@ class Blobs:
         self._metrics = metrics
         self._limits = limits
         self._slots = slots
-        self._inflight: dict[Digest, Download] = {}
-        self._tasks: dict[asyncio.Task[None], Download] = {}
+        self._inflight: dict[Digest, Fetch] = {}
+        self._tasks: dict[asyncio.Task[None], Fetch] = {}
         self._hits = Hits(store, metrics)
 
     async def close(self) -> None:
@@ -145,8 +146,8 @@ class Blobs:
 
     def _start(
         self, route: Route, digest: Digest, client_auth: str | None, *, shared: bool
-    ) -> Download:
-        fetch = Download(
+    ) -> Fetch:
+        fetch = Fetch(
             digest,
             route,
             client_auth,
@@ -171,7 +172,7 @@ class Blobs:
         task.add_done_callback(done)
         return fetch
 
-    def _forget(self, fetch: Download) -> None:
+    def _forget(self, fetch: Fetch) -> None:
         """No new clients for this fetch: it ended, or spilled and can't take late joiners."""
         if self._inflight.get(fetch.digest) is fetch:
             del self._inflight[fetch.digest]

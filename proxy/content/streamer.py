@@ -1,4 +1,4 @@
-"""Sending a blob to one client of a :class:`~proxy.content.download.Download` as it arrives.
+"""Sending a blob to one client of a :class:`~proxy.content.fetch.Fetch` as it arrives.
 
 A client whose position is in the fetch's window is sent its bytes from memory; one behind it
 (it joined late, or fell behind) reads the fetch's file, up to what is on disk, until it
@@ -24,7 +24,8 @@ from typing import IO
 from aiohttp import web
 
 from proxy.cache.store import CacheStore
-from proxy.content.download import ClientWaitOver, Download, State
+from proxy.content.fetch import Fetch
+from proxy.content.fetch_state import ClientWaitOver, State
 from proxy.content.outcome import Abort, Outcome, send_body
 from proxy.content.window import Reader
 from proxy.errors import DetourError, UpstreamInvalid, UpstreamTimeout
@@ -49,7 +50,7 @@ def blob_headers(digest: Digest, size: int | None) -> dict[str, str]:
 
 
 async def serve(
-    request: web.Request, fetch: Download, reader: Reader, store: CacheStore, outcome: Outcome
+    request: web.Request, fetch: Fetch, reader: Reader, store: CacheStore, outcome: Outcome
 ) -> web.StreamResponse:
     """Stream the fetch to the client ``reader`` stands for; it leaves the fetch at the end."""
     final = store.blob_path(fetch.digest)
@@ -76,14 +77,14 @@ def from_peer(request: web.Request) -> bool:
     return isinstance(fields, dict) and "from_peer" in fields
 
 
-def client_patience(request: web.Request, fetch: Download) -> float | None:
+def client_patience(request: web.Request, fetch: Fetch) -> float | None:
     """How long this client may be sent nothing while the fetch waits for its upstream:
     ``upstream.client_wait``, or, for a proven peer's request, as long as the fetch lasts."""
     return None if from_peer(request) else fetch.client_wait
 
 
 @contextlib.asynccontextmanager
-async def waited_out(fetch: Download, outcome: Outcome) -> AsyncIterator[None]:
+async def waited_out(fetch: Fetch, outcome: Outcome) -> AsyncIterator[None]:
     """A client let go of before its headers (:class:`ClientWaitOver`), counted: the error
     every upstream gave last, while the fetch tries again; else a 504."""
     try:
@@ -107,7 +108,7 @@ async def waited_out(fetch: Download, outcome: Outcome) -> AsyncIterator[None]:
         ) from None
 
 
-def _open_file(fetch: Download) -> IO[bytes] | None:
+def _open_file(fetch: Fetch) -> IO[bytes] | None:
     """The file the fetch writes, wherever it is now. Moved into the cache meanwhile, the final
     file holds the same verified bytes; not kept and deleted, every byte comes from memory."""
     for path in fetch.files:
@@ -119,7 +120,7 @@ def _open_file(fetch: Download) -> IO[bytes] | None:
 
 async def _stream(
     request: web.Request,
-    fetch: Download,
+    fetch: Fetch,
     reader: Reader,
     source: IO[bytes] | None,
     outcome: Outcome,
@@ -140,7 +141,7 @@ async def _stream(
 
 async def _send_body(
     request: web.Request,
-    fetch: Download,
+    fetch: Fetch,
     reader: Reader,
     source: IO[bytes] | None,
     response: web.StreamResponse,
@@ -193,7 +194,7 @@ async def _send_body(
 
 
 async def _send_window(
-    fetch: Download,
+    fetch: Fetch,
     response: web.StreamResponse,
     reader: Reader,
     limit: int,
