@@ -247,8 +247,7 @@ async def run(fetch: Fetch) -> bytes:
         await asyncio.wait_for(running, 30)
         return got
     finally:
-        fetch.window.leave(reader)
-        fetch.release_file()
+        fetch.leave(reader)
         transport.close()
         far.close()
 

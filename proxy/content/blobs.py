@@ -34,9 +34,10 @@ from proxy.content.blob_body import blob_unknown
 from proxy.content.fetch import Fetch
 from proxy.content.fetch_limits import FetchLimits, FetchSlots
 from proxy.content.fetch_state import State
+from proxy.content.headers import blob_headers
 from proxy.content.hits import Hits
 from proxy.content.outcome import Outcome, Sharing
-from proxy.content.streamer import blob_headers, client_patience, serve, waited_out
+from proxy.content.streamer import client_patience, serve, waited_out
 from proxy.errors import DetourError, NotHeld
 from proxy.metrics import Metrics
 from proxy.reference import Digest

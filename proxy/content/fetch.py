@@ -119,6 +119,25 @@ class Fetch(FetchState):
         assert not self.spilled
         return self.window.join(transport)
 
+    def leave(self, reader: Reader) -> None:
+        """A client is done with this fetch; the last to leave an ended one lets go of its
+        memory and its file."""
+        self.window.leave(reader)
+        self.release_file()
+
+    def views(self, reader: Reader, limit: int) -> list[memoryview] | None:
+        """The bytes from ``reader``'s position up to ``limit`` in memory; None for a reader
+        behind the window, which reads them from the file."""
+        if reader.position < self.window.start:
+            return None
+        return self.window.views(reader.position, limit)
+
+    def taken(self) -> None:
+        """A client took bytes: a spilled fetch, which waits for its slowest client
+        (:meth:`Window.room`), looks again."""
+        if self.spilled:
+            self.window.notify()
+
     def interested(self) -> bool:
         return self.window.interested() or self.waiting > 0
 

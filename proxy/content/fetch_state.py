@@ -68,6 +68,11 @@ class FetchState(abc.ABC):
     def received(self) -> int:
         """Bytes received from the upstream."""
 
+    @property
+    def changed(self) -> asyncio.Event:
+        """Set at the fetch's next change; take it before looking, then wait on it."""
+        return self.window.changed
+
     def available(self) -> int:
         """The bytes a client may be sent now: all received, but the last until verified."""
         limit = self.window.end
@@ -107,7 +112,7 @@ class FetchState(abc.ABC):
     async def wait_change(
         self, changed: asyncio.Event, since: float, patience: float | None
     ) -> None:
-        """Wait for ``changed`` (this fetch's :attr:`Window.changed`, taken before looking);
+        """Wait for ``changed`` (this fetch's :attr:`changed`, taken before looking);
         raise :class:`ClientWaitOver` once a client that had nothing since ``since``
         (``time.monotonic()``) has waited ``patience`` seconds while the upstream sent
         nothing. A wait on the disk is not cut."""
@@ -134,7 +139,7 @@ class FetchState(abc.ABC):
         byte, and this fetch still sends no last byte before its own check."""
         since = time.monotonic()
         while self.state is State.OPENING and not (relay and self.held):
-            await self.wait_change(self.window.changed, since, patience)
+            await self.wait_change(self.changed, since, patience)
         if self.state is State.FAILED and (self.received == 0 or self.held):
             assert self.error is not None
             raise self.error
@@ -144,7 +149,7 @@ class FetchState(abc.ABC):
         :class:`ClientWaitOver` after ``patience`` seconds of nothing from the upstream."""
         since = time.monotonic()
         while not self._done.is_set():
-            await self.wait_change(self.window.changed, since, patience)
+            await self.wait_change(self.changed, since, patience)
         if self.state is State.FAILED:
             assert self.error is not None
             raise self.error
