@@ -122,7 +122,7 @@ class Site:
             rate_window=30.0,
             slow_client=5.0,
         )
-        return Fetch(
+        fetch = Fetch(
             digest,
             self.route,
             None,
@@ -131,8 +131,9 @@ class Site:
             metrics=self.metrics,
             limits=limits,
             slots=FetchSlots(4, 2, self.metrics),
-            on_spill=self.spilled.append,
+            on_spill=lambda: self.spilled.append(fetch),
         )
+        return fetch
 
     def metric(self, name: str, **labels: str) -> float:
         value = self.metrics.registry.get_sample_value(name, labels)

@@ -86,15 +86,15 @@ class Blobs:
         client_auth: str | None,
         outcome: Outcome,
     ) -> web.StreamResponse:
+        """The blob from the disk, or streamed as it is fetched, one fetch for all its clients;
+        a Range of a blob not in the cache waits for the whole and is answered from there."""
         cached = await self._hits.open(request, digest)
         if cached is not None:
             return await self._from_disk(request, cached, outcome)
         shared = self._sharing.shared(client_auth)
         fetch = self._inflight.get(digest) if shared else None
         if fetch is not None and fetch.state is State.VERIFIED:
-            # Verified, being made durable: in the cache in a moment.
-            await fetch.finished()
-            cached = await self._hits.open(request, digest) if fetch.committed else None
+            cached = await self._once_committed(request, fetch)
             if cached is not None:
                 return await self._from_disk(request, cached, outcome)
             fetch = None
@@ -102,35 +102,63 @@ class Blobs:
             # A peer's only-if-cached request (handlers): what is here, not what may come. A
             # fetch under way may be waiting on that very peer (the site offline).
             raise NotHeld("blob not held here", {"digest": str(digest)})
-        if fetch is None or fetch.spilled:
-            fetch = self._start(route, digest, client_auth, shared=shared)
-            # A miss asked first of the site's owner of the blob (proxy.cluster.peering) is "peer".
-            asked_peer = route.upstreams[0].peer
-            outcome.count(self._sharing.result("peer" if asked_peer else "miss", client_auth))
-        else:
-            outcome.count("joined")
+        fetch = self._join_or_start(route, digest, client_auth, fetch, outcome)
         if request.headers.get("Range") and shared:
-            # A range of a blob not yet verified could be wrong bytes under a 206: wait for
-            # the fetch (which the whole pull needs anyway), then answer from the cache.
-            fetch.waiting += 1
-            try:
-                async with waited_out(fetch, outcome):
-                    try:
-                        await fetch.finished(client_patience(request, fetch))
-                    except DetourError:
-                        # One that won't be cached (too large, or the disk is full) ends once
-                        # only waiters are left: it has no bytes kept for them.
-                        if not fetch.spilled:
-                            raise
-            finally:
-                fetch.waiting -= 1
-            outcome.upstream, outcome.source = fetch.source, "cache"
-            cached = await self._hits.open(request, digest) if fetch.committed else None
+            cached = await self._whole_first(request, fetch, outcome)
             if cached is not None:
                 return await self._hits.send(request, cached, outcome)
             # Not kept (too large, the disk is full), or gone since: the whole blob, as a 200,
             # is a valid answer to a Range request.
             fetch = self._start(route, digest, client_auth, shared=False)
+        return await self._from_fetch(request, fetch, outcome)
+
+    async def _once_committed(self, request: web.Request, fetch: Fetch) -> CachedFile | None:
+        """A fetch verified and being made durable: its blob, in the cache in a moment (None
+        if it was not kept)."""
+        await fetch.finished()
+        return await self._hits.open(request, fetch.digest) if fetch.committed else None
+
+    def _join_or_start(
+        self,
+        route: Route,
+        digest: Digest,
+        client_auth: str | None,
+        fetch: Fetch | None,
+        outcome: Outcome,
+    ) -> Fetch:
+        """``fetch`` joined, or, if there is none a client may join, a new one; counted."""
+        if fetch is not None and not fetch.spilled:
+            outcome.count("joined")
+            return fetch
+        shared = self._sharing.shared(client_auth)
+        fetch = self._start(route, digest, client_auth, shared=shared)
+        # A miss asked first of the site's owner of the blob (proxy.cluster.peering) is "peer".
+        asked_peer = route.upstreams[0].peer
+        outcome.count(self._sharing.result("peer" if asked_peer else "miss", client_auth))
+        return fetch
+
+    async def _whole_first(
+        self, request: web.Request, fetch: Fetch, outcome: Outcome
+    ) -> CachedFile | None:
+        """A range of a blob not yet verified could be wrong bytes under a 206: wait for the
+        fetch (which the whole pull needs anyway), then answer from the cache. None if the
+        blob was not kept, or is gone since."""
+        with fetch.waited_on():
+            async with waited_out(fetch, outcome):
+                try:
+                    await fetch.finished(client_patience(request, fetch))
+                except DetourError:
+                    # One that won't be cached (too large, or the disk is full) ends once
+                    # only waiters are left: it has no bytes kept for them.
+                    if not fetch.spilled:
+                        raise
+        outcome.upstream, outcome.source = fetch.source, "cache"
+        return await self._hits.open(request, fetch.digest) if fetch.committed else None
+
+    async def _from_fetch(
+        self, request: web.Request, fetch: Fetch, outcome: Outcome
+    ) -> web.StreamResponse:
+        """Streamed to this client as the fetch receives it."""
         outcome.source = "upstream"
         reader = fetch.join(request.transport)
         try:
@@ -157,7 +185,7 @@ class Blobs:
             metrics=self._metrics,
             limits=self._limits,
             slots=self._slots,
-            on_spill=self._forget,
+            on_spill=lambda: self._forget(fetch),  # no late joiners: see _forget
         )
         task = asyncio.create_task(fetch.run(), name=f"fetch {digest}")
         self._tasks[task] = fetch

@@ -14,7 +14,8 @@ its window; one that waits for the whole blob without reading it (a Range) still
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from proxy.cache.checksums import Checksums
@@ -34,7 +35,8 @@ NEARLY_DONE = 0.9  # a fetch this far along goes on for the cache when its clien
 
 class Fetch(FetchState):
     """One fetch of one blob, run by :meth:`run` in a task of its own; its clients join its
-    :attr:`window` and are streamed by :mod:`proxy.content.streamer`."""
+    :attr:`window` and are streamed by :mod:`proxy.content.streamer`. ``on_spill`` is called,
+    by its sink, the moment the disk won't keep the blob (late clients can't join it then)."""
 
     def __init__(
         self,
@@ -47,14 +49,14 @@ class Fetch(FetchState):
         metrics: Metrics,
         limits: FetchLimits,
         slots: FetchSlots,
-        on_spill: Callable[[Fetch], None] = lambda _: None,
+        on_spill: Callable[[], None] = lambda: None,
     ) -> None:
         super().__init__(Window(str(digest), limits.slow_client))
         self.digest = digest
         self.route = route
         self._store = store
         self._limits = limits
-        self.waiting = 0  # clients waiting for the whole fetch (a Range) without reading it
+        self._waiting = 0  # clients waiting for the whole fetch (a Range) without reading it
         self.committed = False
         self.checksums: Checksums | None = None  # once committed: for its hits' checks
         self._receiver = Receiver(
@@ -67,7 +69,7 @@ class Fetch(FetchState):
             metrics=metrics,
             limits=limits,
             slots=slots,
-            on_spill=lambda: on_spill(self),
+            on_spill=on_spill,
         )
 
     @property
@@ -138,8 +140,18 @@ class Fetch(FetchState):
         if self.spilled:
             self.window.notify()
 
+    @contextlib.contextmanager
+    def waited_on(self) -> Iterator[None]:
+        """A client waits for the whole fetch (a Range) without reading it: the fetch is
+        still wanted (:meth:`interested`) while it does."""
+        self._waiting += 1
+        try:
+            yield
+        finally:
+            self._waiting -= 1
+
     def interested(self) -> bool:
-        return self.window.interested() or self.waiting > 0
+        return self.window.interested() or self._waiting > 0
 
     def nearly_done(self) -> bool:
         return self.size is not None and self.received >= self.size * NEARLY_DONE
