@@ -37,7 +37,7 @@ from proxy.content.fetch_state import State
 from proxy.content.headers import blob_headers
 from proxy.content.hits import Hits
 from proxy.content.outcome import Outcome, Sharing
-from proxy.content.streamer import client_patience, serve, waited_out
+from proxy.content.streamer import client_patience, stream, waited_out
 from proxy.errors import DetourError, NotHeld
 from proxy.metrics import Metrics
 from proxy.reference import Digest
@@ -152,7 +152,7 @@ class Blobs:
                     # only waiters are left: it has no bytes kept for them.
                     if not fetch.spilled:
                         raise
-        outcome.upstream, outcome.source = fetch.source, "cache"
+        outcome.upstream, outcome.source = fetch.where, "cache"
         return await self._hits.open(request, fetch.digest) if fetch.committed else None
 
     async def _from_fetch(
@@ -162,9 +162,9 @@ class Blobs:
         outcome.source = "upstream"
         reader = fetch.join(request.transport)
         try:
-            return await serve(request, fetch, reader, self._store, outcome)
+            return await stream(request, fetch, reader, self._store, outcome)
         finally:
-            outcome.upstream = fetch.source
+            outcome.upstream = fetch.where
 
     async def _from_disk(
         self, request: web.Request, cached: CachedFile, outcome: Outcome
@@ -226,7 +226,7 @@ class Blobs:
             outcome.count("joined")
             async with waited_out(fetch, outcome):
                 await fetch.headers_ready(client_patience(request, fetch))
-            outcome.upstream = fetch.source
+            outcome.upstream = fetch.where
             return web.Response(headers=blob_headers(fetch.digest, fetch.size))
         outcome.count(self._sharing.result("miss", client_auth))
         async with await self._upstream.open(

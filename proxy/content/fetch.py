@@ -56,7 +56,7 @@ class Fetch(FetchState):
         self.route = route
         self._store = store
         self._limits = limits
-        self._waiting = 0  # clients waiting for the whole fetch (a Range) without reading it
+        self._waiters = 0  # clients waiting for the whole fetch (a Range) without reading it
         self.committed = False
         self.checksums: Checksums | None = None  # once committed: for its hits' checks
         self._receiver = Receiver(
@@ -144,14 +144,14 @@ class Fetch(FetchState):
     def waited_on(self) -> Iterator[None]:
         """A client waits for the whole fetch (a Range) without reading it: the fetch is
         still wanted (:meth:`interested`) while it does."""
-        self._waiting += 1
+        self._waiters += 1
         try:
             yield
         finally:
-            self._waiting -= 1
+            self._waiters -= 1
 
     def interested(self) -> bool:
-        return self.window.interested() or self._waiting > 0
+        return self.window.interested() or self._waiters > 0
 
     def nearly_done(self) -> bool:
         return self.size is not None and self.received >= self.size * NEARLY_DONE

@@ -57,7 +57,7 @@ class FetchState(abc.ABC):
         self.state = State.OPENING
         self.error: DetourError | None = None
         self.size: int | None = None
-        self.source = ""
+        self.where = ""  # the upstream that answered
         self.held = False  # receiving, its clients not sent a byte until it is verified
         self.window = window
         self._done = asyncio.Event()  # verified and committed (or not kept), or failed

@@ -42,7 +42,7 @@ class Receiving(Progress, Protocol):
     the watchdog reads of it)."""
 
     size: int | None  # as the upstream announced it
-    source: str  # the upstream that answered
+    where: str  # the upstream that answered
     held: bool  # the clients sent nothing until every byte is verified
     last_progress: float  # when the upstream last sent bytes, or began
 
@@ -159,7 +159,7 @@ class Receiver:
         for attempt in range(PEER_RETRIES + 1):
             body = self.body
             await body.open()
-            fetch.size, fetch.source = body.size, body.source
+            fetch.size, fetch.where = body.size, body.where
             sink = self.sink = BlobSink(
                 self._digest,
                 self._store,
@@ -174,7 +174,7 @@ class Receiver:
                 fetch.start_sending()
             try:
                 await self._receive_into(body, sink)
-                sink.verify(body.size, self._route.upstreams[0].registry, body.source)
+                sink.verify(body.size, self._route.upstreams[0].registry, body.where)
             except UpstreamInvalid as exc:
                 for peer in body.peers:
                     self._upstream.distrust(peer, "wrong_blob", exc.message)

@@ -85,7 +85,7 @@ class Streamed(Protocol):
     ) -> None: ...
 
 
-async def serve(
+async def stream(
     request: web.Request, fetch: Streamed, reader: Reader, store: CacheStore, outcome: Outcome
 ) -> web.StreamResponse:
     """Stream the fetch to the client ``reader`` stands for; it leaves the fetch at the end."""
@@ -97,7 +97,7 @@ async def serve(
             await fetch.headers_ready(patience, relay=from_peer(request))
         source = _open_file(fetch)
         try:
-            return await _stream(request, fetch, reader, source, outcome, patience)
+            return await _respond(request, fetch, reader, source, outcome, patience)
         finally:
             if source is not None:
                 source.close()
@@ -153,7 +153,7 @@ def _open_file(fetch: Streamed) -> IO[bytes] | None:
     return None
 
 
-async def _stream(
+async def _respond(
     request: web.Request,
     fetch: Streamed,
     reader: Reader,
