@@ -199,7 +199,7 @@ def test_the_check_passes_what_is_allowed() -> None:
     """Down a floor, within a folder, the shared modules, and the top importing the tools."""
     allowed = [
         ("proxy/content/blobs.py", "from proxy.cache.store import CacheStore"),
-        ("proxy/content/blobs.py", "from . import download"),
+        ("proxy/content/blobs.py", "from . import fetch"),
         ("proxy/webhook/server.py", "from proxy.settings import Settings"),
         ("proxy/api/app.py", "from proxy import __version__"),
         ("proxy/api/app.py", "from proxy.api import allocator"),

@@ -146,8 +146,8 @@ async def api(request: web.Request) -> web.StreamResponse:
             if path.kind == "blobs":
                 assert isinstance(path.reference, Digest)
                 blobs = services.blobs
-                serve = blobs.head if request.method == "HEAD" else blobs.get
-                return await serve(request, route, path.reference, client_auth, outcome)
+                respond = blobs.head if request.method == "HEAD" else blobs.get
+                return await respond(request, route, path.reference, client_auth, outcome)
             assert path.reference is not None
             answer = await services.manifests.get(
                 request, route, path.reference, client_auth, outcome

@@ -71,7 +71,7 @@ class BlobBody:
         self._metrics = metrics
         self._response: UpstreamResponse | None = None
         self.size: int | None = None  # as announced
-        self.source = ""  # the upstream that answered
+        self.where = ""  # the upstream that answered
         self.private = False  # fetched with the client's own credentials
         self.received = 0
         self.peers: list[Upstream] = []  # the peers that sent any of its bytes
@@ -81,7 +81,7 @@ class BlobBody:
         """Ask for the blob; raise the upstream's refusal (404: BLOB_UNKNOWN)."""
         response = self._response = await self._request(0)
         self.size = response.response.content_length
-        self.source = response.where
+        self.where = response.where
         self.private = response.private
 
     async def _request(self, offset: int) -> UpstreamResponse:
@@ -177,11 +177,11 @@ class BlobBody:
         self.received += count
         if self.size is not None and self.received > self.size:
             raise UpstreamInvalid(
-                "upstream sent more bytes than announced", {"upstream": self.source}
+                "upstream sent more bytes than announced", {"upstream": self.where}
             )
         if self.size is None and self.received > self._max_unannounced:
             raise UpstreamInvalid(
                 "upstream blob of no announced length is larger than "
                 f"cache.max_blob_size ({self._max_unannounced} bytes)",
-                {"upstream": self.source},
+                {"upstream": self.where},
             )

@@ -18,8 +18,8 @@ from aiohttp import web
 from proxy.cache.cached_file import CachedFile, Corrupt
 from proxy.cache.checksums import Checksums
 from proxy.cache.store import CacheStore
+from proxy.content.headers import blob_headers, range_headers, unsatisfiable_headers
 from proxy.content.outcome import Abort, Outcome, send_body
-from proxy.content.streamer import blob_headers
 from proxy.logs import get_logger
 from proxy.memory import CHECKED_CHUNK_BYTES
 from proxy.metrics import CACHE, Metrics
@@ -125,16 +125,9 @@ class Hits:
             if request.headers.get("Range"):
                 wanted = _byte_range(request, cached.size)
                 if wanted is None:
-                    return web.Response(
-                        status=416,
-                        headers={
-                            "Content-Range": f"bytes */{cached.size}",
-                            "Accept-Ranges": "bytes",
-                        },
-                    )
+                    return web.Response(status=416, headers=unsatisfiable_headers(cached.size))
                 (first, end), status = wanted, 206
-                headers["Content-Length"] = str(end - first)
-                headers["Content-Range"] = f"bytes {first}-{end - 1}/{cached.size}"
+                headers = range_headers(cached.digest, cached.size, first, end)
             response = web.StreamResponse(status=status, headers=headers)
             await response.prepare(request)
             outcome.streamed = True  # its bytes counted as they go out, for the access log

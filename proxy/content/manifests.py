@@ -105,7 +105,7 @@ class Manifests:
         self._fetches = ManifestFetches(store, upstream, metrics, sharing)
 
     @staticmethod
-    def _serve(
+    def _answer(
         outcome: Outcome, manifest: StoredManifest, source: str, age: float = 0.0
     ) -> web.Response:
         """``age``: for a tag served from its record, seconds since the upstream last confirmed
@@ -130,7 +130,7 @@ class Manifests:
             stored = await self._store.manifest(reference)
             if stored is not None:
                 outcome.count("hit")
-                return self._serve(outcome, stored, "cache")
+                return self._answer(outcome, stored, "cache")
             return await self._fetch(asked, reference)
         return await self._by_tag(asked, reference)
 
@@ -156,7 +156,7 @@ class Manifests:
         record, cached = found
         if record.age() < self._tag_ttl:
             outcome.count("hit")
-            return self._serve(outcome, cached, "cache", record.age())
+            return self._answer(outcome, cached, "cache", record.age())
 
         try:
             answer = await self._upstream.open(
@@ -170,7 +170,7 @@ class Manifests:
         except UpstreamError as exc:  # an UpstreamDenied is relayed, never served stale
             outcome.count("stale")
             log.warning("tag_served_stale", name=str(route.name), tag=tag, reason=exc.message)
-            return self._serve(outcome, cached, "cache", record.age())
+            return self._answer(outcome, cached, "cache", record.age())
         async with answer:
             outcome.upstream = answer.where
             if answer.status == 404:
@@ -185,12 +185,12 @@ class Manifests:
                 confirming = self._store.put_tag(route.name, tag, record, variant)
                 await self._fetches.write(confirming, "tag", name=str(route.name), tag=tag)
             outcome.count("revalidated")
-            return self._serve(outcome, cached, "cache")
+            return self._answer(outcome, cached, "cache")
         return await self._fetch(asked, tag)
 
     async def _fetch(self, asked: _Asked, reference: str | Digest) -> web.Response:
         """A miss: ask upstream (once for all the requests that want the same answer at the
-        same time, peers' included), check it is a manifest, verify, store, serve.
+        same time, peers' included), check it is a manifest, verify, store, answer.
 
         A ``HEAD`` is a miss like a ``GET``: containerd, the kubelet and dockerd resolve a tag
         with ``HEAD`` and then ``GET`` the manifest by its digest, so the manifest is fetched
@@ -216,4 +216,4 @@ class Manifests:
         if fetched.peer and result == "miss":
             result = "peer"
         outcome.count(self._sharing.result(result, client_auth, fetched.private))
-        return self._serve(outcome, fetched.manifest, "upstream")
+        return self._answer(outcome, fetched.manifest, "upstream")

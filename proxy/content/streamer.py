@@ -1,4 +1,6 @@
-"""Sending a blob to one client of a :class:`~proxy.content.download.Download` as it arrives.
+"""Sending a blob to one client of a :class:`~proxy.content.fetch.Fetch` as it arrives.
+
+The streamer sees a fetch only as :class:`Streamed`: what a client reads of it.
 
 A client whose position is in the fetch's window is sent its bytes from memory; one behind it
 (it joined late, or fell behind) reads the fetch's file, up to what is on disk, until it
@@ -19,37 +21,72 @@ import contextlib
 import os
 import time
 from collections.abc import AsyncIterator
-from typing import IO
+from pathlib import Path
+from typing import IO, Protocol
 
 from aiohttp import web
 
 from proxy.cache.store import CacheStore
-from proxy.content.download import ClientWaitOver, Download, State
+from proxy.content.fetch_state import ClientWaitOver, State
+from proxy.content.headers import blob_headers
 from proxy.content.outcome import Abort, Outcome, send_body
 from proxy.content.window import Reader
-from proxy.errors import DetourError, UpstreamInvalid, UpstreamTimeout
+from proxy.errors import DetourError, UpstreamError, UpstreamInvalid, UpstreamTimeout
 from proxy.logs import CLIENT_DISCONNECTED, LOG
 from proxy.memory import CHUNK_BYTES
 from proxy.reference import Digest
 
-BLOB_CONTENT_TYPE = "application/octet-stream"
+
+class Streamed(Protocol):
+    """What a client reads of the fetch it is streamed from (a
+    :class:`~proxy.content.fetch.Fetch`), and the little it tells it."""
+
+    @property
+    def digest(self) -> Digest: ...
+
+    @property
+    def size(self) -> int | None: ...
+
+    @property
+    def state(self) -> State: ...
+
+    @property
+    def error(self) -> DetourError | None: ...
+
+    @property
+    def failing(self) -> UpstreamError | None: ...
+
+    @property
+    def client_wait(self) -> float | None: ...
+
+    @property
+    def on_disk(self) -> int: ...
+
+    @property
+    def files(self) -> tuple[Path | None, Path]: ...
+
+    @property
+    def changed(self) -> asyncio.Event: ...
+
+    def available(self) -> int: ...
+
+    def views(self, reader: Reader, limit: int) -> list[memoryview] | None: ...
+
+    def taken(self) -> None: ...
+
+    def leave(self, reader: Reader) -> None: ...
+
+    async def headers_ready(
+        self, patience: float | None = None, *, relay: bool = False
+    ) -> None: ...
+
+    async def wait_change(
+        self, changed: asyncio.Event, since: float, patience: float | None
+    ) -> None: ...
 
 
-def blob_headers(digest: Digest, size: int | None) -> dict[str, str]:
-    """The headers of every blob answer: HEAD, a cold GET, a hit. Every blob takes a Range
-    (a cold one once its fetch is verified), so each says so."""
-    headers = {
-        "Docker-Content-Digest": str(digest),
-        "Content-Type": BLOB_CONTENT_TYPE,
-        "Accept-Ranges": "bytes",
-    }
-    if size is not None:
-        headers["Content-Length"] = str(size)
-    return headers
-
-
-async def serve(
-    request: web.Request, fetch: Download, reader: Reader, store: CacheStore, outcome: Outcome
+async def stream(
+    request: web.Request, fetch: Streamed, reader: Reader, store: CacheStore, outcome: Outcome
 ) -> web.StreamResponse:
     """Stream the fetch to the client ``reader`` stands for; it leaves the fetch at the end."""
     final = store.blob_path(fetch.digest)
@@ -60,14 +97,13 @@ async def serve(
             await fetch.headers_ready(patience, relay=from_peer(request))
         source = _open_file(fetch)
         try:
-            return await _stream(request, fetch, reader, source, outcome, patience)
+            return await _respond(request, fetch, reader, source, outcome, patience)
         finally:
             if source is not None:
                 source.close()
     finally:
-        fetch.window.leave(reader)
         store.unpin(final)
-        fetch.release_file()
+        fetch.leave(reader)
 
 
 def from_peer(request: web.Request) -> bool:
@@ -76,14 +112,14 @@ def from_peer(request: web.Request) -> bool:
     return isinstance(fields, dict) and "from_peer" in fields
 
 
-def client_patience(request: web.Request, fetch: Download) -> float | None:
+def client_patience(request: web.Request, fetch: Streamed) -> float | None:
     """How long this client may be sent nothing while the fetch waits for its upstream:
     ``upstream.client_wait``, or, for a proven peer's request, as long as the fetch lasts."""
     return None if from_peer(request) else fetch.client_wait
 
 
 @contextlib.asynccontextmanager
-async def waited_out(fetch: Download, outcome: Outcome) -> AsyncIterator[None]:
+async def waited_out(fetch: Streamed, outcome: Outcome) -> AsyncIterator[None]:
     """A client let go of before its headers (:class:`ClientWaitOver`), counted: the error
     every upstream gave last, while the fetch tries again; else a 504."""
     try:
@@ -107,7 +143,7 @@ async def waited_out(fetch: Download, outcome: Outcome) -> AsyncIterator[None]:
         ) from None
 
 
-def _open_file(fetch: Download) -> IO[bytes] | None:
+def _open_file(fetch: Streamed) -> IO[bytes] | None:
     """The file the fetch writes, wherever it is now. Moved into the cache meanwhile, the final
     file holds the same verified bytes; not kept and deleted, every byte comes from memory."""
     for path in fetch.files:
@@ -117,9 +153,9 @@ def _open_file(fetch: Download) -> IO[bytes] | None:
     return None
 
 
-async def _stream(
+async def _respond(
     request: web.Request,
-    fetch: Download,
+    fetch: Streamed,
     reader: Reader,
     source: IO[bytes] | None,
     outcome: Outcome,
@@ -140,7 +176,7 @@ async def _stream(
 
 async def _send_body(
     request: web.Request,
-    fetch: Download,
+    fetch: Streamed,
     reader: Reader,
     source: IO[bytes] | None,
     response: web.StreamResponse,
@@ -150,11 +186,10 @@ async def _send_body(
     """From the window, or behind it from the file, as the fetch receives; the last byte once
     the blob is verified. A fetch that fails is an :class:`Abort` (bytes already went out), and
     so is ``patience`` seconds with nothing to send while the upstream sends nothing."""
-    window = fetch.window
     sent_at = time.monotonic()  # when this client was last sent bytes (or began)
     try:
         while True:
-            changed = window.changed
+            changed = fetch.changed
             if fetch.state is State.FAILED:
                 raise fetch.error or UpstreamInvalid("blob fetch failed")
             if reader.restarted:
@@ -180,8 +215,9 @@ async def _send_body(
                     ) from None
                 continue
             sent_at = time.monotonic()
-            if reader.position >= window.start:
-                await _send_window(fetch, response, reader, limit, outcome)
+            views = fetch.views(reader, limit)
+            if views is not None:
+                await _send_window(fetch, views, response, reader, outcome)
             elif source is not None and reader.position < fetch.on_disk:
                 # Behind the window: from the file, catching up.
                 await _send_file(request, response, source, min(limit, fetch.on_disk), outcome)
@@ -193,19 +229,18 @@ async def _send_body(
 
 
 async def _send_window(
-    fetch: Download,
+    fetch: Streamed,
+    views: list[memoryview],
     response: web.StreamResponse,
     reader: Reader,
-    limit: int,
     outcome: Outcome,
 ) -> None:
-    """Send the window's bytes from the reader's position up to ``limit``, as the socket takes
+    """Send the window's bytes from the reader's position (``views``), as the socket takes
     them."""
-    for view in fetch.window.views(reader.position, limit):
+    for view in views:
         await response.write(view)
         reader.position = outcome.bytes = reader.position + len(view)
-        if fetch.spilled:
-            fetch.window.notify()  # the fetch may be waiting for this client
+        fetch.taken()
 
 
 async def _send_file(

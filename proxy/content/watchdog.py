@@ -4,13 +4,21 @@
 connection and its fetch slot for ever, and a fetch whose clients all hung up would go on for
 nobody. The watchdog ends a fetch with no client left after ``upstream.abandon_after`` (unless
 it is nearly done: then it goes on for the cache), and one that receives less than
-``upstream.min_rate`` (but some) over a ``rate_window``, while bytes are still coming.
+``upstream.min_rate`` (but some) over a ``rate_window``, while bytes are still coming
+(:func:`watched` runs a fetch's work under :func:`watch`, and says why it ended).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
+
+from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnreachable
+from proxy.logs import get_logger
+from proxy.metrics import Metrics
+
+log = get_logger("detour.blobs")
 
 
 class Progress(Protocol):
@@ -72,3 +80,38 @@ async def watch(fetch: Progress, limits: Limits) -> tuple[str, str]:
             if limits.min_rate is not None and 0 < rate < limits.min_rate:
                 return "too_slow", f"{rate:.0f} bytes/s, below upstream.min_rate"
             window_start, window_bytes = now, fetch.received
+
+
+async def watched(
+    work: Callable[[], Coroutine[Any, Any, None]],
+    fetch: Progress,
+    limits: Limits,
+    metrics: Metrics,
+    digest: str,
+) -> None:
+    """Run ``work()`` (the fetch's receiving), ended early when its clients are gone or the
+    upstream crawls; ended so, it raises the :class:`UpstreamError` its clients are given."""
+    if not fetch.interested():
+        raise _ended(metrics, digest, "abandoned", "every client left before the fetch began")
+    working = asyncio.create_task(work())
+    watching = asyncio.create_task(watch(fetch, limits))
+    try:
+        await asyncio.wait({working, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        working.cancel()
+        watching.cancel()
+        worked, why = await asyncio.gather(working, watching, return_exceptions=True)
+    if not isinstance(worked, asyncio.CancelledError):
+        if isinstance(worked, BaseException):
+            raise worked
+        return
+    if isinstance(why, BaseException):
+        raise why
+    raise _ended(metrics, digest, *why)
+
+
+def _ended(metrics: Metrics, digest: str, reason: str, words: str) -> UpstreamError:
+    metrics.ended_fetches.labels(reason).inc()
+    log.warning("blob_fetch_ended", digest=digest, reason=reason, detail=words)
+    error = UpstreamTimeout if reason == "too_slow" else UpstreamUnreachable
+    return error(f"blob fetch ended: {words}", {"digest": digest}, cause=reason)

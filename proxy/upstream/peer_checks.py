@@ -8,7 +8,7 @@ peer that lies is not asked again for a while (:meth:`UpstreamClient.distrust
 
 * ``wrong_manifest``: a manifest by digest whose bytes are not that digest's, or too large to be
   one; read and checked here, before the answer is taken;
-* ``wrong_blob``: a blob whose bytes are not its digest's (:mod:`proxy.content.download`);
+* ``wrong_blob``: a blob whose bytes are not its digest's (:mod:`proxy.content.receiver`);
 * ``redirect``: any 3xx, which a Detour never answers (:mod:`proxy.upstream.sender`);
 * ``unproven_tag``: a tag's answer without proof of the site's secret
   (:mod:`proxy.upstream.peer_auth`): a tag can't be checked against anything else.

@@ -1,4 +1,4 @@
-"""The blob download's state machine, driven directly: a Download against an upstream of the
+"""The blob fetch's state machine, driven directly: a Fetch against an upstream of the
 test's own (an aiohttp app that can cut a body short, send wrong bytes, or refuse), with a
 real CacheStore, UpstreamClient and Metrics. What is asserted is what an operator or a client
 would see: the state and error the clients get, what is in the cache directory, the space
@@ -21,8 +21,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy.cache.store import CacheStore
-from proxy.content.download import Download, State
+from proxy.content.fetch import Fetch
 from proxy.content.fetch_limits import FetchLimits, FetchSlots
+from proxy.content.fetch_state import State
 from proxy.content.window import Reader
 from proxy.errors import BlobUnknown, UpstreamInvalid, UpstreamUnreachable
 from proxy.memory import CHECKED_CHUNK_BYTES, MAX_BODIES
@@ -111,9 +112,9 @@ class Site:
     metrics: Metrics
     client: UpstreamClient
     route: Route
-    spilled: list[Download] = field(default_factory=list)
+    spilled: list[Fetch] = field(default_factory=list)
 
-    def download(self, digest: Digest, *, max_blob_size: int = 1 << 30) -> Download:
+    def fetch(self, digest: Digest, *, max_blob_size: int = 1 << 30) -> Fetch:
         limits = FetchLimits(
             max_blob_size=max_blob_size,
             abandon_after=0.2,
@@ -121,7 +122,7 @@ class Site:
             rate_window=30.0,
             slow_client=5.0,
         )
-        return Download(
+        fetch = Fetch(
             digest,
             self.route,
             None,
@@ -130,8 +131,9 @@ class Site:
             metrics=self.metrics,
             limits=limits,
             slots=FetchSlots(4, 2, self.metrics),
-            on_spill=self.spilled.append,
+            on_spill=lambda: self.spilled.append(fetch),
         )
+        return fetch
 
     def metric(self, name: str, **labels: str) -> float:
         value = self.metrics.registry.get_sample_value(name, labels)
@@ -213,21 +215,21 @@ def blob(size: int) -> tuple[bytes, Digest]:
     return data, Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
 
 
-async def follow(download: Download, reader: Reader) -> bytes:
+async def follow(fetch: Fetch, reader: Reader) -> bytes:
     """A client reading the fetch through its window, as fast as bytes come: what it got
     (all of the blob once verified; never the last byte of a blob that failed)."""
     got = bytearray()
-    window = download.window
+    window = fetch.window
     while True:
         changed = window.changed
-        limit = download.available()
+        limit = fetch.available()
         if window.start <= reader.position < limit:
             for view in window.views(reader.position, limit):
                 got += view
                 reader.position += len(view)
             window.notify()
-        elif download.state is State.FAILED or (
-            download.state is State.VERIFIED and reader.position >= limit
+        elif fetch.state is State.FAILED or (
+            fetch.state is State.VERIFIED and reader.position >= limit
         ):
             return bytes(got)
         else:
@@ -235,19 +237,18 @@ async def follow(download: Download, reader: Reader) -> bytes:
             await changed.wait()
 
 
-async def run(download: Download) -> bytes:
+async def run(fetch: Fetch) -> bytes:
     """Run the fetch with one client reading it; what the client got."""
     near, far = socket.socketpair()
     transport, _ = await asyncio.get_running_loop().connect_accepted_socket(asyncio.Protocol, near)
-    reader = download.join(transport)
+    reader = fetch.join(transport)
     try:
-        running = asyncio.create_task(download.run())
-        got = await asyncio.wait_for(follow(download, reader), 30)
+        running = asyncio.create_task(fetch.run())
+        got = await asyncio.wait_for(follow(fetch, reader), 30)
         await asyncio.wait_for(running, 30)
         return got
     finally:
-        download.window.leave(reader)
-        download.release_file()
+        fetch.leave(reader)
         transport.close()
         far.close()
 
@@ -255,15 +256,15 @@ async def run(download: Download) -> bytes:
 async def test_a_whole_blob_is_verified_and_committed(site: MakeSite) -> None:
     data, digest = blob(3 * MiB + 123)
     s = await site(BlobServer(data))
-    download = s.download(digest)
-    assert await run(download) == data
-    assert download.state is State.VERIFIED
-    assert download.committed
+    fetch = s.fetch(digest)
+    assert await run(fetch) == data
+    assert fetch.state is State.VERIFIED
+    assert fetch.committed
     assert s.cached() == [s.store.blob_path(digest)]
     assert s.store.blob_path(digest).read_bytes() == data
     assert (s.store.total, s.store.reserved) == (len(data), 0)
-    assert download.checksums is not None
-    assert len(download.checksums.sums) == -(-len(data) // CHECKED_CHUNK_BYTES)
+    assert fetch.checksums is not None
+    assert len(fetch.checksums.sums) == -(-len(data) // CHECKED_CHUNK_BYTES)
     assert s.temp_files() == []
     assert s.upstream.ranges == [None]
 
@@ -273,9 +274,9 @@ async def test_a_body_cut_short_is_resumed_from_the_byte_reached(
 ) -> None:
     data, digest = blob(2 * MiB)
     s = await site(BlobServer(data, cut_first_at=640 * KiB))
-    download = s.download(digest)
-    assert await run(download) == data  # one unbroken stream for the client
-    assert download.state is State.VERIFIED, download.error
+    fetch = s.fetch(digest)
+    assert await run(fetch) == data  # one unbroken stream for the client
+    assert fetch.state is State.VERIFIED, fetch.error
     assert s.store.blob_path(digest).read_bytes() == data
     assert s.upstream.ranges == [None, f"bytes={640 * KiB}-"]
 
@@ -285,12 +286,12 @@ async def test_wrong_bytes_fail_the_fetch_and_nothing_is_kept(
 ) -> None:
     data, digest = blob(1 * MiB)
     s = await site(BlobServer(data, body=os.urandom(len(data))))
-    download = s.download(digest)
-    assert len(await run(download)) < len(data)  # the last byte never went out
-    assert download.state is State.FAILED
-    assert isinstance(download.error, UpstreamInvalid)
-    assert download.error.message == "upstream blob does not match its digest"
-    assert not download.committed
+    fetch = s.fetch(digest)
+    assert len(await run(fetch)) < len(data)  # the last byte never went out
+    assert fetch.state is State.FAILED
+    assert isinstance(fetch.error, UpstreamInvalid)
+    assert fetch.error.message == "upstream blob does not match its digest"
+    assert not fetch.committed
     assert s.cached() == []
     assert s.temp_files() == []
     assert (s.store.total, s.store.reserved) == (0, 0)
@@ -303,12 +304,12 @@ async def test_a_blob_over_max_blob_size_is_verified_but_not_kept(
 ) -> None:
     data, digest = blob(1 * MiB)
     s = await site(BlobServer(data))
-    download = s.download(digest, max_blob_size=512 * KiB)
-    assert await run(download) == data  # streamed from memory
-    assert download.state is State.VERIFIED
-    assert download.spilled
-    assert s.spilled == [download]
-    assert not download.committed
+    fetch = s.fetch(digest, max_blob_size=512 * KiB)
+    assert await run(fetch) == data  # streamed from memory
+    assert fetch.state is State.VERIFIED
+    assert fetch.spilled
+    assert s.spilled == [fetch]
+    assert not fetch.committed
     assert s.cached() == []
     assert s.temp_files() == []
     assert s.metric("detour_cache_write_failures_total", reason="too_large") == 1
@@ -319,11 +320,11 @@ async def test_no_length_and_more_than_max_blob_size_is_cut(
 ) -> None:
     data, digest = blob(1 * MiB)
     s = await site(BlobServer(data, chunked=True))
-    download = s.download(digest, max_blob_size=256 * KiB)
-    await run(download)
-    assert download.state is State.FAILED
-    assert isinstance(download.error, UpstreamInvalid)
-    assert "larger than cache.max_blob_size" in download.error.message
+    fetch = s.fetch(digest, max_blob_size=256 * KiB)
+    await run(fetch)
+    assert fetch.state is State.FAILED
+    assert isinstance(fetch.error, UpstreamInvalid)
+    assert "larger than cache.max_blob_size" in fetch.error.message
     assert s.cached() == []
     assert s.temp_files() == []
     assert s.store.reserved == 0
@@ -334,11 +335,11 @@ async def test_a_refusal_reaches_the_clients_before_any_byte(
 ) -> None:
     data, digest = blob(4 * KiB)
     s = await site(BlobServer(data, status=404))
-    download = s.download(digest)
-    await run(download)
-    assert download.state is State.FAILED
+    fetch = s.fetch(digest)
+    await run(fetch)
+    assert fetch.state is State.FAILED
     with pytest.raises(BlobUnknown):
-        await download.headers_ready()
+        await fetch.headers_ready()
     assert s.cached() == []
     assert s.temp_files() == []
 
@@ -348,10 +349,10 @@ async def test_a_fetch_nobody_waits_for_ends_before_it_begins(
 ) -> None:
     data, digest = blob(4 * KiB)
     s = await site(BlobServer(data))
-    download = s.download(digest)
-    await asyncio.wait_for(download.run(), 10)  # no client
-    assert download.state is State.FAILED
-    assert isinstance(download.error, UpstreamUnreachable)
+    fetch = s.fetch(digest)
+    await asyncio.wait_for(fetch.run(), 10)  # no client
+    assert fetch.state is State.FAILED
+    assert isinstance(fetch.error, UpstreamUnreachable)
     assert s.upstream.ranges == []  # the upstream was never asked
     assert s.metric("detour_ended_blob_fetches_total", reason="abandoned") == 1
 
@@ -368,9 +369,9 @@ async def test_a_fast_body_is_read_on_by_detour_and_cached_whole(site: MakeSite,
     data, digest = blob(24 * MiB + 1234)  # a last partial 4 KiB block
     s = await site(BlobServer(data, piece=1 * MiB), take_over_rate=0, tls=tls)
     for _ in range(2):
-        download = s.download(digest)
-        assert await run(download) == data
-        assert download.committed
+        fetch = s.fetch(digest)
+        assert await run(fetch) == data
+        assert fetch.committed
         assert s.store.blob_path(digest).read_bytes() == data
     assert s.upstream.ranges == [None, None]
     first, second = s.upstream.connections
@@ -386,9 +387,9 @@ async def test_a_slow_body_is_not_taken_over_and_its_connection_is_kept(
     data, digest = blob(TAKE_OVER_AFTER + 9 * MiB)
     s = await site(BlobServer(data, piece=256 * KiB, rate=40e6))
     for _ in range(2):
-        download = s.download(digest)
-        assert await run(download) == data
-        assert download.committed
+        fetch = s.fetch(digest)
+        assert await run(fetch) == data
+        assert fetch.committed
     first, second = s.upstream.connections
     assert first is second
 
@@ -402,7 +403,7 @@ async def test_no_more_fast_bodies_than_max_bodies_are_read_on_at_once(site: Mak
     fetches = MAX_BODIES + 2
     rounds = []
     for _ in range(2):
-        got = await asyncio.gather(*(run(s.download(digest)) for _ in range(fetches)))
+        got = await asyncio.gather(*(run(s.fetch(digest)) for _ in range(fetches)))
         assert got == [data] * fetches
         rounds.append(s.upstream.connections[-fetches:])
     first, second = ({id(c) for c in r} for r in rounds)
@@ -424,9 +425,9 @@ async def test_a_fast_body_that_pauses_and_is_cut_is_resumed_and_cached_whole(
         BlobServer(data, pause_first_at=9 * MiB + 777, cut_first_at=cut, piece=1 * MiB),
         take_over_rate=0,
     )
-    download = s.download(digest)
-    assert await run(download) == data
-    assert download.committed
+    fetch = s.fetch(digest)
+    assert await run(fetch) == data
+    assert fetch.committed
     assert s.store.blob_path(digest).read_bytes() == data
     assert s.upstream.ranges == [None, f"bytes={cut}-"]
 
@@ -437,11 +438,11 @@ async def test_a_fast_body_gone_silent_is_resumed_after_read_timeout(site: MakeS
     s = await site(
         BlobServer(data, stall_first_at=stall, piece=1 * MiB), take_over_rate=0, read_timeout=1
     )
-    download = s.download(digest)
+    fetch = s.fetch(digest)
     started = asyncio.get_running_loop().time()
-    assert await run(download) == data
+    assert await run(fetch) == data
     took = asyncio.get_running_loop().time() - started
     assert 1 <= took < 5  # it waited out the silence, and no longer
-    assert download.committed
+    assert fetch.committed
     assert s.store.blob_path(digest).read_bytes() == data
     assert s.upstream.ranges == [None, f"bytes={stall}-"]
