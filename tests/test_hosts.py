@@ -21,9 +21,9 @@ from proxy.tools.hosts import (
     APPEND_END,
     HEADER,
     MARKER,
+    FileResult,
     HostsFile,
     Mode,
-    Outcome,
     append_host,
     check_endpoint,
     hosts_files,
@@ -193,13 +193,13 @@ def test_writer_writes_once_and_leaves_no_temp_files(tmp_path: Path) -> None:
     out = tmp_path / "certs.d"
     first = write_hosts_files(files, out)
     paths = [out / "docker.io" / "hosts.toml", out / "ghcr.io" / "hosts.toml"]
-    assert first == [Outcome(path, "wrote") for path in paths]
+    assert first == [FileResult(path, "wrote") for path in paths]
     for f, path in zip(files, paths, strict=True):
         assert path.read_text() == f.text
         assert path.read_text().startswith(MARKER)
         assert stat.S_IMODE(path.stat().st_mode) == 0o644
     mtime = paths[0].stat().st_mtime_ns
-    assert write_hosts_files(files, out) == [Outcome(path, "unchanged") for path in paths]
+    assert write_hosts_files(files, out) == [FileResult(path, "unchanged") for path in paths]
     assert paths[0].stat().st_mtime_ns == mtime  # untouched: containerd sees no change
     assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["hosts.toml", "hosts.toml"]
 
@@ -226,16 +226,18 @@ def test_writer_keeps_a_file_it_did_not_write_unless_told(tmp_path: Path) -> Non
     path.write_text(NODES_OWN)
     path.chmod(0o600)
     kept = write_hosts_files([DOCKER_HUB], tmp_path)
-    assert kept == [Outcome(path, "kept", "not written by Detour")]
+    assert kept == [FileResult(path, "kept", "not written by Detour")]
     assert path.read_text() == NODES_OWN
 
-    assert write_hosts_files([DOCKER_HUB], tmp_path, Mode.APPEND) == [Outcome(path, "appended")]
+    assert write_hosts_files([DOCKER_HUB], tmp_path, Mode.APPEND) == [FileResult(path, "appended")]
     appended = path.read_text()
     assert appended == append_host(NODES_OWN, DOCKER_HUB.endpoint)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600  # the node's file keeps its mode
-    assert write_hosts_files([DOCKER_HUB], tmp_path, Mode.APPEND) == [Outcome(path, "unchanged")]
+    assert write_hosts_files([DOCKER_HUB], tmp_path, Mode.APPEND) == [FileResult(path, "unchanged")]
 
-    assert write_hosts_files([DOCKER_HUB], tmp_path, Mode.OVERWRITE) == [Outcome(path, "replaced")]
+    assert write_hosts_files([DOCKER_HUB], tmp_path, Mode.OVERWRITE) == [
+        FileResult(path, "replaced")
+    ]
     assert path.read_text() == DOCKER_HUB.text
     assert os.listdir(path.parent) == ["hosts.toml"]
 
@@ -246,7 +248,7 @@ def test_writer_rewrites_its_own_older_file(tmp_path: Path) -> None:
     path.parent.mkdir()
     older = "# Written by `detour containerd-hosts`; edits are overwritten on the next run.\n"
     path.write_text(older + 'server = "https://registry-1.docker.io"\n')
-    assert write_hosts_files([DOCKER_HUB], tmp_path) == [Outcome(path, "wrote")]
+    assert write_hosts_files([DOCKER_HUB], tmp_path) == [FileResult(path, "wrote")]
     assert path.read_text() == DOCKER_HUB.text
 
 
@@ -327,7 +329,10 @@ def test_remove_undoes_write_and_append_and_nothing_else(tmp_path: Path) -> None
         HostsFile("ghcr.io", "https://ghcr.io", DOCKER_HUB.endpoint, "unused"),
     ]
     assert [o.action for o in write_hosts_files(files, out, Mode.APPEND)] == ["wrote", "appended"]
-    assert remove_hosts_files(out) == [Outcome(ours, "removed"), Outcome(appended, "restored")]
+    assert remove_hosts_files(out) == [
+        FileResult(ours, "removed"),
+        FileResult(appended, "restored"),
+    ]
     assert not ours.parent.exists()  # the directory Detour made for it is gone too
     assert appended.read_text() == NODES_OWN
     assert (out / "ghcr.io" / "ca.crt").exists()

@@ -221,3 +221,25 @@ def test_no_folder_holds_more_than_15_modules() -> None:
     }
     crowded = {d: n for d, n in counts.items() if n > MAX_MODULES_PER_FOLDER}
     assert not crowded, f"more than {MAX_MODULES_PER_FOLDER} modules: {crowded}"
+
+
+MAX_MODULE_LINES = 400
+MAX_CLASS_LINES = 200
+
+
+def test_modules_and_classes_stay_small() -> None:
+    """A module a newcomer reads in one sitting, a class with one job: no module in proxy/
+    over 400 lines, no class over 200 (its body, docstring and methods)."""
+    long_modules, long_classes = [], []
+    for path in sorted(PROXY.rglob("*.py")):
+        source = path.read_text()
+        where = path.relative_to(ROOT)
+        if (lines := len(source.splitlines())) > MAX_MODULE_LINES:
+            long_modules.append(f"{where}: {lines} lines")
+        for node in ast.walk(ast.parse(source, str(path))):
+            if isinstance(node, ast.ClassDef) and node.end_lineno is not None:
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_CLASS_LINES:
+                    long_classes.append(f"{where}:{node.lineno} class {node.name}: {length} lines")
+    assert not long_modules, "\n".join(long_modules)
+    assert not long_classes, "\n".join(long_classes)

@@ -214,7 +214,7 @@ def warm_command(args: argparse.Namespace) -> int:
     from proxy.reference import Reference
     from proxy.tools.hosts import check_endpoint
     from proxy.tools.platforms import Platform
-    from proxy.tools.warm import Failed, Outcome, Warmed, warm
+    from proxy.tools.warm import Failed, Warmed, WarmResult, warm
 
     for image in args.image:
         try:
@@ -239,7 +239,7 @@ def warm_command(args: argparse.Namespace) -> int:
     if args.endpoint is None:
         configure_logging("warning", stream="stderr")  # stdout: one line per image
 
-    def report(outcome: Outcome) -> None:
+    def report(outcome: WarmResult) -> None:
         stream = sys.stdout if isinstance(outcome, Warmed) else sys.stderr
         print(outcome.line(), file=stream, flush=True)
 

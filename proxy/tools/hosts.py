@@ -82,7 +82,7 @@ class HostsFile:
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
+class FileResult:
     """What became of one ``hosts.toml``; ``reason`` says why a file was kept."""
 
     path: Path
@@ -251,7 +251,7 @@ def _rewrite(path: Path, text: str) -> None:
 
 def write_hosts_files(
     files: Sequence[HostsFile], out_dir: Path, mode: Mode = Mode.KEEP
-) -> list[Outcome]:
+) -> list[FileResult]:
     """Write each file under ``out_dir``, in order. A file that Detour did not write is
     ``kept`` (:attr:`Mode.KEEP`), ``replaced`` or ``appended`` to; if it can't be appended to,
     it is kept, with the reason."""
@@ -259,28 +259,28 @@ def write_hosts_files(
     for hosts in files:
         path = hosts_path(out_dir, hosts.registry)
         existing = _read(path)
-        outcome: Outcome
+        outcome: FileResult
         if existing == hosts.text:
-            outcome = Outcome(path, "unchanged")
+            outcome = FileResult(path, "unchanged")
         elif existing is None or is_detours(existing):
             write_atomic(path, hosts.text.encode(), sync_dir=True)
-            outcome = Outcome(path, "wrote")
+            outcome = FileResult(path, "wrote")
         elif mode is Mode.OVERWRITE:
             write_atomic(path, hosts.text.encode(), sync_dir=True)
-            outcome = Outcome(path, "replaced")
+            outcome = FileResult(path, "replaced")
         elif mode is Mode.APPEND:
             try:
                 new = append_host(existing, hosts.endpoint)
             except ValueError as exc:
-                outcome = Outcome(path, "kept", f"cannot add Detour to it: {exc}")
+                outcome = FileResult(path, "kept", f"cannot add Detour to it: {exc}")
             else:
                 if new == existing:
-                    outcome = Outcome(path, "unchanged")
+                    outcome = FileResult(path, "unchanged")
                 else:
                     _rewrite(path, new)
-                    outcome = Outcome(path, "appended")
+                    outcome = FileResult(path, "appended")
         else:
-            outcome = Outcome(path, "kept", "not written by Detour")
+            outcome = FileResult(path, "kept", "not written by Detour")
         outcomes.append(outcome)
     return outcomes
 
@@ -290,7 +290,7 @@ def _hosts_toml_files(out_dir: Path) -> Iterator[Path]:
         yield from sorted(out_dir.glob("*/hosts.toml"))
 
 
-def remove_hosts_files(out_dir: Path) -> list[Outcome]:
+def remove_hosts_files(out_dir: Path) -> list[FileResult]:
     """Undo :func:`write_hosts_files` for every registry under ``out_dir``, whatever the
     settings name now: delete each file Detour wrote (and its directory, if that is left empty)
     and take Detour's block out of each file it appended to. Other files are not touched."""
@@ -303,10 +303,10 @@ def remove_hosts_files(out_dir: Path) -> list[Outcome]:
             path.unlink()
             with contextlib.suppress(OSError):  # other files (certificates) beside it
                 path.parent.rmdir()
-            outcomes.append(Outcome(path, "removed"))
+            outcomes.append(FileResult(path, "removed"))
             continue
         restored = strip_host(text)
         if restored != text:
             _rewrite(path, restored)
-            outcomes.append(Outcome(path, "restored"))
+            outcomes.append(FileResult(path, "restored"))
     return outcomes

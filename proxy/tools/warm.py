@@ -92,7 +92,7 @@ class Failed:
         return f"detour: warm {self.image}: {self.error}"
 
 
-Outcome = Warmed | Failed
+WarmResult = Warmed | Failed
 
 
 # --------------------------------------------------------------------------- warming
@@ -301,8 +301,8 @@ async def warm(
     platform: Platform | None = None,
     all_platforms: bool = False,
     concurrency: int = CONCURRENCY,
-    report: Callable[[Outcome], None] | None = None,
-) -> list[Outcome]:
+    report: Callable[[WarmResult], None] | None = None,
+) -> list[WarmResult]:
     """Warm ``images``, one after another, and return what became of each.
 
     Through the running proxy at ``endpoint``, or else through Detour started in this process
@@ -318,7 +318,7 @@ async def warm(
     if base is None and settings is None:
         raise ValueError("warming needs settings (to start Detour) or an endpoint")
     wanted = None if all_platforms else (platform or Platform.host())
-    outcomes: list[Outcome] = []
+    outcomes: list[WarmResult] = []
     async with contextlib.AsyncExitStack() as stack:
         if base is None:
             assert settings is not None
@@ -333,7 +333,7 @@ async def warm(
         warmer = _Warmer(session, base, wanted, concurrency)
         down = await warmer.reachable() if endpoint is not None else None
         for ref in refs:
-            outcome: Outcome
+            outcome: WarmResult
             if down is not None:
                 outcome = Failed(str(ref), f"cannot reach the proxy at {base}: {down}")
             else:
