@@ -551,6 +551,56 @@ def test_a_short_or_missing_secret_signs_nothing(tmp_path: Path) -> None:
         assert not auth.check_request("GET", "/v2/", "p:1", "1:abc", None)
 
 
+async def test_two_nodes_that_place_a_layer_differently_still_serve_it(
+    detour_process: StartProxy, registry: Registry, tmp_path: Path
+) -> None:
+    """Node B has served an image's manifest, so it lays the layer's tree over the image's
+    order; node A, without the site's secret yet (B answers it as it would a client), is asked
+    for the layer alone and lays it over the layer's own digest. A asks B, B's tree leads back
+    to A, and A refuses the loop: B takes that refusal as no answer, fetches the layer itself,
+    and A's client gets it, not a 403. Neither node is taken for down."""
+    peers = node_addresses(2, first=90)
+    a_address, b_address = peers
+    repo = f"docker-mirror/library/{unique_repo('placed').split('/')[1]}"
+    name = repo.removeprefix("docker-mirror/")
+    tag = tag_owned_by(peers, b_address, name)  # B asks nobody for it (A can't prove a tag)
+    for _ in range(100):
+        image = push_image(registry, repo, tag, layers=1, layer_size=KiB)
+        layer = image.layers[0]
+        by_digest, by_image = (
+            blob_owner(peers, layer.digest),
+            blob_owner(peers, layer.digest, image),
+        )
+        if by_digest == b_address and by_image == a_address:
+            break
+    else:
+        raise AssertionError("no image whose layer B owns by digest and A by image")
+    write_secrets(tmp_path / "secret", new_secret())
+    (b,) = await start_nodes(
+        detour_process,
+        registry,
+        tmp_path,
+        peers,
+        [b_address],
+        extra={"cluster": {"secret_dir": str(tmp_path / "secret")}},
+    )
+    (a,) = await start_nodes(
+        detour_process,
+        registry,
+        tmp_path,
+        peers,
+        [a_address],
+        extra={"cluster": {"secret_dir": str(tmp_path / "empty")}},
+    )
+    assert await get_manifest(b, name, tag) == image.manifest  # B now knows the layer's place
+    async with a.session.get(f"{a.url}/v2/{name}/blobs/{layer.digest}") as response:
+        assert response.status == 200, await response.text()
+        assert await response.read() == layer.data
+    assert await b.metric("detour_peer_requests_total", result="not_held") == 1  # A's refusal
+    for node in (a, b):
+        assert await node.metric("detour_peers_down") == 0
+
+
 async def test_a_node_without_the_secret_still_shares_blobs_but_asks_no_peer_for_tags(
     detour_process: StartProxy, registry: Registry, tmp_path: Path
 ) -> None:

@@ -47,7 +47,7 @@ from proxy.reference import (
     parse_manifest_reference,
     validate_tag,
 )
-from proxy.upstream.peer_auth import PEER_HEADER, PROOF_HEADER
+from proxy.upstream.peer_auth import LOOP_HEADER, PEER_HEADER, PROOF_HEADER
 from proxy.upstream.rules import Route
 from proxy.upstream.sender import INCOMING_VIA
 
@@ -115,7 +115,8 @@ async def api(request: web.Request) -> web.StreamResponse:
     if services.upstream.pseudonym in via:
         raise RegistryDenied(
             "this request has already passed through this Detour: a loop, through a redirect "
-            "or a mirror that points back here"
+            "or a mirror that points back here",
+            headers={LOOP_HEADER: "1"},  # a peer that sent it goes on to its next source
         )
     INCOMING_VIA.set(via or None)
     ns = request.query.get("ns")
@@ -171,15 +172,18 @@ def _through_peers(
 ) -> Route:
     """The route through the site's peers (see proxy.cluster.peering): a client's request goes
     to the peers ahead of this instance for the key, unless it carries the client's own
-    credentials (private content never travels between peers). A proven peer's request for a
-    blob goes on up the tree (to peers ranked above this one, in the tree of the layer's place
-    the peer tells, else of the one this instance knows); for anything else it is not
-    forwarded again. A peer's ``only-if-cached`` request is answered from what this instance
-    holds, never from an upstream or a fetch under way."""
+    credentials (private content never travels between peers); for a blob, in the tree of the
+    layer's place it tells (another Detour's, unproven), else of the one this instance knows. A
+    proven peer's request for a blob goes on up the tree (to peers ranked above this one, in
+    the tree of the place the peer tells, else of the blob's digest: the asker's tree, and
+    never back to the asker); for anything else it is not forwarded again. A peer's
+    ``only-if-cached`` request is answered from what this instance holds, never from an
+    upstream or a fetch under way."""
     peering = request.app[SERVICES].peering
     if not peering.enabled:
         return route
     marked = request.headers.get(PEER_HEADER)
+    told = Place.parse(request.headers.get(TREE_HEADER)) if blob is not None else None
     if marked is not None:
         proof = request.headers.get(PROOF_HEADER)
         if peering.from_peer(request.method, request.raw_path, marked, proof, request.remote):
@@ -191,14 +195,14 @@ def _through_peers(
                 return replace(route, upstreams=())
             if blob is None:
                 return route
-            told = Place.parse(request.headers.get(TREE_HEADER))
-            return peering.relay(route, key, told or peering.layers.place(str(blob)))
+            return peering.relay(route, key, told, asked_by=marked)
         log.debug("peer_mark_ignored", remote=request.remote)  # not a proven peer's
     if not request.app[SERVICES].sharing.shared(client_auth):
         return route
     if blob is None:
         return peering.route(route, key)
-    return peering.route(route, key, tree=True, place=peering.layers.place(str(blob)))
+    place = told or peering.layers.place(str(blob))
+    return peering.route(route, key, tree=True, place=place)
 
 
 def _note_layers(request: web.Request, answer: web.StreamResponse) -> None:

@@ -244,30 +244,43 @@ class Peering:
         return ranked[0] if ranked else None
 
     def route(
-        self, route: Route, key: str, *, tree: bool = False, place: Place | None = None
+        self,
+        route: Route,
+        key: str,
+        *,
+        tree: bool = False,
+        place: Place | None = None,
+        skip: str = "",
     ) -> Route:
         """``route`` with the peers :meth:`ahead` for ``key`` in front of its upstreams and,
         with ``cluster.ask_all_peers``, every other peer behind them, asked only for a copy
         it holds: the last resort of a site whose uplink is down. The peers ahead are told
         the layer's ``place``, so that they place themselves in the same tree."""
-        ahead = self.ahead(key, tree=tree, place=place)
+        ahead = [peer for peer in self.ahead(key, tree=tree, place=place) if peer != skip]
         told = place.header() if place is not None else ""
         peers = tuple(self._peer(peer, route, tree=told) for peer in ahead)
         rest: tuple[Upstream, ...] = ()
         if self._settings.ask_all_peers:
-            asked = {*ahead, self.advertise}
+            asked = {*ahead, self.advertise, skip}
             others = (peer for peer in rendezvous(self.peers, key) if peer not in asked)
             rest = tuple(self._peer(peer, route, cached_only=True) for peer in others)
         if not peers and not rest:
             return route
         return replace(route, upstreams=peers + route.upstreams + rest)
 
-    def relay(self, route: Route, key: str, place: Place | None = None) -> Route:
-        """For a peer's request for a blob: ``route`` through the tree as for a client's (the
-        peers ahead are ranked above this instance, so a relayed request never comes back; the
-        others, behind the upstreams, are asked only for what they hold, which never goes
-        further). An instance that is no member of the set goes to the upstream alone."""
-        return self.route(route, key, tree=True, place=place) if self.member else route
+    def relay(
+        self, route: Route, key: str, place: Place | None = None, *, asked_by: str = ""
+    ) -> Route:
+        """For a peer's request for a blob: ``route`` through the tree as for a client's, laid
+        as the asking peer laid it (its ``place``, or none: the blob's digest). The peers ahead
+        are ranked above this instance, so a relayed request never comes back; and the peer
+        that asked, ``asked_by``, is never asked (two nodes that placed a blob differently
+        must not ask each other). The others, behind the upstreams, are asked only for what
+        they hold, which never goes further. An instance that is no member of the set goes to
+        the upstream alone."""
+        if not self.member:
+            return route
+        return self.route(route, key, tree=True, place=place, skip=asked_by)
 
     @staticmethod
     def _peer(peer: str, route: Route, *, cached_only: bool = False, tree: str = "") -> Upstream:

@@ -24,7 +24,7 @@ from proxy.metrics import Metrics
 from proxy.upstream.egress import EgressPolicy
 from proxy.upstream.exchange import Exchange
 from proxy.upstream.liveness import PeerWatch
-from proxy.upstream.peer_auth import PROOF_HEADER, PeerAuth
+from proxy.upstream.peer_auth import LOOP_HEADER, PROOF_HEADER, PeerAuth
 from proxy.upstream.peer_checks import Lie, PeerLied, checked_manifest, is_tag, manifest_digest
 from proxy.upstream.rules import Upstream
 from proxy.upstream.transport import Attempts
@@ -135,9 +135,12 @@ class Failover:
             self._count_peer(upstream, "failed")
             return None
         self._downtime.clear(upstream)
-        if upstream.cached_only and response.status not in (200, 206):
+        held_only = upstream.cached_only and response.status not in (200, 206)
+        if held_only or (upstream.peer and LOOP_HEADER in response.headers):
             # Asked only for a copy it holds: anything else (its 504, or the 403 of a peer this
-            # very request has already passed through) is no answer for the client. Not down.
+            # very request has already passed through) is no answer for the client; nor is a
+            # loop's 403 from any peer (two nodes that placed a blob in different trees). Not
+            # down: the next source is asked.
             tried.refused_by_peer(registry, response.status)
             self._count_peer(upstream, "not_held")
             response.release()

@@ -38,6 +38,9 @@ from proxy.logs import get_logger
 PEER_HEADER = "X-Detour-Peer"
 # On a peer's request for a layer: the layer's place in its image (proxy.cluster.layers).
 TREE_HEADER = "X-Detour-Tree"
+# On the refusal of a request that has already passed through this Detour: to a peer that
+# sent it, no answer for its client, but a sign to go on to its next source.
+LOOP_HEADER = "X-Detour-Loop"
 PROOF_HEADER = "X-Detour-Peer-Proof"
 PROOF_SECONDS = 300.0  # how far a request's time may be from this instance's clock
 SIGNING_FILE = "current"
