@@ -38,7 +38,7 @@ from proxy.errors import (
     UpstreamInvalid,
 )
 from proxy.logs import LOG, get_logger
-from proxy.oci import MANIFEST_MAX_BYTES, OCI_INDEX
+from proxy.oci import DOCKER_MANIFEST, MANIFEST_MAX_BYTES, OCI_INDEX, OCI_MANIFEST
 from proxy.reference import (
     Digest,
     ImageName,
@@ -206,9 +206,11 @@ def _through_peers(
 
 
 def _note_layers(request: web.Request, answer: web.StreamResponse) -> None:
-    """An image manifest served whole: its layers' places, for their trees (cluster.layers)."""
+    """An image manifest served whole: its layers' places, for their trees (cluster.layers).
+    An index (or anything else) has no layers, and is not parsed for them."""
     peering = request.app[SERVICES].peering
-    if peering.enabled and request.method == "GET" and isinstance(answer, web.Response):
+    image = answer.content_type in (OCI_MANIFEST, DOCKER_MANIFEST)
+    if image and peering.enabled and request.method == "GET" and isinstance(answer, web.Response):
         digest = answer.headers.get("Docker-Content-Digest")
         if answer.status == 200 and digest and isinstance(answer.body, bytes):
             peering.layers.note(digest, answer.body)
