@@ -352,10 +352,15 @@ async def test_containerd_pulls_again_after_a_layer_rotted(
         # resumed with a Range from there, and Detour answered that from a fresh copy. No
         # wrong byte reached ctr, and the pull succeeded.
         first.check()
-        assert [(r["status"], r["cache"], r.get("aborted"), r["bytes"]) for r in lines] == [
-            (200, "hit", "cached blob corrupt", before),
-            (206, "miss", None, rotten.size - before),
+        assert [(r["status"], r["cache"], r.get("aborted")) for r in lines] == [
+            (200, "hit", "cached blob corrupt"),
+            (206, "miss", None),
         ]
+        assert lines[0]["bytes"] == before
+        # ctr resumed from the bytes it had: at most the ones sent (on a busy machine the
+        # connection's reset can drop the last of them before ctr reads them), never past.
+        resumed_at = rotten.size - lines[1]["bytes"]
+        assert 0 <= resumed_at <= before
     else:
         # Sent as it was hashed, and aborted before its last byte. ctr resumes an aborted
         # body with a Range and Detour answers that from a fresh copy, but ctr keeps the
