@@ -141,9 +141,14 @@ class Receiver:
 
     async def _commit(self) -> None:
         sink = await self._receive()
-        # Verified: clients get their last byte now. Making the file durable (fsync, rename)
-        # is for the cache, and happens after.
+        # Verified: clients get their last byte now. The disk takes what it was given at its
+        # own pace, and making the file durable (fsync, rename) is for the cache, after.
         self._fetch.verified()
+        try:
+            await sink.close()
+        finally:
+            await sink.stop()
+        self._fetch.window.trim(sink.on_disk, sink.spilled)
         if not sink.kept:
             # Not kept: the file goes now, unless a client behind the window still reads it.
             if all(reader.position >= self.on_disk for reader in self._fetch.window.readers):
@@ -176,6 +181,7 @@ class Receiver:
                 await self._receive_into(body, sink)
                 sink.verify(body.size, self._route.upstreams[0].registry, body.where)
             except UpstreamInvalid as exc:
+                await sink.stop()
                 for peer in body.peers:
                     self._upstream.distrust(peer, "wrong_blob", exc.message)
                 if not (fetch.held and body.peers) or attempt == PEER_RETRIES:
@@ -185,6 +191,9 @@ class Receiver:
                 fetch.window.restart()
                 self.body = self._new_body()
                 continue
+            except BaseException:
+                await sink.stop()
+                raise
             return sink
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -202,17 +211,15 @@ class Receiver:
         )
 
     async def _receive_into(self, body: BlobBody, sink: BlobSink) -> None:
+        """Every chunk into the window and the sink, until every byte is hashed (the writing
+        may still be under way)."""
         fetch, window = self._fetch, self._fetch.window
-        try:
-            async for chunk in body.chunks():
-                if fetch.held and sink.spilled:
-                    fetch.start_sending()  # the disk won't keep it: sent as it comes after all
-                if sink.spilled:
-                    await window.room(sink.on_disk)
-                fetch.last_progress = time.monotonic()
-                window.append(chunk, sink.on_disk, sink.spilled)
-                await sink.put(chunk)
-            await sink.close()
-            window.trim(sink.on_disk, sink.spilled)
-        finally:
-            await sink.stop()
+        async for chunk in body.chunks():
+            if fetch.held and sink.spilled:
+                fetch.start_sending()  # the disk won't keep it: sent as it comes after all
+            if sink.spilled:
+                await window.room(sink.on_disk)
+            fetch.last_progress = time.monotonic()
+            window.append(chunk, sink.on_disk, sink.spilled)
+            await sink.put(chunk)
+        await sink.hashed()
