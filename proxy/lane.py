@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 from proxy.memory import HANDOFF_BYTES, PIPELINE_BATCHES
@@ -24,24 +25,13 @@ class Lane:
     (up to ``HANDOFF_BYTES``) at once: the hashing, or the writing, of one fetch.
 
     It goes from one batch to the next without waiting for the event loop; the loop waits for
-    it only when ``batches`` are waiting (``PIPELINE_BATCHES``; None: never, the caller bounds
-    what it hands over), and is woken only then. A job that raises is not run again: ``error``
-    holds what it raised, and later chunks are only counted. ``done`` is told, in the thread,
-    of every batch's bytes once it is done with them (the job ran, or was skipped).
+    it only when ``PIPELINE_BATCHES`` are waiting, and is woken only then. A job that raises
+    is not run again: ``error`` holds what it raised, and later chunks are only counted.
     """
 
-    def __init__(
-        self,
-        name: str,
-        job: Callable[[list[Chunk]], None],
-        *,
-        batches: int | None = PIPELINE_BATCHES,
-        done: Callable[[int], None] | None = None,
-    ) -> None:
+    def __init__(self, name: str, job: Callable[[list[Chunk]], None]) -> None:
         self._loop = asyncio.get_running_loop()
         self._job = job
-        self.batches = batches
-        self._done_with = done
         self._chunks: queue.SimpleQueue[list[Chunk] | None] = queue.SimpleQueue()
         self._pending: list[Chunk] = []  # not handed over yet
         self._pending_bytes = 0
@@ -52,6 +42,7 @@ class Lane:
         self._wanted = False  # the loop waits for a batch to be done
         self._waiting: asyncio.Future[None] | None = None
         self.error: Exception | None = None
+        self.waited = 0.0  # seconds the loop has waited for room
         self.ended: asyncio.Future[None] = self._loop.create_future()  # the thread is gone
         threading.Thread(target=self._run, name=name, daemon=True).start()
 
@@ -64,14 +55,12 @@ class Lane:
     def would_wait(self, size: int) -> bool:
         """Whether putting ``size`` more bytes now would make the loop wait for the thread."""
         return (
-            self.batches is not None
-            and self._pending_bytes + size >= HANDOFF_BYTES
-            and self._put - self._done >= self.batches
+            self._pending_bytes + size >= HANDOFF_BYTES
+            and self._put - self._done >= PIPELINE_BATCHES
         )
 
     async def _hand_off(self) -> None:
-        if self.batches is not None:
-            await self._room(self.batches)
+        await self._room(PIPELINE_BATCHES)
         batch = self._pending
         self._pending, self._pending_bytes = [], 0
         self._put += 1
@@ -102,7 +91,9 @@ class Lane:
             if self._put - self._done < limit:  # done meanwhile
                 self._wanted = False
                 return
+            began = time.monotonic()
             await waiting
+            self.waited += time.monotonic() - began
 
     def _wake(self) -> None:
         if self._waiting is not None and not self._waiting.done():
@@ -126,8 +117,6 @@ class Lane:
                     self._job(batch)
                 except Exception as exc:
                     self.error = exc
-            if self._done_with is not None:
-                self._done_with(sum(map(len, batch)))
             self._done += 1
             if self._wanted:
                 self._wanted = False

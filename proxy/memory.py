@@ -33,9 +33,6 @@ WINDOW_BYTES = 2 * MiB
 SEND_BYTES = 1 * MiB
 
 # The disk.
-# cache.write_buffer's default: the bytes received and not yet written, every fetch's together,
-# held in memory so that a client is fed at the network's pace while a slower disk takes them.
-WRITE_BUFFER_BYTES = 64 * MiB
 # O_DIRECT: buffer address, length and file offset, multiples of this. A fast body's block
 # places each byte at an address congruent to its file offset modulo this, so the blob writer
 # writes whole blocks from the chunks themselves.
@@ -80,9 +77,8 @@ def read_buffer_bytes() -> int:
 
 
 def unsent_bytes() -> int:
-    """The chunks a fetch received and has not yet hashed: the batches handed to its hashing
-    thread and one being gathered (those not yet written are the same chunks, and those beyond
-    them are in the write buffer, counted once for every fetch)."""
+    """The chunks a fetch received and has not yet hashed and written: the batches handed to
+    each thread and one being gathered (the same chunks for both threads)."""
     return PIPELINE_BATCHES * HANDOFF_BYTES + HANDOFF_BYTES
 
 
@@ -90,7 +86,7 @@ def per_fetch_parts() -> dict[str, int]:
     """What a running fetch read through aiohttp holds at most, part by part."""
     return {
         "read buffer": read_buffer_bytes(),
-        "not yet hashed": unsent_bytes(),
+        "not yet hashed and written": unsent_bytes(),
         "window": WINDOW_BYTES,
         "aligned buffer": DIRECT_BUFFER_BYTES,
     }
@@ -124,18 +120,8 @@ def kept_bytes() -> int:
     return RECENT_MANIFEST_BYTES + KEEP_FREE_BYTES + FREE_BLOCKS * BLOCK_BYTES
 
 
-def peak_bytes(
-    max_fetches: int,
-    hits: int = 0,
-    base: int = BASE_BYTES,
-    write_buffer: int = WRITE_BUFFER_BYTES,
-) -> int:
-    """The most Detour holds with ``max_fetches`` fetches running, ``write_buffer`` bytes
-    waiting for the disk, and ``hits`` being sent."""
+def peak_bytes(max_fetches: int, hits: int = 0, base: int = BASE_BYTES) -> int:
+    """The most Detour holds with ``max_fetches`` fetches running and ``hits`` being sent."""
     return (
-        base
-        + max_fetches * per_fetch_bytes()
-        + fast_bodies_extra_bytes()
-        + write_buffer
-        + hits * per_hit_bytes()
+        base + max_fetches * per_fetch_bytes() + fast_bodies_extra_bytes() + hits * per_hit_bytes()
     )

@@ -39,7 +39,6 @@ from proxy.config_errors import (
     key_lines,
     unknown_variables,
 )
-from proxy.memory import WRITE_BUFFER_BYTES
 from proxy.reference import ImageName, canonical_registry, validate_repository
 from proxy.setting_types import ByteSize, ByteSizeOrZero, Duration, DurationOrZero, Listen
 
@@ -143,15 +142,9 @@ class CacheSettings(_Section):
     # verified, is read back into the page cache before it enters the cache, so the hits that
     # follow a fetch come from memory. 0: never; hits then read the disk.
     read_back_up_to: ByteSizeOrZero = 1024**3
-    # The bytes received and not yet written to the disk, every fetch's together, held in
-    # memory while blobs are written with O_DIRECT: the client is fed at the network's pace
-    # while the disk takes the blob at its own. Past it, the rest of a blob goes through the
-    # page cache (write_behind).
-    write_buffer: ByteSize = WRITE_BUFFER_BYTES
-    # Where the disk is further behind the network than write_buffer, a blob goes through the
-    # page cache, and up to this many of its bytes may wait for the disk; further behind, the
-    # fetch gives up the blob's cache copy (the client still gets it at the network's pace;
-    # fetched again later).
+    # Where the disk is slower than the network, a blob goes through the page cache, and up to
+    # this many of its bytes may wait for the disk; further behind, the fetch gives up the
+    # blob's cache copy (the client still gets it at the network's pace; fetched again later).
     write_behind: ByteSize = 1024**3
     tag_ttl: Duration = 300.0
 

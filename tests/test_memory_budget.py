@@ -13,7 +13,7 @@ import yaml
 
 from proxy import memory
 from proxy.memory import MiB
-from proxy.settings import CacheSettings, UpstreamSettings
+from proxy.settings import UpstreamSettings
 from tests.support import ROOT
 
 CACHING = ROOT / "docs" / "caching.md"
@@ -23,8 +23,7 @@ WORDS = {"one": 1, "two": 2, "three": 3, "four": 4}
 
 FORMULA = re.compile(  # \u00d7: the page's multiplication sign
     r"`base \+ max_fetches \u00d7 (?P<per_fetch>\d+) MiB \+ (?P<fast_bodies>\d+) MiB"
-    r" \+ write_buffer \+ hits being sent \u00d7 (?P<per_hit>\d+) MiB`, with a base of about"
-    r" (?P<base>\d+) MiB:"
+    r" \+ hits being sent \u00d7 (?P<per_hit>\d+) MiB`, with a base of about (?P<base>\d+) MiB:"
     r" (?P<defaults>\d+) MiB with the defaults before any hit, inside the DaemonSet's"
     r" (?P<limit>\d+) MiB limit"
 )
@@ -68,13 +67,8 @@ def test_the_formula_is_the_codes_arithmetic() -> None:
     assert page["per_hit"] == memory.per_hit_bytes()
     assert page["base"] == memory.BASE_BYTES
     assert page["defaults"] == memory.peak_bytes(default_max_fetches(), hits=0)
-    write_buffer = CacheSettings().write_buffer
-    assert mib(said(r"are at most `cache.write_buffer` \((\d+) MiB")[0]) == write_buffer
     assert page["defaults"] == (
-        page["base"]
-        + default_max_fetches() * page["per_fetch"]
-        + page["fast_bodies"]
-        + write_buffer
+        page["base"] + default_max_fetches() * page["per_fetch"] + page["fast_bodies"]
     )
 
 
@@ -90,11 +84,12 @@ def test_each_part_the_page_names_is_a_size_of_the_code() -> None:
     assert mib(read) == memory.CHUNK_BYTES
     assert mib(buffer) == memory.read_buffer_bytes()
 
-    batches, batch, gathered = said(
-        r"at most (\w+) (\d+) MiB batches handed to its hashing thread and (\d+) MiB"
-        r" being gathered"
+    batches, batch, threads, gathered = said(
+        r"at most (\w+) (\d+) MiB batches handed to each of its (\w+) threads and (\d+) MiB"
+        r" being gathered, the same chunks for both"
     )
     assert WORDS[batches] == memory.PIPELINE_BATCHES
+    assert WORDS[threads] == 2  # the hashing and the writing (proxy/cache/sink.py)
     assert mib(batch) == mib(gathered) == memory.HANDOFF_BYTES
     assert mib(said(r"and the last (\d+) MiB, kept for the clients that keep up")[0]) == (
         memory.WINDOW_BYTES
@@ -106,7 +101,7 @@ def test_each_part_the_page_names_is_a_size_of_the_code() -> None:
     parts = memory.per_fetch_parts()
     assert parts == {
         "read buffer": mib(buffer),
-        "not yet hashed": memory.PIPELINE_BATCHES * mib(batch) + mib(gathered),
+        "not yet hashed and written": memory.PIPELINE_BATCHES * mib(batch) + mib(gathered),
         "window": memory.WINDOW_BYTES,
         "aligned buffer": memory.DIRECT_BUFFER_BYTES,
     }
@@ -114,7 +109,7 @@ def test_each_part_the_page_names_is_a_size_of_the_code() -> None:
 
     blocks, block, fast_body = said(
         r"holds up to (\w+) (\d+) MiB blocks instead \(one being received or waiting, two"
-        r" handed to its hashing thread\) and the aligned buffer, about (\d+) MiB"
+        r" handed to its threads\) and the aligned buffer, about (\d+) MiB"
     )
     assert WORDS[blocks] == 1 + memory.PIPELINE_BATCHES
     assert mib(block) == memory.BLOCK_BYTES

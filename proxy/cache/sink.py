@@ -7,21 +7,21 @@ larger than ``cache.max_blob_size``, or there is no room, the sink *spills*: it 
 and keeps hashing, so the blob is still verified as it streams by, but not cached. A spill is
 final; the fetch is told at once (its clients then get every byte from memory).
 
-The clients are fed at the network's pace, not the disk's. The chunks handed to the writing
-thread and not yet written are held in memory, every fetch's together up to
-``cache.write_buffer`` (:class:`~proxy.cache.write_mode.HeldBytes`); the loop never waits for
-the disk meanwhile, and the clients have their last byte once every byte is hashed and matches,
-while the disk may still be taking the rest. A chunk that would take the held bytes past
-``cache.write_buffer`` means the disk is slower than the network: the writer goes on through
-the page cache (:meth:`~proxy.cache.writer.BlobWriter.go_buffered`). If even so the disk falls
-``cache.write_behind`` bytes behind, the sink spills (``disk_behind``): the clients go on at
-the network's pace and the blob is fetched again on a later pull. Where new page cache itself
-comes slower than the network (a VM that backs its memory lazily), the clients get its pace.
+The clients are fed at the network's pace, not the disk's: they have their last byte once every
+byte is hashed and matches the digest, while the disk may still be taking the last batches it
+was given (:meth:`BlobSink.hashed`, then :meth:`BlobSink.close`). When the loop has waited for the
+writes a fifth of the fetch's time, the disk is slower than the network: the writer goes on
+through the page cache (:meth:`~proxy.cache.writer.BlobWriter.go_buffered`). If even so
+the disk falls ``cache.write_behind`` bytes behind, the sink spills (``disk_behind``): the
+clients go on at the network's pace and the blob is fetched again on a later pull. Where new
+page cache itself comes slower than the network (a VM that backs its memory lazily), the
+clients get its pace.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 from proxy.cache.checksums import Checksums
@@ -30,11 +30,14 @@ from proxy.cache.writer import BlobWriter
 from proxy.errors import DetourError, UpstreamInvalid
 from proxy.lane import Chunk, Lane
 from proxy.logs import get_logger
-from proxy.memory import PIPELINE_BATCHES
 from proxy.metrics import Metrics
 from proxy.reference import Digest
 
 CLOSE_GRACE_SECONDS = 10.0  # at shutdown, for verified blobs to reach the cache
+# The disk holds a fetch back when the loop has waited for its writes this share of the
+# fetch's time (and at least SLOW_DISK_WAIT seconds): the rest goes through the page cache.
+SLOW_DISK_SHARE = 0.2
+SLOW_DISK_WAIT = 0.1
 
 log = get_logger("detour.blobs")
 
@@ -61,7 +64,8 @@ class BlobSink:
         self._on_spill = on_spill
         self.reserved = 0  # bytes of the store's max_size promised to the temp file
         self.spilled = False
-        self._held = store.write_mode.hold()  # the chunks not yet written, under write_buffer
+        self._began = time.monotonic()
+        self._went_buffered = False
         self.writer = writer = BlobWriter(
             digest, store.blob_path(digest), store.tmp, store.write_mode
         )
@@ -77,11 +81,10 @@ class BlobSink:
             else:
                 self.spill(None, "no_room")
         # Receiving, hashing and writing overlap: the network loop runs ahead of the hashing
-        # by up to PIPELINE_BATCHES (and a handoff), and of the writing by what write_buffer
-        # holds (then, through the page cache, by PIPELINE_BATCHES too), each at its own pace.
+        # and of the writing by up to PIPELINE_BATCHES (and a handoff) each, at its own pace.
         name = digest.hex[:12]
         self._hashing = Lane(f"hash {name}", writer.update)
-        self._writing = Lane(f"write {name}", writer.write, batches=None, done=self._held.written)
+        self._writing = Lane(f"write {name}", writer.write)
 
     @property
     def on_disk(self) -> int:
@@ -106,23 +109,24 @@ class BlobSink:
                 self.spill(None, "no_room")
                 return
             self.reserved += len(chunk)
-        if writing.batches is None:  # within write_buffer so far
-            if self._held.take(len(chunk)):
-                await writing.put(chunk)
-                return
-            # The disk is write_buffer behind the network: the rest through the page cache.
-            writing.batches = PIPELINE_BATCHES
-            self.writer.go_buffered()
-            self._store.write_mode.fell_behind()
         if writing.would_wait(len(chunk)) and self._disk_behind():
             return
         await writing.put(chunk)
 
     def _disk_behind(self) -> bool:
-        """Through the page cache, the loop is about to wait for the writes: if the disk is
-        ``cache.write_behind`` bytes behind, spill (True), so the client is not kept waiting.
+        """The loop is about to wait for the writes. If the disk has held the fetch back for a
+        fifth of its time, go on through the page cache; if even so the disk is
+        ``cache.write_behind`` bytes behind, spill (True): the client is not kept waiting.
         Where the page cache itself is slower than the network, the client gets its pace."""
-        if not self.writer.direct and self.writer.disk_behind:
+        writer = self.writer
+        if writer.direct:  # (or still finishing the O_DIRECT batch it was given)
+            waited, fetching = self._writing.waited, time.monotonic() - self._began
+            if not self._went_buffered and waited > max(SLOW_DISK_WAIT, SLOW_DISK_SHARE * fetching):
+                self._went_buffered = True
+                writer.go_buffered()
+                self._store.write_mode.fell_behind()
+            return False
+        if writer.disk_behind:
             self.spill(None, "disk_behind")
             return True
         return False
@@ -149,12 +153,10 @@ class BlobSink:
 
     async def stop(self) -> None:
         """End both threads (done, or the fetch failed), waiting a moment for a write that is
-        under way: the file is not to be closed and deleted under it. What the fetch held for
-        the disk is given back."""
+        under way: the file is not to be closed and deleted under it."""
         self._hashing.stop()
         self._writing.stop()
         await asyncio.wait({self._writing.ended}, timeout=CLOSE_GRACE_SECONDS)
-        self._held.give_back()
 
     def verify(self, size: int | None, registry: str, source: str) -> None:
         """Raise, counted and logged, unless every byte hashed makes the digest (and ``size``,

@@ -1,6 +1,5 @@
-"""How a cache directory's blob files are written: ``O_DIRECT``, with the bytes the disk has not
-yet taken held in memory up to ``cache.write_buffer``; through the page cache past that, or
-where the file system refuses ``O_DIRECT``."""
+"""How a cache directory's blob files are written: ``O_DIRECT`` while the disk keeps up
+with the network, through the page cache where it doesn't or refuses ``O_DIRECT``."""
 
 from __future__ import annotations
 
@@ -13,9 +12,9 @@ from proxy.logs import get_logger
 log = get_logger("detour.cache")
 
 
-# How often "the disk is slower than the network" is logged at most (a slow disk says so on
-# every large blob).
-SLOW_DISK_LOG_SECONDS = 600.0
+# A disk that fell behind the network keeps new blobs off O_DIRECT for this long, then is tried
+# again (it may have been busy with something else).
+SLOW_DISK_SECONDS = 600.0
 
 
 class WriteMode:
@@ -29,14 +28,13 @@ class WriteMode:
     (ramfs, some overlay and network file systems), at open or at the first write, blobs are
     written through the page cache from then on.
 
-    The disk may be slower than the network. Every fetch's bytes that its writing thread has
-    not yet written are held in memory, all fetches' together up to ``write_buffer`` bytes
-    (:meth:`hold`), so a cold blob is streamed at the network's pace while the disk takes it
-    at its own, still with ``O_DIRECT``. A blob that would take the held bytes past
-    ``write_buffer`` goes on through the page cache (see :class:`proxy.cache.sink.BlobSink`),
-    which takes the bytes at memory speed; what waits for the disk is then bounded by
-    ``write_behind`` bytes a blob: past that its writer waits for the disk, and the fetch gives
-    up the cache copy rather than hold its clients.
+    ``O_DIRECT`` is kept only while the disk keeps up with the network. A fetch whose writes
+    hold its clients back (see :class:`proxy.cache.sink.BlobSink`) goes on through the page
+    cache, which takes the bytes at memory speed, and so do the blobs fetched in the next
+    ``SLOW_DISK_SECONDS``: on a slow disk (eMMC, an SD card, a network block device, a busy
+    SATA disk) the client is fed at the network's pace. What waits for the disk is then
+    bounded by ``write_behind`` bytes a blob: past that its writer waits for the disk, and the
+    fetch gives up the cache copy rather than hold its clients.
 
     Once verified and flushed, the part of a blob written with ``O_DIRECT`` (the whole blob, on
     a disk that keeps up), if the blob is of at most ``read_back_up_to`` bytes, is read back
@@ -46,32 +44,20 @@ class WriteMode:
     yields to the fetches that write: it stops when another blob is being written.
     """
 
-    def __init__(
-        self,
-        root: Path,
-        read_back_up_to: int = 0,
-        write_behind: int = 1 << 30,
-        write_buffer: int = 64 << 20,
-    ) -> None:
+    def __init__(self, root: Path, read_back_up_to: int = 0, write_behind: int = 1 << 30) -> None:
         self.root = root
         self.direct = True  # until the file system refuses it
         self.read_back_up_to = read_back_up_to
         self.write_behind = write_behind
-        self.write_buffer = write_buffer
-        self.held = 0  # bytes received and not yet written, every fetch's (see hold)
         self.writing = 0  # blob files being written now (see count_writer)
         self._lock = threading.Lock()  # writers end in worker threads
-        self._slow_logged = -SLOW_DISK_LOG_SECONDS  # time.monotonic() of the last log
+        self._buffered_until = 0.0  # time.monotonic(): till then, new blobs start buffered
         self._logged = False
 
     @property
     def starts_direct(self) -> bool:
         """Whether a new blob file starts with ``O_DIRECT``."""
-        return self.direct
-
-    def hold(self) -> HeldBytes:
-        """A new blob's share of ``write_buffer``."""
-        return HeldBytes(self, self._lock)
+        return self.direct and time.monotonic() >= self._buffered_until
 
     def count_writer(self, step: int) -> None:
         with self._lock:
@@ -98,50 +84,15 @@ class WriteMode:
             )
 
     def fell_behind(self) -> None:
-        """A blob would have taken the bytes held for the disk past ``write_buffer``: it goes
-        on through the page cache. Logged at most every ``SLOW_DISK_LOG_SECONDS``."""
+        """The disk held a fetch's clients back: new blobs go through the page cache for
+        ``SLOW_DISK_SECONDS``."""
         now = time.monotonic()
-        self._logged = True  # (a first O_DIRECT write that ends after this says nothing new)
-        if now - self._slow_logged >= SLOW_DISK_LOG_SECONDS:
-            self._slow_logged = now
+        if now >= self._buffered_until:
             log.info(
                 "cache_blob_writes",
                 dir=str(self.root),
                 mode="buffered",
                 reason="the disk is slower than the network",
-                write_buffer=self.write_buffer,
+                seconds=SLOW_DISK_SECONDS,
             )
-
-
-class HeldBytes:
-    """One blob's bytes held in memory for its writing thread, under the cache's
-    ``write_buffer``: taken on the loop as chunks are handed to the thread (:meth:`take`),
-    given back as they are written or skipped (:meth:`written`, in the thread), and all at
-    once when the fetch is over (:meth:`give_back`)."""
-
-    def __init__(self, mode: WriteMode, lock: threading.Lock) -> None:
-        self._mode = mode
-        self._lock = lock
-        self.taken = 0
-        self._given = 0
-
-    def take(self, size: int) -> bool:
-        """Hold ``size`` more bytes, unless that would take every blob's past ``write_buffer``."""
-        mode = self._mode
-        with self._lock:
-            if mode.held + size > mode.write_buffer:
-                return False
-            mode.held += size
-            self.taken += size
-            return True
-
-    def written(self, size: int) -> None:
-        """``size`` bytes handed to the thread are done with (written, or skipped); those of
-        them taken (the first handed over) are given back."""
-        with self._lock:
-            size = min(size, self.taken - self._given)
-            self._given += size
-            self._mode.held -= size
-
-    def give_back(self) -> None:
-        self.written(self.taken)
+        self._buffered_until = now + SLOW_DISK_SECONDS
