@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import queue
 import threading
-import time
 from collections.abc import Callable
 
 from proxy.memory import HANDOFF_BYTES, PIPELINE_BATCHES
@@ -25,8 +24,10 @@ class Lane:
     (up to ``HANDOFF_BYTES``) at once: the hashing, or the writing, of one fetch.
 
     It goes from one batch to the next without waiting for the event loop; the loop waits for
-    it only when ``PIPELINE_BATCHES`` are waiting, and is woken only then. A job that raises
-    is not run again: ``error`` holds what it raised, and later chunks are only counted.
+    it only when ``PIPELINE_BATCHES`` are waiting, and is woken only then, unless it puts a
+    chunk with ``wait=False`` (it has made room for it elsewhere: the writing's overflow, see
+    :class:`~proxy.cache.sink.BlobSink`). A job that raises is not run again: ``error`` holds
+    what it raised, and later chunks are only counted.
     """
 
     def __init__(self, name: str, job: Callable[[list[Chunk]], None]) -> None:
@@ -35,6 +36,8 @@ class Lane:
         self._chunks: queue.SimpleQueue[list[Chunk] | None] = queue.SimpleQueue()
         self._pending: list[Chunk] = []  # not handed over yet
         self._pending_bytes = 0
+        self.put_bytes = 0  # bytes put (on the loop)
+        self.done_bytes = 0  # bytes of the batches done (in the thread)
         self._put = 0  # batches handed over (on the loop)
         self._done = 0  # batches done (in the thread)
         self._closed = False
@@ -42,15 +45,20 @@ class Lane:
         self._wanted = False  # the loop waits for a batch to be done
         self._waiting: asyncio.Future[None] | None = None
         self.error: Exception | None = None
-        self.waited = 0.0  # seconds the loop has waited for room
         self.ended: asyncio.Future[None] = self._loop.create_future()  # the thread is gone
         threading.Thread(target=self._run, name=name, daemon=True).start()
 
-    async def put(self, chunk: Chunk) -> None:
+    async def put(self, chunk: Chunk, *, wait: bool = True) -> None:
         self._pending.append(chunk)
         self._pending_bytes += len(chunk)
+        self.put_bytes += len(chunk)
         if self._pending_bytes >= HANDOFF_BYTES:
-            await self._hand_off()
+            await self._hand_off(wait)
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes put and not yet done with."""
+        return self.put_bytes - self.done_bytes
 
     def would_wait(self, size: int) -> bool:
         """Whether putting ``size`` more bytes now would make the loop wait for the thread."""
@@ -59,8 +67,9 @@ class Lane:
             and self._put - self._done >= PIPELINE_BATCHES
         )
 
-    async def _hand_off(self) -> None:
-        await self._room(PIPELINE_BATCHES)
+    async def _hand_off(self, wait: bool = True) -> None:
+        if wait:
+            await self._room(PIPELINE_BATCHES)
         batch = self._pending
         self._pending, self._pending_bytes = [], 0
         self._put += 1
@@ -91,9 +100,7 @@ class Lane:
             if self._put - self._done < limit:  # done meanwhile
                 self._wanted = False
                 return
-            began = time.monotonic()
             await waiting
-            self.waited += time.monotonic() - began
 
     def _wake(self) -> None:
         if self._waiting is not None and not self._waiting.done():
@@ -117,6 +124,7 @@ class Lane:
                     self._job(batch)
                 except Exception as exc:
                     self.error = exc
+            self.done_bytes += sum(map(len, batch))
             self._done += 1
             if self._wanted:
                 self._wanted = False

@@ -33,6 +33,9 @@ WINDOW_BYTES = 2 * MiB
 SEND_BYTES = 1 * MiB
 
 # The disk.
+# cache.write_buffer's default: what the fetches' writing threads may fall behind by, every
+# fetch's together, beyond the batches each holds anyway (unsent_bytes), kept in memory.
+WRITE_BUFFER_BYTES = 64 * MiB
 # O_DIRECT: buffer address, length and file offset, multiples of this. A fast body's block
 # places each byte at an address congruent to its file offset modulo this, so the blob writer
 # writes whole blocks from the chunks themselves.
@@ -120,8 +123,18 @@ def kept_bytes() -> int:
     return RECENT_MANIFEST_BYTES + KEEP_FREE_BYTES + FREE_BLOCKS * BLOCK_BYTES
 
 
-def peak_bytes(max_fetches: int, hits: int = 0, base: int = BASE_BYTES) -> int:
-    """The most Detour holds with ``max_fetches`` fetches running and ``hits`` being sent."""
+def peak_bytes(
+    max_fetches: int,
+    hits: int = 0,
+    base: int = BASE_BYTES,
+    write_buffer: int = WRITE_BUFFER_BYTES,
+) -> int:
+    """The most Detour holds with ``max_fetches`` fetches running, ``write_buffer`` bytes
+    waiting for the disk beyond them, and ``hits`` being sent."""
     return (
-        base + max_fetches * per_fetch_bytes() + fast_bodies_extra_bytes() + hits * per_hit_bytes()
+        base
+        + max_fetches * per_fetch_bytes()
+        + fast_bodies_extra_bytes()
+        + write_buffer
+        + hits * per_hit_bytes()
     )

@@ -39,6 +39,7 @@ from proxy.config_errors import (
     key_lines,
     unknown_variables,
 )
+from proxy.memory import WRITE_BUFFER_BYTES
 from proxy.reference import ImageName, canonical_registry, validate_repository
 from proxy.setting_types import ByteSize, ByteSizeOrZero, Duration, DurationOrZero, Listen
 
@@ -142,6 +143,10 @@ class CacheSettings(_Section):
     # verified, is read back into the page cache before it enters the cache, so the hits that
     # follow a fetch come from memory. 0: never; hits then read the disk.
     read_back_up_to: ByteSizeOrZero = 1024**3
+    # What the fetches' writing threads may fall behind the network by, every fetch's together,
+    # held in memory: a disk that stalls a moment holds no client back. Further behind, the disk
+    # is slower than the network, and blobs go through the page cache for ten minutes.
+    write_buffer: ByteSize = WRITE_BUFFER_BYTES
     # Where the disk is slower than the network, a blob goes through the page cache, and up to
     # this many of its bytes may wait for the disk; further behind, the fetch gives up the
     # blob's cache copy (the client still gets it at the network's pace; fetched again later).

@@ -13,7 +13,7 @@ import yaml
 
 from proxy import memory
 from proxy.memory import MiB
-from proxy.settings import UpstreamSettings
+from proxy.settings import CacheSettings, UpstreamSettings
 from tests.support import ROOT
 
 CACHING = ROOT / "docs" / "caching.md"
@@ -23,7 +23,8 @@ WORDS = {"one": 1, "two": 2, "three": 3, "four": 4}
 
 FORMULA = re.compile(  # \u00d7: the page's multiplication sign
     r"`base \+ max_fetches \u00d7 (?P<per_fetch>\d+) MiB \+ (?P<fast_bodies>\d+) MiB"
-    r" \+ hits being sent \u00d7 (?P<per_hit>\d+) MiB`, with a base of about (?P<base>\d+) MiB:"
+    r" \+ write_buffer \+ hits being sent \u00d7 (?P<per_hit>\d+) MiB`, with a base of about"
+    r" (?P<base>\d+) MiB:"
     r" (?P<defaults>\d+) MiB with the defaults before any hit, inside the DaemonSet's"
     r" (?P<limit>\d+) MiB limit"
 )
@@ -67,8 +68,13 @@ def test_the_formula_is_the_codes_arithmetic() -> None:
     assert page["per_hit"] == memory.per_hit_bytes()
     assert page["base"] == memory.BASE_BYTES
     assert page["defaults"] == memory.peak_bytes(default_max_fetches(), hits=0)
+    write_buffer = CacheSettings().write_buffer
+    assert mib(said(r"is at most `cache.write_buffer` \((\d+) MiB")[0]) == write_buffer
     assert page["defaults"] == (
-        page["base"] + default_max_fetches() * page["per_fetch"] + page["fast_bodies"]
+        page["base"]
+        + default_max_fetches() * page["per_fetch"]
+        + page["fast_bodies"]
+        + write_buffer
     )
 
 

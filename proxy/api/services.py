@@ -74,6 +74,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
         on_evict=evicted,
         read_back_up_to=settings.cache.read_back_up_to,
         write_behind=settings.cache.write_behind,
+        write_buffer=settings.cache.write_buffer,
     )
     await asyncio.to_thread(store.open)
     store.trim()  # max_size may have shrunk since the last run

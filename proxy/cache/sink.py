@@ -9,19 +9,21 @@ final; the fetch is told at once (its clients then get every byte from memory).
 
 The clients are fed at the network's pace, not the disk's: they have their last byte once every
 byte is hashed and matches the digest, while the disk may still be taking the last batches it
-was given (:meth:`BlobSink.hashed`, then :meth:`BlobSink.close`). When the loop has waited for the
-writes a fifth of the fetch's time, the disk is slower than the network: the writer goes on
-through the page cache (:meth:`~proxy.cache.writer.BlobWriter.go_buffered`). If even so
-the disk falls ``cache.write_behind`` bytes behind, the sink spills (``disk_behind``): the
-clients go on at the network's pace and the blob is fetched again on a later pull. Where new
-page cache itself comes slower than the network (a VM that backs its memory lazily), the
-clients get its pace.
+was given (:meth:`BlobSink.hashed`, then :meth:`BlobSink.close`). A writing thread that falls
+behind is given the chunks beyond its batches in memory, every fetch's together up to
+``cache.write_buffer`` (:meth:`~proxy.cache.write_mode.WriteMode.room`), so a disk that stalls
+for a moment neither holds the clients back nor changes how blobs are written. A fetch that
+would take them past it has found the disk slower than the network: its writer goes on through
+the page cache (:meth:`~proxy.cache.writer.BlobWriter.go_buffered`), and so do the fetches of
+the next ten minutes. If even so the disk falls ``cache.write_behind`` bytes behind, the sink
+spills (``disk_behind``): the clients go on at the network's pace and the blob is fetched again
+on a later pull. Where new page cache itself comes slower than the network (a VM that backs its
+memory lazily), the clients get its pace.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 
 from proxy.cache.checksums import Checksums
@@ -34,10 +36,6 @@ from proxy.metrics import Metrics
 from proxy.reference import Digest
 
 CLOSE_GRACE_SECONDS = 10.0  # at shutdown, for verified blobs to reach the cache
-# The disk holds a fetch back when the loop has waited for its writes this share of the
-# fetch's time (and at least SLOW_DISK_WAIT seconds): the rest goes through the page cache.
-SLOW_DISK_SHARE = 0.2
-SLOW_DISK_WAIT = 0.1
 
 log = get_logger("detour.blobs")
 
@@ -64,7 +62,6 @@ class BlobSink:
         self._on_spill = on_spill
         self.reserved = 0  # bytes of the store's max_size promised to the temp file
         self.spilled = False
-        self._began = time.monotonic()
         self._went_buffered = False
         self.writer = writer = BlobWriter(
             digest, store.blob_path(digest), store.tmp, store.write_mode
@@ -85,6 +82,7 @@ class BlobSink:
         name = digest.hex[:12]
         self._hashing = Lane(f"hash {name}", writer.update)
         self._writing = Lane(f"write {name}", writer.write)
+        store.write_mode.lanes.add(self._writing)  # its overflow, in the write buffer
 
     @property
     def on_disk(self) -> int:
@@ -109,19 +107,23 @@ class BlobSink:
                 self.spill(None, "no_room")
                 return
             self.reserved += len(chunk)
-        if writing.would_wait(len(chunk)) and self._disk_behind():
-            return
+        if writing.would_wait(len(chunk)):
+            mode = self._store.write_mode
+            if not self._went_buffered and mode.room(len(chunk)):
+                await writing.put(chunk, wait=False)  # the write buffer takes it
+                return
+            if self._disk_behind():
+                return
         await writing.put(chunk)
 
     def _disk_behind(self) -> bool:
-        """The loop is about to wait for the writes. If the disk has held the fetch back for a
-        fifth of its time, go on through the page cache; if even so the disk is
+        """The loop is about to wait for the writes. If the write buffer is full, the disk is
+        slower than the network: go on through the page cache. If even so the disk is
         ``cache.write_behind`` bytes behind, spill (True): the client is not kept waiting.
         Where the page cache itself is slower than the network, the client gets its pace."""
         writer = self.writer
-        if writer.direct:  # (or still finishing the O_DIRECT batch it was given)
-            waited, fetching = self._writing.waited, time.monotonic() - self._began
-            if not self._went_buffered and waited > max(SLOW_DISK_WAIT, SLOW_DISK_SHARE * fetching):
+        if writer.direct:  # (or still finishing the O_DIRECT batches it was given)
+            if not self._went_buffered:
                 self._went_buffered = True
                 writer.go_buffered()
                 self._store.write_mode.fell_behind()
@@ -157,6 +159,7 @@ class BlobSink:
         self._hashing.stop()
         self._writing.stop()
         await asyncio.wait({self._writing.ended}, timeout=CLOSE_GRACE_SECONDS)
+        self._store.write_mode.lanes.discard(self._writing)
 
     def verify(self, size: int | None, registry: str, source: str) -> None:
         """Raise, counted and logged, unless every byte hashed makes the digest (and ``size``,

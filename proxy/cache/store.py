@@ -151,11 +151,12 @@ class CacheStore(CacheIndex):
         on_evict: Callable[[list[Path]], None] = lambda paths: delete_files(paths),
         read_back_up_to: int = 0,
         write_behind: int = 1 << 30,
+        write_buffer: int = 64 << 20,
     ) -> None:
         super().__init__(max_size, on_evict)
         self.root = root
         self.tmp = root / "tmp"
-        self.write_mode = WriteMode(root, read_back_up_to, write_behind)
+        self.write_mode = WriteMode(root, read_back_up_to, write_behind, write_buffer)
         self._manifests: Recent[StoredManifest] = Recent(
             RECENT_MANIFEST_BYTES, lambda manifest: len(manifest.body)
         )

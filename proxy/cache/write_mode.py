@@ -7,7 +7,9 @@ import threading
 import time
 from pathlib import Path
 
+from proxy.lane import Lane
 from proxy.logs import get_logger
+from proxy.memory import unsent_bytes
 
 log = get_logger("detour.cache")
 
@@ -28,13 +30,16 @@ class WriteMode:
     (ramfs, some overlay and network file systems), at open or at the first write, blobs are
     written through the page cache from then on.
 
-    ``O_DIRECT`` is kept only while the disk keeps up with the network. A fetch whose writes
-    hold its clients back (see :class:`proxy.cache.sink.BlobSink`) goes on through the page
-    cache, which takes the bytes at memory speed, and so do the blobs fetched in the next
-    ``SLOW_DISK_SECONDS``: on a slow disk (eMMC, an SD card, a network block device, a busy
-    SATA disk) the client is fed at the network's pace. What waits for the disk is then
-    bounded by ``write_behind`` bytes a blob: past that its writer waits for the disk, and the
-    fetch gives up the cache copy rather than hold its clients.
+    ``O_DIRECT`` is kept only while the disk keeps up with the network. A writing thread that
+    falls behind its fetch is given what it has not yet written in memory: every fetch's
+    together, up to ``write_buffer`` bytes beyond the batches a fetch always holds (see
+    :meth:`room`). A fetch whose writes would take it past that (see
+    :class:`proxy.cache.sink.BlobSink`) goes on through the page cache, which takes the bytes
+    at memory speed, and so do the blobs fetched in the next ``SLOW_DISK_SECONDS``: on a slow
+    disk (eMMC, an SD card, a network block device, a busy SATA disk) the client is fed at the
+    network's pace. What waits for the disk is then bounded by ``write_behind`` bytes a blob:
+    past that its writer waits for the disk, and the fetch gives up the cache copy rather than
+    hold its clients.
 
     Once verified and flushed, the part of a blob written with ``O_DIRECT`` (the whole blob, on
     a disk that keeps up), if the blob is of at most ``read_back_up_to`` bytes, is read back
@@ -44,11 +49,19 @@ class WriteMode:
     yields to the fetches that write: it stops when another blob is being written.
     """
 
-    def __init__(self, root: Path, read_back_up_to: int = 0, write_behind: int = 1 << 30) -> None:
+    def __init__(
+        self,
+        root: Path,
+        read_back_up_to: int = 0,
+        write_behind: int = 1 << 30,
+        write_buffer: int = 64 << 20,
+    ) -> None:
         self.root = root
         self.direct = True  # until the file system refuses it
         self.read_back_up_to = read_back_up_to
         self.write_behind = write_behind
+        self.write_buffer = write_buffer
+        self.lanes: set[Lane] = set()  # the writing threads of the fetches (on the loop)
         self.writing = 0  # blob files being written now (see count_writer)
         self._lock = threading.Lock()  # writers end in worker threads
         self._buffered_until = 0.0  # time.monotonic(): till then, new blobs start buffered
@@ -58,6 +71,16 @@ class WriteMode:
     def starts_direct(self) -> bool:
         """Whether a new blob file starts with ``O_DIRECT``."""
         return self.direct and time.monotonic() >= self._buffered_until
+
+    @property
+    def held(self) -> int:
+        """Bytes the writing threads have fallen behind by, beyond the batches each fetch always
+        holds: what the write buffer holds now."""
+        return sum(max(0, lane.queued_bytes - unsent_bytes()) for lane in self.lanes)
+
+    def room(self, size: int) -> bool:
+        """Whether ``size`` more bytes fit in the write buffer."""
+        return self.held + size <= self.write_buffer
 
     def count_writer(self, step: int) -> None:
         with self._lock:
@@ -84,15 +107,17 @@ class WriteMode:
             )
 
     def fell_behind(self) -> None:
-        """The disk held a fetch's clients back: new blobs go through the page cache for
-        ``SLOW_DISK_SECONDS``."""
+        """The disk fell ``write_buffer`` behind the network: new blobs go through the page
+        cache for ``SLOW_DISK_SECONDS``."""
         now = time.monotonic()
+        self._logged = True  # (a first O_DIRECT write that ends after this says nothing new)
         if now >= self._buffered_until:
             log.info(
                 "cache_blob_writes",
                 dir=str(self.root),
                 mode="buffered",
                 reason="the disk is slower than the network",
+                write_buffer=self.write_buffer,
                 seconds=SLOW_DISK_SECONDS,
             )
         self._buffered_until = now + SLOW_DISK_SECONDS
