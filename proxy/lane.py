@@ -36,8 +36,8 @@ class Lane:
         self._chunks: queue.SimpleQueue[list[Chunk] | None] = queue.SimpleQueue()
         self._pending: list[Chunk] = []  # not handed over yet
         self._pending_bytes = 0
-        self.put_bytes = 0  # bytes put (on the loop)
-        self.done_bytes = 0  # bytes of the batches done (in the thread)
+        self._put_bytes = 0  # bytes put (on the loop)
+        self._done_bytes = 0  # bytes of the batches done (in the thread)
         self._put = 0  # batches handed over (on the loop)
         self._done = 0  # batches done (in the thread)
         self._closed = False
@@ -51,14 +51,14 @@ class Lane:
     async def put(self, chunk: Chunk, *, wait: bool = True) -> None:
         self._pending.append(chunk)
         self._pending_bytes += len(chunk)
-        self.put_bytes += len(chunk)
+        self._put_bytes += len(chunk)
         if self._pending_bytes >= HANDOFF_BYTES:
             await self._hand_off(wait)
 
     @property
     def queued_bytes(self) -> int:
         """Bytes put and not yet done with."""
-        return self.put_bytes - self.done_bytes
+        return self._put_bytes - self._done_bytes
 
     def would_wait(self, size: int) -> bool:
         """Whether putting ``size`` more bytes now would make the loop wait for the thread."""
@@ -124,7 +124,7 @@ class Lane:
                     self._job(batch)
                 except Exception as exc:
                     self.error = exc
-            self.done_bytes += sum(map(len, batch))
+            self._done_bytes += sum(map(len, batch))
             self._done += 1
             if self._wanted:
                 self._wanted = False

@@ -136,6 +136,18 @@ async def wait_cached(cache_dir: Path, digest: str, limit: float = 5.0) -> bool:
     return True
 
 
+async def wait_no_temp_files(cache_dir: Path, limit: float = 10.0) -> bool:
+    """Whether the cache's temp dir is empty within ``limit`` seconds. A blob that is not kept
+    loses its temp file once its writing thread is done with what it was given, which may be
+    just after its client had the last byte."""
+    deadline = time.monotonic() + limit
+    while any((cache_dir / "tmp").iterdir()):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
 async def slow_client_get(
     proxy: Proxy, path: str
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:

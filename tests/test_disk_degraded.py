@@ -16,20 +16,11 @@ from typing import Any
 import pytest
 
 from tests.images import ACCEPT_ALL, PushedImage, delete_manifest, push_image, unique_repo
-from tests.proxy import Proxy, scenario, wait_cached
+from tests.proxy import Proxy, scenario, wait_cached, wait_no_temp_files
 from tests.registry import Registry
 
 MakeProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
 TTL = 0.2  # seconds; the test waits it out
-
-
-async def no_temp_files(cache: Path, seconds: float = 10.0) -> bool:
-    """Whether the cache's temp dir is empty, or empties within ``seconds``."""
-    for _ in range(int(seconds / 0.05)):
-        if not any((cache / "tmp").iterdir()):
-            return True
-        await asyncio.sleep(0.05)
-    return False
 
 
 @dataclass
@@ -165,9 +156,7 @@ async def test_a_bad_disk_serves_manifests_and_tags_uncached_then_recovers(
     assert (await client.get(cold_blob_name, "blobs", big.digest))[::2] == (200, big.data)
 
     assert 500 not in client.statuses
-    # The cold blob's temp file goes once its writing thread is done with what it was given,
-    # which may be just after its client had the last byte.
-    assert await no_temp_files(cache), list((cache / "tmp").iterdir())
+    assert await wait_no_temp_files(cache), list((cache / "tmp").iterdir())
     refused = [
         (line["kind"], line["reason"])
         for line in logs()
