@@ -134,6 +134,13 @@ def report(bench: Bench, env: dict[str, str], options: Options) -> str:
             f"fsync): {d['write_gbps']:.2f} GB/s, the ceiling for a cache that writes as it "
             "serves."
         )
+    if options.slow_disk is not None:
+        out.append(f"Each cache's storage on a disk written at {options.slow_disk / 1e6:g} MB/s.")
+    if options.uplink_mbit is not None:
+        out.append(
+            f"What the mirror sends, to the caches and the bench alike, held to "
+            f"{options.uplink_mbit:g} Mbit/s ({options.uplink_mbit / 8e3:.2f} GB/s): the uplink."
+        )
     if options.profile is not None:
         out.append("**Profiled run (py-spy attached to Detour): numbers are not comparable.**")
     labels = dict(LABELS)

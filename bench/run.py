@@ -93,6 +93,13 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         help="each cache's storage on a disk whose writes are held to this rate (a loop "
         "device throttled by the block layer, tests/slow_disk.py; needs root)",
     )
+    parser.add_argument(
+        "--uplink-mbit",
+        type=float,
+        metavar="MBIT",
+        help="what the mirror sends, to the caches and the bench alike, held to this rate: an "
+        "edge site's link to its registry (htb on lo, bench/uplink.py; needs root)",
+    )
     parser.add_argument("--json", type=Path, help="write every sample and check here")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, storage)")
     parser.add_argument(
@@ -119,6 +126,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         baseline=args.baseline.resolve() if args.baseline is not None else None,
         baseline_ramfs=args.baseline_ramfs,
         slow_disk=args.slow_disk,
+        uplink_mbit=args.uplink_mbit,
     )
 
 

@@ -55,6 +55,7 @@ class Options:
     baseline: Path | None = None  # another source tree's Detour, run beside this one
     baseline_ramfs: bool = False  # its cache on a ramfs, which refuses O_DIRECT
     slow_disk: int | None = None  # bytes a second: each cache's storage on a disk this slow
+    uplink_mbit: float | None = None  # what the mirror sends, held to this rate
 
     @property
     def layer_size(self) -> int:
@@ -77,7 +78,13 @@ class Bench:
     def __init__(self, options: Options, workdir: Path) -> None:
         self.o = options
         self.dir = workdir
-        self.targets = Targets(workdir, options.baseline, options.baseline_ramfs, options.slow_disk)
+        self.targets = Targets(
+            workdir,
+            options.baseline,
+            options.baseline_ramfs,
+            options.slow_disk,
+            options.uplink_mbit,
+        )
         self.content = Content()
         self.samples: Samples = {}
         self.details: dict[str, Any] = {"errors": [], "checks": {}}

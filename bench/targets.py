@@ -18,6 +18,7 @@ from common import DETOUR_NAME, MIRROR_REPO, REPO_ROOT, log
 from configs import detour_config, registry_config, write_config
 from mirror import AccessLog
 from processes import Service, free_port
+from uplink import Uplink
 
 sys.path.insert(0, str(REPO_ROOT))  # the tests' slow disk, for --slow-disk
 from tests.slow_disk import SlowDisk
@@ -64,6 +65,7 @@ class Targets:
         baseline: Path | None = None,
         baseline_ramfs: bool = False,
         slow_disk: int | None = None,
+        uplink_mbit: float | None = None,
     ) -> None:
         self.dir = workdir
         self.baseline = baseline
@@ -71,6 +73,7 @@ class Targets:
         self.slow_disk = slow_disk
         self.slow_disks: list[SlowDisk] = []
         self.mirror_port, self.peer_port, self.detour_port = (free_port() for _ in range(3))
+        self.uplink = None if uplink_mbit is None else Uplink(self.mirror_port, uplink_mbit)
         self.base_port = free_port()
         self.peer_root = workdir / "peer-storage"
         self.detour_cache = workdir / "detour-cache"
@@ -154,6 +157,9 @@ class Targets:
                 self.slow_disks.append(disk)
                 storage.symlink_to(disk.path)
             log(f"each cache's storage on a disk written at {self.slow_disk / 1e6:.0f} MB/s")
+        if self.uplink is not None:
+            self.uplink.apply()
+            log(f"what the mirror sends held to {self.uplink.mbit:g} Mbit/s")
         self.peer.start()
         self.peer.wait_ready(f"http://127.0.0.1:{self.peer_port}/v2/")
         self.detour.start()
@@ -179,6 +185,8 @@ class Targets:
         self.unmount()
 
     def unmount(self) -> None:
+        if self.uplink is not None:
+            self.uplink.remove()
         for disk in self.slow_disks:
             disk.__exit__()
         self.slow_disks = []
