@@ -14,7 +14,12 @@ CLASS = "1:20"
 
 
 def _tc(*args: str, check: bool = True) -> None:
-    subprocess.run(["tc", *args], check=check, capture_output=True, text=True, timeout=30)
+    done = subprocess.run(["tc", *args], check=False, capture_output=True, text=True, timeout=30)
+    if check and done.returncode != 0:
+        raise RuntimeError(
+            f"tc {' '.join(args)}: {done.stderr.strip()} (a run killed before it could clean up "
+            f"leaves its qdisc on {DEVICE}: tc qdisc del dev {DEVICE} root)"
+        )
 
 
 class Uplink:
