@@ -33,7 +33,7 @@ from proxy.cache.write_mode import WriteMode
 from proxy.errors import UpstreamInvalid
 from proxy.files import write_atomic
 from proxy.logs import get_logger
-from proxy.memory import RECENT_MANIFEST_BYTES, RECENT_TAGS
+from proxy.memory import RECENT_MANIFEST_BYTES, RECENT_TAGS, WRITE_BUFFER_BYTES
 from proxy.metrics import Metrics
 from proxy.oci import StoredManifest
 from proxy.reference import Digest, ImageName
@@ -151,7 +151,7 @@ class CacheStore(CacheIndex):
         on_evict: Callable[[list[Path]], None] = lambda paths: delete_files(paths),
         read_back_up_to: int = 0,
         write_behind: int = 1 << 30,
-        write_buffer: int = 64 << 20,
+        write_buffer: int = WRITE_BUFFER_BYTES,
     ) -> None:
         super().__init__(max_size, on_evict)
         self.root = root

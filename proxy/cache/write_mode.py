@@ -9,7 +9,7 @@ from pathlib import Path
 
 from proxy.lane import Lane
 from proxy.logs import get_logger
-from proxy.memory import unsent_bytes
+from proxy.memory import WRITE_BUFFER_BYTES, unsent_bytes
 
 log = get_logger("detour.cache")
 
@@ -54,7 +54,7 @@ class WriteMode:
         root: Path,
         read_back_up_to: int = 0,
         write_behind: int = 1 << 30,
-        write_buffer: int = 64 << 20,
+        write_buffer: int = WRITE_BUFFER_BYTES,
     ) -> None:
         self.root = root
         self.direct = True  # until the file system refuses it
@@ -76,7 +76,8 @@ class WriteMode:
     def held(self) -> int:
         """Bytes the writing threads have fallen behind by, beyond the batches each fetch always
         holds: what the write buffer holds now."""
-        return sum(max(0, lane.queued_bytes - unsent_bytes()) for lane in self.lanes)
+        unsent = unsent_bytes()
+        return sum(max(0, lane.queued_bytes - unsent) for lane in self.lanes)
 
     def room(self, size: int) -> bool:
         """Whether ``size`` more bytes fit in the write buffer."""
