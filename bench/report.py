@@ -141,6 +141,8 @@ def report(bench: Bench, env: dict[str, str], options: Options) -> str:
             f"What the mirror sends, to the caches and the bench alike, held to "
             f"{options.uplink_mbit:g} Mbit/s ({options.uplink_mbit / 8e3:.2f} GB/s): the uplink."
         )
+    if "backed_memory" in d:
+        out.append(d["backed_memory"])
     if options.profile is not None:
         out.append("**Profiled run (py-spy attached to Detour): numbers are not comparable.**")
     labels = dict(LABELS)

@@ -100,6 +100,13 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         help="what the mirror sends, to the caches and the bench alike, held to this rate: an "
         "edge site's link to its registry (htb on lo, bench/uplink.py; needs root)",
     )
+    parser.add_argument(
+        "--backed-memory",
+        action="store_true",
+        help="on a VM that gives free memory back to its host, switch that off for the run and "
+        "write free memory once, so new page cache costs what it does on hardware "
+        "(bench/guest_memory.py; needs root)",
+    )
     parser.add_argument("--json", type=Path, help="write every sample and check here")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, storage)")
     parser.add_argument(
@@ -127,6 +134,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         baseline_ramfs=args.baseline_ramfs,
         slow_disk=args.slow_disk,
         uplink_mbit=args.uplink_mbit,
+        backed_memory=args.backed_memory,
     )
 
 

@@ -56,6 +56,7 @@ class Options:
     baseline_ramfs: bool = False  # its cache on a ramfs, which refuses O_DIRECT
     slow_disk: int | None = None  # bytes a second: each cache's storage on a disk this slow
     uplink_mbit: float | None = None  # what the mirror sends, held to this rate
+    backed_memory: bool = False  # a VM's free memory written once, its reporting off
 
     @property
     def layer_size(self) -> int:
@@ -84,6 +85,7 @@ class Bench:
             options.baseline_ramfs,
             options.slow_disk,
             options.uplink_mbit,
+            options.backed_memory,
         )
         self.content = Content()
         self.samples: Samples = {}
@@ -94,6 +96,8 @@ class Bench:
 
     def start(self) -> None:
         self.targets.start_mirror()
+        if self.targets.memory is not None:
+            self.details["backed_memory"] = self.targets.memory.describe()
         self.push()
         self.targets.start_caches()
 

@@ -16,6 +16,7 @@ from typing import Literal
 
 from common import DETOUR_NAME, MIRROR_REPO, REPO_ROOT, log
 from configs import detour_config, registry_config, write_config
+from guest_memory import BackedMemory
 from mirror import AccessLog
 from processes import Service, free_port
 from uplink import Uplink
@@ -66,6 +67,7 @@ class Targets:
         baseline_ramfs: bool = False,
         slow_disk: int | None = None,
         uplink_mbit: float | None = None,
+        backed_memory: bool = False,
     ) -> None:
         self.dir = workdir
         self.baseline = baseline
@@ -74,6 +76,7 @@ class Targets:
         self.slow_disks: list[SlowDisk] = []
         self.mirror_port, self.peer_port, self.detour_port = (free_port() for _ in range(3))
         self.uplink = None if uplink_mbit is None else Uplink(self.mirror_port, uplink_mbit)
+        self.memory = BackedMemory() if backed_memory else None
         self.base_port = free_port()
         self.peer_root = workdir / "peer-storage"
         self.detour_cache = workdir / "detour-cache"
@@ -146,6 +149,9 @@ class Targets:
     # --------------------------------------------------------------------- start and stop
 
     def start_mirror(self) -> None:
+        if self.memory is not None:
+            self.memory.back()
+            log(self.memory.describe())
         self.mirror.start()
         self.mirror.wait_ready(f"http://127.0.0.1:{self.mirror_port}/v2/")
 
@@ -185,6 +191,8 @@ class Targets:
         self.unmount()
 
     def unmount(self) -> None:
+        if self.memory is not None:
+            self.memory.restore()
         if self.uplink is not None:
             self.uplink.remove()
         for disk in self.slow_disks:
