@@ -13,6 +13,7 @@ from pathlib import Path
 
 import aiohttp
 from common import GB, MIB, REPO_ROOT, first_line
+from guest_memory import OFF, PARAMETER
 
 
 def write_speed(directory: Path, size: int) -> float:
@@ -31,6 +32,16 @@ def write_speed(directory: Path, size: int) -> float:
         os.close(fd)
         path.unlink()
     return max(1, size // MIB) * MIB / elapsed / GB
+
+
+def page_reporting() -> str:
+    """Whether this VM gives the memory its guest frees back to the host (bench/guest_memory.py),
+    as the machine was before the run: a run killed under ``--backed-memory`` leaves it off."""
+    try:
+        order = PARAMETER.read_text().strip()
+    except OSError:
+        return "no free page reporting"
+    return f"free page reporting {'off' if order == OFF else 'on'} (page_reporting_order {order})"
 
 
 def tree_revision(tree: Path) -> str:
@@ -69,6 +80,7 @@ def environment() -> dict[str, str]:
         "nproc": str(len(os.sched_getaffinity(0))),
         "cpu": cpu,
         "memory": memory,
+        "page_reporting": page_reporting(),
         "kernel": platform.release(),
         "python": platform.python_version(),
         "aiohttp": aiohttp.__version__,

@@ -12,7 +12,7 @@ full, so new pages are recycled ones), it does not arise.
 the largest order: no free block qualifies) and writes every free page once, so that new memory
 costs what it costs on hardware; the setting is put back on :meth:`BackedMemory.restore`, and
 the host takes free blocks back as before. A run killed before it could put it back leaves the
-reporting off (the next run says so): ``echo 9 > page_reporting_order`` puts it back. Needs
+reporting off (the next run's header says so): ``echo 9 > page_reporting_order`` puts it back. Needs
 root.
 """
 

@@ -117,7 +117,8 @@ def report(bench: Bench, env: dict[str, str], options: Options) -> str:
     d = bench.details
     out = ["# Detour benchmark", ""]
     out.append(
-        f"Machine: {env['nproc']} CPUs ({env['cpu']}), {env['memory']} RAM, Linux "
+        f"Machine: {env['nproc']} CPUs ({env['cpu']}), {env['memory']} RAM "
+        f"({env['page_reporting']}), Linux "
         f"{env['kernel']}; Python {env['python']}, aiohttp {env['aiohttp']}; "
         f"{env['distribution']}; {env['wrk']}; {env['curl']}; Detour {env['detour']}."
     )
