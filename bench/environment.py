@@ -41,7 +41,7 @@ def page_reporting() -> str:
         order = PARAMETER.read_text().strip()
     except OSError:
         return "no free page reporting"
-    return f"free page reporting {'off' if order == OFF else 'on'} (page_reporting_order {order})"
+    return f"free page reporting {'off' if order == OFF else 'on'}, page_reporting_order {order}"
 
 
 def tree_revision(tree: Path) -> str:
