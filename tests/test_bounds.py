@@ -23,7 +23,7 @@ from aiohttp import web
 
 from proxy.memory import CHUNK_BYTES
 from tests.images import Blob, Client, push_image, unique_repo
-from tests.proxy import Proxy, blob_path, scenario, slow_client_get
+from tests.proxy import Proxy, blob_path, scenario, slow_client_get, wait_no_temp_files
 from tests.registry import Registry
 from tests.relay import Relay
 
@@ -117,7 +117,7 @@ async def test_a_never_ending_blob_stays_inside_max_size(
         await asyncio.sleep(0.05)
     assert peak <= 16 * MiB + CHUNK
     assert upstream.open == 0  # the fetch ended: nothing is still being received
-    assert list((proxy.cache_dir / "tmp").iterdir()) == []
+    assert await wait_no_temp_files(proxy.cache_dir)
 
 
 async def test_abandoned_trickling_fetches_leave_room_for_healthy_pulls(

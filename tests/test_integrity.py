@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from tests.images import Blob, push_image, unique_repo
-from tests.proxy import Proxy, blob_path, scenario, wait_cached
+from tests.proxy import Proxy, blob_path, scenario, wait_cached, wait_no_temp_files
 from tests.registry import Registry
 from tests.relay import Relay
 
@@ -59,7 +59,7 @@ async def test_corrupt_upstream_bytes_never_reach_a_client_whole(
         assert status in (200, 502)
         assert body is None or status == 502
     assert not cached(proxy, layer.digest).exists()
-    assert not list((proxy.cache_dir / "tmp").iterdir())
+    assert await wait_no_temp_files(proxy.cache_dir)
     assert (
         await proxy.metric("detour_digest_mismatches_total", kind="blob", registry=registry.host)
         == 1
@@ -149,4 +149,4 @@ async def test_an_upstream_cut_for_good_never_becomes_a_whole_200(
     assert status == 200  # the headers went out...
     assert body is None  # ...but the body was cut, never completed
     assert not cached(proxy, layer.digest).exists()
-    assert not list((proxy.cache_dir / "tmp").iterdir())
+    assert await wait_no_temp_files(proxy.cache_dir)
