@@ -112,6 +112,14 @@ class Service:
         fields = stat.rsplit(")", 1)[1].split()  # after the command's name, which may hold spaces
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    def minor_faults(self) -> int | None:
+        """The pages it has faulted in so far (``minflt`` in ``/proc/<pid>/stat``): memory taken
+        from the kernel anew rather than reused; None once gone."""
+        stat = self._proc_text("stat")
+        if stat is None:
+            return None
+        return int(stat.rsplit(")", 1)[1].split()[7])
+
     def reset_peak_rss(self) -> bool:
         """Reset VmHWM (``echo 5 > /proc/<pid>/clear_refs``, Linux >= 4.0)."""
         if self._proc is None:

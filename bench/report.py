@@ -29,6 +29,7 @@ ROWS = (
     Row("hit blob GET: the server's CPU-s", "blob_hit_cpu_s", ".2f", "lower"),
     Row("cold blob: the cache's CPU-s, until stored", "blob_cold_cpu_s", ".2f", "lower", CACHE_ROW),
     Row("cold blob: the mirror's CPU-s", "blob_cold_mirror_cpu_s", ".2f", "lower", CACHE_ROW),
+    Row("cold blob: pages the cache faulted in", "blob_cold_faults", ".0f", "lower", CACHE_ROW),
     Row(
         "image pull (6 layers, 3 at a time), cold GB/s",
         "image_cold_gbps",

@@ -153,37 +153,3 @@ async def test_a_client_that_joins_late_catches_up(
     entries = await registry.wait_entries(mark, at_least=1)
     assert [e.method for e in entries if digest in e.path] == ["GET"]
     assert await proxy.metric("detour_cache_requests_total", kind="blob", result="joined") == 1
-
-
-def minor_faults(pid: int) -> int:
-    """Pages the process has faulted in (``minflt`` in /proc/<pid>/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[7])
-
-
-async def test_a_cold_blob_does_not_fault_in_fresh_memory_for_every_chunk(
-    detour_process: StartProxy, registry: Registry, tmp_path: Path
-) -> None:
-    """The buffers a fetch goes through are reused, not taken from the kernel anew chunk after
-    chunk (glibc's defaults did: a tenth of a cold fetch's CPU went to page faults). A 64 MiB
-    blob is 16,384 pages; with glibc's defaults its cold GET faulted in 4,700 to 6,800 of them
-    here, now 500 to 1,300 (the fetch's aligned write buffer and its read-back buffer among
-    them)."""
-    repo = unique_repo("faults")
-    data = os.urandom(64 * MiB)
-    digest = Client(registry).push_blob(f"docker-mirror/{repo}", data)
-    proxy = await detour_process(scenario(registry, tmp_path / "cache"))
-    assert proxy.process is not None
-    # Two first blobs warm what any first fetch sets up (threads, the loop's buffers, the
-    # blocks a fast body is read into).
-    for _ in range(2):
-        warm = Client(registry).push_blob(f"docker-mirror/{repo}", os.urandom(16 * MiB))
-        async with proxy.session.get(f"{proxy.url}/v2/{repo}/blobs/{warm}") as response:
-            assert response.status == 200
-            await response.read()
-    before = minor_faults(proxy.process.pid)
-    async with proxy.session.get(f"{proxy.url}/v2/{repo}/blobs/{digest}") as response:
-        assert response.status == 200
-        assert await response.read() == data
-    faults = minor_faults(proxy.process.pid) - before
-    assert faults < 2500, f"{faults} page faults for a cold 64 MiB blob"

@@ -3,7 +3,9 @@ once the cache has committed it (hit), and a third time (hit again: a cache that
 O_DIRECT and did not read it back read the disk on the first hit, the page cache now); the
 mirror read directly is the limit. A cold blob's processor time, the cache's and the mirror's,
 from its GET until it is stored (the peer stores from a second fetch, after or while it
-answers). Checks that a cold GET cost the expected upstream GETs and a hit none. The mirror
+answers), and the pages the cache faulted in meanwhile (a cache whose buffers are reused, not
+taken from the kernel anew chunk after chunk, faults in a few blocks' worth whatever the
+blob's size). Checks that a cold GET cost the expected upstream GETs and a hit none. The mirror
 reads each blob itself first, so that it serves the cold GET from memory (see
 :meth:`session.Bench.warm_mirror`)."""
 
@@ -22,11 +24,13 @@ if TYPE_CHECKING:
 
 
 class CpuUse:
-    """The processor time a cache and the mirror use from now on."""
+    """The processor time a cache and the mirror use from now on, and the pages the cache
+    faults in."""
 
     def __init__(self, cache: Service, mirror: Service) -> None:
         self._services = (cache, mirror)
         self._start = [service.cpu_seconds() or 0.0 for service in self._services]
+        self._faults = cache.minor_faults() or 0
 
     def since(self) -> tuple[float, float]:
         cache, mirror = (
@@ -34,6 +38,9 @@ class CpuUse:
             for service, start in zip(self._services, self._start, strict=True)
         )
         return cache, mirror
+
+    def faults(self) -> int:
+        return (self._services[0].minor_faults() or 0) - self._faults
 
 
 async def run(bench: Bench) -> None:
@@ -83,6 +90,7 @@ async def run(bench: Bench) -> None:
                 cache_cpu, mirror_cpu = cpu.since()
                 bench.record("blob_cold_cpu_s", key, cache_cpu)
                 bench.record("blob_cold_mirror_cpu_s", key, mirror_cpu)
+                bench.record("blob_cold_faults", key, cpu.faults())
             gets, _ = blob_requests(await bench.targets.mirror_log.settle(mark), digest)
             cold_upstream[key].append(gets)
             mark = bench.targets.mirror_log.mark()
