@@ -103,22 +103,25 @@ class Service:
         match = None if text is None else re.search(rf"^{key}:\s+(\d+) kB", text, re.MULTILINE)
         return int(match[1]) if match else None
 
+    def _stat_fields(self) -> list[str] | None:
+        """``/proc/<pid>/stat`` after the command's name (which may hold spaces), from the
+        state on; None once gone."""
+        stat = self._proc_text("stat")
+        return None if stat is None else stat.rsplit(")", 1)[1].split()
+
     def cpu_seconds(self) -> float | None:
         """The processor time it has used so far, every thread's, user and system (utime +
         stime in ``/proc/<pid>/stat``); None once gone."""
-        stat = self._proc_text("stat")
-        if stat is None:
+        fields = self._stat_fields()
+        if fields is None:
             return None
-        fields = stat.rsplit(")", 1)[1].split()  # after the command's name, which may hold spaces
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def minor_faults(self) -> int | None:
         """The pages it has faulted in so far (``minflt`` in ``/proc/<pid>/stat``): memory taken
         from the kernel anew rather than reused; None once gone."""
-        stat = self._proc_text("stat")
-        if stat is None:
-            return None
-        return int(stat.rsplit(")", 1)[1].split()[7])
+        fields = self._stat_fields()
+        return None if fields is None else int(fields[7])
 
     def reset_peak_rss(self) -> bool:
         """Reset VmHWM (``echo 5 > /proc/<pid>/clear_refs``, Linux >= 4.0)."""
