@@ -5,10 +5,12 @@ is on disk and what the store counts, as ``/metrics`` and ``detour cache ls`` sh
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -115,6 +117,43 @@ async def test_a_fetched_blob_is_read_back_into_the_page_cache_up_to_the_setting
         assert resident == -(-len(data) // 4096) * 4096  # every page
     else:
         assert resident <= 4096  # at most the last partial block, written without O_DIRECT
+
+
+async def test_a_blob_takes_its_room_on_the_disk_at_its_first_write(
+    tmpfs: Callable[[str], Path],
+) -> None:
+    # The length the upstream announced is taken at once (df shows it): a blob's writes fill
+    # room it already has, and one too large for what is left is refused at its first write,
+    # before any of it fills the disk under the blobs being written beside it.
+    disk = tmpfs("8m")
+    store, _ = await store_at(disk / "cache")
+    data, digest = blob(5 * MiB)
+    free = shutil.disk_usage(disk).free
+    writer = BlobWriter(
+        digest, store.blob_path(digest), store.tmp, store.write_mode, announced=len(data)
+    )
+    writer.write([data[: 64 << 10]])
+    assert free - shutil.disk_usage(disk).free >= len(data)
+    assert writer.path is not None
+    assert writer.path.stat().st_size == 64 << 10  # its size: what was written
+    for offset in range(64 << 10, len(data), MiB):
+        writer.write([data[offset : offset + MiB]])
+    writer.update([data])
+    writer.finish()
+    await commit_blob(store, writer, 0)
+    assert store.blob_path(digest).read_bytes() == data
+
+    big, big_digest = blob(6 * MiB)
+    free = shutil.disk_usage(disk).free
+    refused = BlobWriter(
+        big_digest, store.blob_path(big_digest), store.tmp, store.write_mode, announced=len(big)
+    )
+    with pytest.raises(OSError, match="No space left") as full:
+        refused.write([big[: 64 << 10]])
+    assert full.value.errno == errno.ENOSPC
+    assert shutil.disk_usage(disk).free == free  # none of it on the disk
+    refused.discard()
+    assert list(store.tmp.iterdir()) == []
 
 
 async def test_a_commit_the_disk_refuses_leaves_nothing_indexed(tmp_path: Path) -> None:

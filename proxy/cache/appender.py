@@ -18,6 +18,7 @@ from proxy.cache.file_io import (
     SYNC_WAIT_BEFORE,
     SYNC_WRITE,
     address_of,
+    allocate,
     set_direct,
     sync_file_range,
     write_all,
@@ -41,10 +42,13 @@ class Appender:
     held back (``on_disk`` trails the bytes appended by less than 4 KiB) until :meth:`finish`
     writes it without ``O_DIRECT``. After :meth:`go_buffered` (the disk fell behind the network)
     the rest goes through the page cache, ``buffered_from`` on, bounded by :class:`WriteBehind`.
+    With the blob's ``size`` known, the first write first takes its room on the disk
+    (:func:`~proxy.cache.file_io.allocate`), and raises if there is none.
     """
 
-    def __init__(self, fd: int, mode: WriteMode | None) -> None:
+    def __init__(self, fd: int, mode: WriteMode | None, size: int | None = None) -> None:
         self.fd = fd
+        self._unallocated = size  # the room to take at the first write
         self.closed = False
         self.on_disk = 0  # bytes in the file
         self._mode = mode
@@ -79,6 +83,9 @@ class Appender:
 
     def write(self, chunks: Sequence[Chunk]) -> None:
         """Append ``chunks`` to the file (blocking)."""
+        if self._unallocated:
+            size, self._unallocated = self._unallocated, None
+            allocate(self.fd, size)
         if self._buffered_wanted and self._direct:
             self._leave_direct()
         if self._buffer is None and not self._direct:

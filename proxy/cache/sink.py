@@ -64,7 +64,7 @@ class BlobSink:
         self.spilled = False
         self._went_buffered = False
         self.writer = writer = BlobWriter(
-            digest, store.blob_path(digest), store.tmp, store.write_mode
+            digest, store.blob_path(digest), store.tmp, store.write_mode, announced=size
         )
         if writer.failure is not None:
             self.spill(writer.failure)

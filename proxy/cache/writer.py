@@ -35,13 +35,20 @@ class BlobWriter:
     rest goes through the page cache, and the disk is waited for when more than
     ``write_behind`` bytes may wait for it (``disk_behind`` while it is).
 
-    When the disk refuses (full, or an I/O error), ``write`` raises ``OSError`` and writes
-    nothing more; hashing goes on, so the blob can still be verified as it streams by, but it
-    will not be cached. ``path`` is None when not even the temp file could be created.
+    With the length the upstream ``announced``, the first write takes the blob's room on the
+    disk at once. When the disk refuses (full, or an I/O error), ``write`` raises ``OSError``
+    and writes nothing more; hashing goes on, so the blob can still be verified as it streams
+    by, but it will not be cached. ``path`` is None when not even the temp file could be made.
     """
 
     def __init__(
-        self, digest: Digest, final: Path, tmp_dir: Path, mode: WriteMode | None = None
+        self,
+        digest: Digest,
+        final: Path,
+        tmp_dir: Path,
+        mode: WriteMode | None = None,
+        *,
+        announced: int | None = None,
     ) -> None:
         self.digest = digest
         self.final = final
@@ -65,7 +72,7 @@ class BlobWriter:
         if mode is not None:
             mode.count_writer(1)
             self._counted = True
-        self._file = Appender(fd, mode)
+        self._file = Appender(fd, mode, announced)
 
     @property
     def on_disk(self) -> int:
