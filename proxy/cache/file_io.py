@@ -1,5 +1,5 @@
 """The system calls a blob file is written and read back with: its room taken at once
-(``fallocate``), whole writes, 64 KiB writes through the page cache, ``O_DIRECT`` on and off,
+(``fallocate``), whole writes, 256 KiB writes through the page cache, ``O_DIRECT`` on and off,
 ``sync_file_range``, and the read-back into the page cache."""
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from proxy.lane import Chunk
 # file): the kernel (ext4 since Linux 6.16, xfs) makes a write's page cache of folios as large
 # as the write, up to 2 MiB, and on a VM that hands its free memory back to the host (virtio
 # free page reporting: Firecracker, Cloud Hypervisor, QEMU with a balloon) free 2 MiB blocks are
-# the memory handed back, faulted in again 4 KiB at a time. There, 1 GiB in 4 MiB writes ran
-# at 0.33 to 1.49 GB/s with 0.7 to 3.2 CPU-seconds, in 64 KiB writes at 2.66 to 4.02 GB/s with
-# 0.3 to 0.4 (docs/disk-writes.md).
-PAGE_CACHE_WRITE_BYTES = 64 << 10
+# the memory handed back, faulted in again 4 KiB at a time. There, 1 GiB took 2.8 to 3.3
+# CPU-seconds in 4 MiB writes, 0.21 in 1 MiB, 0.19 in 64 KiB and 0.13 to 0.16 in 256 KiB; in
+# memory the host backs, 512 MiB took 0.065 in 256 KiB writes and 0.086 in 64 KiB
+# (docs/disk-writes.md).
+PAGE_CACHE_WRITE_BYTES = 256 << 10
 
 # sync_file_range(2), which the os module lacks: start writeback, or wait for it, of a range.
 SYNC_WAIT_BEFORE, SYNC_WRITE, SYNC_WAIT_AFTER = 1, 2, 4
