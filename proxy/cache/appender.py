@@ -42,13 +42,13 @@ class Appender:
     held back (``on_disk`` trails the bytes appended by less than 4 KiB) until :meth:`finish`
     writes it without ``O_DIRECT``. After :meth:`go_buffered` (the disk fell behind the network)
     the rest goes through the page cache, ``buffered_from`` on, bounded by :class:`WriteBehind`.
-    With the blob's ``size`` known, the first write first takes its room on the disk
-    (:func:`~proxy.cache.file_io.allocate`), and raises if there is none.
+    With the blob's length ``announced`` by its upstream, the first write first takes that
+    room on the disk (:func:`~proxy.cache.file_io.allocate`), and raises if there is none.
     """
 
-    def __init__(self, fd: int, mode: WriteMode | None, size: int | None = None) -> None:
+    def __init__(self, fd: int, mode: WriteMode | None, announced: int | None = None) -> None:
         self.fd = fd
-        self._unallocated = size  # the room to take at the first write
+        self._unallocated = announced  # the room to take at the first write
         self.closed = False
         self.on_disk = 0  # bytes in the file
         self._mode = mode
